@@ -1,0 +1,322 @@
+"""The public API: wires the stages load → extract → spectra → select →
+factorize/emit → check → validate → report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .cost import factorized_flops, factorized_params, full_rank
+from .emit import apply_replacements, replacement
+from .errors import UsageError
+from .extract import ModelInfo, count_params, extract, fixed_input_shapes, infer_shapes, _node_flops
+from .folding import SCHEMES
+from .io import check_model, load_model
+from .plan import LayerPlan, Plan
+from .report import LayerReport, Report
+from .select import METHODS, Config, Selection, layer_options
+from .spectra import candidate_ks, compute_spectra, group_singular_values
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _timed(timings: dict, stage: str):
+    t0 = time.perf_counter()
+    yield
+    timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - t0, 4)
+
+
+def _as_model(model_or_path) -> tuple[onnx.ModelProto, str | None]:
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, None
+    return load_model(model_or_path), str(model_or_path)
+
+
+def analyze(model_or_path, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, gs.Graph, ModelInfo]:
+    model, _ = _as_model(model_or_path)
+    graph = gs.import_onnx(model)
+    return model, graph, extract(model, graph, input_shapes)
+
+
+def _budget(keep_params, keep_flops, keep_latency) -> tuple[str, float]:
+    given = [(m, v) for m, v in (("params", keep_params), ("flops", keep_flops), ("latency", keep_latency))
+             if v is not None]
+    if len(given) > 1:
+        raise UsageError("give only one of keep_params, keep_flops and keep_latency")
+    metric, frac = given[0] if given else ("params", 0.5)
+    try:
+        frac = float(frac)
+    except (TypeError, ValueError):
+        raise UsageError(f"the kept fraction {frac!r} is not a number") from None
+    if not (0.0 < frac <= 1.0) or np.isnan(frac):
+        raise UsageError(f"the kept fraction must be in (0, 1], got {frac}")
+    return metric, frac
+
+
+def layer_configs(info: ModelInfo, schemes=None, k_max=None) -> dict[str, list[tuple[int, str]]]:
+    schemes = tuple(schemes or SCHEMES)
+    for s in schemes:
+        if s not in SCHEMES:
+            raise UsageError(f"unknown scheme {s!r} (use s0, s1, s2, s3)")
+    out = {}
+    for l in info.candidates:
+        ss = [s for s in l.schemes if s in schemes] or ["s0"]
+        ks = candidate_ks(l.geometry.c, k_max, l.allow_groups)
+        out[l.name] = [(k, s) for k in ks for s in ss]
+    return out
+
+
+def select(info: ModelInfo, *, metric: str, fraction: float, method: str = "alds", schemes=None,
+           k_max=None, spectra=None, latency_table=None, compare: bool = True, progress: bool = True,
+           timings: dict | None = None) -> tuple[Selection, dict]:
+    """Run the selector on an analysed model; returns the selection and the
+    max error the other methods reach at the same budget."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r} (use {', '.join(METHODS)})")
+    timings = {} if timings is None else timings
+    cands = info.candidates
+    if metric == "flops":
+        missing = [l.name for l in cands if l.geometry.flops is None]
+        if missing or info.flops_total is None:
+            raise UsageError("FLOPs are unknown for this model's dynamic sizes; give them with "
+                             "--input-shape NAME:D1,D2,...")
+    if metric == "latency" and latency_table is None:
+        raise UsageError("a latency budget needs a latency table")
+    weights = {l.name: l.weight4() for l in cands}
+    if method == "uniform":
+        configs = {l.name: [(1, "s0")] for l in cands}
+    elif method == "alds-paper" and schemes is None:
+        configs = layer_configs(info, ("s0",), k_max)  # the paper's ALDS folds with s0 only
+    else:
+        configs = layer_configs(info, schemes, k_max)
+    if spectra is None:
+        with _timed(timings, "spectra"):
+            spectra = compute_spectra(weights, configs, progress=progress)
+    with _timed(timings, "select"):
+        options = []
+        for l in cands:
+            lat = latency_table.cost_fn(l) if metric == "latency" else None
+            options.append(layer_options(l.name, l.geometry, spectra[l.name], metric, lat))
+        if metric == "params":
+            total = float(info.params_total)
+        elif metric == "flops":
+            total = float(info.flops_total)
+        else:
+            total = float(latency_table.model_total(info))
+        layers_cost = sum(o.orig_cost for o in options)
+        fixed = total - layers_cost
+        budget = fraction * total - fixed
+        sel = METHODS[method](options, budget, fixed=fixed, total=total)
+    sel.details.update(metric=metric, fraction=fraction, total=total, fixed=fixed, target=fraction * total,
+                       predicted=fixed + sel.cost)
+    baselines = {}
+    if compare:
+        with _timed(timings, "compare"):
+            for other in METHODS:
+                if other == method:
+                    continue
+                opts = options
+                if other == "uniform":
+                    opts = [o.subset((o.k == 1) & (o.scheme == 0)) for o in options]
+                elif other == "alds-paper":
+                    opts = [o.subset(o.scheme == 0) for o in options]
+                try:
+                    baselines[other] = METHODS[other](opts, budget, fixed=fixed, total=total).max_rel_error
+                except Exception as e:  # a baseline that cannot meet the budget is reported as such
+                    log.info("baseline %s: %s", other, e)
+                    baselines[other] = None
+    return sel, baselines
+
+
+def plan_from_selection(sel: Selection, info: ModelInfo) -> Plan:
+    layers = []
+    for l in info.candidates:
+        c = sel.choices.get(l.name)
+        if c is not None:
+            layers.append(LayerPlan(l.name, l.weight_name, c.k, c.scheme, c.rank))
+    budget = {k: sel.details[k] for k in ("metric", "fraction") if k in sel.details}
+    budget["method"] = sel.method
+    budget["max_rel_error"] = sel.max_rel_error
+    return Plan(layers=layers, budget=budget)
+
+
+def _resolve_plan(plan: Plan, info: ModelInfo) -> dict[str, Config]:
+    """Check a plan against the model; returns layer name → Config with its error."""
+    by_name = {l.name: l for l in info.layers}
+    by_weight = {l.weight_name: l for l in info.layers}
+    out = {}
+    for e in plan.layers:
+        l = by_name.get(e.name) or by_weight.get(e.weight)
+        if l is None:
+            raise UsageError(f"the plan names layer {e.name!r}, which is not in the model")
+        if l.status != "candidate":
+            raise UsageError(f"the plan factorizes {l.name!r}, which cannot be compressed ({l.reason})")
+        g = l.geometry
+        if g.c % e.k:
+            raise UsageError(f"the plan's k={e.k} for {l.name!r} does not divide its {g.c} input channels")
+        if e.k > 1 and not l.allow_groups:
+            raise UsageError(f"{l.name!r} has an activation of unknown rank, so only k=1 can be emitted")
+        if e.scheme not in l.schemes:
+            raise UsageError(f"scheme {e.scheme} does not apply to {l.name!r} (kernel {g.kernel}); "
+                             f"use one of {', '.join(l.schemes)}")
+        r = full_rank(g, e.k, e.scheme)
+        if e.rank > r:
+            raise UsageError(f"the plan's rank {e.rank} for {l.name!r} exceeds the full rank {r} "
+                             f"of k={e.k}, {e.scheme}")
+        sv = group_singular_values(l.weight4(), e.scheme, e.k)
+        norm = group_singular_values(l.weight4(), e.scheme, 1)[0, 0]
+        err = float(sv[:, e.rank].max() / norm) if e.rank < sv.shape[1] and norm > 0 else 0.0
+        out[l.name] = Config(e.k, e.scheme, e.rank, err)
+    return out
+
+
+def emit(model: onnx.ModelProto, graph: gs.Graph, info: ModelInfo, choices: dict[str, Config | None]) -> onnx.ModelProto:
+    """Replace the chosen layers and export, keeping opset, IR version and metadata."""
+    replaced = {}
+    for l in info.candidates:
+        c = choices.get(l.name)
+        if c is not None:
+            replaced[id(l.node)] = replacement(l, c.k, c.scheme, c.rank)
+    apply_replacements(graph, replaced)
+    new = gs.export_onnx(graph, do_type_check=False)
+    new.ir_version = model.ir_version
+    del new.opset_import[:]
+    new.opset_import.extend(model.opset_import)
+    for f in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(new, f, getattr(model, f))
+    del new.metadata_props[:]
+    new.metadata_props.extend(model.metadata_props)
+    if not new.functions and model.functions:
+        new.functions.extend(model.functions)
+    return new
+
+
+def _check_rewritten(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
+    """Full check (with strict shape inference) of the rewritten model; where
+    the original itself does not pass the full check, the plain check."""
+    from .errors import ModelError
+
+    try:
+        check_model(new, "the rewritten model", full=True)
+    except ModelError:
+        try:
+            check_model(original, "the input model", full=True)
+        except ModelError:
+            check_model(new, "the rewritten model", full=False)
+            return
+        raise
+
+
+def model_flops(model: onnx.ModelProto, input_shapes: dict[str, list]) -> int | None:
+    shapes = infer_shapes(model, input_shapes)
+    graph = gs.import_onnx(model)
+    total = 0
+    for node in graph.nodes:
+        if node.op in ("Conv", "Gemm", "MatMul"):
+            nf = _node_flops(node, shapes)
+            if nf is None:
+                return None
+            total += nf
+    return total
+
+
+def _report(info, choices, sel_method, budget, new_model, in_path, timings, baselines) -> Report:
+    layers = []
+    for l in info.layers:
+        lr = LayerReport(name=l.name, op=l.op, weight=l.weight_name, weight_shape=list(l.weight_shape),
+                         status="skipped" if l.status == "skipped" else "kept", reason=l.reason,
+                         params_before=l.params + l.bias_params, params_after=l.params + l.bias_params,
+                         flops_before=l.flops, flops_after=l.flops)
+        c = choices.get(l.name) if l.status == "candidate" else None
+        if c is not None:
+            lr.status, lr.k, lr.scheme, lr.rank, lr.rel_error = "decomposed", c.k, c.scheme, c.rank, c.rel_error
+            lr.params_after = factorized_params(l.geometry, c.k, c.scheme, c.rank) + l.bias_params
+            lr.flops_after = factorized_flops(l.geometry, c.k, c.scheme, c.rank)
+        elif l.status == "candidate":
+            lr.reason = "kept: no factorization within the error threshold is cheaper"
+        layers.append(lr)
+    with _timed(timings, "count"):
+        flops_after = model_flops(new_model, info.input_shapes) if info.flops_total is not None else None
+    return Report(
+        input=in_path, output=None, method=sel_method, budget=budget,
+        params_before=info.params_total, params_after=count_params(new_model),
+        flops_before=info.flops_total, flops_after=flops_after,
+        max_rel_error=max((l.rel_error for l in layers), default=0.0),
+        layers=layers, baselines=baselines, timings_s=timings, input_shapes=info.input_shapes,
+    )
+
+
+def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None, method: str = "alds", *,
+            plan: Plan | str | Path | None = None, schemes=None, k_max: int | None = None,
+            input_shapes: dict | None = None, provider: str = "auto", validate: bool = True,
+            compare: bool = True, latency_table=None, progress: bool = False,
+            ) -> tuple[onnx.ModelProto, Report]:
+    """Compress a model; returns the rewritten model and its report.
+
+    With ``plan`` the given plan is applied as is; otherwise ``method`` selects
+    under the budget (``keep_params`` by default 0.5)."""
+    timings: dict = {}
+    with _timed(timings, "load"):
+        model, in_path = _as_model(model_or_path)
+    with _timed(timings, "extract"):
+        graph = gs.import_onnx(model)
+        info = extract(model, graph, input_shapes)
+    baselines = {}
+    if plan is not None:
+        if not isinstance(plan, Plan):
+            plan = Plan.load(plan)
+        choices = _resolve_plan(plan, info)
+        budget = dict(plan.budget, applied_plan=True)
+        sel_method = plan.budget.get("method", "plan")
+    else:
+        metric, fraction = _budget(keep_params, keep_flops, keep_latency)
+        if metric == "latency" and latency_table is None:
+            from .latency import LatencyTable  # measured per provider, cached
+
+            latency_table = LatencyTable.for_model(info, provider=provider, progress=progress)
+        if not info.candidates and fraction < 1.0:
+            from .errors import InfeasibleBudget
+
+            raise InfeasibleBudget("the model has no compressible layer, so the smallest reachable "
+                                   "fraction is 1.0", 1.0)
+        sel, baselines = select(info, metric=metric, fraction=fraction, method=method, schemes=schemes,
+                                k_max=k_max, latency_table=latency_table, compare=compare,
+                                progress=progress, timings=timings)
+        choices = sel.choices
+        sel_method = method
+        budget = {"metric": metric, "fraction": fraction, "target": sel.details["target"],
+                  "predicted": sel.details["predicted"], "total_before": sel.details["total"]}
+        plan = plan_from_selection(sel, info)
+    with _timed(timings, "emit"):
+        new = emit(model, graph, info, choices)
+    with _timed(timings, "check"):
+        _check_rewritten(model, new)
+    report = _report(info, choices, sel_method, budget, new, in_path, timings, baselines)
+    report.plan = plan
+    if validate:
+        from .validate import validate as run_validation
+
+        with _timed(timings, "validate"):
+            v = run_validation(model, new, provider=provider, input_shapes=info.input_shapes)
+        report.validation = v.to_dict()
+    return new, report
+
+
+def apply_plan(model_or_path, plan, *, input_shapes: dict | None = None) -> onnx.ModelProto:
+    """Apply a plan (a :class:`Plan`, its dict or a JSON path) without selection."""
+    if isinstance(plan, dict):
+        plan = Plan.from_dict(plan)
+    new, _ = rewrite(model_or_path, plan=plan, input_shapes=input_shapes, validate=False, compare=False)
+    return new
+
+
+def inspect(model_or_path, input_shapes: dict | None = None) -> ModelInfo:
+    _, _, info = analyze(model_or_path, input_shapes)
+    return info

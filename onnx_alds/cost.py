@@ -1,0 +1,69 @@
+"""Exact parameter and multiply-accumulate counts of a factorized layer.
+
+The counts match the emitted graph: the encoder is a grouped conv with
+``k·j`` outputs and kernel ``e`` (``j·c·|e|`` weights), the decoder a dense
+conv with kernel ``d`` over ``k·j`` channels (``f·k·j·|d|`` weights).  The
+encoder of s0 runs at the output resolution, s1 at (H_in, W_out), s2 at
+(H_out, W_in) and s3 at the input resolution.  Biases are unchanged and are
+not part of a layer's cost.  Pure python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+from .folding import decoder_kernel, encoder_kernel
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the cost of a layer depends on (a linear layer has kernel (1, 1))."""
+
+    f: int
+    c: int
+    kernel: tuple[int, int]
+    in_spatial: tuple[int, int] | None  # (H_in, W_in); for linear layers (tokens, 1)
+    out_spatial: tuple[int, int] | None  # (H_out, W_out)
+
+    @property
+    def params(self) -> int:
+        return self.f * self.c * prod(self.kernel)
+
+    @property
+    def flops(self) -> int | None:
+        if self.out_spatial is None:
+            return None
+        return self.params * prod(self.out_spatial)
+
+
+def factorized_params(g: Geometry, k: int, scheme: str, rank: int) -> int:
+    e = prod(encoder_kernel(scheme, g.kernel))
+    d = prod(decoder_kernel(scheme, g.kernel))
+    return rank * (g.c * e + g.f * k * d)
+
+
+def encoder_spatial(g: Geometry, scheme: str) -> tuple[int, int]:
+    (hi, wi), (ho, wo) = g.in_spatial, g.out_spatial
+    return {"s0": (ho, wo), "s1": (hi, wo), "s2": (ho, wi), "s3": (hi, wi)}[scheme]
+
+
+def factorized_flops(g: Geometry, k: int, scheme: str, rank: int) -> int | None:
+    if g.out_spatial is None or g.in_spatial is None:
+        return None
+    e = prod(encoder_kernel(scheme, g.kernel))
+    d = prod(decoder_kernel(scheme, g.kernel))
+    return rank * (g.c * e * prod(encoder_spatial(g, scheme)) + g.f * k * d * prod(g.out_spatial))
+
+
+def full_rank(g: Geometry, k: int, scheme: str) -> int:
+    """Rank of one group's folded matrix, the largest useful rank."""
+    k1, k2 = g.kernel
+    cg = g.c // k
+    rows, cols = {
+        "s0": (g.f, cg * k1 * k2),
+        "s1": (g.f * k1, k2 * cg),
+        "s2": (g.f * k2, k1 * cg),
+        "s3": (g.f * k1 * k2, cg),
+    }[scheme]
+    return min(rows, cols)

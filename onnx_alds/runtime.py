@@ -1,0 +1,62 @@
+"""onnxruntime sessions and the choice of execution provider.
+
+``auto`` takes CUDA when onnxruntime lists it and CPU otherwise.  The provider
+a session really runs on is read back from ``session.get_providers()``:
+onnxruntime-gpu lists CUDA as available even where the CUDA libraries are
+missing, and then silently falls back to the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA}
+
+
+def ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError("onnxruntime is not installed: pip install 'onnx-alds[cpu]' "
+                         "(or 'onnx-alds[gpu]' on a machine with an NVIDIA GPU)") from None
+    return onnxruntime
+
+
+def providers_for(choice: str = "auto") -> list[str]:
+    available = ort().get_available_providers()
+    if choice == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    if choice == "cuda":
+        if CUDA not in available:
+            raise UsageError("the CUDA execution provider is not available in this onnxruntime "
+                             "(install onnx-alds[gpu], i.e. onnxruntime-gpu, on a machine with an NVIDIA GPU)")
+        return [CUDA, CPU]
+    if choice == "cpu":
+        return [CPU]
+    raise UsageError(f"unknown provider {choice!r} (use auto, cpu or cuda)")
+
+
+def session(model, providers: list[str], threads: int | None = None):
+    """An InferenceSession on ``model`` (a path, bytes or a ModelProto)."""
+    rt = ort()
+    so = rt.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    elif not isinstance(model, (bytes, bytearray)):
+        model = os.fspath(model)
+    return rt.InferenceSession(model, sess_options=so, providers=providers)
+
+
+def used_provider(sess) -> str:
+    return sess.get_providers()[0]

@@ -1,0 +1,258 @@
+"""Choose ``(k, scheme, rank)`` per layer so that ``max_ℓ ε_ℓ`` is as small as
+possible while the total cost (parameters, FLOPs or latency) meets a budget.
+
+``alds`` — the exact solver.  Because the objective is a maximum, the problem
+separates once a threshold ε is fixed: each layer takes its cheapest
+configuration with ``ε_ℓ ≤ ε`` (or stays as it is when that is cheaper).  The
+resulting total cost ``C(ε)`` is non-increasing in ε and changes only at the
+finitely many candidate errors, so a binary search over the sorted candidates
+finds the smallest ε with ``C(ε) ≤ budget``: the exact optimum.
+
+``alds-paper`` — the paper's procedure (Liebenwein et al., NeurIPS 2021):
+from a seed value of k per layer, alternate (a) a search on the error with k
+fixed per layer, which gives every layer a budget, and (b) re-choosing each
+layer's k (and scheme) as the one with the least error within that layer's
+budget, until k stops changing; the best of several seeds (k = 3, 5, 7, 9 and
+random ones) wins.
+
+``uniform`` — the classical baseline: k = 1, scheme s0, and the same fraction
+of each layer's rank kept everywhere.  Pure numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cost import Geometry, encoder_spatial, full_rank
+from .errors import InfeasibleBudget
+from .folding import SCHEMES, decoder_kernel, encoder_kernel
+from .spectra import LayerSpectra
+
+log = logging.getLogger(__name__)
+
+KEEP = -1  # marker k for "leave the layer as it is"
+
+
+@dataclass
+class Options:
+    """Every configuration of one layer that is cheaper than the layer itself,
+    plus the layer itself (``k = KEEP``, error 0), as parallel arrays."""
+
+    name: str
+    eps: np.ndarray
+    cost: np.ndarray
+    k: np.ndarray
+    scheme: np.ndarray  # index into SCHEMES
+    rank: np.ndarray
+    orig_cost: float
+    full_rank: int = 0  # rank of the unsliced s0 folding, for the uniform baseline
+
+    def subset(self, mask: np.ndarray) -> "Options":
+        mask = mask | (self.k == KEEP)
+        return Options(self.name, self.eps[mask], self.cost[mask], self.k[mask], self.scheme[mask],
+                       self.rank[mask], self.orig_cost, self.full_rank)
+
+    def front(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The cheapest configuration for each error threshold: returns
+        ``(eps, cost, index)`` with eps ascending and cost strictly
+        descending; ``cost[searchsorted(eps, e, 'right') - 1]`` is the
+        cheapest cost with error ≤ e."""
+        order = np.lexsort((self.cost, self.eps))
+        c = self.cost[order]
+        best = np.minimum.accumulate(c)
+        keep = np.ones(len(c), bool)
+        keep[1:] = best[1:] < best[:-1]
+        return self.eps[order][keep], best[keep], order[keep]
+
+    def config(self, i: int) -> "Config | None":
+        if self.k[i] == KEEP:
+            return None
+        return Config(int(self.k[i]), SCHEMES[int(self.scheme[i])], int(self.rank[i]), float(self.eps[i]))
+
+
+@dataclass(frozen=True)
+class Config:
+    k: int
+    scheme: str
+    rank: int
+    rel_error: float
+
+
+@dataclass
+class Selection:
+    method: str
+    choices: dict[str, Config | None]
+    max_rel_error: float
+    cost: float  # total cost of the candidate layers after selection
+    details: dict = field(default_factory=dict)
+
+
+def layer_options(name: str, g: Geometry, spectra: LayerSpectra, metric: str = "params",
+                  latency=None) -> Options:
+    """Build a layer's options from its spectra.  ``metric`` is ``params``,
+    ``flops`` or ``latency`` (then ``latency(k, scheme, ranks) -> costs`` and
+    ``latency(None, None, None)`` the layer's own cost)."""
+    eps, cost, ks, ss, rs = [], [], [], [], []
+    if metric == "params":
+        orig = float(g.params)
+    elif metric == "flops":
+        orig = float(g.flops)
+    else:
+        orig = float(latency(None, None, None))
+    for (k, s) in sorted(spectra.sv):
+        r = full_rank(g, k, s)
+        curve = spectra.error_curve(k, s)[: r + 1]
+        j = np.arange(1, r + 1)
+        e, d = np.prod(encoder_kernel(s, g.kernel)), np.prod(decoder_kernel(s, g.kernel))
+        if metric == "params":
+            cst = j * float(g.c * e + g.f * k * d)
+        elif metric == "flops":
+            cst = j * float(g.c * e * np.prod(encoder_spatial(g, s)) + g.f * k * d * np.prod(g.out_spatial))
+        else:
+            cst = np.asarray(latency(k, s, j), dtype=float)
+        useful = cst < orig
+        eps.append(curve[1:][useful])
+        cost.append(cst[useful])
+        ks.append(np.full(useful.sum(), k))
+        ss.append(np.full(useful.sum(), SCHEMES.index(s)))
+        rs.append(j[useful])
+    eps.append([0.0]); cost.append([orig]); ks.append([KEEP]); ss.append([0]); rs.append([0])
+    return Options(name, np.concatenate(eps).astype(float), np.concatenate(cost).astype(float),
+                   np.concatenate(ks).astype(int), np.concatenate(ss).astype(int),
+                   np.concatenate(rs).astype(int), orig, full_rank(g, 1, "s0"))
+
+
+def min_cost(options: list[Options]) -> float:
+    return float(sum(o.cost.min() for o in options))
+
+
+def _check_feasible(options: list[Options], budget: float, fixed: float, total: float) -> None:
+    least = min_cost(options)
+    if least > budget + 1e-9:
+        frac = (fixed + least) / total if total else float("nan")
+        raise InfeasibleBudget(
+            f"the budget cannot be met: the smallest reachable fraction is {frac:.4f}", frac)
+
+
+def solve_minmax(options: list[Options], budget: float) -> tuple[float, list[int]]:
+    """Exact: the smallest ε whose cheapest configurations fit ``budget``.
+    Returns ``(ε*, index chosen in each layer's options)``."""
+    fronts = [o.front() for o in options]
+    values = np.unique(np.concatenate([f[0] for f in fronts])) if fronts else np.zeros(1)
+
+    def total(e):
+        return sum(f[1][np.searchsorted(f[0], e, side="right") - 1] for f in fronts)
+
+    lo, hi = 0, len(values) - 1
+    if total(values[hi]) > budget + 1e-9:
+        return float("inf"), []
+    while lo < hi:  # smallest index with total ≤ budget
+        mid = (lo + hi) // 2
+        if total(values[mid]) <= budget + 1e-9:
+            hi = mid
+        else:
+            lo = mid + 1
+    e = values[lo]
+    picks = [int(f[2][np.searchsorted(f[0], e, side="right") - 1]) for f in fronts]
+    achieved = max((float(o.eps[i]) for o, i in zip(options, picks)), default=0.0)
+    return achieved, picks
+
+
+def _selection(method, options, picks, **details) -> Selection:
+    choices = {o.name: o.config(i) for o, i in zip(options, picks)}
+    max_err = max((c.rel_error for c in choices.values() if c), default=0.0)
+    cost = float(sum(o.cost[i] for o, i in zip(options, picks)))
+    return Selection(method, choices, max_err, cost, dict(details))
+
+
+def select_alds(options: list[Options], budget: float, *, fixed: float = 0.0, total: float = 0.0) -> Selection:
+    _check_feasible(options, budget, fixed, total)
+    _, picks = solve_minmax(options, budget)
+    return _selection("alds", options, picks)
+
+
+def select_alds_paper(options: list[Options], budget: float, *, fixed: float = 0.0, total: float = 0.0,
+                      seeds=(3, 5, 7, 9), n_random: int = 11, max_iter: int = 20, rng_seed: int = 0) -> Selection:
+    """The paper's alternating heuristic; returns the best seed's selection."""
+    _check_feasible(options, budget, fixed, total)
+    rng = np.random.default_rng(rng_seed)
+    ks_per_layer = [np.unique(o.k[o.k != KEEP]) for o in options]
+
+    def start_from(seed):
+        if seed is None:
+            return [int(rng.choice(ks)) if len(ks) else 1 for ks in ks_per_layer]
+        return [int(ks[ks <= seed].max()) if (ks <= seed).any() else int(ks.min()) if len(ks) else 1
+                for ks in ks_per_layer]
+
+    best, best_err, tried = None, np.inf, []
+    for seed in list(seeds) + [None] * n_random:
+        ks = start_from(seed)
+        picks, iters = None, 0
+        for iters in range(1, max_iter + 1):
+            restricted = [o.subset(o.k == k) for o, k in zip(options, ks)]
+            if min_cost(restricted) > budget + 1e-9:
+                break  # this k assignment cannot meet the budget at any error
+            _, sub = solve_minmax(restricted, budget)
+            # map back to indices of the full option arrays
+            picks = [int(np.flatnonzero((o.k == k) | (o.k == KEEP))[i]) for o, k, i in zip(options, ks, sub)]
+            # (b) every layer re-chooses k for the budget it got
+            new_ks = []
+            for o, i, k in zip(options, picks, ks):
+                fits = o.cost <= o.cost[i] + 1e-9
+                j = np.flatnonzero(fits)[np.argmin(o.eps[fits])]
+                new_ks.append(int(o.k[j]) if o.k[j] != KEEP else k)
+            if new_ks == ks:
+                break
+            ks = new_ks
+        if picks is None:
+            continue
+        err = max(float(o.eps[i]) for o, i in zip(options, picks))
+        tried.append(err)
+        if err < best_err:
+            best, best_err = picks, err
+    if best is None:  # no seed was feasible: fall back to the plain rank search at k = 1
+        restricted = [o.subset(o.k == 1) for o in options]
+        _, sub = solve_minmax(restricted, budget)
+        best = [int(np.flatnonzero((o.k == 1) | (o.k == KEEP))[i]) for o, i in zip(options, sub)]
+    return _selection("alds-paper", options, best, seeds_tried=len(tried))
+
+
+def select_uniform(options: list[Options], budget: float, *, fixed: float = 0.0, total: float = 0.0) -> Selection:
+    """Same kept fraction of rank in every layer (k = 1, s0)."""
+    s0 = SCHEMES.index("s0")
+    per = []
+    for o in options:
+        m = (o.k == 1) & (o.scheme == s0)
+        ranks = o.rank[m]
+        full = o.full_rank  # ranks that save nothing are not options: they mean "keep"
+        per.append((o, np.flatnonzero(m), ranks, full))
+    _check_feasible([o.subset((o.k == 1) & (o.scheme == s0)) for o in options], budget, fixed, total)
+
+    def pick(alpha):
+        out = []
+        for o, idx, ranks, full in per:
+            want = max(1, int(np.ceil(alpha * full - 1e-12)))
+            hit = idx[ranks == want]
+            out.append(int(hit[0]) if len(hit) else int(np.flatnonzero(o.k == KEEP)[0]))
+        return out
+
+    def cost(picks):
+        return sum(o.cost[i] for (o, *_), i in zip(per, picks))
+
+    alphas = np.unique(np.concatenate([np.arange(1, full + 1) / full for *_, full in per if full] + [[1.0]]))
+    lo, hi = 0, len(alphas) - 1
+    if cost(pick(alphas[0])) > budget + 1e-9:
+        raise InfeasibleBudget("the budget cannot be met with uniform rank", float("nan"))
+    while lo < hi:  # largest alpha whose cost fits
+        mid = (lo + hi + 1) // 2
+        if cost(pick(alphas[mid])) <= budget + 1e-9:
+            lo = mid
+        else:
+            hi = mid - 1
+    return _selection("uniform", [p[0] for p in per], pick(alphas[lo]), kept_rank_fraction=float(alphas[lo]))
+
+
+METHODS = {"alds": select_alds, "alds-paper": select_alds_paper, "uniform": select_uniform}

@@ -1,0 +1,159 @@
+"""Run the original and the rewritten model on the same seeded random inputs.
+
+Reports, Polygraphy-style, the provider each session really used, the inputs
+drawn, and per output the max absolute difference and the relative L2 error
+``‖y' − y‖₂ / ‖y‖₂``, plus the median latency of both models (interleaved
+runs, so that machine noise hits both).  A load failure, a changed output
+shape or dtype, or NaN/Inf that the original does not produce is a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import ValidationFailed
+from .runtime import providers_for, session, used_provider
+
+log = logging.getLogger(__name__)
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+@dataclass
+class Validation:
+    provider: str
+    max_abs_diff: float
+    rel_l2: float
+    outputs: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+    latency_ms_before: float | None = None
+    latency_ms_after: float | None = None
+    batch: int = 2
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def random_inputs(sess, input_shapes: dict[str, list] | None = None, *, batch: int = 2, seed: int = 0,
+                  default_dim: int = 32) -> dict[str, np.ndarray]:
+    """Seeded inputs for every model input: dynamic batch → ``batch``, other
+    dynamic sizes from ``input_shapes`` or ``default_dim``."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in sess.get_inputs():
+        given = (input_shapes or {}).get(inp.name)
+        dims = []
+        for axis, d in enumerate(inp.shape):
+            if isinstance(d, int) and d > 0:
+                dims.append(d)
+            elif axis == 0:
+                dims.append(batch)
+            elif given is not None and isinstance(given[axis], int):
+                dims.append(given[axis])
+            else:
+                dims.append(default_dim)
+        dtype = _ORT_DTYPES.get(inp.type)
+        if dtype is None:
+            raise ValidationFailed(f"input {inp.name!r} has type {inp.type}, which validation cannot generate")
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[inp.name] = rng.integers(0, 2, dims).astype(bool)
+        else:
+            feeds[inp.name] = rng.integers(0, 2, dims).astype(dtype)
+    return feeds
+
+
+def compare_outputs(names, before, after) -> tuple[dict, float, float]:
+    per = {}
+    worst_abs, worst_rel = 0.0, 0.0
+    for name, a, b in zip(names, before, after):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            raise ValidationFailed(f"output {name!r} changed shape from {a.shape} to {b.shape}")
+        if a.dtype != b.dtype:
+            raise ValidationFailed(f"output {name!r} changed dtype from {a.dtype} to {b.dtype}")
+        if np.issubdtype(a.dtype, np.floating):
+            bad_new = ~np.isfinite(b) & np.isfinite(a)
+            if bad_new.any():
+                raise ValidationFailed(f"output {name!r} of the rewritten model has NaN or Inf "
+                                       f"in {int(bad_new.sum())} elements where the original has none")
+            fin = np.isfinite(a) & np.isfinite(b)
+            a64, b64 = a[fin].astype(np.float64), b[fin].astype(np.float64)
+            diff = float(np.max(np.abs(a64 - b64))) if a64.size else 0.0
+            norm = float(np.linalg.norm(a64))
+            rel = float(np.linalg.norm(a64 - b64) / norm) if norm > 0 else float(np.linalg.norm(b64))
+        else:
+            diff = float(np.max(np.abs(a.astype(np.int64) - b.astype(np.int64)))) if a.size else 0.0
+            rel = float(np.mean(a != b)) if a.size else 0.0
+        per[name] = {"max_abs_diff": diff, "rel_l2": rel, "shape": list(a.shape), "dtype": str(a.dtype)}
+        worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, rel)
+    return per, worst_abs, worst_rel
+
+
+def interleaved_latency(sessions, feeds_list, *, warmup: int = 3, repeats: int = 20,
+                        order_log: list | None = None) -> list[list[float]]:
+    """Time each session ``repeats`` times, alternating between them after
+    ``warmup`` untimed runs of each; returns the times in ms per session."""
+    for _ in range(warmup):
+        for i, (s, feeds) in enumerate(zip(sessions, feeds_list)):
+            s.run(None, feeds)
+            if order_log is not None:
+                order_log.append(("warmup", i))
+    times = [[] for _ in sessions]
+    for r in range(repeats):
+        # alternate the starting session so neither always runs first
+        idx = list(range(len(sessions)))
+        if r % 2:
+            idx.reverse()
+        for i in idx:
+            t0 = time.perf_counter()
+            sessions[i].run(None, feeds_list[i])
+            times[i].append((time.perf_counter() - t0) * 1e3)
+            if order_log is not None:
+                order_log.append(("timed", i))
+    return times
+
+
+def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, batch: int = 2,
+             seed: int = 0, repeats: int = 20, threads: int | None = None) -> Validation:
+    """Compare ``original`` and ``rewritten`` (paths, bytes or ModelProtos)."""
+    providers = providers_for(provider)
+    try:
+        s0 = session(original, providers, threads)
+    except Exception as e:
+        raise ValidationFailed(f"onnxruntime cannot load the original model: {str(e).splitlines()[0][:300]}") from None
+    try:
+        s1 = session(rewritten, providers, threads)
+    except Exception as e:
+        raise ValidationFailed(f"onnxruntime cannot load the rewritten model: {str(e).splitlines()[0][:300]}") from None
+    feeds = random_inputs(s0, input_shapes, batch=batch, seed=seed)
+    names = [o.name for o in s0.get_outputs()]
+    if names != [o.name for o in s1.get_outputs()]:
+        raise ValidationFailed("the rewritten model's outputs differ from the original's")
+    try:
+        before = s0.run(None, feeds)
+    except Exception as e:
+        raise ValidationFailed(f"the original model failed to run on random inputs: {str(e).splitlines()[0][:300]}") from None
+    try:
+        after = s1.run(None, feeds)
+    except Exception as e:
+        raise ValidationFailed(f"the rewritten model failed to run: {str(e).splitlines()[0][:300]}") from None
+    per, worst_abs, worst_rel = compare_outputs(names, before, after)
+    lat = interleaved_latency([s0, s1], [feeds, feeds], repeats=repeats) if repeats else None
+    return Validation(
+        provider=used_provider(s1), max_abs_diff=worst_abs, rel_l2=worst_rel, outputs=per,
+        inputs={k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
+        latency_ms_before=float(np.median(lat[0])) if lat else None,
+        latency_ms_after=float(np.median(lat[1])) if lat else None,
+        batch=batch, seed=seed,
+    )

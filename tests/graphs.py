@@ -1,0 +1,93 @@
+"""Small real ONNX graphs built with onnx.helper, for tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _model(nodes, inputs, outputs, inits, opset=OPSET):
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def conv_model(f=8, c=6, kernel=(3, 3), in_hw=(9, 11), strides=None, pads=None, dilations=None, bias=True,
+               dtype=np.float32, seed=0, auto_pad=None, spectrum_decay=None):
+    """A single Conv (1-D when ``kernel`` has one entry) with a dynamic batch."""
+    rng = np.random.default_rng(seed)
+    nsp = len(kernel)
+    w = rng.standard_normal((f, c, *kernel))
+    if spectrum_decay is not None:  # give the weight a decaying spectrum, like trained weights
+        m = w.reshape(f, -1)
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        s = s * spectrum_decay ** np.arange(len(s))
+        w = (u * s @ vt).reshape(w.shape)
+    w = w.astype(dtype)
+    inits = [numpy_helper.from_array(w, "conv.weight")]
+    ins = ["x", "conv.weight"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(f).astype(dtype), "conv.bias"))
+        ins.append("conv.bias")
+    attrs = {}
+    if strides:
+        attrs["strides"] = list(strides)
+    if pads:
+        attrs["pads"] = list(pads)
+    if dilations:
+        attrs["dilations"] = list(dilations)
+    if auto_pad:
+        attrs["auto_pad"] = auto_pad
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    node = helper.make_node("Conv", ins, ["y"], name="conv", **attrs)
+    x = helper.make_tensor_value_info("x", et, ["N", c, *in_hw[:nsp]])
+    y = helper.make_tensor_value_info("y", et, ["N", f] + [f"out{i}" for i in range(nsp)])
+    return _model([node], [x], [y], inits)
+
+
+def gemm_model(f=7, c=12, trans_b=1, alpha=1.0, beta=1.0, bias=True, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((f, c) if trans_b else (c, f)).astype(dtype)
+    inits = [numpy_helper.from_array(w, "fc.weight")]
+    ins = ["x", "fc.weight"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(f).astype(dtype), "fc.bias"))
+        ins.append("fc.bias")
+    node = helper.make_node("Gemm", ins, ["y"], name="fc", transB=trans_b, alpha=alpha, beta=beta)
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    x = helper.make_tensor_value_info("x", et, ["N", c])
+    y = helper.make_tensor_value_info("y", et, ["N", f])
+    return _model([node], [x], [y], inits)
+
+
+def matmul_model(f=10, c=12, lead=(5,), seed=0, as_constant_node=False, dtype=np.float32):
+    """``y = x @ W`` with x of shape (N, *lead, c)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((c, f)).astype(dtype)
+    nodes, inits = [], []
+    if as_constant_node:
+        nodes.append(helper.make_node("Constant", [], ["proj.weight"], name="wconst",
+                                      value=numpy_helper.from_array(w, "proj.weight")))
+    else:
+        inits.append(numpy_helper.from_array(w, "proj.weight"))
+    nodes.append(helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="proj"))
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    x = helper.make_tensor_value_info("x", et, ["N", *lead, c])
+    y = helper.make_tensor_value_info("y", et, ["N", *lead, f])
+    return _model(nodes, [x], [y], inits)
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
