@@ -16,7 +16,7 @@ from .cost import factorized_flops, factorized_params, full_rank
 from .emit import apply_replacements, replacement
 from .errors import UsageError
 from .extract import ModelInfo, count_params, extract, fixed_input_shapes, infer_shapes, _node_flops
-from .folding import SCHEMES
+from .folding import SCHEMES, canonical_scheme
 from .io import check_model, load_model
 from .plan import LayerPlan, Plan
 from .report import LayerReport, Report
@@ -67,7 +67,7 @@ def layer_configs(info: ModelInfo, schemes=None, k_max=None) -> dict[str, list[t
             raise UsageError(f"unknown scheme {s!r} (use s0, s1, s2, s3)")
     out = {}
     for l in info.candidates:
-        ss = [s for s in l.schemes if s in schemes] or ["s0"]
+        ss = sorted({canonical_scheme(s, l.geometry.kernel) for s in schemes})
         ks = candidate_ks(l.geometry.c, k_max, l.allow_groups)
         out[l.name] = [(k, s) for k in ks for s in ss]
     return out

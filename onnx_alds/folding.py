@@ -46,6 +46,18 @@ def distinct_schemes(kernel: tuple[int, ...]) -> tuple[str, ...]:
     return SCHEMES
 
 
+def canonical_scheme(scheme: str, kernel: tuple[int, ...]) -> str:
+    """The scheme among :func:`distinct_schemes` that folds like ``scheme``."""
+    k1, k2 = (tuple(kernel) + (1, 1))[:2]
+    if k1 == 1 and k2 == 1:
+        return "s0"
+    if k2 == 1:
+        return {"s1": "s3", "s2": "s0"}.get(scheme, scheme)
+    if k1 == 1:
+        return {"s1": "s0", "s2": "s3"}.get(scheme, scheme)
+    return scheme
+
+
 def divisors(n: int) -> list[int]:
     small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))

@@ -91,3 +91,54 @@ def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def cnn_model(seed=0, decay=0.85, opset=OPSET, bn=False):
+    """conv(3→16) → relu → conv(16→32, s2) → relu → conv1x1(32→32) → depthwise(32) → GAP → Gemm(32→10)."""
+    rng = np.random.default_rng(seed)
+
+    def w(shape):
+        a = rng.standard_normal(shape)
+        m = a.reshape(shape[0], -1)
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        s = s * decay ** np.arange(len(s))
+        return (u * s @ vt).reshape(shape).astype(np.float32) / np.sqrt(m.shape[1])
+
+    inits = [
+        numpy_helper.from_array(w((16, 3, 3, 3)), "c1.weight"),
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "c1.bias"),
+        numpy_helper.from_array(w((32, 16, 3, 3)), "c2.weight"),
+        numpy_helper.from_array(w((32, 32, 1, 1)), "c3.weight"),
+        numpy_helper.from_array(w((32, 1, 3, 3)), "dw.weight"),
+        numpy_helper.from_array(w((10, 32)), "fc.weight"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fc.bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "c1.weight", "c1.bias"], ["h1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h1"], ["a1"], name="r1"),
+        helper.make_node("Conv", ["a1", "c2.weight"], ["h2"], name="c2", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["h2"], ["a2"], name="r2"),
+        helper.make_node("Conv", ["a2", "c3.weight"], ["h3"], name="c3"),
+        helper.make_node("Conv", ["h3", "dw.weight"], ["h4"], name="dw", group=32, pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["h4"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["pf"], name="flat"),
+        helper.make_node("Gemm", ["pf", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
+    m = _model(nodes, [x], [y], inits, opset=opset)
+    m.producer_name = "tests"
+    helper.set_model_props(m, {"author": "onnx-alds tests"})
+    return m
+
+
+def initializer_floats(model: onnx.ModelProto) -> int:
+    """Float elements of the initializers and Constant nodes, counted independently."""
+    n = sum(int(np.prod(t.dims)) for t in model.graph.initializer
+            if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            t = node.attribute[0].t
+            if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+                n += int(np.prod(t.dims))
+    return n

@@ -1,0 +1,9 @@
+"""Torch side of onnx-alds: export to ONNX and fine-tuning (needs the ``torch`` extra).
+
+Importing this package imports torch; the ONNX core never imports it.
+"""
+
+from .export import export, export_from_factory, fold_batchnorm, weight_to_module
+from .finetune import evaluate, finetune
+
+__all__ = ["export", "export_from_factory", "fold_batchnorm", "weight_to_module", "finetune", "evaluate"]

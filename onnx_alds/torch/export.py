@@ -1,0 +1,570 @@
+"""Export a PyTorch module to ONNX with BatchNorm folded and weights named after modules.
+
+The exporter is torch's ``torch.export``-based one (``dynamo=True``); the legacy
+TorchScript exporter is deprecated since torch 2.9 and names BN-folded weights
+``onnx::Conv_NNN``. The exported graph has a dynamic batch dimension (``batch``)
+on every input and output.
+
+Naming contract (what the ONNX side and ``onnx_alds.torch.apply_plan`` rely on):
+
+* every Conv / Gemm / MatMul node whose weight is a module parameter reads an
+  initializer named ``<module path>.weight`` (``layer1.0.conv1.weight``) and,
+  where it has one, ``<module path>.bias``; the node itself is named
+  ``<module path>`` (``layer1.0.conv1``);
+* the stored orientation is the exporter's: Conv ``f x c x k1 x k2``, Gemm
+  ``f x c`` with ``transB=1``, MatMul ``c x f`` (the transpose of
+  ``nn.Linear.weight``). A Linear applied to a 3-D input becomes
+  ``MatMul`` + ``Add`` (bias); the Add's bias initializer is named
+  ``<module path>.bias`` too;
+* :func:`weight_to_module` maps such a name back to the module.
+
+BatchNorm that directly follows a Conv/Linear (and whose input is nothing but
+that layer's output) is folded into it in torch first, so the module returned by
+:func:`fold_batchnorm` has exactly the weights the ONNX file holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+__all__ = [
+    "export",
+    "export_from_factory",
+    "fold_batchnorm",
+    "load_factory",
+    "weight_to_module",
+]
+
+log = logging.getLogger(__name__)
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYER_OPS = ("Conv", "Gemm", "MatMul")
+# above this many bytes of initializers the file is written with ONNX external data
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+# ----------------------------------------------------------------------------
+# BatchNorm folding
+# ----------------------------------------------------------------------------
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a tensor or a tuple of tensors.")
+
+
+def _find_conv_bn_pairs(model: nn.Module, example_inputs: tuple) -> list[tuple[str, str]]:
+    """(layer name, bn name) pairs where the BN's input is exactly the layer's output.
+
+    Found by running the model once with hooks, so it works for any forward()
+    (Sequential or hand-written blocks). Layers or BNs called more than once are
+    left alone.
+    """
+    produced: dict[int, str] = {}  # id(output tensor) -> layer name
+    keep_alive: list[torch.Tensor] = []  # so ids are not reused during the pass
+    out_ndim: dict[str, int] = {}
+    calls: dict[str, int] = defaultdict(int)
+    fed_by: dict[str, str | None] = {}
+    handles = []
+
+    def layer_hook(name):
+        def hook(_mod, _inp, out):
+            calls[name] += 1
+            if isinstance(out, torch.Tensor):
+                produced[id(out)] = name
+                keep_alive.append(out)
+                out_ndim[name] = out.dim()
+
+        return hook
+
+    def bn_hook(name):
+        def hook(_mod, inp):
+            calls[name] += 1
+            x = inp[0] if inp else None
+            fed_by[name] = produced.get(id(x)) if isinstance(x, torch.Tensor) else None
+
+        return hook
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, _CONV_TYPES) or isinstance(mod, nn.Linear):
+            handles.append(mod.register_forward_hook(layer_hook(name)))
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            handles.append(mod.register_forward_pre_hook(bn_hook(name)))
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+    modules = dict(model.named_modules())
+    pairs = []
+    used_layers: set[str] = set()
+    for bn_name, layer_name in fed_by.items():
+        if layer_name is None or calls[bn_name] != 1 or calls[layer_name] != 1 or layer_name in used_layers:
+            continue
+        bn, layer = modules[bn_name], modules[layer_name]
+        if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+            continue
+        if isinstance(layer, nn.Linear):
+            # BatchNorm1d normalizes dim 1: only the same as Linear's features for (N, F) outputs
+            if out_ndim.get(layer_name) != 2 or layer.out_features != bn.num_features:
+                continue
+        elif layer.out_channels != bn.num_features:
+            continue
+        pairs.append((layer_name, bn_name))
+        used_layers.add(layer_name)
+    return pairs
+
+
+def _max_rel_diff(a: Any, b: Any) -> float:
+    ta = [t for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)]
+    tb = [t for t in (b if isinstance(b, (list, tuple)) else [b]) if isinstance(t, torch.Tensor)]
+    worst = 0.0
+    for x, y in zip(ta, tb):
+        scale = float(x.abs().max()) or 1.0
+        worst = max(worst, float((x - y).abs().max()) / scale)
+    return worst
+
+
+def _fuse_pairs(model: nn.Module, pairs: Sequence[tuple[str, str]]) -> nn.Module:
+    fused = copy.deepcopy(model)
+    for layer_name, bn_name in pairs:
+        layer, bn = fused.get_submodule(layer_name), fused.get_submodule(bn_name)
+        if isinstance(layer, nn.Linear):
+            new = fuse_linear_bn_eval(layer, bn)
+        else:
+            new = fuse_conv_bn_eval(layer, bn)
+        fused.set_submodule(layer_name, new)
+        fused.set_submodule(bn_name, nn.Identity())
+    return fused
+
+
+def fold_batchnorm(model: nn.Module, example_inputs: Any, *, rtol: float = 1e-4) -> nn.Module:
+    """A copy of ``model`` in eval mode with every foldable BatchNorm folded into its Conv/Linear.
+
+    A BN is folded when its input is exactly the output of a Conv or Linear that
+    runs once (found by running ``example_inputs`` through the model with hooks);
+    the folded BN becomes ``nn.Identity`` and the layer gains a bias. The result
+    is checked against the original on ``example_inputs``; a fold that changes the
+    output (e.g. the layer's output is also used elsewhere) is undone. The input
+    model is not modified.
+    """
+    example_inputs = _as_tuple(example_inputs)
+    model = copy.deepcopy(model).eval()
+    pairs = _find_conv_bn_pairs(model, example_inputs)
+    if not pairs:
+        return model
+    with torch.no_grad():
+        ref = model(*example_inputs)
+        fused = _fuse_pairs(model, pairs)
+        if _max_rel_diff(ref, fused(*example_inputs)) <= rtol:
+            log.debug("folded %d BatchNorm layers", len(pairs))
+            return fused
+        # find the offending folds one at a time
+        good: list[tuple[str, str]] = []
+        for pair in pairs:
+            trial = _fuse_pairs(model, good + [pair])
+            if _max_rel_diff(ref, trial(*example_inputs)) <= rtol:
+                good.append(pair)
+            else:
+                log.warning("not folding %s into %s: it changes the model's output", pair[1], pair[0])
+        return _fuse_pairs(model, good)
+
+
+# ----------------------------------------------------------------------------
+# names
+# ----------------------------------------------------------------------------
+
+
+def weight_to_module(model: nn.Module, weight_name: str) -> nn.Module:
+    """The module that owns an exported weight: ``"layer1.0.conv1.weight"`` -> ``model.layer1.0.conv1``.
+
+    Accepts ``.weight`` / ``.bias`` parameter names as written by :func:`export`,
+    a bare module path, and torch.export's flattened placeholder names
+    (``p_layer1_0_conv1_weight``). Raises ``KeyError`` when nothing matches.
+    """
+    modules = dict(model.named_modules())
+    name = weight_name
+    for suffix in (".weight", ".bias"):
+        if name.endswith(suffix) and name[: -len(suffix)] in modules:
+            return modules[name[: -len(suffix)]]
+    if name in modules and name != "":
+        return modules[name]
+    # torch.export placeholder style: p_layer1_0_conv1_weight
+    flat = name[2:] if name.startswith("p_") else name
+    for suffix in ("_weight", "_bias"):
+        if flat.endswith(suffix):
+            stem = flat[: -len(suffix)]
+            matches = [m for n, m in modules.items() if n and n.replace(".", "_") == stem]
+            if len(matches) == 1:
+                return matches[0]
+    raise KeyError(f"no module of the model owns the weight {weight_name!r}")
+
+
+def _module_from_scopes(node: onnx.NodeProto, layer_modules: dict[str, nn.Module]) -> str | None:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                import ast
+
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            for scope in reversed(scopes):
+                if scope in layer_modules:
+                    return scope
+    return None
+
+
+def _expected_weight(node: onnx.NodeProto, mod: nn.Module) -> np.ndarray:
+    w = mod.weight.detach().cpu().numpy()
+    if node.op_type == "MatMul":
+        return w.T
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return w if trans_b else w.T
+    return w
+
+
+def _rename_layers(proto: onnx.ModelProto, model: nn.Module) -> int:
+    """Name each Conv/Gemm/MatMul weight (and bias) initializer and node after its module.
+
+    The module is taken from the node's ``name_scopes`` metadata and confirmed by
+    value; failing that, found by value among the model's Conv/Linear weights.
+    Initializers that the exporter shared between layers (equal values) are
+    copied so that each layer has its own. Returns how many layers were named.
+    """
+    graph = proto.graph
+    layer_modules = {
+        n: m
+        for n, m in model.named_modules()
+        if (isinstance(m, _CONV_TYPES) or isinstance(m, nn.Linear)) and isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
+    inits = {t.name: t for t in graph.initializer}
+    users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for i in node.input:
+            users[i].append(node)
+    by_bytes: dict[tuple, list[str]] = defaultdict(list)
+    for n, m in layer_modules.items():
+        w = m.weight.detach().cpu().numpy()
+        for arr in (w, w.T) if w.ndim == 2 else (w,):
+            by_bytes[(arr.shape, np.ascontiguousarray(arr).tobytes())].append(n)
+
+    taken_nodes = {n.name for n in graph.node}
+    named = 0
+    done_modules: set[str] = set()
+
+    def give_name(node: onnx.NodeProto, idx: int, new_name: str) -> None:
+        old = node.input[idx]
+        if old == new_name:
+            return
+        tensor = inits[old]
+        if len(users[old]) == 1 and new_name not in inits:
+            tensor.name = new_name
+            inits[new_name] = inits.pop(old)
+        else:  # shared (deduplicated) initializer: give this layer its own copy
+            if new_name in inits:
+                return  # already present under that name
+            clone = onnx.TensorProto()
+            clone.CopyFrom(tensor)
+            clone.name = new_name
+            graph.initializer.append(clone)
+            inits[new_name] = graph.initializer[-1]
+            users[old].remove(node)
+        node.input[idx] = new_name
+        users[new_name].append(node)
+
+    for node in graph.node:
+        if node.op_type not in _LAYER_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        mod_name = _module_from_scopes(node, layer_modules)
+        if mod_name is not None and mod_name not in done_modules:
+            exp = _expected_weight(node, layer_modules[mod_name])
+            # a name the exporter already gave (e.g. after its own BN fusion) is trusted
+            if node.input[1] != f"{mod_name}.weight" and (exp.shape != w.shape or not np.array_equal(exp, w)):
+                mod_name = None
+        else:
+            mod_name = None
+        if mod_name is None:
+            cands = [c for c in by_bytes.get((w.shape, np.ascontiguousarray(w).tobytes()), []) if c not in done_modules]
+            if len(cands) != 1:
+                continue
+            mod_name = cands[0]
+        done_modules.add(mod_name)
+        give_name(node, 1, f"{mod_name}.weight")
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
+            give_name(node, 2, f"{mod_name}.bias")
+        elif node.op_type == "MatMul":
+            nxt = users.get(node.output[0], [])
+            if len(nxt) == 1 and nxt[0].op_type == "Add":
+                add = nxt[0]
+                for j, inp in enumerate(add.input):
+                    if inp in inits and inp != node.output[0]:
+                        give_name(add, j, f"{mod_name}.bias")
+        if node.name != mod_name and mod_name not in taken_nodes:
+            taken_nodes.discard(node.name)
+            node.name = mod_name
+            taken_nodes.add(mod_name)
+        named += 1
+    return named
+
+
+# ----------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------
+
+
+def _atomic_save(proto: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = sum(t.ByteSize() for t in proto.graph.initializer)
+    if size < _EXTERNAL_DATA_THRESHOLD:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(proto.SerializeToString())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    # large model: weights go to PATH.data, written next to a temp copy and then moved
+    data_name = path.name + ".data"
+    tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        tmp_model = Path(tmpdir) / path.name
+        onnx.save_model(proto, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+        os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
+    finally:
+        for p in Path(tmpdir).iterdir():
+            p.unlink()
+        os.rmdir(tmpdir)
+
+
+def export(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    fold_bn: bool = True,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> onnx.ModelProto:
+    """Export ``model`` to ONNX at ``path`` (written atomically) and return the ModelProto.
+
+    The model is copied and put in eval mode (the argument is not modified);
+    with ``fold_bn`` BatchNorm is folded into the preceding Conv/Linear in torch
+    (:func:`fold_batchnorm`). Dimension 0 of every input and output is a dynamic
+    ``batch``. Weights are initializers named ``<module path>.weight`` (see the
+    module docstring). Models whose weights exceed ~1.8 GB are written with
+    external data in ``PATH.data``.
+
+    Note that torch's ONNX optimizer fuses a Conv+BatchNormalization pair it
+    meets in the graph on its own, so ``fold_bn=False`` mainly matters for
+    Linear+BatchNorm1d and for what the returned graph's BN-free Conv weights are
+    compared with.
+    """
+    path = Path(path)
+    example_inputs = _as_tuple(example_inputs)
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in example_inputs):
+        raise TypeError("export needs example_inputs to be tensors with a batch dimension first.")
+    model = copy.deepcopy(model).eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type != "cpu":
+        model = model.cpu()
+    example_inputs = tuple(t.detach().cpu() for t in example_inputs)
+    if fold_bn:
+        model = fold_batchnorm(model, example_inputs)
+    # torch.export specializes a dimension that is 1 in the example: trace with batch 2
+    trace_inputs = tuple(t if t.shape[0] != 1 else t.expand(2, *t.shape[1:]).contiguous() for t in example_inputs)
+    n_in = len(trace_inputs)
+    if input_names is None:
+        input_names = ["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)]
+    batch = torch.export.Dim("batch")
+    dynamic_shapes = tuple({0: batch} for _ in trace_inputs)
+    kwargs: dict[str, Any] = {}
+    if opset is not None:
+        kwargs["opset_version"] = int(opset)
+    if output_names is not None:
+        kwargs["output_names"] = list(output_names)
+    # torch logs a warning per torchvision op it cannot register when torchvision is absent
+    reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    old_level = reg_log.level
+    reg_log.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            program = torch.onnx.export(
+                model,
+                trace_inputs,
+                dynamo=True,
+                input_names=list(input_names),
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,
+                verbose=False,
+                **kwargs,
+            )
+        finally:
+            reg_log.setLevel(old_level)
+    proto = program.model_proto
+    if output_names is None:
+        # the exporter names outputs after the last fx node; make them stable
+        names = ["output"] if len(proto.graph.output) == 1 else [f"output_{i}" for i in range(len(proto.graph.output))]
+        _rename_graph_outputs(proto, names)
+    named = _rename_layers(proto, model)
+    log.info("exported %s: %d nodes, %d layers named after modules", path, len(proto.graph.node), named)
+    if sum(t.ByteSize() for t in proto.graph.initializer) < _EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(proto)
+    _atomic_save(proto, path)
+    return proto
+
+
+def _rename_graph_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> None:
+    g = proto.graph
+    taken = {v for n in g.node for v in list(n.input) + list(n.output)} | {i.name for i in g.input}
+    for out, new in zip(g.output, names):
+        old = out.name
+        if old == new or new in taken:
+            continue
+        for node in g.node:
+            for i, v in enumerate(node.output):
+                if v == old:
+                    node.output[i] = new
+            for i, v in enumerate(node.input):
+                if v == old:
+                    node.input[i] = new
+        out.name = new
+
+
+# ----------------------------------------------------------------------------
+# factories (for `onnx-alds export`)
+# ----------------------------------------------------------------------------
+
+
+def load_factory(factory: str):
+    """Resolve ``"package.module:callable"`` or ``"path/to/file.py:callable"`` to the callable."""
+    if not isinstance(factory, str) or factory.count(":") < 1:
+        raise ValueError(f"Factory {factory!r} must look like 'package.module:callable' or 'path/to/file.py:callable'.")
+    target, _, attr = factory.rpartition(":")
+    if not target or not all(part.isidentifier() for part in attr.split(".")):
+        raise ValueError(f"Factory {factory!r} must look like 'package.module:callable' or 'path/to/file.py:callable'.")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        file = Path(target)
+        if not file.is_file():
+            raise ValueError(f"Factory file {target} does not exist.")
+        mod_name = f"_onnx_alds_factory_{abs(hash(str(file.resolve())))}"
+        spec = importlib.util.spec_from_file_location(mod_name, file)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"Factory file {target} cannot be imported as Python.")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        # let the file import its siblings
+        sys.path.insert(0, str(file.resolve().parent))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(file.resolve().parent))
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ValueError(f"Factory module {target!r} cannot be imported: {e}.") from e
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"Factory {factory!r} names {part!r}, which {target} does not define.")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"Factory {factory!r} is not callable.")
+    return obj
+
+
+def _load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    ckpt_path = Path(checkpoint)
+    if not ckpt_path.is_file():
+        raise ValueError(f"Checkpoint {ckpt_path} does not exist.")
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors come in many types
+        raise ValueError(f"Checkpoint {ckpt_path} cannot be read by torch.load: {e}.") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # finetune() checkpoints
+    elif isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"Checkpoint {ckpt_path} holds no state dict.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"Checkpoint {ckpt_path} does not fit the model: {first}") from e
+
+
+def export_from_factory(
+    factory: str,
+    out_path: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    input_shapes: Sequence[Sequence[int]],
+    opset: int | None = None,
+    fold_bn: bool = True,
+) -> onnx.ModelProto:
+    """Build a model from ``factory`` (called with no arguments), load ``checkpoint``, export it.
+
+    ``factory`` is ``"package.module:callable"`` or ``"path/to/file.py:callable"``;
+    ``input_shapes`` gives one shape per model input, batch first (seeded
+    random float32 tensors of those shapes are the example inputs; batch stays
+    dynamic). A checkpoint is
+    a state dict or a :func:`onnx_alds.torch.finetune` checkpoint. Raises
+    ``ValueError`` with one sentence for a bad factory string, a missing or
+    unfitting checkpoint, or bad shapes.
+    """
+    if not input_shapes:
+        raise ValueError("At least one input shape is needed to export a model.")
+    shapes = []
+    for s in input_shapes:
+        try:
+            shape = tuple(int(d) for d in s)
+        except (TypeError, ValueError):
+            raise ValueError(f"Input shape {s!r} must be a sequence of positive integers.") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise ValueError(f"Input shape {s!r} must be a sequence of positive integers.")
+        shapes.append(shape)
+    fn = load_factory(factory)
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ValueError(f"Checkpoint {checkpoint} does not exist.")
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"Factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module.")
+    if checkpoint is not None:
+        _load_checkpoint(model, checkpoint)
+    # a fixed random batch (zeros would make BN folding's output check meaningless)
+    gen = torch.Generator().manual_seed(0)
+    example = tuple(torch.randn(s, generator=gen) for s in shapes)
+    return export(model, example, out_path, opset=opset, fold_bn=fold_bn)

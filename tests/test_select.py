@@ -1,0 +1,123 @@
+"""ALDS selection: exact optimality, baselines, budgets, monotonicity."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from graphs import cnn_model, initializer_floats
+from onnx_alds import rewrite
+from onnx_alds.cost import Geometry
+from onnx_alds.errors import InfeasibleBudget
+from onnx_alds.folding import as_4d, divisors
+from onnx_alds.select import layer_options, select_alds, select_alds_paper, select_uniform
+from onnx_alds.spectra import compute_spectra
+
+
+def random_layers(seed, n=3):
+    rng = np.random.default_rng(seed)
+    weights, geos, configs = {}, {}, {}
+    for i in range(n):
+        f, c = int(rng.choice([3, 4, 6])), int(rng.choice([2, 4]))
+        kern = (int(rng.choice([1, 2])), int(rng.choice([1, 2])))
+        w = rng.standard_normal((f, c, *kern)) * (0.7 ** np.arange(c))[None, :, None, None]
+        name = f"l{i}"
+        weights[name] = w
+        geos[name] = Geometry(f, c, kern, (5, 5), (4, 4))
+        from onnx_alds.folding import distinct_schemes
+
+        configs[name] = [(k, s) for k in divisors(c) for s in distinct_schemes(kern)]
+    spectra = compute_spectra(weights, configs, progress=False, workers=1)
+    return geos, spectra
+
+
+def brute_force(options, budget):
+    best = np.inf
+    for combo in itertools.product(*[range(len(o.eps)) for o in options]):
+        cost = sum(o.cost[i] for o, i in zip(options, combo))
+        if cost <= budget + 1e-9:
+            best = min(best, max(o.eps[i] for o, i in zip(options, combo)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_alds_is_optimal_against_brute_force(seed, metric):
+    geos, spectra = random_layers(seed)
+    options = [layer_options(n, geos[n], spectra[n], metric) for n in geos]
+    total = sum(o.orig_cost for o in options)
+    for frac in (0.3, 0.5, 0.8):
+        budget = frac * total
+        try:
+            sel = select_alds(options, budget, total=total)
+        except InfeasibleBudget:
+            assert brute_force(options, budget) == np.inf
+            continue
+        assert sel.cost <= budget + 1e-9
+        assert sel.max_rel_error == pytest.approx(brute_force(options, budget), abs=1e-12)
+        for baseline in (select_alds_paper, select_uniform):
+            try:
+                other = baseline(options, budget, total=total)
+            except InfeasibleBudget:
+                continue  # a restricted baseline may not reach a budget that alds meets
+            assert other.cost <= budget + 1e-9
+            assert sel.max_rel_error <= other.max_rel_error + 1e-12
+
+
+def test_larger_budget_never_gives_larger_error():
+    geos, spectra = random_layers(7, n=5)
+    options = [layer_options(n, geos[n], spectra[n], "params") for n in geos]
+    total = sum(o.orig_cost for o in options)
+    errs = []
+    for frac in np.linspace(0.35, 1.0, 25):
+        errs.append(select_alds(options, frac * total, total=total).max_rel_error)
+    assert all(b <= a + 1e-15 for a, b in zip(errs, errs[1:]))
+    assert errs[-1] == 0.0
+
+
+@pytest.mark.parametrize("method", ["alds", "alds-paper", "uniform"])
+@pytest.mark.parametrize("frac", [0.35, 0.6, 0.9])
+def test_params_budget_met_in_written_file(method, frac, tmp_path):
+    model = cnn_model()
+    new, report = rewrite(model, keep_params=frac, method=method, validate=False, compare=False)
+    path = tmp_path / "out.onnx"
+    path.write_bytes(new.SerializeToString())
+    import onnx
+
+    counted = initializer_floats(onnx.load(str(path)))
+    assert counted == report.params_after
+    assert counted / initializer_floats(model) <= frac + 1e-12
+    assert report.params_before == initializer_floats(model)
+    assert report.budget["predicted"] == pytest.approx(counted)  # the cost model is exact
+
+
+@pytest.mark.parametrize("frac", [0.4, 0.7])
+def test_flops_budget_met_and_cost_model_exact(frac):
+    model = cnn_model()
+    _, report = rewrite(model, keep_flops=frac, validate=False, compare=False)
+    assert report.flops_after / report.flops_before <= frac + 1e-12
+    assert report.budget["predicted"] == pytest.approx(report.flops_after)
+
+
+def test_flops_cost_model_exact_for_every_scheme():
+    model = cnn_model()
+    for s in ("s0", "s1", "s2", "s3"):
+        _, report = rewrite(model, keep_flops=0.6, schemes=[s], validate=False, compare=False)
+        assert report.budget["predicted"] == pytest.approx(report.flops_after)
+        for l in report.layers:
+            if l.status == "decomposed":
+                assert l.scheme == (s if l.weight_shape[2:] == [3, 3] else "s0")
+
+
+def test_infeasible_budget_states_smallest_fraction():
+    with pytest.raises(InfeasibleBudget, match=r"smallest reachable fraction is 0\.\d+") as e:
+        rewrite(cnn_model(), keep_params=0.01, validate=False)
+    assert 0.01 < e.value.smallest_fraction < 1
+    # and that fraction is indeed reachable
+    rewrite(cnn_model(), keep_params=e.value.smallest_fraction + 1e-4, validate=False, compare=False)
+
+
+def test_schemes_and_k_max_restrict_the_choice():
+    _, report = rewrite(cnn_model(), keep_params=0.5, schemes=["s0"], k_max=2, validate=False, compare=False)
+    dec = [l for l in report.layers if l.status == "decomposed"]
+    assert dec and all(l.scheme == "s0" and l.k <= 2 for l in dec)
