@@ -102,7 +102,7 @@ def cnn_model(seed=0, decay=0.85, opset=OPSET, bn=False):
         m = a.reshape(shape[0], -1)
         u, s, vt = np.linalg.svd(m, full_matrices=False)
         s = s * decay ** np.arange(len(s))
-        return (u * s @ vt).reshape(shape).astype(np.float32) / np.sqrt(m.shape[1])
+        return ((u * s @ vt).reshape(shape) / np.sqrt(m.shape[1])).astype(np.float32)
 
     inits = [
         numpy_helper.from_array(w((16, 3, 3, 3)), "c1.weight"),
