@@ -103,7 +103,7 @@ def select(info: ModelInfo, *, metric: str, fraction: float, method: str = "alds
         options = []
         for l in cands:
             lat = latency_table.cost_fn(l) if metric == "latency" else None
-            options.append(layer_options(l.name, l.geometry, spectra[l.name], metric, lat))
+            options.append(layer_options(l.name, l.geometry, spectra[l.name], metric, lat, configs[l.name]))
         if metric == "params":
             total = float(info.params_total)
         elif metric == "flops":

@@ -91,8 +91,9 @@ class Selection:
 
 
 def layer_options(name: str, g: Geometry, spectra: LayerSpectra, metric: str = "params",
-                  latency=None) -> Options:
-    """Build a layer's options from its spectra.  ``metric`` is ``params``,
+                  latency=None, configs=None) -> Options:
+    """Build a layer's options from its spectra, for the ``(k, scheme)`` pairs in
+    ``configs`` (default: all that the spectra hold).  ``metric`` is ``params``,
     ``flops`` or ``latency`` (then ``latency(k, scheme, ranks) -> costs`` and
     ``latency(None, None, None)`` the layer's own cost)."""
     eps, cost, ks, ss, rs = [], [], [], [], []
@@ -102,7 +103,7 @@ def layer_options(name: str, g: Geometry, spectra: LayerSpectra, metric: str = "
         orig = float(g.flops)
     else:
         orig = float(latency(None, None, None))
-    for (k, s) in sorted(spectra.sv):
+    for (k, s) in sorted(spectra.sv if configs is None else configs):
         r = full_rank(g, k, s)
         curve = spectra.error_curve(k, s)[: r + 1]
         j = np.arange(1, r + 1)
