@@ -1,0 +1,71 @@
+"""Validation and benchmarking through onnxruntime (real sessions, CPU here)."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from graphs import _model, cnn_model
+from onnx_alds.bench import bench
+from onnx_alds.errors import UsageError, ValidationFailed
+from onnx_alds.runtime import CPU, CUDA, providers_for
+from onnx_alds.validate import validate
+
+
+def unary(op, shape=("N", 4), out_shape=None, **attrs):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape or shape))
+    return _model([helper.make_node(op, ["x"], ["y"], name="op", **attrs)], [x], [y], [])
+
+
+def test_identical_models_validate_exactly():
+    m = cnn_model()
+    v = validate(m, m, repeats=3)
+    assert v.provider == CPU
+    assert v.max_abs_diff == 0.0 and v.rel_l2 == 0.0
+    assert v.inputs["x"]["shape"] == [2, 3, 16, 16]  # dynamic batch → 2
+    assert v.latency_ms_before > 0 and v.latency_ms_after > 0
+
+
+def test_nan_outputs_fail():
+    with pytest.raises(ValidationFailed, match="NaN or Inf"):
+        validate(unary("Abs"), unary("Log"), repeats=0)  # log of negative inputs
+
+
+def test_shape_change_fails():
+    flat = unary("Flatten", shape=("N", 4, 2), out_shape=("N", 8), axis=1)
+    same = unary("Identity", shape=("N", 4, 2))
+    with pytest.raises(ValidationFailed, match="changed shape"):
+        validate(same, flat, repeats=0)
+
+
+def test_provider_choice_falls_back_to_cpu():
+    avail = ort.get_available_providers()
+    if CUDA in avail:
+        assert providers_for("auto")[0] == CUDA
+    else:
+        assert providers_for("auto") == [CPU]
+        with pytest.raises(UsageError, match="CUDA"):
+            providers_for("cuda")
+    assert providers_for("cpu") == [CPU]
+
+
+def test_bench_interleaves_after_warmup(tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(cnn_model(seed=0), str(a))
+    onnx.save(cnn_model(seed=1), str(b))
+    log = []
+    rows = bench([a, b], batches=[1, 3], repeats=4, warmup=2, order_log=log)
+    assert [r["batch"] for r in rows] == [1, 1, 3, 3]
+    for r in rows:
+        assert {"model", "provider", "batch", "threads", "median_ms", "p10_ms", "p90_ms", "speedup"} <= set(r)
+        assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+    assert rows[0]["speedup"] == 1.0
+    per_batch = len(log) // 2
+    first = log[:per_batch]
+    assert first[:4] == [("warmup", 0), ("warmup", 1)] * 2  # warm-up of both before any timing
+    timed = [i for kind, i in first if kind == "timed"]
+    assert len(timed) == 8
+    # interleaved: the models alternate, never two timed runs of one model in a row within a round
+    assert all(sorted(timed[j:j + 2]) == [0, 1] for j in range(0, 8, 2))
