@@ -108,6 +108,11 @@ def cmd_rewrite(a) -> int:
     for extra in (a.report, a.plan, a.plot):
         if extra:
             check_output_path(a.input, extra)
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'onnx-alds[plot]'") from None
     if a.k_max is not None and a.k_max < 1:
         raise UsageError("--k-max must be at least 1")
     schemes = [s.strip() for s in a.schemes.split(",") if s.strip()] if a.schemes else None
