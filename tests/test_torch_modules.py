@@ -1,0 +1,94 @@
+"""The torch side of a Plan computes what the rewritten ONNX computes."""
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from graphs import rel_err, run  # noqa: E402
+from onnx_alds import apply_plan as onnx_apply_plan  # noqa: E402
+from onnx_alds.api import analyze  # noqa: E402
+from onnx_alds.cost import full_rank  # noqa: E402
+from onnx_alds.plan import LayerPlan, Plan  # noqa: E402
+from onnx_alds.torch import export  # noqa: E402
+from onnx_alds.torch.modules import apply_plan  # noqa: E402
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 12, (3, 5), padding=(1, 2), dilation=(1, 1), bias=False)
+        self.tok = nn.Linear(12, 16)  # applied to (N, T, 12): MatMul + Add
+        self.head = nn.Linear(16, 10)  # applied to (N, 16): Gemm
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.conv2(h))  # (N, 12, 4, 4)
+        t = h.flatten(2).transpose(1, 2)  # (N, 16, 12)
+        t = torch.relu(self.tok(t)).mean(1)
+        return self.head(t)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        net.bn1.running_mean.uniform_(-0.5, 0.5)
+        net.bn1.running_var.uniform_(0.5, 2.0)
+        net.bn1.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8)
+    path = tmp_path_factory.mktemp("m") / "net.onnx"
+    export(net, (x,), path)
+    return net, x, onnx.load(str(path))
+
+
+def plan_for(model, k, scheme):
+    _, _, info = analyze(model)
+    entries = []
+    for l in info.candidates:
+        kk = k if l.geometry.c % k == 0 else 1
+        s = scheme if scheme in l.schemes else "s0"
+        r = max(1, full_rank(l.geometry, kk, s) // 2)
+        entries.append(LayerPlan(l.name, l.weight_name, kk, s, r))
+    return Plan(entries)
+
+
+@pytest.mark.parametrize("scheme", ["s0", "s1", "s2", "s3"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_torch_plan_matches_rewritten_onnx(exported, scheme, k):
+    net, x, model = exported
+    plan = plan_for(model, k, scheme)
+    assert {e.weight for e in plan.layers} >= {"conv1.weight", "conv2.weight", "head.weight"}
+    new = onnx_apply_plan(model, plan)
+    y_onnx = run(new, {model.graph.input[0].name: x.numpy()})[0]
+    fact = apply_plan(net, plan, example_inputs=(x,))
+    with torch.no_grad():
+        y_torch = fact(x).numpy()
+    assert rel_err(y_onnx, y_torch) <= 1e-5
+    # and the truncation really changed the network
+    with torch.no_grad():
+        assert rel_err(net(x).numpy(), y_torch) > 1e-4
+
+
+def test_export_of_factorized_module_equals_rewrite(exported, tmp_path):
+    net, x, model = exported
+    plan = plan_for(model, 2, "s1")
+    fact = apply_plan(net, plan, example_inputs=(x,))
+    path = tmp_path / "fact.onnx"
+    export(fact, (x,), path)
+    x3 = torch.randn(3, 3, 8, 8).numpy()
+    name = model.graph.input[0].name
+    y_export = run(onnx.load(str(path)), {onnx.load(str(path)).graph.input[0].name: x3})[0]
+    y_rewrite = run(onnx_apply_plan(model, plan), {name: x3})[0]
+    assert rel_err(y_rewrite, y_export) <= 1e-5
+
+
+def test_batchnorm_needs_example_inputs(exported):
+    net, x, model = exported
+    with pytest.raises(ValueError, match="BatchNorm"):
+        apply_plan(net, plan_for(model, 1, "s0"))
