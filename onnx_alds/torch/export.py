@@ -559,7 +559,10 @@ def export_from_factory(
     fn = load_factory(factory)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ValueError(f"Checkpoint {checkpoint} does not exist.")
-    model = fn()
+    try:
+        model = fn()
+    except TypeError as e:
+        raise ValueError(f"Factory {factory!r} cannot be called without arguments: {e}.") from e
     if not isinstance(model, nn.Module):
         raise ValueError(f"Factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module.")
     if checkpoint is not None:
