@@ -90,7 +90,10 @@ def select(info: ModelInfo, *, metric: str, fraction: float, method: str = "alds
     if metric == "latency" and latency_table is None:
         raise UsageError("a latency budget needs a latency table")
     weights = {l.name: l.weight4() for l in cands}
-    if method == "uniform":
+    if metric == "latency":  # only what the table measured
+        configs = {l.name: [c for c in latency_table.configs(l.name)
+                            if method != "uniform" or c == (1, "s0")] for l in cands}
+    elif method == "uniform":
         configs = {l.name: [(1, "s0")] for l in cands}
     elif method == "alds-paper" and schemes is None:
         configs = layer_configs(info, ("s0",), k_max)  # the paper's ALDS folds with s0 only
@@ -116,6 +119,8 @@ def select(info: ModelInfo, *, metric: str, fraction: float, method: str = "alds
         sel = METHODS[method](options, budget, fixed=fixed, total=total)
     sel.details.update(metric=metric, fraction=fraction, total=total, fixed=fixed, target=fraction * total,
                        predicted=fixed + sel.cost)
+    if metric == "latency":
+        sel.details["predicted_ms"] = latency_table.predicted_ms(sel.choices)
     baselines = {}
     if compare:
         with _timed(timings, "compare"):
@@ -280,7 +285,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         if metric == "latency" and latency_table is None:
             from .latency import LatencyTable  # measured per provider, cached
 
-            latency_table = LatencyTable.for_model(info, provider=provider, progress=progress)
+            latency_table = LatencyTable.for_model(model, info, provider=provider, k_max=k_max or 16,
+                                                   schemes=schemes, progress=progress)
         if not info.candidates and fraction < 1.0:
             from .errors import InfeasibleBudget
 
@@ -293,11 +299,18 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         sel_method = method
         budget = {"metric": metric, "fraction": fraction, "target": sel.details["target"],
                   "predicted": sel.details["predicted"], "total_before": sel.details["total"]}
+        if metric == "latency":
+            budget.update(provider=latency_table.provider, model_ms=latency_table.model_ms,
+                          predicted_ms=sel.details["predicted_ms"],
+                          measurements=latency_table.measured, cached=latency_table.cached)
         plan = plan_from_selection(sel, info)
     with _timed(timings, "emit"):
         new = emit(model, graph, info, choices)
     with _timed(timings, "check"):
         _check_rewritten(model, new)
+    if budget.get("metric") == "latency":
+        with _timed(timings, "latency"):
+            budget.update(_measure_latency(model, new, latency_table, info))
     report = _report(info, choices, sel_method, budget, new, in_path, timings, baselines)
     report.plan = plan
     if validate:
@@ -307,6 +320,20 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             v = run_validation(model, new, provider=provider, input_shapes=info.input_shapes)
         report.validation = v.to_dict()
     return new, report
+
+
+def _measure_latency(model, new, table, info) -> dict:
+    """Whole-model latency before and after, interleaved, with the table's settings."""
+    from .runtime import providers_for, session
+    from .validate import interleaved_latency, random_inputs
+
+    providers = providers_for("cuda" if table.provider == "CUDAExecutionProvider" else "cpu")
+    s0, s1 = session(model, providers, table.threads), session(new, providers, table.threads)
+    feeds = random_inputs(s0, info.input_shapes, batch=1)
+    t0, t1 = interleaved_latency([s0, s1], [feeds, feeds], warmup=5, repeats=30)
+    before, after = float(np.median(t0)), float(np.median(t1))
+    return {"threads": table.threads, "measured_ms_before": before, "measured_ms": after,
+            "measured_speedup": before / after if after > 0 else float("nan")}
 
 
 def apply_plan(model_or_path, plan, *, input_shapes: dict | None = None) -> onnx.ModelProto:

@@ -46,9 +46,9 @@ def _conv_attrs(layer: Layer, kernel: tuple[int, int], owner: tuple[str, str], m
     return {"kernel_shape": ks, "strides": strides, "dilations": dil, "pads": pads_b + pads_e, "group": group}
 
 
-def _emit_conv(layer: Layer, k: int, scheme: str, rank: int) -> list[gs.Node]:
+def _emit_conv(layer: Layer, k: int, scheme: str, rank: int, weights=None) -> list[gs.Node]:
     node = layer.node
-    enc_w, dec_w = factorize(layer.weight4(), scheme, k, rank)
+    enc_w, dec_w = weights if weights is not None else factorize(layer.weight4(), scheme, k, rank)
     if layer.spatial_rank == 1:
         enc_w, dec_w = enc_w[..., 0], dec_w[..., 0]
     owner = _AXIS_OWNER[scheme]
@@ -72,10 +72,11 @@ def _const_i64(name: str, values) -> gs.Constant:
     return gs.Constant(name, np.asarray(values, dtype=np.int64))
 
 
-def _emit_linear(layer: Layer, k: int, scheme: str, rank: int) -> list[gs.Node]:
+def _emit_linear(layer: Layer, k: int, scheme: str, rank: int, weights=None) -> list[gs.Node]:
     node = layer.node
     p = layer.name
-    enc_w, dec_w = factorize(layer.weight4(), "s0", k, rank)  # linear layers have one folding
+    # linear layers have one folding
+    enc_w, dec_w = weights if weights is not None else factorize(layer.weight4(), "s0", k, rank)
     f, c = layer.geometry.f, layer.geometry.c
     enc_w = enc_w.reshape(k, rank, c // k)  # (k, j, cg)
     dec_w = dec_w.reshape(f, k * rank)  # (f, k·j)
@@ -120,11 +121,13 @@ def _emit_linear(layer: Layer, k: int, scheme: str, rank: int) -> list[gs.Node]:
     return nodes
 
 
-def replacement(layer: Layer, k: int, scheme: str, rank: int) -> list[gs.Node]:
-    """The nodes that compute ``layer`` factorized as ``(k, scheme, rank)``."""
+def replacement(layer: Layer, k: int, scheme: str, rank: int, weights=None) -> list[gs.Node]:
+    """The nodes that compute ``layer`` factorized as ``(k, scheme, rank)``;
+    ``weights`` = (encoder, decoder) conv weights as :func:`factorize` returns
+    them, computed from the layer's weight when not given."""
     if layer.op == "Conv":
-        return _emit_conv(layer, k, scheme, rank)
-    return _emit_linear(layer, k, scheme, rank)
+        return _emit_conv(layer, k, scheme, rank, weights)
+    return _emit_linear(layer, k, scheme, rank, weights)
 
 
 def apply_replacements(graph: gs.Graph, replaced: dict[int, list[gs.Node]]) -> None:

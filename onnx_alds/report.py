@@ -75,7 +75,13 @@ class Report:
             lines.append(f"FLOPs  {self.flops_before:,} -> {self.flops_after:,} ({self.flops_fraction:.3f})")
         lines.append(f"max relative operator-norm error {self.max_rel_error:.4f}")
         for name, err in self.baselines.items():
-            lines.append(f"  {name:<10} at the same budget: max error {err:.4f}")
+            what = f"max error {err:.4f}" if err is not None else "cannot meet the budget"
+            lines.append(f"  {name:<10} at the same budget: {what}")
+        b = self.budget
+        if b.get("metric") == "latency" and b.get("measured_ms") is not None:
+            lines.append(f"latency on {b['provider']} (batch 1, {b['threads']} threads): "
+                         f"{b['measured_ms_before']:.3f} ms -> predicted {b['predicted_ms']:.3f} ms, measured {b['measured_ms']:.3f} ms "
+                         f"(speed-up {b['measured_speedup']:.2f}x)")
         v = self.validation
         if v:
             lines.append(f"validation on {v['provider']}: max |diff| {v['max_abs_diff']:.3g}, "

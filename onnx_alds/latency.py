@@ -1,0 +1,226 @@
+"""Per-layer latency tables: measured cost for ``--keep-latency``.
+
+For each compressible layer the table holds the latency, on one provider, of
+the layer alone and of its factorized subgraph (the exact nodes the emitter
+writes, with random weights of the right shapes) at a coarse grid of
+``(k, scheme, rank)``: k over the powers of two that divide c (up to
+``k_max``), every distinct scheme, and a few ranks per configuration between
+1 and the largest rank that still saves parameters; latency between grid ranks
+is interpolated linearly.  Measurements are cached on disk, keyed by provider,
+onnxruntime version, thread count, the layer's geometry and input shape, so a
+second run on the same shapes measures nothing.
+
+The whole model's latency ``T`` is measured too; a selection's predicted
+latency is ``T − Σ_layers t_orig + Σ_layers t_chosen``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+from tqdm.auto import tqdm
+
+from .cost import factorized_params, full_rank
+from .errors import UsageError
+from .extract import Layer, ModelInfo, _known, extract
+from .folding import decoder_kernel, encoder_kernel
+from .io import atomic_write_bytes
+from .runtime import ort, providers_for, session, used_provider
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("ONNX_ALDS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "onnx-alds")
+    return Path(base) / "latency"
+
+
+def time_session(sess, feeds, *, warmup: int = 2, repeats: int = 7) -> float:
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts) * 1e3)
+
+
+def _layer_model(layer: Layer, in_dims: list[int], opset: int) -> onnx.ModelProto:
+    """The layer alone, with random weights, at a fixed input shape."""
+    rng = np.random.default_rng(0)
+    node = layer.node
+    dtype = np.dtype(layer.dtype)
+    inits = [numpy_helper.from_array(rng.standard_normal(layer.weight_shape).astype(dtype), "w")]
+    inputs = ["x", "w"]
+    if layer.op in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
+        inits.append(numpy_helper.from_array(np.zeros(layer.geometry.f, dtype), "b"))
+        inputs.append("b")
+    attrs = {}
+    if layer.op == "Conv":
+        n = layer.spatial_rank
+        attrs = dict(strides=list(layer.strides[:n]), dilations=list(layer.dilations[:n]),
+                     pads=list(layer.pads[:n]) + list(layer.pads[2:2 + n]))
+    elif layer.op == "Gemm":
+        attrs = dict(transB=layer.trans_b, alpha=layer.alpha, beta=layer.beta)
+    et = helper.np_dtype_to_tensor_dtype(dtype)
+    g = helper.make_graph([helper.make_node(layer.op, inputs, ["y"], name="layer", **attrs)], "layer",
+                          [helper.make_tensor_value_info("x", et, in_dims)],
+                          [helper.make_tensor_value_info("y", et, None)], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _random_factors(layer: Layer, k: int, scheme: str, rank: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    g = layer.geometry
+    rng = np.random.default_rng(1)
+    e, d = encoder_kernel(scheme, g.kernel), decoder_kernel(scheme, g.kernel)
+    enc = rng.standard_normal((k * rank, g.c // k, *e)).astype(dtype)
+    dec = rng.standard_normal((g.f, k * rank, *d)).astype(dtype)
+    if layer.spatial_rank == 1:
+        enc, dec = enc[..., :1], dec[..., :1]  # emit drops the unit axis of 1-D convs
+    return enc, dec
+
+
+def _factorized_model(base: onnx.ModelProto, k: int, scheme: str, rank: int) -> onnx.ModelProto:
+    from .emit import apply_replacements, replacement
+
+    graph = gs.import_onnx(base)
+    layer = extract(base, graph).layers[0]
+    nodes = replacement(layer, k, scheme, rank, weights=_random_factors(layer, k, scheme, rank, np.dtype(layer.dtype)))
+    apply_replacements(graph, {id(layer.node): nodes})
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = base.ir_version
+    return out
+
+
+def cache_key(layer: Layer, in_dims, provider: str, ort_version: str, threads: int, opset: int,
+              bias: bool) -> tuple[str, dict]:
+    """What a layer's latency depends on, and its hash (the cache file name)."""
+    src = {"op": layer.op, "w": list(layer.weight_shape), "dtype": layer.dtype, "in": list(in_dims),
+           "strides": list(layer.strides), "dil": list(layer.dilations), "pads": list(layer.pads),
+           "transB": layer.trans_b, "bias": bias, "provider": provider, "ort": ort_version,
+           "threads": threads, "opset": opset}
+    return hashlib.sha1(json.dumps(src, sort_keys=True).encode()).hexdigest(), src
+
+
+def grid_ks(c: int, k_max: int | None) -> list[int]:
+    ks, k = [], 1
+    while k <= c and (k_max is None or k <= k_max):
+        if c % k == 0:
+            ks.append(k)
+        k *= 2
+    return ks
+
+
+def grid_ranks(layer: Layer, k: int, scheme: str, points: int) -> list[int]:
+    g = layer.geometry
+    r = full_rank(g, k, scheme)
+    per = factorized_params(g, k, scheme, 1)
+    useful = min(r, max(1, (g.params - 1) // per))  # beyond this rank nothing is saved
+    return sorted({int(round(v)) for v in np.geomspace(1, useful, points)} | {1, useful})
+
+
+@dataclass
+class LayerLatency:
+    orig_ms: float
+    grid: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def cost(self, k, scheme, ranks):
+        if k is None:
+            return self.orig_ms
+        rs, ms = self.grid[(k, scheme)]
+        r = np.asarray(ranks, dtype=float)
+        # only ranks inside the measured grid: no extrapolation
+        return np.where(r <= rs[-1], np.interp(r, rs, ms), np.inf)
+
+
+@dataclass
+class LatencyTable:
+    provider: str
+    layers: dict[str, LayerLatency]
+    model_ms: float
+    measured: int = 0  # measurements taken (not from the cache) when the table was built
+    cached: int = 0
+    threads: int = 2
+
+    def configs(self, name: str) -> list[tuple[int, str]]:
+        return sorted(self.layers[name].grid)
+
+    def cost_fn(self, layer: Layer):
+        return self.layers[layer.name].cost
+
+    def model_total(self, info: ModelInfo) -> float:
+        return self.model_ms
+
+    def predicted_ms(self, choices: dict) -> float:
+        t = self.model_ms
+        for name, c in choices.items():
+            if c is not None:
+                lt = self.layers[name]
+                t += float(lt.cost(c.k, c.scheme, [c.rank])[0]) - lt.orig_ms
+        return t
+
+    @classmethod
+    def for_model(cls, model: onnx.ModelProto, info: ModelInfo, *, provider: str = "auto", threads: int = 2,
+                  k_max: int | None = 16, schemes=None, points: int = 4, cache_dir=None,
+                  progress: bool = False) -> "LatencyTable":
+        providers = providers_for(provider)
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        version = ort().__version__
+        layers, measured, cached = {}, 0, 0
+        prov_used = None
+        cands = info.candidates
+        for layer in tqdm(cands, desc="latency table", unit="layer", disable=not progress, leave=False):
+            in_dims = info.shapes.get(layer.node.inputs[0].name)
+            if not _known(in_dims):
+                raise UsageError(f"the latency of {layer.name!r} needs its input shape; give the model's "
+                                 f"dynamic sizes with --input-shape NAME:D1,D2,...")
+            base = _layer_model(layer, list(in_dims), opset)
+            mini_layer = extract(base, gs.import_onnx(base)).layers[0]
+            allowed = [s for s in mini_layer.schemes if schemes is None or s in schemes] or ["s0"]
+            ks = grid_ks(layer.geometry.c, k_max) if mini_layer.allow_groups else [1]
+            key, key_src = cache_key(layer, in_dims, providers[0], version, threads, opset,
+                                     bias=len(base.graph.initializer) > 1)
+            path = cache / f"{key}.json"
+            entry = json.loads(path.read_text()) if path.exists() else {"key": key_src, "ms": {}}
+            feeds = {"x": np.random.default_rng(0).standard_normal(in_dims).astype(np.dtype(layer.dtype))}
+
+            def measure(tag, make):
+                nonlocal measured, cached, prov_used
+                if tag in entry["ms"]:
+                    cached += 1
+                    return entry["ms"][tag]
+                sess = session(make(), providers, threads)
+                prov_used = used_provider(sess)
+                entry["ms"][tag] = time_session(sess, feeds)
+                measured += 1
+                return entry["ms"][tag]
+
+            lt = LayerLatency(measure("orig", lambda: base))
+            for k in ks:
+                for s in allowed:
+                    rs = grid_ranks(mini_layer, k, s, points)
+                    ms = [measure(f"{k}|{s}|{r}", lambda k=k, s=s, r=r: _factorized_model(base, k, s, r)) for r in rs]
+                    lt.grid[(k, s)] = (np.asarray(rs, float), np.asarray(ms, float))
+            layers[layer.name] = lt
+            if measured:
+                cache.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, json.dumps(entry, indent=1).encode())
+        sess = session(model, providers, threads)
+        from .validate import random_inputs
+
+        model_ms = time_session(sess, random_inputs(sess, info.input_shapes, batch=1), repeats=15)
+        return cls(prov_used or used_provider(sess), layers, model_ms, measured, cached, threads)
