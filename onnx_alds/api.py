@@ -75,7 +75,7 @@ def layer_configs(info: ModelInfo, schemes=None, k_max=None) -> dict[str, list[t
 
 def select(info: ModelInfo, *, metric: str, fraction: float, method: str = "alds", schemes=None,
            k_max=None, spectra=None, latency_table=None, compare: bool = True, progress: bool = True,
-           timings: dict | None = None) -> tuple[Selection, dict]:
+           timings: dict | None = None, cache_dir=None) -> tuple[Selection, dict]:
     """Run the selector on an analysed model; returns the selection and the
     max error the other methods reach at the same budget."""
     if method not in METHODS:
@@ -101,7 +101,7 @@ def select(info: ModelInfo, *, metric: str, fraction: float, method: str = "alds
         configs = layer_configs(info, schemes, k_max)
     if spectra is None:
         with _timed(timings, "spectra"):
-            spectra = compute_spectra(weights, configs, progress=progress)
+            spectra = compute_spectra(weights, configs, progress=progress, cache_dir=cache_dir)
     with _timed(timings, "select"):
         options = []
         for l in cands:
@@ -261,7 +261,7 @@ def _report(info, choices, sel_method, budget, new_model, in_path, timings, base
 def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None, method: str = "alds", *,
             plan: Plan | str | Path | None = None, schemes=None, k_max: int | None = None,
             input_shapes: dict | None = None, provider: str = "auto", validate: bool = True,
-            compare: bool = True, latency_table=None, progress: bool = False,
+            compare: bool = True, latency_table=None, progress: bool = False, cache_dir=None,
             ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
@@ -294,7 +294,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                                    "fraction is 1.0", 1.0)
         sel, baselines = select(info, metric=metric, fraction=fraction, method=method, schemes=schemes,
                                 k_max=k_max, latency_table=latency_table, compare=compare,
-                                progress=progress, timings=timings)
+                                progress=progress, timings=timings, cache_dir=cache_dir)
         choices = sel.choices
         sel_method = method
         budget = {"metric": metric, "fraction": fraction, "target": sel.details["target"],
