@@ -4,6 +4,7 @@ factorize/emit → check → validate → report."""
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,11 +14,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .cost import factorized_flops, factorized_params, full_rank
-from .emit import apply_replacements, replacement
+from .emit import apply_replacements, replacement, restore_subgraphs
 from .errors import UsageError
 from .extract import ModelInfo, count_params, extract, fixed_input_shapes, infer_shapes, _node_flops
 from .folding import SCHEMES, canonical_scheme
-from .io import check_model, load_model
+from .io import EXTERNAL_DATA_THRESHOLD, check_model, check_model_file, load_model, save_model
 from .plan import LayerPlan, Plan
 from .report import LayerReport, Report
 from .select import METHODS, Config, Selection, layer_options
@@ -191,6 +192,7 @@ def emit(model: onnx.ModelProto, graph: gs.Graph, info: ModelInfo, choices: dict
             replaced[id(l.node)] = replacement(l, c.k, c.scheme, c.rank)
     apply_replacements(graph, replaced)
     new = gs.export_onnx(graph, do_type_check=False)
+    restore_subgraphs(model, new)
     new.ir_version = model.ir_version
     del new.opset_import[:]
     new.opset_import.extend(model.opset_import)
@@ -273,6 +275,9 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     with _timed(timings, "extract"):
         graph = gs.import_onnx(model)
         info = extract(model, graph, input_shapes)
+    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    if large and in_path is not None:
+        _release_candidate_data(model, info)
     baselines = {}
     if plan is not None:
         if not isinstance(plan, Plan):
@@ -306,20 +311,45 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         plan = plan_from_selection(sel, info)
     with _timed(timings, "emit"):
         new = emit(model, graph, info, choices)
-    with _timed(timings, "check"):
-        _check_rewritten(model, new)
-    if budget.get("metric") == "latency":
-        with _timed(timings, "latency"):
-            budget.update(_measure_latency(model, new, latency_table, info))
-    report = _report(info, choices, sel_method, budget, new, in_path, timings, baselines)
-    report.plan = plan
-    if validate:
-        from .validate import validate as run_validation
+    del graph
+    with tempfile.TemporaryDirectory(prefix="onnx-alds-") as tmp:
+        # onnxruntime and the checker take models over 2 GB only as files with external data
+        orig_ref, new_ref = model, new
+        if large or new.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            if in_path is None:
+                orig_ref = Path(tmp) / "original.onnx"
+                save_model(model, orig_ref, external_data=True)
+            else:
+                orig_ref = Path(in_path)
+            new_ref = Path(tmp) / "rewritten.onnx"
+            save_model(new, new_ref, external_data=True)
+        with _timed(timings, "check"):
+            if isinstance(new_ref, Path):
+                check_model_file(new_ref, "the rewritten model")
+            else:
+                _check_rewritten(model, new)
+        if budget.get("metric") == "latency":
+            with _timed(timings, "latency"):
+                budget.update(_measure_latency(orig_ref, new_ref, latency_table, info))
+        report = _report(info, choices, sel_method, budget, new, in_path, timings, baselines)
+        report.plan = plan
+        if validate:
+            from .validate import validate as run_validation
 
-        with _timed(timings, "validate"):
-            v = run_validation(model, new, provider=provider, input_shapes=info.input_shapes)
-        report.validation = v.to_dict()
+            with _timed(timings, "validate"):
+                v = run_validation(orig_ref, new_ref, provider=provider, input_shapes=info.input_shapes)
+            report.validation = v.to_dict()
     return new, report
+
+
+def _release_candidate_data(model: onnx.ModelProto, info: ModelInfo) -> None:
+    """For a large model we loaded ourselves: the candidate weights now live as
+    numpy arrays, so drop their bytes from the protobuf (peak memory stays near
+    two copies of the weights instead of three)."""
+    names = {l.weight_name for l in info.candidates}
+    for t in model.graph.initializer:
+        if t.name in names:
+            t.ClearField("raw_data")
 
 
 def _measure_latency(model, new, table, info) -> dict:

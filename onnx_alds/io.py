@@ -54,6 +54,14 @@ def check_model(model: onnx.ModelProto, what: str = "the model", full: bool = Fa
         raise ModelError(f"{what} fails onnx.checker: {_first_line(e)}") from None
 
 
+def check_model_file(path, what: str = "the model") -> None:
+    """Check a model file (any size; external data beside it)."""
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        raise ModelError(f"{what} fails onnx.checker: {_first_line(e)}") from None
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
