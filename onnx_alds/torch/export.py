@@ -337,6 +337,13 @@ def _rename_layers(proto: onnx.ModelProto, model: nn.Module) -> int:
 # ----------------------------------------------------------------------------
 
 
+def _default_mode() -> int:
+    # mkstemp creates 0600 files; give the result the permissions a plain open() would
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_save(proto: onnx.ModelProto, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(t.ByteSize() for t in proto.graph.initializer)
@@ -345,6 +352,7 @@ def _atomic_save(proto: onnx.ModelProto, path: Path) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(proto.SerializeToString())
+            os.chmod(tmp, _default_mode())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
