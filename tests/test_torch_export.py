@@ -44,8 +44,19 @@ def rel(a, b) -> float:
 
 
 def ort_run(path, x: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # small models: one thread is as fast, and much faster when other work shares the cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -309,3 +320,24 @@ def test_export_from_factory_checkpoint_that_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         export_from_factory("models.resnet:resnet20", tmp_path / "x.onnx", checkpoint=ckpt,
                             input_shapes=[(1, 1, 16, 16)])
+
+
+def test_opset_below_18_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="opset 18 or newer"):
+        export(models.mobilenet_small(), torch.randn(2, 1, 16, 16), tmp_path / "m.onnx", opset=17)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_large_model_path_writes_external_data(tmp_path, monkeypatch):
+    import sys
+
+    mod = sys.modules["onnx_alds.torch.export"]  # the package binds the name `export` to the function
+    monkeypatch.setattr(mod, "_EXTERNAL_DATA_THRESHOLD", 1000)
+    torch.manual_seed(0)
+    m = models.mobilenet_small().eval()
+    path = tmp_path / "big.onnx"
+    export(m, torch.randn(2, 1, 16, 16), path)
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert rel(ort_run(path, x.numpy()), m(x).numpy()) <= 1e-5

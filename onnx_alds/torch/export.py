@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
+# torch.export-based exporter: opset 18+ (its version converter cannot go lower for ReduceMean & co.)
+MIN_OPSET = 18
 # above this many bytes of initializers the file is written with ONNX external data
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -170,8 +172,9 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any, *, rtol: float = 1e-4)
     output (e.g. the layer's output is also used elsewhere) is undone. The input
     model is not modified.
     """
-    example_inputs = _as_tuple(example_inputs)
     model = copy.deepcopy(model).eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    example_inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in _as_tuple(example_inputs))
     pairs = _find_conv_bn_pairs(model, example_inputs)
     if not pairs:
         return model
@@ -365,6 +368,8 @@ def _atomic_save(proto: onnx.ModelProto, path: Path) -> None:
     try:
         tmp_model = Path(tmpdir) / path.name
         onnx.save_model(proto, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+        for f in (tmp_model, Path(tmpdir) / data_name):
+            os.chmod(f, _default_mode())
         os.replace(Path(tmpdir) / data_name, path.parent / data_name)
         os.replace(tmp_model, path)
     finally:
@@ -390,7 +395,8 @@ def export(
     (:func:`fold_batchnorm`). Dimension 0 of every input and output is a dynamic
     ``batch``. Weights are initializers named ``<module path>.weight`` (see the
     module docstring). Models whose weights exceed ~1.8 GB are written with
-    external data in ``PATH.data``.
+    external data in ``PATH.data``. ``opset`` defaults to the exporter's own
+    (20 with torch 2.13); below 18 is a ``ValueError``.
 
     Note that torch's ONNX optimizer fuses a Conv+BatchNormalization pair it
     meets in the graph on its own, so ``fold_bn=False`` mainly matters for
@@ -398,6 +404,8 @@ def export(
     compared with.
     """
     path = Path(path)
+    if opset is not None and int(opset) < MIN_OPSET:
+        raise ValueError(f"torch's ONNX exporter writes opset {MIN_OPSET} or newer, not opset {opset}.")
     example_inputs = _as_tuple(example_inputs)
     if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in example_inputs):
         raise TypeError("export needs example_inputs to be tensors with a batch dimension first.")
@@ -441,6 +449,9 @@ def export(
         finally:
             reg_log.setLevel(old_level)
     proto = program.model_proto
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and got != int(opset):
+        raise ValueError(f"torch's ONNX exporter could not write opset {opset} for this model (it wrote {got}).")
     if output_names is None:
         # the exporter names outputs after the last fx node; make them stable
         names = ["output"] if len(proto.graph.output) == 1 else [f"output_{i}" for i in range(len(proto.graph.output))]
