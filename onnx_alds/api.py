@@ -18,7 +18,8 @@ from .emit import apply_replacements, replacement, restore_subgraphs
 from .errors import UsageError
 from .extract import ModelInfo, count_params, extract, fixed_input_shapes, infer_shapes, _node_flops
 from .folding import SCHEMES, canonical_scheme
-from .io import EXTERNAL_DATA_THRESHOLD, check_model, check_model_file, load_model, save_model
+from .io import (EXTERNAL_DATA_THRESHOLD, check_model, check_model_file, load_model, proto_size,
+                 save_model)
 from .plan import LayerPlan, Plan
 from .report import LayerReport, Report
 from .select import METHODS, Config, Selection, layer_options
@@ -275,7 +276,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     with _timed(timings, "extract"):
         graph = gs.import_onnx(model)
         info = extract(model, graph, input_shapes)
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    large = proto_size(model) > EXTERNAL_DATA_THRESHOLD
     if large and in_path is not None:
         _release_candidate_data(model, info)
     baselines = {}
@@ -312,10 +313,12 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     with _timed(timings, "emit"):
         new = emit(model, graph, info, choices)
     del graph
+    for l in info.layers:  # the numpy weights are no longer needed: free them before onnxruntime loads
+        l._weight, l.node = None, None
     with tempfile.TemporaryDirectory(prefix="onnx-alds-") as tmp:
         # onnxruntime and the checker take models over 2 GB only as files with external data
         orig_ref, new_ref = model, new
-        if large or new.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        if large or proto_size(new) > EXTERNAL_DATA_THRESHOLD:
             if in_path is None:
                 orig_ref = Path(tmp) / "original.onnx"
                 save_model(model, orig_ref, external_data=True)
@@ -337,7 +340,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             from .validate import validate as run_validation
 
             with _timed(timings, "validate"):
-                v = run_validation(orig_ref, new_ref, provider=provider, input_shapes=info.input_shapes)
+                v = run_validation(orig_ref, new_ref, provider=provider, input_shapes=info.input_shapes,
+                                   low_memory=isinstance(new_ref, Path))
             report.validation = v.to_dict()
     return new, report
 

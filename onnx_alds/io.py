@@ -10,13 +10,24 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.external_data_helper
 from google.protobuf.message import DecodeError
 
 from .errors import ModelError, UsageError
 
 # protobuf cannot serialise a single message over 2 GiB; stay clear of it
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def proto_size(model: onnx.ModelProto) -> float:
+    """Serialized size in bytes; ``inf`` past protobuf's 2 GB limit (where
+    ``ByteSize`` itself raises)."""
+    try:
+        return model.ByteSize()
+    except Exception:
+        return float("inf")
 
 
 def load_model(path, *, check: bool = True) -> onnx.ModelProto:
@@ -27,6 +38,20 @@ def load_model(path, *, check: bool = True) -> onnx.ModelProto:
         raise ModelError(f"input path {str(p)!r} is a directory, not an ONNX file")
     if p.stat().st_size == 0:
         raise ModelError(f"input file {str(p)!r} is empty")
+    if check:  # on the file: works at any size and copies no weights
+        try:
+            onnx.checker.check_model(str(p))
+        except FileNotFoundError as e:
+            missing = Path(e.filename).name if e.filename else _first_line(e)
+            raise ModelError(f"external data file {missing!r} of {str(p)!r} is missing") from None
+        except Exception as e:
+            msg = _first_line(e)
+            if "external" in msg.lower() and ("exist" in msg.lower() or "not found" in msg.lower()
+                                               or "open" in msg.lower()):
+                raise ModelError(f"external data of {str(p)!r} is missing ({msg})") from None
+            if "parse" in msg.lower() or "protobuf" in msg.lower():
+                raise ModelError(f"{str(p)!r} is not a valid ONNX model (protobuf parse failed)") from None
+            raise ModelError(f"{str(p)!r} fails onnx.checker: {msg}") from None
     try:
         model = onnx.load(str(p))
     except (DecodeError, RuntimeWarning, ValueError) as e:
@@ -41,13 +66,73 @@ def load_model(path, *, check: bool = True) -> onnx.ModelProto:
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelError(f"{str(p)!r} is not an ONNX model (it has no graph)")
     if check:
-        check_model(model, str(p))
+        check_tensors(model, repr(str(p)))
     return model
+
+
+# elements per byte of the packed sub-byte types whose size we check
+_PACKED = {onnx.TensorProto.UINT4: 2, onnx.TensorProto.INT4: 2, onnx.TensorProto.FLOAT4E2M1: 2}
+_UNCHECKED = {onnx.TensorProto.STRING, onnx.TensorProto.UINT2, onnx.TensorProto.INT2,
+              onnx.TensorProto.FLOAT6E2M3, onnx.TensorProto.FLOAT6E3M2}
+
+
+def _tensor_problem(t: onnx.TensorProto) -> str | None:
+    """Why a tensor's data does not match its type and shape (which
+    onnx.checker lets pass: unknown types, too much data), or None."""
+    if t.data_type == onnx.TensorProto.UNDEFINED or t.data_type not in onnx.TensorProto.DataType.values():
+        return f"has unknown data type {t.data_type}"
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type in _UNCHECKED:
+        return None
+    n = 1
+    for d in t.dims:
+        n *= d
+    per_byte = _PACKED.get(t.data_type)
+    try:
+        item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        field = onnx.helper.tensor_dtype_to_field(t.data_type)
+    except Exception:
+        return None
+    complex_ = t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+    if t.HasField("raw_data"):
+        have, need, unit = len(t.raw_data), -(-n // per_byte) if per_byte else n * item, "bytes"
+    else:
+        have, need, unit = len(getattr(t, field)), -(-n // per_byte) if per_byte else n * (1 + complex_), "values"
+    if have != need:
+        return (f"holds {have} {unit} of data where its shape {list(t.dims)} and type "
+                f"{onnx.TensorProto.DataType.Name(t.data_type)} need {need}")
+    return None
+
+
+def check_tensors(model: onnx.ModelProto, what: str = "the model") -> None:
+    """Initializers and Constant values, subgraphs included, hold exactly the
+    data their type and shape say, and inputs, outputs and value_info have
+    known element types (a ModelError otherwise)."""
+    known = set(onnx.TensorProto.DataType.values())
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type not in known:
+                raise ModelError(f"{what} is not a valid ONNX model: {vi.name!r} has unknown element type "
+                                 f"{vi.type.tensor_type.elem_type}")
+        tensors = list(g.initializer)
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    tensors.append(a.t)
+                tensors.extend(a.tensors)
+                if a.type == onnx.AttributeProto.GRAPH:
+                    stack.append(a.g)
+                stack.extend(a.graphs)
+        for t in tensors:
+            problem = _tensor_problem(t)
+            if problem:
+                raise ModelError(f"{what} is not a valid ONNX model: tensor {t.name!r} {problem}")
 
 
 def check_model(model: onnx.ModelProto, what: str = "the model", full: bool = False) -> None:
     try:
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        if proto_size(model) > EXTERNAL_DATA_THRESHOLD:
             return  # the in-memory checker cannot take >2 GB; the rewrite checks its own subgraphs
         onnx.checker.check_model(model, full_check=full)
     except Exception as e:
@@ -101,11 +186,13 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def save_model(model: onnx.ModelProto, path, *, external_data: bool | None = None) -> list[Path]:
     """Write ``model`` atomically; weights go to ``<name>.data`` beside it when
-    the model is too large for one protobuf (or when asked).  Returns the
-    paths written."""
+    the model is too large for one protobuf (or when asked).  ``model`` is
+    left as it was (onnx's external-data writer moves the bytes out of the
+    tensors; they are read back from the written file, one tensor at a time,
+    so no second copy of the weights is ever held).  Returns the paths written."""
     path = Path(path)
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _no_external(model) else True
+        external_data = proto_size(model) > EXTERNAL_DATA_THRESHOLD or not _no_external(model)
     if not external_data:
         atomic_write_bytes(path, model.SerializeToString())
         return [path]
@@ -121,6 +208,10 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool | None = Non
             written.append(path.parent / data_name)
         os.replace(tmp_model, path)
         written.insert(0, path)
+    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.DEFAULT:
+            t.ClearField("data_location")  # as it was: serialises byte for byte the same
     return written
 
 

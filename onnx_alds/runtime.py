@@ -43,11 +43,15 @@ def providers_for(choice: str = "auto") -> list[str]:
     raise UsageError(f"unknown provider {choice!r} (use auto, cpu or cuda)")
 
 
-def session(model, providers: list[str], threads: int | None = None):
-    """An InferenceSession on ``model`` (a path, bytes or a ModelProto)."""
+def session(model, providers: list[str], threads: int | None = None, low_memory: bool = False):
+    """An InferenceSession on ``model`` (a path, bytes or a ModelProto).
+    ``low_memory`` turns off weight pre-packing, which would hold a second
+    copy of the weights (for models over 2 GB)."""
     rt = ort()
     so = rt.SessionOptions()
-    so.log_severity_level = 3
+    if low_memory:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    so.log_severity_level = 4  # errors come back as exceptions (one sentence); do not also log them
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

@@ -125,15 +125,15 @@ def interleaved_latency(sessions, feeds_list, *, warmup: int = 3, repeats: int =
 
 
 def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, batch: int = 2,
-             seed: int = 0, repeats: int = 20, threads: int | None = None) -> Validation:
+             seed: int = 0, repeats: int = 20, threads: int | None = None, low_memory: bool = False) -> Validation:
     """Compare ``original`` and ``rewritten`` (paths, bytes or ModelProtos)."""
     providers = providers_for(provider)
     try:
-        s0 = session(original, providers, threads)
+        s0 = session(original, providers, threads, low_memory)
     except Exception as e:
         raise ValidationFailed(f"onnxruntime cannot load the original model: {str(e).splitlines()[0][:300]}") from None
     try:
-        s1 = session(rewritten, providers, threads)
+        s1 = session(rewritten, providers, threads, low_memory)
     except Exception as e:
         raise ValidationFailed(f"onnxruntime cannot load the rewritten model: {str(e).splitlines()[0][:300]}") from None
     feeds = random_inputs(s0, input_shapes, batch=batch, seed=seed)
