@@ -184,3 +184,25 @@ def test_no_leftover_temp_files(cnn_path, tmp_path):
     assert cli("rewrite", cnn_path, out_dir / "o.onnx", "--keep-params", "0.01")[0] == 4
     assert cli("rewrite", cnn_path, out_dir / "o.onnx", "--no-validate")[0] == 0
     assert sorted(os.listdir(out_dir)) == ["o.onnx"]
+
+
+def test_shipped_model_end_to_end(tmp_path):
+    """The README's first command, on the shipped trained ResNet20 exported from torch."""
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "models" / "resnet20_digits.onnx"
+    before = digest(src)
+    out, rep = tmp_path / "r20.onnx", tmp_path / "r20.json"
+    rc, so, se = cli("rewrite", src, out, "--keep-params", "0.5", "--report", rep)
+    assert rc == 0, se
+    assert digest(src) == before
+    r = json.loads(rep.read_text())
+    assert r["params_after"] / r["params_before"] <= 0.5
+    assert initializer_floats(onnx.load(str(out))) == r["params_after"]
+    assert sum(l["status"] == "decomposed" for l in r["layers"]) >= 15
+    assert r["validation"]["provider"] == "CPUExecutionProvider"
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    y = s.run(None, {s.get_inputs()[0].name: np.zeros((3, 1, 16, 16), np.float32)})[0]
+    assert y.shape == (3, 10) and np.isfinite(y).all()
