@@ -9,7 +9,10 @@ pads, goes to the conv that holds it in the scheme (s0: both in the encoder,
 s3: both in the decoder, s1: axis 1 in the decoder and axis 2 in the encoder,
 s2: the other way round).  The encoder has no bias and no padding along the
 axes it does not hold, so zero padding commutes with it and the result equals
-the original convolution exactly at full rank.
+the original convolution exactly at full rank.  A conv with
+``auto_pad=SAME_UPPER/SAME_LOWER`` keeps it on both convs (an axis a conv does
+not hold has kernel 1 and stride 1 there, so it gets no padding), which stays
+exact at every input size.
 
 A linear layer (Gemm ``transA=0`` / MatMul with a constant weight) becomes a
 grouped linear from plain ops, never a block-diagonal dense matrix:
@@ -24,6 +27,7 @@ and ``beta`` on the decoder Gemm; ``alpha`` is folded into the weights.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .extract import Layer
@@ -43,6 +47,8 @@ def _conv_attrs(layer: Layer, kernel: tuple[int, int], owner: tuple[str, str], m
         dil.append(layer.dilations[a] if mine else 1)
         pads_b.append(layer.pads[a] if mine else 0)
         pads_e.append(layer.pads[2 + a] if mine else 0)
+    if layer.auto_pad in ("SAME_UPPER", "SAME_LOWER"):  # stays exact when the input size changes
+        return {"kernel_shape": ks, "strides": strides, "dilations": dil, "auto_pad": layer.auto_pad, "group": group}
     return {"kernel_shape": ks, "strides": strides, "dilations": dil, "pads": pads_b + pads_e, "group": group}
 
 
@@ -147,3 +153,41 @@ def apply_replacements(graph: gs.Graph, replaced: dict[int, list[gs.Node]]) -> N
         else:
             new_nodes.append(node)
     graph.nodes = [n for n in new_nodes if not (n.op == "Constant" and not n.outputs)]
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def restore_subgraphs(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
+    """Give the If/Loop/Scan nodes of ``new`` (exported by graphsurgeon from
+    ``original`` after main-graph replacements) their original bodies back.
+
+    Only main-graph layers are rewritten, so the bodies are unchanged; but
+    graphsurgeon exports every outer-scope initializer a body reads as an
+    initializer of that body (once per body that reads it), which duplicates
+    weights.  The main-graph initializers the bodies read stay in the main
+    graph."""
+    by_outputs = {tuple(n.output): n for n in original.graph.node if any(_subgraphs(n))}
+    if not by_outputs:
+        return
+    read: set[str] = set()
+    for node in new.graph.node:
+        orig = by_outputs.get(tuple(node.output))
+        if orig is None or not any(_subgraphs(node)):
+            continue
+        del node.attribute[:]
+        node.attribute.extend(orig.attribute)
+        stack = list(_subgraphs(node))
+        while stack:
+            g = stack.pop()
+            for n in g.node:
+                read.update(n.input)
+                stack.extend(_subgraphs(n))
+    defined = {t.name for t in new.graph.initializer} | {i.name for i in new.graph.input}
+    defined |= {o for n in new.graph.node for o in n.output}
+    new.graph.initializer.extend(t for t in original.graph.initializer if t.name in read and t.name not in defined)

@@ -4,10 +4,10 @@ A layer is a ``Conv`` with ``group=1`` (1-D or 2-D), a ``Gemm`` with
 ``transA=0``, or a ``MatMul`` whose second input is a constant 2-D weight.
 Its weight is viewed as ``f × c × κ1 × κ2`` (outputs × inputs × kernel; a
 linear layer has a 1×1 kernel), whatever its stored orientation, with Gemm's
-``alpha`` folded in.  Every other Conv/Gemm/MatMul is listed with the reason
-it is left alone.  Shapes come from ONNX shape inference with the model's
-inputs fixed (a dynamic batch counts as 1; other dynamic sizes come from
-``input_shapes``).
+``alpha`` folded in.  Every other Conv/Gemm/MatMul, and every ConvTranspose,
+is listed with the reason it is left alone.  Shapes come from ONNX shape
+inference with the model's inputs fixed (a dynamic batch counts as 1; other
+dynamic sizes come from ``input_shapes``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
+# listed (with the reason) so that inspect and the report say why they stay
+UNSUPPORTED_OPS = {"ConvTranspose": "ConvTranspose is not supported"}
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Layer:
     strides: tuple[int, int] = (1, 1)
     dilations: tuple[int, int] = (1, 1)
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # (begin1, begin2, end1, end2)
+    auto_pad: str = "NOTSET"  # SAME_UPPER / SAME_LOWER are kept as such by the emitter
     activation_rank: int | None = None
     alpha: float = 1.0
     beta: float = 1.0
@@ -72,7 +75,8 @@ class Layer:
         if self.op == "Gemm":
             m = w if self.trans_b else w.T
             if self.alpha != 1.0:
-                m = (m.astype(np.float64) * self.alpha).astype(w.dtype)
+                with np.errstate(over="ignore", invalid="ignore"):  # extract skips a non-finite product
+                    m = (m.astype(np.float64) * self.alpha).astype(w.dtype)
             return m[:, :, None, None]
         return w.T[:, :, None, None]  # MatMul: x @ W with W (c, f)
 
@@ -241,17 +245,21 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
     shapes = infer_shapes(model, fixed)
     consumers: dict[str, int] = {}
     for node in graph.nodes:
-        for t in node.inputs:
-            consumers[t.name] = consumers.get(t.name, 0) + 1
+        # a weight read inside an If/Loop/Scan body counts as shared too
+        for n in [node] + [sn for sg in node.subgraphs(recursive=True) for sn in sg.nodes]:
+            for t in n.inputs:
+                consumers[t.name] = consumers.get(t.name, 0) + 1
 
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     layers: list[Layer] = []
     flops_total = 0
     names_seen: dict[str, int] = {}
     for node in graph.nodes:
-        if node.op not in LAYER_OPS:
+        if node.op not in LAYER_OPS and node.op not in UNSUPPORTED_OPS:
             continue
-        nf = _node_flops(node, shapes)
-        flops_total = None if flops_total is None or nf is None else flops_total + nf
+        if node.op in LAYER_OPS:
+            nf = _node_flops(node, shapes)
+            flops_total = None if flops_total is None or nf is None else flops_total + nf
         if len(node.inputs) < 2:
             continue
         wt = node.inputs[1]
@@ -263,6 +271,9 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
         layer = Layer(name=name, op=node.op, node=node, weight_name=wt.name)
         layers.append(layer)
         _classify(layer, node, shapes, consumers)
+        if layer.status == "candidate" and layer.op != "Conv" and opset < 7:
+            # the emitted Reshape needs opset 5, a Gemm decoder without `broadcast` opset 7
+            _skip(layer, f"linear layers need opset 7 or newer (the model has opset {opset})")
         if layer.status == "candidate":
             layer.flops = layer.geometry.flops
     info = ModelInfo(layers=layers, params_total=count_params(model), flops_total=flops_total,
@@ -276,6 +287,14 @@ def _skip(layer: Layer, reason: str) -> None:
 
 def _classify(layer: Layer, node: gs.Node, shapes, consumers) -> None:
     wt = node.inputs[1]
+    if node.op in UNSUPPORTED_OPS:
+        w = _constant_value(wt)
+        if w is not None:
+            w = np.asarray(w)
+            layer.weight_shape, layer.dtype, layer.params = tuple(int(d) for d in w.shape), str(w.dtype), int(w.size)
+        bv = _constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        layer.bias_params = int(np.asarray(bv).size) if bv is not None else 0
+        return _skip(layer, UNSUPPORTED_OPS[node.op])
     if node.op == "MatMul" and _constant_value(node.inputs[0]) is not None and _constant_value(wt) is None:
         return _skip(layer, "the constant operand is the first input of MatMul")
     w = _constant_value(wt)
@@ -317,10 +336,13 @@ def _classify(layer: Layer, node: gs.Node, shapes, consumers) -> None:
         if auto_pad == "VALID":
             pads = [0] * 2 * nsp
         elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            if not _known(in_dims):
-                return _skip(layer, f"auto_pad={auto_pad} needs the input's spatial size, which is unknown")
+            # The factorized convs keep auto_pad: each axis is padded from its own
+            # size, and the conv that does not hold an axis has kernel 1 and stride 1
+            # there, so the rewrite is exact at every input size.  The explicit pads
+            # (at the analysed size, when known) only describe the layer.
+            layer.auto_pad = auto_pad
             pads = [0] * 2 * nsp
-            for a in range(nsp):
+            for a in range(nsp if _known(in_dims) else 0):
                 size = in_dims[2 + a]
                 out = -(-size // strides[a])
                 total = max((out - 1) * strides[a] + (ksz[a] - 1) * dil[a] + 1 - size, 0)
@@ -341,6 +363,8 @@ def _classify(layer: Layer, node: gs.Node, shapes, consumers) -> None:
         layer.trans_b = int(node.attrs.get("transB", 0))
         layer.alpha = float(node.attrs.get("alpha", 1.0))
         layer.beta = float(node.attrs.get("beta", 1.0))
+        if not np.isfinite(layer.weight4()).all():
+            return _skip(layer, f"weight times alpha={layer.alpha:g} contains NaN or Inf")
         f, c = (w.shape[0], w.shape[1]) if layer.trans_b else (w.shape[1], w.shape[0])
         layer.activation_rank = 2
         rows = in_dims[0] if _known(in_dims) else None
