@@ -19,7 +19,7 @@ from .errors import UsageError
 from .extract import ModelInfo, count_params, extract, fixed_input_shapes, infer_shapes, _node_flops
 from .folding import SCHEMES, canonical_scheme
 from .io import (EXTERNAL_DATA_THRESHOLD, check_model, check_model_file, load_model, proto_size,
-                 save_model)
+                 save_model, trim_memory)
 from .plan import LayerPlan, Plan
 from .report import LayerReport, Report
 from .select import METHODS, Config, Selection, layer_options
@@ -278,7 +278,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         info = extract(model, graph, input_shapes)
     large = proto_size(model) > EXTERNAL_DATA_THRESHOLD
     if large and in_path is not None:
-        _release_candidate_data(model, info)
+        model = _detach_weights(model, graph)
+        trim_memory()
     baselines = {}
     if plan is not None:
         if not isinstance(plan, Plan):
@@ -315,6 +316,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     del graph
     for l in info.layers:  # the numpy weights are no longer needed: free them before onnxruntime loads
         l._weight, l.node = None, None
+    if large:
+        trim_memory()
     with tempfile.TemporaryDirectory(prefix="onnx-alds-") as tmp:
         # onnxruntime and the checker take models over 2 GB only as files with external data
         orig_ref, new_ref = model, new
@@ -346,14 +349,24 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     return new, report
 
 
-def _release_candidate_data(model: onnx.ModelProto, info: ModelInfo) -> None:
-    """For a large model we loaded ourselves: the candidate weights now live as
-    numpy arrays, so drop their bytes from the protobuf (peak memory stays near
-    two copies of the weights instead of three)."""
-    names = {l.weight_name for l in info.candidates}
-    for t in model.graph.initializer:
-        if t.name in names:
-            t.ClearField("raw_data")
+def _detach_weights(model: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
+    """For a large model we loaded ourselves: load every constant of the graph
+    into numpy and return a weightless shell of the model (IR version, opsets,
+    metadata), so that the protobuf that held the original bytes is freed.
+    Peak memory then stays near two copies of the weights, not three."""
+    for g in [graph] + [sg for n in graph.nodes for sg in n.subgraphs(recursive=True)]:
+        for t in list(g.tensors().values()) + [v for n in g.nodes for v in n.attrs.values()]:
+            if isinstance(t, gs.Constant):
+                t.values  # noqa: B018 - loads LazyValues, dropping the reference to the protobuf
+    shell = onnx.ModelProto()
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(shell, f, getattr(model, f))
+    shell.opset_import.extend(model.opset_import)
+    shell.metadata_props.extend(model.metadata_props)
+    shell.functions.extend(model.functions)
+    # graphsurgeon keeps the model's opset list, a view that would keep the whole protobuf alive
+    graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains]
+    return shell
 
 
 def _measure_latency(model, new, table, info) -> dict:

@@ -208,8 +208,15 @@ COMMANDS = {"rewrite": cmd_rewrite, "inspect": cmd_inspect, "bench": cmd_bench, 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    from .io import large_allocations_to_os
+
+    large_allocations_to_os()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # graphsurgeon prints its warnings ("[W] ...") on stdout
+        from onnx_graphsurgeon.logger import G_LOGGER
+
+        G_LOGGER.severity = G_LOGGER.ERROR
     try:
         return COMMANDS[args.command](args)
     except AldsError as e:

@@ -21,13 +21,38 @@ from .errors import ModelError, UsageError
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-def proto_size(model: onnx.ModelProto) -> float:
-    """Serialized size in bytes; ``inf`` past protobuf's 2 GB limit (where
-    ``ByteSize`` itself raises)."""
+def trim_memory() -> None:
+    """Hand freed memory back to the OS (glibc keeps large freed blocks on its
+    heap otherwise, so a freed protobuf still counts in the peak).  Best effort."""
+    import ctypes
+    import gc
+
+    gc.collect()
     try:
-        return model.ByteSize()
-    except Exception:
-        return float("inf")
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def large_allocations_to_os() -> None:
+    """Make glibc serve large blocks with mmap, which it returns to the OS on
+    free, instead of raising its threshold after the first free (the default
+    makes big weight arrays pile up on the heap).  Best effort, CLI only."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass
+
+
+def proto_size(model: onnx.ModelProto) -> int:
+    """Approximate serialized size in bytes, summed over initializers and
+    nodes one at a time (the whole model's ``ByteSize`` encodes a copy of it,
+    and raises past protobuf's 2 GB limit)."""
+    g = model.graph
+    return sum(t.ByteSize() for t in g.initializer) + sum(n.ByteSize() for n in g.node) + \
+        sum(f.ByteSize() for f in model.functions)
 
 
 def load_model(path, *, check: bool = True) -> onnx.ModelProto:
@@ -115,6 +140,9 @@ def check_tensors(model: onnx.ModelProto, what: str = "the model") -> None:
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type not in known:
                 raise ModelError(f"{what} is not a valid ONNX model: {vi.name!r} has unknown element type "
                                  f"{vi.type.tensor_type.elem_type}")
+            if any(not isinstance(d.dim_param, str) for d in vi.type.tensor_type.shape.dim):
+                raise ModelError(f"{what} is not a valid ONNX model: a dimension name of {vi.name!r} "
+                                 f"is not valid UTF-8")
         tensors = list(g.initializer)
         for node in g.node:
             for a in node.attribute:
@@ -160,6 +188,8 @@ def check_output_path(in_path, out_path) -> Path:
         if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
             raise UsageError("the output path is the input path; the input is never overwritten, choose another name")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"output directory {str(parent)!r} is not a directory")
     if not parent.is_dir():
         raise UsageError(f"output directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK):
