@@ -14,13 +14,7 @@ from models.data import load_digits_split  # noqa: E402
 from onnx_alds.torch.finetune import evaluate, finetune, latest_checkpoint  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one thread is as fast, and much faster when other work shares the cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -50,13 +50,7 @@ def ort_run(path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small models: one thread is as fast, and much faster when other work shares the cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
