@@ -308,6 +308,8 @@ def _classify(layer: Layer, node: gs.Node, shapes, consumers) -> None:
         bv = _constant_value(bias)
         layer.bias_params = int(np.asarray(bv).size) if bv is not None else 0
     if w.dtype not in FLOAT_DTYPES:
+        if "float" in str(w.dtype):  # bfloat16, float8 (ml_dtypes)
+            return _skip(layer, f"weight dtype {w.dtype} is not supported (float16, float32 and float64 are)")
         return _skip(layer, f"weight dtype {w.dtype} is not a floating-point type")
     if consumers.get(wt.name, 0) > 1:
         return _skip(layer, f"weight {wt.name!r} is shared by {consumers[wt.name]} nodes")
@@ -342,7 +344,7 @@ def _classify(layer: Layer, node: gs.Node, shapes, consumers) -> None:
             # (at the analysed size, when known) only describe the layer.
             layer.auto_pad = auto_pad
             pads = [0] * 2 * nsp
-            for a in range(nsp if _known(in_dims) else 0):
+            for a in range(nsp if _known(in_dims) and len(in_dims) == 2 + nsp else 0):
                 size = in_dims[2 + a]
                 out = -(-size // strides[a])
                 total = max((out - 1) * strides[a] + (ksz[a] - 1) * dil[a] + 1 - size, 0)
@@ -367,7 +369,7 @@ def _classify(layer: Layer, node: gs.Node, shapes, consumers) -> None:
             return _skip(layer, f"weight times alpha={layer.alpha:g} contains NaN or Inf")
         f, c = (w.shape[0], w.shape[1]) if layer.trans_b else (w.shape[1], w.shape[0])
         layer.activation_rank = 2
-        rows = in_dims[0] if _known(in_dims) else None
+        rows = in_dims[0] if _known(in_dims) and len(in_dims) == 2 else None
         sp = (int(rows), 1) if rows is not None else None
         layer.geometry = Geometry(int(f), int(c), (1, 1), sp, sp)
     else:  # MatMul
