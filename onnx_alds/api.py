@@ -364,6 +364,19 @@ def _detach_weights(model: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
     shell.opset_import.extend(model.opset_import)
     shell.metadata_props.extend(model.metadata_props)
     shell.functions.extend(model.functions)
+    # If/Loop/Scan bodies and the outer weights they read, for emit's restore_subgraphs
+    bodies = [n for n in model.graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                 for a in n.attribute)]
+    shell.graph.node.extend(bodies)
+    read, stack = set(), [a.g for n in bodies for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    stack += [g for n in bodies for a in n.attribute for g in a.graphs]
+    while stack:
+        g = stack.pop()
+        for n in g.node:
+            read.update(n.input)
+            stack += [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+            stack += [sg for a in n.attribute for sg in a.graphs]
+    shell.graph.initializer.extend(t for t in model.graph.initializer if t.name in read)
     # graphsurgeon keeps the model's opset list, a view that would keep the whole protobuf alive
     graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains]
     return shell

@@ -145,10 +145,32 @@ def fixed_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | Non
     return out
 
 
+def _weightless_copy(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference in which large initializers are
+    typed graph inputs instead of data, so no weight is copied."""
+    m = onnx.ModelProto()
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(m, f, getattr(model, f))
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    g, src = m.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    inputs = {i.name for i in src.input}
+    for t in src.initializer:
+        if prod(t.dims) <= max_elements and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return m
+
+
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list]) -> dict[str, list]:
     """Tensor name → dims (ints, or strings for unknown dims) by onnx shape inference."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = _weightless_copy(model)
     for inp in m.graph.input:
         if inp.name in input_shapes:
             shape = inp.type.tensor_type.shape
@@ -169,7 +191,7 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list]) -> dict[
         if t.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
                                for d in t.shape.dim]
-    for init in m.graph.initializer:
+    for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
     return shapes
 

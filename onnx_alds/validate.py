@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import ValidationFailed
+from .errors import ModelError, ValidationFailed
 from .runtime import providers_for, session, used_provider
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,8 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
     providers = providers_for(provider)
     try:
         s0 = session(original, providers, threads, low_memory)
-    except Exception as e:
-        raise ValidationFailed(f"onnxruntime cannot load the original model: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:  # the input itself is at fault: an invalid model (exit 3), not a failed rewrite
+        raise ModelError(f"onnxruntime cannot load the input model: {str(e).splitlines()[0][:300]}") from None
     try:
         s1 = session(rewritten, providers, threads, low_memory)
     except Exception as e:
@@ -143,7 +143,8 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
     try:
         before = s0.run(None, feeds)
     except Exception as e:
-        raise ValidationFailed(f"the original model failed to run on random inputs: {str(e).splitlines()[0][:300]}") from None
+        raise ModelError(f"the input model fails to run in onnxruntime on random inputs: "
+                         f"{str(e).splitlines()[0][:300]}") from None
     try:
         after = s1.run(None, feeds)
     except Exception as e:
