@@ -191,6 +191,11 @@ def emit(model: onnx.ModelProto, graph: gs.Graph, info: ModelInfo, choices: dict
         c = choices.get(l.name)
         if c is not None:
             replaced[id(l.node)] = replacement(l, c.k, c.scheme, c.rank)
+            # the original weight leaves the graph (it has no other reader): free it now, so
+            # that the factors of later layers do not pile up on top of every original
+            if isinstance(l.node.inputs[1], gs.Constant):
+                l.node.inputs[1].values = np.zeros((0,), np.float32)
+            l._weight = None
     apply_replacements(graph, replaced)
     new = gs.export_onnx(graph, do_type_check=False)
     restore_subgraphs(model, new)
