@@ -38,6 +38,7 @@ class Validation:
     latency_ms_after: float | None = None
     batch: int = 2
     seed: int = 0
+    interleaved: bool = True  # latency of both models timed in alternation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,37 +125,52 @@ def interleaved_latency(sessions, feeds_list, *, warmup: int = 3, repeats: int =
     return times
 
 
+def _first(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
 def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, batch: int = 2,
              seed: int = 0, repeats: int = 20, threads: int | None = None, low_memory: bool = False) -> Validation:
-    """Compare ``original`` and ``rewritten`` (paths, bytes or ModelProtos)."""
+    """Compare ``original`` and ``rewritten`` (paths, bytes or ModelProtos).
+
+    ``low_memory`` (models over 2 GB) holds one session at a time, so latency
+    is then timed model after model rather than interleaved."""
     providers = providers_for(provider)
     try:
         s0 = session(original, providers, threads, low_memory)
     except Exception as e:  # the input itself is at fault: an invalid model (exit 3), not a failed rewrite
-        raise ModelError(f"onnxruntime cannot load the input model: {str(e).splitlines()[0][:300]}") from None
-    try:
-        s1 = session(rewritten, providers, threads, low_memory)
-    except Exception as e:
-        raise ValidationFailed(f"onnxruntime cannot load the rewritten model: {str(e).splitlines()[0][:300]}") from None
+        raise ModelError(f"onnxruntime cannot load the input model: {_first(e)}") from None
     feeds = random_inputs(s0, input_shapes, batch=batch, seed=seed)
     names = [o.name for o in s0.get_outputs()]
-    if names != [o.name for o in s1.get_outputs()]:
-        raise ValidationFailed("the rewritten model's outputs differ from the original's")
     try:
         before = s0.run(None, feeds)
     except Exception as e:
-        raise ModelError(f"the input model fails to run in onnxruntime on random inputs: "
-                         f"{str(e).splitlines()[0][:300]}") from None
+        raise ModelError(f"the input model fails to run in onnxruntime on random inputs: {_first(e)}") from None
+    lat0 = None
+    if low_memory:
+        lat0 = interleaved_latency([s0], [feeds], repeats=repeats)[0] if repeats else None
+        del s0
+    try:
+        s1 = session(rewritten, providers, threads, low_memory)
+    except Exception as e:
+        raise ValidationFailed(f"onnxruntime cannot load the rewritten model: {_first(e)}") from None
+    if names != [o.name for o in s1.get_outputs()]:
+        raise ValidationFailed("the rewritten model's outputs differ from the original's")
     try:
         after = s1.run(None, feeds)
     except Exception as e:
-        raise ValidationFailed(f"the rewritten model failed to run: {str(e).splitlines()[0][:300]}") from None
+        raise ValidationFailed(f"the rewritten model failed to run: {_first(e)}") from None
     per, worst_abs, worst_rel = compare_outputs(names, before, after)
-    lat = interleaved_latency([s0, s1], [feeds, feeds], repeats=repeats) if repeats else None
+    if not repeats:
+        lat = None
+    elif low_memory:
+        lat = [lat0, interleaved_latency([s1], [feeds], repeats=repeats)[0]]
+    else:
+        lat = interleaved_latency([s0, s1], [feeds, feeds], repeats=repeats)
     return Validation(
         provider=used_provider(s1), max_abs_diff=worst_abs, rel_l2=worst_rel, outputs=per,
         inputs={k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
         latency_ms_before=float(np.median(lat[0])) if lat else None,
         latency_ms_after=float(np.median(lat[1])) if lat else None,
-        batch=batch, seed=seed,
+        batch=batch, seed=seed, interleaved=not low_memory,
     )
