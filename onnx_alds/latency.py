@@ -10,8 +10,9 @@ is interpolated linearly.  Measurements are cached on disk, keyed by provider,
 onnxruntime version, thread count, the layer's geometry and input shape, so a
 second run on the same shapes measures nothing.
 
-The whole model's latency ``T`` is measured too; a selection's predicted
-latency is ``T − Σ_layers t_orig + Σ_layers t_chosen``.
+Each measurement has the fixed cost of a run (an Identity graph at the same
+input shape) subtracted.  The whole model's latency ``T`` is measured too; a
+selection's predicted latency is ``T − Σ_layers t_orig + Σ_layers t_chosen``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "latency"
 
 
-def time_session(sess, feeds, *, warmup: int = 2, repeats: int = 7) -> float:
+def time_session(sess, feeds, *, warmup: int = 3, repeats: int = 15) -> float:
     for _ in range(warmup):
         sess.run(None, feeds)
     ts = []
@@ -79,6 +80,16 @@ def _layer_model(layer: Layer, in_dims: list[int], opset: int) -> onnx.ModelProt
                           [helper.make_tensor_value_info("y", et, None)], initializer=inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
+    return m
+
+
+def _identity_model(base: onnx.ModelProto) -> onnx.ModelProto:
+    """A run of nothing but an Identity on the layer's input: the fixed cost of a run."""
+    x = base.graph.input[0]
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead", [x],
+                          [helper.make_tensor_value_info("y", x.type.tensor_type.elem_type, None)])
+    m = helper.make_model(g, opset_imports=list(base.opset_import))
+    m.ir_version = base.ir_version
     return m
 
 
@@ -209,11 +220,15 @@ class LatencyTable:
                 measured += 1
                 return entry["ms"][tag]
 
-            lt = LayerLatency(measure("orig", lambda: base))
+            # a run's fixed cost (feeding the input, fetching the output) is not the layer's:
+            # subtract what a graph of a single Identity costs at the same shape
+            overhead = measure("overhead", lambda: _identity_model(base))
+            lt = LayerLatency(max(measure("orig", lambda: base) - overhead, 0.0))
             for k in ks:
                 for s in allowed:
                     rs = grid_ranks(mini_layer, k, s, points)
-                    ms = [measure(f"{k}|{s}|{r}", lambda k=k, s=s, r=r: _factorized_model(base, k, s, r)) for r in rs]
+                    ms = [max(measure(f"{k}|{s}|{r}", lambda k=k, s=s, r=r: _factorized_model(base, k, s, r))
+                              - overhead, 0.0) for r in rs]
                     lt.grid[(k, s)] = (np.asarray(rs, float), np.asarray(ms, float))
             layers[layer.name] = lt
             if measured:
@@ -222,5 +237,5 @@ class LatencyTable:
         sess = session(model, providers, threads)
         from .validate import random_inputs
 
-        model_ms = time_session(sess, random_inputs(sess, info.input_shapes, batch=1), repeats=15)
+        model_ms = time_session(sess, random_inputs(sess, info.input_shapes, batch=1), warmup=5, repeats=30)
         return cls(prov_used or used_provider(sess), layers, model_ms, measured, cached, threads)

@@ -115,7 +115,7 @@ def plot(rows, path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="*")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.15, 0.3, 0.5, 0.7, 0.85, 0.95])
     ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
