@@ -10,8 +10,8 @@ is interpolated linearly.  Measurements are cached on disk, keyed by provider,
 onnxruntime version, thread count, the layer's geometry and input shape, so a
 second run on the same shapes measures nothing.
 
-Each measurement has the fixed cost of a run (an Identity graph at the same
-input shape) subtracted.  The whole model's latency ``T`` is measured too; a
+Each measurement has the fixed cost of a run (feeding the same input to a
+graph that computes nothing) subtracted.  The whole model's latency ``T`` is measured too; a
 selection's predicted latency is ``T − Σ_layers t_orig + Σ_layers t_chosen``.
 """
 
@@ -83,11 +83,12 @@ def _layer_model(layer: Layer, in_dims: list[int], opset: int) -> onnx.ModelProt
     return m
 
 
-def _identity_model(base: onnx.ModelProto) -> onnx.ModelProto:
-    """A run of nothing but an Identity on the layer's input: the fixed cost of a run."""
+def _overhead_model(base: onnx.ModelProto) -> onnx.ModelProto:
+    """A run that feeds the layer's input and computes nothing (``Shape``, whose
+    output is tiny, so no copy of the input is timed): the fixed cost of a run."""
     x = base.graph.input[0]
-    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead", [x],
-                          [helper.make_tensor_value_info("y", x.type.tensor_type.elem_type, None)])
+    g = helper.make_graph([helper.make_node("Shape", ["x"], ["y"])], "overhead", [x],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, None)])
     m = helper.make_model(g, opset_imports=list(base.opset_import))
     m.ir_version = base.ir_version
     return m
@@ -221,8 +222,8 @@ class LatencyTable:
                 return entry["ms"][tag]
 
             # a run's fixed cost (feeding the input, fetching the output) is not the layer's:
-            # subtract what a graph of a single Identity costs at the same shape
-            overhead = measure("overhead", lambda: _identity_model(base))
+            # subtract what a run that computes nothing costs at the same input shape
+            overhead = measure("overhead", lambda: _overhead_model(base))
             lt = LayerLatency(max(measure("orig", lambda: base) - overhead, 0.0))
             for k in ks:
                 for s in allowed:
