@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
     r.add_argument("--no-compare", action="store_true",
                    help="do not run the baseline selectors for comparison in the report")
-    r.add_argument("--quiet", action="store_true", help="print nothing on success")
+    r.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     i = sub.add_parser("inspect", help="list layers, params, FLOPs and why a layer is not compressible")
     i.add_argument("input")
