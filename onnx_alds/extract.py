@@ -298,6 +298,25 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
             _skip(layer, f"linear layers need opset 7 or newer (the model has opset {opset})")
         if layer.status == "candidate":
             layer.flops = layer.geometry.flops
+    # layers in If/Loop/Scan bodies and local functions stay as they are, listed with the reason
+    nested = [(n, f"inside the body of {node.op} node {node.name!r}: subgraphs are not rewritten")
+              for node in graph.nodes for sg in node.subgraphs(recursive=True) for n in sg.nodes]
+    nested += [(n, f"inside local function {fn.name!r}: functions are not rewritten")
+               for fn in getattr(graph, "functions", []) for n in fn.nodes]
+    for n, reason in nested:
+        if n.op in LAYER_OPS or n.op in UNSUPPORTED_OPS:
+            weight = n.inputs[1] if len(n.inputs) > 1 else None
+            name = n.name or (weight.name if weight is not None else n.op)
+            if name in names_seen:
+                names_seen[name] += 1
+                name = f"{name}#{names_seen[name]}"
+            names_seen.setdefault(name, 0)
+            w = _constant_value(weight) if weight is not None else None
+            layer = Layer(name=name, op=n.op, node=n, weight_name=weight.name if weight is not None else "",
+                          status="skipped", reason=reason)
+            if w is not None:
+                layer.weight_shape, layer.dtype, layer.params = tuple(np.shape(w)), str(np.asarray(w).dtype), int(np.size(w))
+            layers.append(layer)
     info = ModelInfo(layers=layers, params_total=count_params(model), flops_total=flops_total,
                      input_shapes=fixed, shapes=shapes)
     return info

@@ -502,9 +502,11 @@ def subgraph_initializers(model) -> list[str]:
 def test_layers_inside_if_and_loop():
     model = control_flow_model()
     _, _, info = analyze(model)
-    # only main-graph layers are listed; the layers of If/Loop bodies are left as they are
-    assert [l.name for l in info.layers] == ["pre", "post"]
+    # the layers of If/Loop bodies are left as they are, and listed with the reason
     assert [l.name for l in info.candidates] == ["pre", "post"]
+    nested = [l for l in info.layers if l.name not in ("pre", "post")]
+    assert {l.name for l in nested} == {"then_conv", "else_conv", "body_conv"}
+    assert all(l.status == "skipped" and "subgraphs are not rewritten" in l.reason for l in nested)
     x = feeds_for(model, {"x": [2, 3, 8, 8]})["x"]
     for flag in (True, False):
         feeds = {"x": x, "flag": np.array(flag)}
@@ -583,7 +585,9 @@ def test_layers_inside_local_functions():
     new, _, _ = check_full_rank(model, feeds)
     assert len(new.functions) == 1 and new.functions[0] == model.functions[0]
     assert {"f1.weight", "f2.weight"} <= {t.name for t in new.graph.initializer}
-    # the convs inside the function are not listed; their weights (f1, f2: 1152 of
+    inner = [l for l in info.layers if l.status == "skipped"]
+    assert len(inner) == 1 and "inside local function 'ConvRelu'" in inner[0].reason
+    # the convs inside the function are not rewritten; their weights (f1, f2: 1152 of
     # 1944 params) stay, so 0.5 is out of reach and 0.8 is not
     with pytest.raises(onnx_alds.errors.InfeasibleBudget, match="smallest reachable fraction is 0.6"):
         onnx_alds.rewrite(model, keep_params=0.5, validate=False, compare=False)
