@@ -41,6 +41,9 @@ from .runtime import ort, providers_for, session, used_provider
 log = logging.getLogger(__name__)
 
 
+CACHE_VERSION = 2  # bump when what a measurement means changes
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("ONNX_ALDS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "onnx-alds")
     return Path(base) / "latency"
@@ -120,7 +123,7 @@ def _factorized_model(base: onnx.ModelProto, k: int, scheme: str, rank: int) -> 
 def cache_key(layer: Layer, in_dims, provider: str, ort_version: str, threads: int, opset: int,
               bias: bool) -> tuple[str, dict]:
     """What a layer's latency depends on, and its hash (the cache file name)."""
-    src = {"op": layer.op, "w": list(layer.weight_shape), "dtype": layer.dtype, "in": list(in_dims),
+    src = {"version": CACHE_VERSION, "op": layer.op, "w": list(layer.weight_shape), "dtype": layer.dtype, "in": list(in_dims),
            "strides": list(layer.strides), "dil": list(layer.dilations), "pads": list(layer.pads),
            "transB": layer.trans_b, "bias": bias, "provider": provider, "ort": ort_version,
            "threads": threads, "opset": opset}
