@@ -43,12 +43,16 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        if not isinstance(d, dict) or "layers" not in d:
+        if not isinstance(d, dict) or not isinstance(d.get("layers"), list):
             raise UsageError("the plan has no 'layers' list")
+        if not isinstance(d.get("budget", {}), dict):
+            raise UsageError("the plan's 'budget' is not an object")
         if d.get("version", PLAN_VERSION) != PLAN_VERSION:
             raise UsageError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
         layers = []
         for i, e in enumerate(d["layers"]):
+            if not isinstance(e, dict):
+                raise UsageError(f"plan entry {i} is not an object with 'name', 'k' and 'rank'")
             try:
                 lp = LayerPlan(name=str(e["name"]), weight=str(e.get("weight", "")), k=int(e["k"]),
                                scheme=str(e.get("scheme", "s0")), rank=int(e["rank"]))

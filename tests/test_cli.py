@@ -206,3 +206,14 @@ def test_shipped_model_end_to_end(tmp_path):
     s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     y = s.run(None, {s.get_inputs()[0].name: np.zeros((3, 1, 16, 16), np.float32)})[0]
     assert y.shape == (3, 10) and np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("text", ['{"layers": 3}', '{"version": 1, "layers": [5]}', '[1, 2]',
+                                  '{"layers": [{"name": "c1", "k": "x", "rank": 1}]}',
+                                  '{"layers": [], "budget": 7}'])
+def test_malformed_plans_are_usage_errors(cnn_path, tmp_path, text):
+    plan = tmp_path / "p.json"
+    plan.write_text(text)
+    rc, _, se = cli("rewrite", cnn_path, tmp_path / "o.onnx", "--apply-plan", plan)
+    assert rc == 2, se
+    assert_one_sentence(se)
