@@ -139,7 +139,7 @@ def test_finetune_cli_bad_arguments(tmp_path, capsys):
     vgg_ckpt = tmp_path / "vgg.pt"
     torch.save(models.vgg_small().state_dict(), vgg_ckpt)
     cases = [
-        (["--model", "resnet20", "--plan", not_a_plan], "is not a plan"),
+        (["--model", "resnet20", "--plan", not_a_plan], "has no 'layers' list"),
         (["--model", "resnet21", "--plan", plan], "unknown model 'resnet21'; choose one of"),
         (["--model", "resnet20", "--plan", plan, "--checkpoint", tmp_path / "missing.pt"], "does not exist"),
         (["--model", "resnet20", "--plan", plan, "--checkpoint", vgg_ckpt], "does not hold the weights of resnet20"),

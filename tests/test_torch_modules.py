@@ -92,3 +92,22 @@ def test_batchnorm_needs_example_inputs(exported):
     net, x, model = exported
     with pytest.raises(ValueError, match="BatchNorm"):
         apply_plan(net, plan_for(model, 1, "s0"))
+
+
+def test_with_batchnorm_keeps_function_and_folds_away(exported, tmp_path):
+    from onnx_alds.torch import with_batchnorm
+
+    net, x, model = exported
+    plan = plan_for(model, 2, "s0")
+    fact = apply_plan(net, plan, example_inputs=(x,))
+    calib = torch.randn(16, 3, 8, 8)
+    bn = with_batchnorm(fact, calib)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in bn.modules()) == 2  # one per factorized conv
+    with torch.no_grad():
+        assert rel_err(fact(x).numpy(), bn(x).numpy()) <= 1e-5  # identity in eval mode
+    a, b = tmp_path / "fact.onnx", tmp_path / "bn.onnx"
+    export(fact, (x,), a)
+    export(bn, (x,), b)
+    ops_a = sorted(n.op_type for n in onnx.load(str(a)).graph.node)
+    ops_b = sorted(n.op_type for n in onnx.load(str(b)).graph.node)
+    assert ops_b == ops_a and "BatchNormalization" not in ops_b  # folded into the decoders on export

@@ -34,7 +34,6 @@ code 2.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import random
@@ -121,67 +120,6 @@ def load_plan(path: str | os.PathLike):
         return Plan.load(p)
     except UsageError as e:
         raise CliError(str(e)) from None
-    except (TypeError, AttributeError, KeyError, ValueError):  # e.g. "layers" that is not a list
-        raise CliError(f"plan file {str(p)!r} is not a plan (expected {{\"layers\": [{{\"name\", \"k\", "
-                       f"\"scheme\", \"rank\"}}, ...]}})") from None
-
-
-def add_batchnorm(model, calibration_x):
-    """A copy of ``model`` with a BatchNorm after every factorized convolution, identity in eval mode.
-
-    Running mean/variance come from the factorized layer's outputs on
-    ``calibration_x`` (in eval mode), and ``weight = sqrt(var + eps)``,
-    ``bias = mean``, so the eval-mode function is unchanged; in train mode the
-    layer normalizes with batch statistics as the original network did.
-    :func:`onnx_alds.torch.export` folds each one into its decoder conv.
-    """
-    import torch
-    from torch import nn
-
-    from onnx_alds.torch.modules import FactorizedConv
-
-    model = copy.deepcopy(model).eval()
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, FactorizedConv)]
-    if not targets:
-        return model
-    stats: dict[str, tuple] = {}
-    sums: dict[str, list] = {n: [0.0, 0.0, 0] for n, _ in targets}
-
-    def hook(name):
-        def fn(_mod, _inp, out):
-            dims = [d for d in range(out.dim()) if d != 1]
-            n = out.numel() // out.shape[1]
-            acc = sums[name]
-            acc[0] = acc[0] + out.sum(dims).double()
-            acc[1] = acc[1] + (out.double() ** 2).sum(dims)
-            acc[2] += n
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in targets]
-    try:
-        with torch.no_grad():
-            for i in range(0, len(calibration_x), 256):
-                model(calibration_x[i : i + 256])
-    finally:
-        for h in handles:
-            h.remove()
-    for name, (s, sq, n) in sums.items():
-        mean = s / n
-        var = (sq / n - mean**2).clamp_min(0.0)
-        stats[name] = (mean.float(), var.float())
-    with torch.no_grad():
-        for name, mod in targets:
-            mean, var = stats[name]
-            f = mod.decoder.out_channels
-            bn = nn.BatchNorm2d(f) if isinstance(mod.decoder, nn.Conv2d) else nn.BatchNorm1d(f)
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-            bn.weight.copy_(torch.sqrt(var + bn.eps))
-            bn.bias.copy_(mean)
-            bn.to(mod.decoder.weight.device)
-            model.set_submodule(name, nn.Sequential(mod, bn))
-    return model.eval()
 
 
 def compress(model, plan, example_inputs, *, batchnorm: bool, calibration_x=None):
@@ -194,7 +132,9 @@ def compress(model, plan, example_inputs, *, batchnorm: bool, calibration_x=None
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise CliError(f"the plan does not fit this model: {msg}") from None
     if batchnorm:
-        compressed = add_batchnorm(compressed, calibration_x if calibration_x is not None else example_inputs)
+        from onnx_alds.torch import with_batchnorm
+
+        compressed = with_batchnorm(compressed, calibration_x if calibration_x is not None else example_inputs)
     return compressed
 
 

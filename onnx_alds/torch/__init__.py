@@ -5,7 +5,7 @@ Importing this package imports torch; the ONNX core never imports it.
 
 from .export import export, export_from_factory, fold_batchnorm, weight_to_module
 from .finetune import evaluate, finetune
-from .modules import apply_plan
+from .modules import apply_plan, with_batchnorm
 
 __all__ = [
     "export",
@@ -13,6 +13,7 @@ __all__ = [
     "fold_batchnorm",
     "weight_to_module",
     "apply_plan",
+    "with_batchnorm",
     "finetune",
     "evaluate",
 ]
