@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from .cost import factorized_flops, factorized_params, full_rank
 from .emit import apply_replacements, replacement, restore_subgraphs
 from .errors import UsageError
-from .extract import ModelInfo, count_params, extract, fixed_input_shapes, infer_shapes, _node_flops
+from .extract import ModelInfo, count_params, extract, infer_shapes, _node_flops
 from .folding import SCHEMES, canonical_scheme
 from .io import (EXTERNAL_DATA_THRESHOLD, check_model, check_model_file, load_model, proto_size,
                  save_model, trim_memory)

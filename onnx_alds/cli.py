@@ -100,7 +100,6 @@ def _shapes(specs):
 
 def cmd_rewrite(a) -> int:
     from .api import rewrite
-    from .errors import ValidationFailed
     from .io import check_output_path, save_model
     from .report import plot_report
 

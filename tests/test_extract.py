@@ -1,7 +1,6 @@
 """Layer extraction: what is compressible, why the rest is not, params and FLOPs."""
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs import _model, cnn_model, initializer_floats, matmul_model

@@ -21,9 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_alds
-from checks import (assert_same_outputs, check_full_rank, count_layer_ops, feeds_for, full_rank_plan_all,
-                    run_all)
-from onnx_alds import apply_plan
+from checks import (assert_same_outputs, check_full_rank, feeds_for, run_all)
 from onnx_alds.api import analyze
 
 torch = pytest.importorskip("torch")

@@ -9,7 +9,7 @@ from graphs import cnn_model, initializer_floats
 from onnx_alds import rewrite
 from onnx_alds.cost import Geometry
 from onnx_alds.errors import InfeasibleBudget
-from onnx_alds.folding import as_4d, divisors
+from onnx_alds.folding import divisors
 from onnx_alds.select import layer_options, select_alds, select_alds_paper, select_uniform
 from onnx_alds.spectra import compute_spectra
 

@@ -1,6 +1,5 @@
 """The torch side of a Plan computes what the rewritten ONNX computes."""
 
-import numpy as np
 import onnx
 import pytest
 

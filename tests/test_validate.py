@@ -1,6 +1,5 @@
 """Validation and benchmarking through onnxruntime (real sessions, CPU here)."""
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
