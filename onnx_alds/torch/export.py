@@ -510,10 +510,17 @@ def load_factory(factory: str):
         finally:
             sys.path.remove(str(file.resolve().parent))
     else:
+        # like other "module:callable" tools, look in the current directory too
+        added = os.getcwd() not in sys.path and "" not in sys.path
+        if added:
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(target)
         except ImportError as e:
             raise ValueError(f"Factory module {target!r} cannot be imported: {e}.") from e
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
