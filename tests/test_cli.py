@@ -217,3 +217,22 @@ def test_malformed_plans_are_usage_errors(cnn_path, tmp_path, text):
     rc, _, se = cli("rewrite", cnn_path, tmp_path / "o.onnx", "--apply-plan", plan)
     assert rc == 2, se
     assert_one_sentence(se)
+
+
+def test_export_subcommand_with_a_module_factory(tmp_path):
+    """`onnx-alds export module:callable` from the repository root, then rewrite the result."""
+    pytest.importorskip("torch")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "r20.onnx"
+    rc, so, se = cli("export", "models.resnet:resnet20", out, "--input-shape", "1,1,16,16", cwd=root)
+    assert rc == 0, se
+    names = {t.name for t in onnx.load(str(out)).graph.initializer}
+    assert "layer1.0.conv1.weight" in names  # weights named after the modules
+    rc, _, se = cli("rewrite", out, tmp_path / "small.onnx", "--keep-params", "0.5", "--no-validate", cwd=root)
+    assert rc == 0, se
+    rc, _, se = cli("export", "models.resnet:no_such_factory", tmp_path / "x.onnx", "--input-shape", "1,1,16,16",
+                    cwd=root)
+    assert rc == 2 and "no_such_factory" in se
+    assert_one_sentence(se)
