@@ -298,6 +298,8 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
             _skip(layer, f"linear layers need opset 7 or newer (the model has opset {opset})")
         if layer.status == "candidate":
             layer.flops = layer.geometry.flops
+        elif node.op in LAYER_OPS:
+            layer.flops = nf  # what the layer costs even where it stays as it is
     # layers in If/Loop/Scan bodies and local functions stay as they are, listed with the reason
     nested = [(n, f"inside the body of {node.op} node {node.name!r}: subgraphs are not rewritten")
               for node in graph.nodes for sg in node.subgraphs(recursive=True) for n in sg.nodes]
