@@ -20,12 +20,24 @@ CUDA = "CUDAExecutionProvider"
 PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA}
 
 
+_preloaded = False
+
+
 def ort():
+    global _preloaded
     try:
         import onnxruntime
     except ImportError:
         raise UsageError("onnxruntime is not installed: pip install 'onnx-alds[cpu]' "
                          "(or 'onnx-alds[gpu]' on a machine with an NVIDIA GPU)") from None
+    if not _preloaded:
+        _preloaded = True
+        # onnxruntime-gpu finds the CUDA/cuDNN libraries of its pip extras only once they are preloaded
+        if CUDA in onnxruntime.get_available_providers() and hasattr(onnxruntime, "preload_dlls"):
+            try:
+                onnxruntime.preload_dlls()
+            except Exception as e:  # the system's own CUDA may still serve
+                log.info("onnxruntime.preload_dlls failed: %s", e)
     return onnxruntime
 
 
@@ -37,7 +49,7 @@ def providers_for(choice: str = "auto") -> list[str]:
         if CUDA not in available:
             raise UsageError("the CUDA execution provider is not available in this onnxruntime "
                              "(install onnx-alds[gpu], i.e. onnxruntime-gpu, on a machine with an NVIDIA GPU)")
-        return [CUDA, CPU]
+        return [CUDA]  # CUDA only: session() refuses a silent fall-back to the CPU
     if choice == "cpu":
         return [CPU]
     raise UsageError(f"unknown provider {choice!r} (use auto, cpu or cuda)")
@@ -59,7 +71,11 @@ def session(model, providers: list[str], threads: int | None = None, low_memory:
         model = model.SerializeToString()
     elif not isinstance(model, (bytes, bytearray)):
         model = os.fspath(model)
-    return rt.InferenceSession(model, sess_options=so, providers=providers)
+    sess = rt.InferenceSession(model, sess_options=so, providers=providers)
+    if providers == [CUDA] and used_provider(sess) != CUDA:
+        raise UsageError("onnxruntime could not start the CUDA provider (its CUDA or cuDNN libraries are missing "
+                         "or do not match); use --provider cpu, or install onnx-alds[gpu] on this machine")
+    return sess
 
 
 def used_provider(sess) -> str:

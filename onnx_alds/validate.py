@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import ModelError, ValidationFailed
+from .errors import ModelError, UsageError, ValidationFailed
 from .runtime import providers_for, session, used_provider
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,8 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
     providers = providers_for(provider)
     try:
         s0 = session(original, providers, threads, low_memory)
+    except UsageError:
+        raise
     except Exception as e:  # the input itself is at fault: an invalid model (exit 3), not a failed rewrite
         raise ModelError(f"onnxruntime cannot load the input model: {_first(e)}") from None
     feeds = random_inputs(s0, input_shapes, batch=batch, seed=seed)
@@ -152,6 +154,8 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
         del s0
     try:
         s1 = session(rewritten, providers, threads, low_memory)
+    except UsageError:
+        raise
     except Exception as e:
         raise ValidationFailed(f"onnxruntime cannot load the rewritten model: {_first(e)}") from None
     if names != [o.name for o in s1.get_outputs()]:
