@@ -314,6 +314,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         if metric == "latency":
             budget.update(provider=latency_table.provider, model_ms=latency_table.model_ms,
                           predicted_ms=sel.details["predicted_ms"],
+                          predicted_speedup=latency_table.model_ms / sel.details["predicted_ms"],
                           measurements=latency_table.measured, cached=latency_table.cached)
         plan = plan_from_selection(sel, info)
     with _timed(timings, "emit"):
