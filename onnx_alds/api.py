@@ -184,10 +184,14 @@ def _resolve_plan(plan: Plan, info: ModelInfo) -> dict[str, Config]:
     return out
 
 
-def emit(model: onnx.ModelProto, graph: gs.Graph, info: ModelInfo, choices: dict[str, Config | None]) -> onnx.ModelProto:
+def emit(model: onnx.ModelProto, graph: gs.Graph, info: ModelInfo, choices: dict[str, Config | None],
+         progress: bool = False) -> onnx.ModelProto:
     """Replace the chosen layers and export, keeping opset, IR version and metadata."""
+    from tqdm.auto import tqdm
+
     replaced = {}
-    for l in info.candidates:
+    chosen = [l for l in info.candidates if choices.get(l.name) is not None]
+    for l in tqdm(chosen, desc="factorize", unit="layer", disable=not progress, leave=False):
         c = choices.get(l.name)
         if c is not None:
             replaced[id(l.node)] = replacement(l, c.k, c.scheme, c.rank)
@@ -318,7 +322,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                           measurements=latency_table.measured, cached=latency_table.cached)
         plan = plan_from_selection(sel, info)
     with _timed(timings, "emit"):
-        new = emit(model, graph, info, choices)
+        new = emit(model, graph, info, choices, progress=progress)
     del graph
     for l in info.layers:  # the numpy weights are no longer needed: free them before onnxruntime loads
         l._weight, l.node = None, None
