@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--plan", metavar="PLAN.json", help="write the chosen plan")
     pl.add_argument("--apply-plan", metavar="PLAN.json", help="apply this plan as given, without selection")
     r.add_argument("--plot", metavar="PLOT.png", help="plot per-layer error and kept fraction")
+    r.add_argument("--cache-dir", metavar="DIR",
+                   help="keep the layers' singular values here, keyed by weight bytes, for later runs")
     r.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
                    help="onnxruntime provider for validation and latency (auto: CUDA when present)")
     r.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
@@ -119,7 +121,7 @@ def cmd_rewrite(a) -> int:
                           keep_latency=a.keep_latency, method=a.method, plan=a.apply_plan, schemes=schemes,
                           k_max=a.k_max, input_shapes=_shapes(a.input_shape), provider=a.provider,
                           validate=not a.no_validate, compare=not a.no_compare,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), cache_dir=a.cache_dir)
     report.output = str(out)
     written = save_model(new, out)
     if a.report:
