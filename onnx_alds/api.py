@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .cost import factorized_flops, factorized_params, full_rank
-from .emit import apply_replacements, replacement, restore_subgraphs
+from .emit import apply_replacements, names_read_inside, replacement, restore_subgraphs, subgraph_bodies
 from .errors import UsageError
 from .extract import ModelInfo, count_params, extract, infer_shapes, _node_flops
 from .folding import SCHEMES, canonical_scheme
@@ -23,7 +23,7 @@ from .io import (EXTERNAL_DATA_THRESHOLD, check_model, check_model_file, load_mo
 from .plan import LayerPlan, Plan
 from .report import LayerReport, Report
 from .select import METHODS, Config, Selection, layer_options
-from .spectra import candidate_ks, compute_spectra, group_singular_values
+from .spectra import candidate_ks, compute_spectra
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,8 @@ def _resolve_plan(plan: Plan, info: ModelInfo) -> dict[str, Config]:
         if e.rank > r:
             raise UsageError(f"the plan's rank {e.rank} for {l.name!r} exceeds the full rank {r} "
                              f"of k={e.k}, {e.scheme}")
-        sv = group_singular_values(l.weight4(), e.scheme, e.k)
-        norm = group_singular_values(l.weight4(), e.scheme, 1)[0, 0]
-        err = float(sv[:, e.rank].max() / norm) if e.rank < sv.shape[1] and norm > 0 else 0.0
+        spectra = compute_spectra({l.name: l.weight4()}, {l.name: [(e.k, e.scheme)]}, workers=1, progress=False)
+        err = float(spectra[l.name].error_curve(e.k, e.scheme)[e.rank])
         out[l.name] = Config(e.k, e.scheme, e.rank, err)
     return out
 
@@ -203,16 +202,20 @@ def emit(model: onnx.ModelProto, graph: gs.Graph, info: ModelInfo, choices: dict
     apply_replacements(graph, replaced)
     new = gs.export_onnx(graph, do_type_check=False)
     restore_subgraphs(model, new)
-    new.ir_version = model.ir_version
-    del new.opset_import[:]
-    new.opset_import.extend(model.opset_import)
-    for f in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(new, f, getattr(model, f))
-    del new.metadata_props[:]
-    new.metadata_props.extend(model.metadata_props)
+    _copy_model_fields(model, new)
     if not new.functions and model.functions:
         new.functions.extend(model.functions)
     return new
+
+
+def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    """IR version, opsets, producer and metadata of ``src`` onto ``dst``."""
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(dst, f, getattr(src, f))
+    del dst.opset_import[:]
+    dst.opset_import.extend(src.opset_import)
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
 
 
 def _check_rewritten(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
@@ -369,23 +372,12 @@ def _detach_weights(model: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
             if isinstance(t, gs.Constant):
                 t.values  # noqa: B018 - loads LazyValues, dropping the reference to the protobuf
     shell = onnx.ModelProto()
-    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(shell, f, getattr(model, f))
-    shell.opset_import.extend(model.opset_import)
-    shell.metadata_props.extend(model.metadata_props)
+    _copy_model_fields(model, shell)
     shell.functions.extend(model.functions)
     # If/Loop/Scan bodies and the outer weights they read, for emit's restore_subgraphs
-    bodies = [n for n in model.graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                                 for a in n.attribute)]
+    bodies = subgraph_bodies(model.graph)
     shell.graph.node.extend(bodies)
-    read, stack = set(), [a.g for n in bodies for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
-    stack += [g for n in bodies for a in n.attribute for g in a.graphs]
-    while stack:
-        g = stack.pop()
-        for n in g.node:
-            read.update(n.input)
-            stack += [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
-            stack += [sg for a in n.attribute for sg in a.graphs]
+    read = names_read_inside(bodies)
     shell.graph.initializer.extend(t for t in model.graph.initializer if t.name in read)
     # graphsurgeon keeps the model's opset list, a view that would keep the whole protobuf alive
     graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains]

@@ -163,6 +163,23 @@ def _subgraphs(node: onnx.NodeProto):
             yield from a.graphs
 
 
+def subgraph_bodies(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The If/Loop/Scan nodes of ``graph``."""
+    return [n for n in graph.node if any(_subgraphs(n))]
+
+
+def names_read_inside(nodes) -> set[str]:
+    """Every tensor name read anywhere inside the bodies of ``nodes`` (nested ones too)."""
+    read: set[str] = set()
+    stack = [g for n in nodes for g in _subgraphs(n)]
+    while stack:
+        g = stack.pop()
+        for n in g.node:
+            read.update(n.input)
+            stack.extend(_subgraphs(n))
+    return read
+
+
 def restore_subgraphs(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
     """Give the If/Loop/Scan nodes of ``new`` (exported by graphsurgeon from
     ``original`` after main-graph replacements) their original bodies back.
@@ -172,22 +189,18 @@ def restore_subgraphs(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
     initializer of that body (once per body that reads it), which duplicates
     weights.  The main-graph initializers the bodies read stay in the main
     graph."""
-    by_outputs = {tuple(n.output): n for n in original.graph.node if any(_subgraphs(n))}
+    by_outputs = {tuple(n.output): n for n in subgraph_bodies(original.graph)}
     if not by_outputs:
         return
-    read: set[str] = set()
+    restored = []
     for node in new.graph.node:
         orig = by_outputs.get(tuple(node.output))
         if orig is None or not any(_subgraphs(node)):
             continue
         del node.attribute[:]
         node.attribute.extend(orig.attribute)
-        stack = list(_subgraphs(node))
-        while stack:
-            g = stack.pop()
-            for n in g.node:
-                read.update(n.input)
-                stack.extend(_subgraphs(n))
+        restored.append(node)
+    read = names_read_inside(restored)
     defined = {t.name for t in new.graph.initializer} | {i.name for i in new.graph.input}
     defined |= {o for n in new.graph.node for o in n.output}
     new.graph.initializer.extend(t for t in original.graph.initializer if t.name in read and t.name not in defined)

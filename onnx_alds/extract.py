@@ -276,6 +276,14 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
     layers: list[Layer] = []
     flops_total = 0
     names_seen: dict[str, int] = {}
+
+    def unique(name: str) -> str:  # layer names key plans and reports: make repeats distinct
+        if name in names_seen:
+            names_seen[name] += 1
+            name = f"{name}#{names_seen[name]}"
+        names_seen.setdefault(name, 0)
+        return name
+
     for node in graph.nodes:
         if node.op not in LAYER_OPS and node.op not in UNSUPPORTED_OPS:
             continue
@@ -285,11 +293,7 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
         if len(node.inputs) < 2:
             continue
         wt = node.inputs[1]
-        name = node.name or wt.name
-        if name in names_seen:
-            names_seen[name] += 1
-            name = f"{name}#{names_seen[name]}"
-        names_seen.setdefault(name, 0)
+        name = unique(node.name or wt.name)
         layer = Layer(name=name, op=node.op, node=node, weight_name=wt.name)
         layers.append(layer)
         _classify(layer, node, shapes, consumers)
@@ -308,11 +312,7 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
     for n, reason in nested:
         if n.op in LAYER_OPS or n.op in UNSUPPORTED_OPS:
             weight = n.inputs[1] if len(n.inputs) > 1 else None
-            name = n.name or (weight.name if weight is not None else n.op)
-            if name in names_seen:
-                names_seen[name] += 1
-                name = f"{name}#{names_seen[name]}"
-            names_seen.setdefault(name, 0)
+            name = unique(n.name or (weight.name if weight is not None else n.op))
             w = _constant_value(weight) if weight is not None else None
             layer = Layer(name=name, op=n.op, node=n, weight_name=weight.name if weight is not None else "",
                           status="skipped", reason=reason)
