@@ -1,5 +1,8 @@
-"""The public API: wires the stages load → extract → spectra → select →
-factorize/emit → check → validate → report."""
+"""The public API: wires the stages, and does no stage work of its own.
+
+    load → extract → calibrate → error model → cost model → select (Plan)
+         → factorize → emit → check → validate (gate) → report
+"""
 
 from __future__ import annotations
 
@@ -7,23 +10,21 @@ import logging
 import tempfile
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
-from .cost import factorized_flops, factorized_params, full_rank
-from .emit import apply_replacements, names_read_inside, replacement, restore_subgraphs, subgraph_bodies
-from .errors import UsageError
-from .extract import ModelInfo, count_params, extract, infer_shapes, _node_flops
-from .folding import SCHEMES, canonical_scheme
-from .io import (EXTERNAL_DATA_THRESHOLD, check_model, check_model_file, load_model, proto_size,
-                 save_model, trim_memory)
-from .plan import LayerPlan, Plan
-from .report import LayerReport, Report
-from .select import METHODS, Config, Selection, layer_options
-from .spectra import candidate_ks, compute_spectra
+from .cost import cost_model, full_rank
+from .emit import emit
+from .error_model import error_model
+from .errors import InfeasibleBudget, UsageError, ValidationFailed
+from .extract import ModelInfo, count_params, extract, model_flops
+from .io import EXTERNAL_DATA_THRESHOLD, Source, check_model_file, check_rewritten, proto_size, save_model, trim_memory
+from .plan import LayerPlan, Plan, resolve
+from .report import Report, build_report
+from .select import Config, Selection, layer_configs, layer_options, solve
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,16 @@ def _timed(timings: dict, stage: str):
     timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - t0, 4)
 
 
-def _as_model(model_or_path) -> tuple[onnx.ModelProto, str | None]:
-    if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, None
-    return load_model(model_or_path), str(model_or_path)
+def analyze(model_or_path, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, Source, ModelInfo]:
+    source = Source.load(model_or_path)
+    return source.model, source, extract(source.model, source.graph, input_shapes)
 
 
-def analyze(model_or_path, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, gs.Graph, ModelInfo]:
-    model, _ = _as_model(model_or_path)
-    graph = gs.import_onnx(model)
-    return model, graph, extract(model, graph, input_shapes)
+def inspect(model_or_path, input_shapes: dict | None = None) -> ModelInfo:
+    return analyze(model_or_path, input_shapes)[2]
 
 
-def _budget(keep_params, keep_flops, keep_latency) -> tuple[str, float]:
+def budget_of(keep_params, keep_flops, keep_latency) -> tuple[str, float]:
     given = [(m, v) for m, v in (("params", keep_params), ("flops", keep_flops), ("latency", keep_latency))
              if v is not None]
     if len(given) > 1:
@@ -62,340 +60,185 @@ def _budget(keep_params, keep_flops, keep_latency) -> tuple[str, float]:
     return metric, frac
 
 
-def layer_configs(info: ModelInfo, schemes=None, k_max=None) -> dict[str, list[tuple[int, str]]]:
-    schemes = tuple(schemes or SCHEMES)
-    for s in schemes:
-        if s not in SCHEMES:
-            raise UsageError(f"unknown scheme {s!r} (use s0, s1, s2, s3)")
-    out = {}
-    for l in info.candidates:
-        ss = sorted({canonical_scheme(s, l.geometry.kernel) for s in schemes})
-        ks = candidate_ks(l.geometry.c, k_max, l.allow_groups)
-        out[l.name] = [(k, s) for k in ks for s in ss]
-    return out
+def calibrate(source: Source, info: ModelInfo, calibration, *, provider: str = "auto", progress: bool = False):
+    """Second moments of every candidate layer's input patches on the calibration data."""
+    from .calibration import collect_moments, load_calibration, taps_for
+
+    inputs = {i.name: (i.type.tensor_type.elem_type, [d.dim_value or d.dim_param or None
+                                                       for d in i.type.tensor_type.shape.dim])
+              for i in source.model.graph.input if i.name in info.input_shapes}
+    data = load_calibration(calibration, inputs)
+    return data, collect_moments(source.model, taps_for(info.candidates), data, provider=provider,
+                                 progress=progress)
 
 
-def select(info: ModelInfo, *, metric: str, fraction: float, method: str = "alds", schemes=None,
-           k_max=None, spectra=None, latency_table=None, compare: bool = True, progress: bool = True,
-           timings: dict | None = None, cache_dir=None) -> tuple[Selection, dict]:
-    """Run the selector on an analysed model; returns the selection and the
-    max error the other methods reach at the same budget."""
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r} (use {', '.join(METHODS)})")
+def options_for(info: ModelInfo, source: Source, emodel, cmodel, configs, *, progress=False, admissible=None):
+    """Error curves (error model) and costs (cost model) → each layer's options."""
+    cands = info.candidates
+    configs = {l.name: [(k, s) for k, s in configs[l.name] if s in emodel.schemes(l, l.schemes)] for l in cands}
+    curves = emodel.curves(source, cands, configs, progress=progress)
+    return [layer_options(l.name, curves[l.name], cmodel.dense(l), partial(cmodel.configs, l),
+                          full_rank(l.geometry, 1, "s0"),
+                          partial(admissible, l) if admissible is not None else None) for l in cands]
+
+
+def select(info: ModelInfo, source: Source, emodel, *, metric: str, fraction: float, method: str = "alds",
+           schemes=None, k_max=None, latency_table=None, compare: bool = True, progress: bool = False,
+           timings: dict | None = None, admissible=None) -> tuple[Selection, dict]:
+    """Run the selector; returns the selection and the max error the other
+    methods reach at the same budget with the same error model."""
     timings = {} if timings is None else timings
     cands = info.candidates
-    if metric == "flops":
-        missing = [l.name for l in cands if l.geometry.flops is None]
-        if missing or info.flops_total is None:
-            raise UsageError("FLOPs are unknown for this model's dynamic sizes; give them with "
-                             "--input-shape NAME:D1,D2,...")
-    if metric == "latency" and latency_table is None:
-        raise UsageError("a latency budget needs a latency table")
-    weights = {l.name: l.weight4() for l in cands}
-    if metric == "latency":  # only what the table measured
-        configs = {l.name: [c for c in latency_table.configs(l.name)
-                            if method != "uniform" or c == (1, "s0")] for l in cands}
-    elif method == "uniform":
-        configs = {l.name: [(1, "s0")] for l in cands}
-    elif method == "alds-paper" and schemes is None:
-        configs = layer_configs(info, ("s0",), k_max)  # the paper's ALDS folds with s0 only
+    if metric == "flops" and (any(l.geometry.flops is None for l in cands) or info.flops_total is None):
+        raise UsageError("FLOPs are unknown for this model's dynamic sizes; give them with "
+                         "--input-shape NAME:D1,D2,...")
+    if metric == "latency":
+        if latency_table is None:
+            raise UsageError("a latency budget needs a latency table")
+        configs = {l.name: latency_table.configs(l.name) for l in cands}  # only what the table measured
     else:
-        configs = layer_configs(info, schemes, k_max)
-    if spectra is None:
-        with _timed(timings, "spectra"):
-            spectra = compute_spectra(weights, configs, progress=progress, cache_dir=cache_dir)
+        configs = layer_configs(cands, ("s0",) if method == "alds-paper" and schemes is None else schemes, k_max)
+    cmodel = cost_model(metric, latency_table)
+    with _timed(timings, "errors"):
+        options = options_for(info, source, emodel, cmodel, configs, progress=progress, admissible=admissible)
     with _timed(timings, "select"):
-        options = []
-        for l in cands:
-            lat = latency_table.cost_fn(l) if metric == "latency" else None
-            options.append(layer_options(l.name, l.geometry, spectra[l.name], metric, lat, configs[l.name]))
-        if metric == "params":
-            total = float(info.params_total)
-        elif metric == "flops":
-            total = float(info.flops_total)
-        else:
-            total = float(latency_table.model_total(info))
-        layers_cost = sum(o.orig_cost for o in options)
-        fixed = total - layers_cost
-        budget = fraction * total - fixed
-        sel = METHODS[method](options, budget, fixed=fixed, total=total)
-    sel.details.update(metric=metric, fraction=fraction, total=total, fixed=fixed, target=fraction * total,
-                       predicted=fixed + sel.cost)
+        sel, baselines = solve(options, method=method, fraction=fraction, total=cmodel.total(info),
+                               compare=compare)
+    sel.details["metric"] = metric
     if metric == "latency":
         sel.details["predicted_ms"] = latency_table.predicted_ms(sel.choices)
-    baselines = {}
-    if compare:
-        with _timed(timings, "compare"):
-            for other in METHODS:
-                if other == method:
-                    continue
-                opts = options
-                if other == "uniform":
-                    opts = [o.subset((o.k == 1) & (o.scheme == 0)) for o in options]
-                elif other == "alds-paper":
-                    opts = [o.subset(o.scheme == 0) for o in options]
-                try:
-                    baselines[other] = METHODS[other](opts, budget, fixed=fixed, total=total).max_rel_error
-                except Exception as e:  # a baseline that cannot meet the budget is reported as such
-                    log.info("baseline %s: %s", other, e)
-                    baselines[other] = None
     return sel, baselines
 
 
-def plan_from_selection(sel: Selection, info: ModelInfo) -> Plan:
-    layers = []
-    for l in info.candidates:
-        c = sel.choices.get(l.name)
-        if c is not None:
-            layers.append(LayerPlan(l.name, l.weight_name, c.k, c.scheme, c.rank))
+def plan_from_selection(sel: Selection, info: ModelInfo, error: str) -> Plan:
+    layers = [LayerPlan(l.name, l.weight_name, c.k, c.scheme, c.rank)
+              for l in info.candidates if (c := sel.choices.get(l.name)) is not None]
     budget = {k: sel.details[k] for k in ("metric", "fraction") if k in sel.details}
-    budget["method"] = sel.method
-    budget["max_rel_error"] = sel.max_rel_error
+    budget.update(method=sel.method, error_model=error, max_rel_error=sel.max_rel_error)
     return Plan(layers=layers, budget=budget)
 
 
-def _resolve_plan(plan: Plan, info: ModelInfo) -> dict[str, Config]:
-    """Check a plan against the model; returns layer name → Config with its error."""
-    by_name = {l.name: l for l in info.layers}
-    by_weight = {l.weight_name: l for l in info.layers}
-    out = {}
-    for e in plan.layers:
-        l = by_name.get(e.name) or by_weight.get(e.weight)
-        if l is None:
-            raise UsageError(f"the plan names layer {e.name!r}, which is not in the model")
-        if l.status != "candidate":
-            raise UsageError(f"the plan factorizes {l.name!r}, which cannot be compressed ({l.reason})")
-        g = l.geometry
-        if g.c % e.k:
-            raise UsageError(f"the plan's k={e.k} for {l.name!r} does not divide its {g.c} input channels")
-        if e.k > 1 and not l.allow_groups:
-            raise UsageError(f"{l.name!r} has an activation of unknown rank, so only k=1 can be emitted")
-        if e.scheme not in l.schemes:
-            raise UsageError(f"scheme {e.scheme} does not apply to {l.name!r} (kernel {g.kernel}); "
-                             f"use one of {', '.join(l.schemes)}")
-        r = full_rank(g, e.k, e.scheme)
-        if e.rank > r:
-            raise UsageError(f"the plan's rank {e.rank} for {l.name!r} exceeds the full rank {r} "
-                             f"of k={e.k}, {e.scheme}")
-        spectra = compute_spectra({l.name: l.weight4()}, {l.name: [(e.k, e.scheme)]}, workers=1, progress=False)
-        err = float(spectra[l.name].error_curve(e.k, e.scheme)[e.rank])
-        out[l.name] = Config(e.k, e.scheme, e.rank, err)
-    return out
+def choices_from_plan(plan: Plan, info: ModelInfo, source: Source, emodel) -> dict[str, Config]:
+    """A plan's configurations, with the error the error model predicts for each."""
+    resolved = resolve(plan, info)
+    layers = [info.layer(n) for n in resolved]
+    curves = emodel.curves(source, layers, {n: [resolved[n][:2]] for n in resolved}) if layers else {}
+    return {n: Config(k, s, r, float(curves[n][(k, s)][r])) for n, (k, s, r, _) in resolved.items()}
 
 
-def emit(model: onnx.ModelProto, graph: gs.Graph, info: ModelInfo, choices: dict[str, Config | None],
-         progress: bool = False) -> onnx.ModelProto:
-    """Replace the chosen layers and export, keeping opset, IR version and metadata."""
-    from tqdm.auto import tqdm
+def _validate(orig_ref, new_ref, report: Report, *, provider, info, feeds, max_output_error, min_speedup, timings):
+    from .validate import gate, validate
 
-    replaced = {}
-    chosen = [l for l in info.candidates if choices.get(l.name) is not None]
-    for l in tqdm(chosen, desc="factorize", unit="layer", disable=not progress, leave=False):
-        c = choices.get(l.name)
-        if c is not None:
-            replaced[id(l.node)] = replacement(l, c.k, c.scheme, c.rank)
-            # the original weight leaves the graph (it has no other reader): free it now, so
-            # that the factors of later layers do not pile up on top of every original
-            if isinstance(l.node.inputs[1], gs.Constant):
-                l.node.inputs[1].values = np.zeros((0,), np.float32)
-            l._weight = None
-    apply_replacements(graph, replaced)
-    new = gs.export_onnx(graph, do_type_check=False)
-    restore_subgraphs(model, new)
-    _copy_model_fields(model, new)
-    if not new.functions and model.functions:
-        new.functions.extend(model.functions)
-    return new
-
-
-def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    """IR version, opsets, producer and metadata of ``src`` onto ``dst``."""
-    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(dst, f, getattr(src, f))
-    del dst.opset_import[:]
-    dst.opset_import.extend(src.opset_import)
-    del dst.metadata_props[:]
-    dst.metadata_props.extend(src.metadata_props)
-
-
-def _check_rewritten(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
-    """Full check (with strict shape inference) of the rewritten model; where
-    the original itself does not pass the full check, the plain check."""
-    from .errors import ModelError
-
-    try:
-        check_model(new, "the rewritten model", full=True)
-    except ModelError:
-        try:
-            check_model(original, "the input model", full=True)
-        except ModelError:
-            check_model(new, "the rewritten model", full=False)
-            return
-        raise
-
-
-def model_flops(model: onnx.ModelProto, input_shapes: dict[str, list]) -> int | None:
-    shapes = infer_shapes(model, input_shapes)
-    graph = gs.import_onnx(model)
-    total = 0
-    for node in graph.nodes:
-        if node.op in ("Conv", "Gemm", "MatMul"):
-            nf = _node_flops(node, shapes)
-            if nf is None:
-                return None
-            total += nf
-    return total
-
-
-def _report(info, choices, sel_method, budget, new_model, in_path, timings, baselines) -> Report:
-    layers = []
-    for l in info.layers:
-        lr = LayerReport(name=l.name, op=l.op, weight=l.weight_name, weight_shape=list(l.weight_shape),
-                         status="skipped" if l.status == "skipped" else "kept", reason=l.reason,
-                         params_before=l.params + l.bias_params, params_after=l.params + l.bias_params,
-                         flops_before=l.flops, flops_after=l.flops)
-        c = choices.get(l.name) if l.status == "candidate" else None
-        if c is not None:
-            lr.status, lr.k, lr.scheme, lr.rank, lr.rel_error = "decomposed", c.k, c.scheme, c.rank, c.rel_error
-            lr.params_after = factorized_params(l.geometry, c.k, c.scheme, c.rank) + l.bias_params
-            lr.flops_after = factorized_flops(l.geometry, c.k, c.scheme, c.rank)
-        elif l.status == "candidate":
-            lr.reason = "kept: no factorization within the error threshold is cheaper"
-        layers.append(lr)
-    with _timed(timings, "count"):
-        flops_after = model_flops(new_model, info.input_shapes) if info.flops_total is not None else None
-    return Report(
-        input=in_path, output=None, method=sel_method, budget=budget,
-        params_before=info.params_total, params_after=count_params(new_model),
-        flops_before=info.flops_total, flops_after=flops_after,
-        max_rel_error=max((l.rel_error for l in layers), default=0.0),
-        layers=layers, baselines=baselines, timings_s=timings, input_shapes=info.input_shapes,
-    )
+    with _timed(timings, "validate"):
+        v = validate(orig_ref, new_ref, provider=provider, input_shapes=info.input_shapes, feeds=feeds,
+                     low_memory=isinstance(new_ref, Path))
+    report.validation = v.to_dict()
+    report.budget.setdefault("warnings", []).extend(gate(v, max_output_error=max_output_error,
+                                                         min_speedup=min_speedup))
 
 
 def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None, method: str = "alds", *,
             plan: Plan | str | Path | None = None, schemes=None, k_max: int | None = None,
             input_shapes: dict | None = None, provider: str = "auto", validate: bool = True,
             compare: bool = True, latency_table=None, progress: bool = False, cache_dir=None,
+            error: str | None = None, calibration=None, bias_correction: bool = True,
+            max_output_error: float | None = None, min_speedup: float | None = None,
+            allow_slower: bool = False,
             ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
     With ``plan`` the given plan is applied as is; otherwise ``method`` selects
-    under the budget (``keep_params`` by default 0.5)."""
+    under the budget (``keep_params`` by default 0.5) with the error model
+    ``error`` (default ``data`` when ``calibration`` is given, else
+    ``spectral``).  ``calibration`` is a dict of arrays (one per graph input,
+    samples first), an ``.npz`` path or an iterable of feed dicts.  Past
+    ``max_output_error`` (relative L2 of any output on the validation inputs) or
+    below ``min_speedup`` the rewrite raises :class:`ValidationFailed`."""
     timings: dict = {}
     with _timed(timings, "load"):
-        model, in_path = _as_model(model_or_path)
+        source = Source.load(model_or_path)
     with _timed(timings, "extract"):
-        graph = gs.import_onnx(model)
-        info = extract(model, graph, input_shapes)
-    large = proto_size(model) > EXTERNAL_DATA_THRESHOLD
-    if large and in_path is not None:
-        model = _detach_weights(model, graph)
-        trim_memory()
-    baselines = {}
+        info = extract(source.model, source.graph, input_shapes)
+    large = source.large
+    if large and source.path is not None:
+        source.detach()
+    moments, cal_data = None, None
+    if calibration is not None and (error in (None, "data") or validate):
+        with _timed(timings, "calibrate"):
+            cal_data, moments = calibrate(source, info, calibration, provider=provider, progress=progress)
+    emodel = error_model(error, moments=moments, cache_dir=cache_dir, bias_correction=bias_correction)
+    baselines: dict = {}
     if plan is not None:
         if not isinstance(plan, Plan):
             plan = Plan.load(plan)
-        choices = _resolve_plan(plan, info)
+        with _timed(timings, "errors"):
+            choices = choices_from_plan(plan, info, source, emodel)
         budget = dict(plan.budget, applied_plan=True)
-        sel_method = plan.budget.get("method", "plan")
+        method = plan.budget.get("method", "plan")
     else:
-        metric, fraction = _budget(keep_params, keep_flops, keep_latency)
+        metric, fraction = budget_of(keep_params, keep_flops, keep_latency)
+        if not info.candidates and fraction < 1.0:
+            raise InfeasibleBudget("the model has no compressible layer, so the smallest reachable "
+                                   "fraction is 1.0", 1.0)
         if metric == "latency" and latency_table is None:
             from .latency import LatencyTable  # measured per provider, cached
 
-            latency_table = LatencyTable.for_model(model, info, provider=provider, k_max=k_max or 16,
-                                                   schemes=schemes, progress=progress)
-        if not info.candidates and fraction < 1.0:
-            from .errors import InfeasibleBudget
-
-            raise InfeasibleBudget("the model has no compressible layer, so the smallest reachable "
-                                   "fraction is 1.0", 1.0)
-        sel, baselines = select(info, metric=metric, fraction=fraction, method=method, schemes=schemes,
-                                k_max=k_max, latency_table=latency_table, compare=compare,
-                                progress=progress, timings=timings, cache_dir=cache_dir)
+            with _timed(timings, "latency_table"):
+                latency_table = LatencyTable.for_model(source.model, info, provider=provider, k_max=k_max or 16,
+                                                       schemes=schemes, progress=progress)
+        sel, baselines = select(info, source, emodel, metric=metric, fraction=fraction, method=method,
+                                schemes=schemes, k_max=k_max, latency_table=latency_table, compare=compare,
+                                progress=progress, timings=timings)
         choices = sel.choices
-        sel_method = method
         budget = {"metric": metric, "fraction": fraction, "target": sel.details["target"],
                   "predicted": sel.details["predicted"], "total_before": sel.details["total"]}
         if metric == "latency":
-            budget.update(provider=latency_table.provider, model_ms=latency_table.model_ms,
-                          predicted_ms=sel.details["predicted_ms"],
-                          predicted_speedup=latency_table.model_ms / sel.details["predicted_ms"],
-                          measurements=latency_table.measured, cached=latency_table.cached)
-        plan = plan_from_selection(sel, info)
+            budget.update(latency_table.summary(sel.details["predicted_ms"]))
+        plan = plan_from_selection(sel, info, emodel.name)
+    chosen = [l for l in info.candidates if choices.get(l.name) is not None]
+    with _timed(timings, "factorize"):
+        given = plan.factors or {}
+        factors = {l.name: given.get(l.name) or emodel.factors(source, l, choices[l.name]) for l in chosen}
+        measured = {l.name: emodel.measure(source, l, choices[l.name], factors[l.name]) for l in chosen}
+    if emodel.name == "data":
+        plan.factors = factors  # they depend on the calibration data: the plan carries them
     with _timed(timings, "emit"):
-        new = emit(model, graph, info, choices, progress=progress)
-    del graph
-    for l in info.layers:  # the numpy weights are no longer needed: free them before onnxruntime loads
-        l._weight, l.node = None, None
+        new = emit(source, info, choices, factors, progress=progress)
+    del factors
+    source.graph = None  # the numpy weights are no longer needed: free them before onnxruntime loads
     if large:
         trim_memory()
     with tempfile.TemporaryDirectory(prefix="onnx-alds-") as tmp:
         # onnxruntime and the checker take models over 2 GB only as files with external data
-        orig_ref, new_ref = model, new
+        orig_ref, new_ref = source.model, new
         if large or proto_size(new) > EXTERNAL_DATA_THRESHOLD:
-            if in_path is None:
-                orig_ref = Path(tmp) / "original.onnx"
-                save_model(model, orig_ref, external_data=True)
-            else:
-                orig_ref = Path(in_path)
+            orig_ref = Path(source.path) if source.path is not None else Path(tmp) / "original.onnx"
+            if source.path is None:
+                save_model(source.model, orig_ref, external_data=True)
             new_ref = Path(tmp) / "rewritten.onnx"
             save_model(new, new_ref, external_data=True)
         with _timed(timings, "check"):
             if isinstance(new_ref, Path):
                 check_model_file(new_ref, "the rewritten model")
             else:
-                _check_rewritten(model, new)
+                check_rewritten(source.model, new)
         if budget.get("metric") == "latency":
+            from .latency import measure_speedup
+
             with _timed(timings, "latency"):
-                budget.update(_measure_latency(orig_ref, new_ref, latency_table, info))
-        report = _report(info, choices, sel_method, budget, new, in_path, timings, baselines)
+                budget.update(measure_speedup(orig_ref, new_ref, latency_table, info))
+        with _timed(timings, "count"):
+            flops_after = model_flops(new, info.input_shapes) if info.flops_total is not None else None
+        report = build_report(info, choices, measured, method=method, budget=budget, error_model=emodel,
+                              params_after=count_params(new), flops_after=flops_after, in_path=source.path,
+                              timings=timings, baselines=baselines)
         report.plan = plan
         if validate:
-            from .validate import validate as run_validation
-
-            with _timed(timings, "validate"):
-                v = run_validation(orig_ref, new_ref, provider=provider, input_shapes=info.input_shapes,
-                                   low_memory=isinstance(new_ref, Path))
-            report.validation = v.to_dict()
+            _validate(orig_ref, new_ref, report, provider=provider, info=info, feeds=cal_data,
+                      max_output_error=max_output_error, min_speedup=min_speedup, timings=timings)
+        elif max_output_error is not None or min_speedup is not None:
+            raise UsageError("--max-output-error and --min-speedup need validation (drop --no-validate)")
     return new, report
-
-
-def _detach_weights(model: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
-    """For a large model we loaded ourselves: load every constant of the graph
-    into numpy and return a weightless shell of the model (IR version, opsets,
-    metadata), so that the protobuf that held the original bytes is freed.
-    Peak memory then stays near two copies of the weights, not three."""
-    for g in [graph] + [sg for n in graph.nodes for sg in n.subgraphs(recursive=True)]:
-        for t in list(g.tensors().values()) + [v for n in g.nodes for v in n.attrs.values()]:
-            if isinstance(t, gs.Constant):
-                t.values  # noqa: B018 - loads LazyValues, dropping the reference to the protobuf
-    shell = onnx.ModelProto()
-    _copy_model_fields(model, shell)
-    shell.functions.extend(model.functions)
-    # If/Loop/Scan bodies and the outer weights they read, for emit's restore_subgraphs
-    bodies = subgraph_bodies(model.graph)
-    shell.graph.node.extend(bodies)
-    read = names_read_inside(bodies)
-    shell.graph.initializer.extend(t for t in model.graph.initializer if t.name in read)
-    # graphsurgeon keeps the model's opset list, a view that would keep the whole protobuf alive
-    graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains]
-    return shell
-
-
-def _measure_latency(model, new, table, info) -> dict:
-    """Whole-model latency before and after, interleaved, with the table's settings."""
-    from .runtime import providers_for, session
-    from .validate import interleaved_latency, random_inputs
-
-    providers = providers_for("cuda" if table.provider == "CUDAExecutionProvider" else "cpu")
-    s0, s1 = session(model, providers, table.threads), session(new, providers, table.threads)
-    feeds = random_inputs(s0, info.input_shapes, batch=1)
-    t0, t1 = interleaved_latency([s0, s1], [feeds, feeds], warmup=5, repeats=30)
-    before, after = float(np.median(t0)), float(np.median(t1))
-    return {"threads": table.threads, "measured_ms_before": before, "measured_ms": after,
-            "measured_speedup": before / after if after > 0 else float("nan")}
 
 
 def apply_plan(model_or_path, plan, *, input_shapes: dict | None = None) -> onnx.ModelProto:
@@ -406,6 +249,4 @@ def apply_plan(model_or_path, plan, *, input_shapes: dict | None = None) -> onnx
     return new
 
 
-def inspect(model_or_path, input_shapes: dict | None = None) -> ModelInfo:
-    _, _, info = analyze(model_or_path, input_shapes)
-    return info
+__all__ = ["rewrite", "apply_plan", "inspect", "analyze", "select", "calibrate", "ValidationFailed"]

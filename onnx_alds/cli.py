@@ -65,6 +65,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
                    help="onnxruntime provider for validation and latency (auto: CUDA when present)")
     r.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
+    r.add_argument("--calibration", metavar="CAL.npz",
+                   help="calibration inputs: one array per graph input name, samples first; drives the "
+                        "data-aware error, the data-aware factors and the validation inputs")
+    r.add_argument("--error", choices=["spectral", "data", "frobenius", "paper"], default=None,
+                   help="error model (default: data with --calibration, else spectral; paper = the "
+                        "ALDS paper's surrogate)")
+    r.add_argument("--no-bias-correction", action="store_true",
+                   help="data-aware factors without the closed-form bias correction")
+    r.add_argument("--max-output-error", type=float, metavar="X",
+                   help="exit 5 and write nothing when an output's relative L2 error exceeds X")
+    r.add_argument("--min-speedup", type=float, metavar="X",
+                   help="exit 5 and write nothing when the rewritten model is not X times as fast")
+    r.add_argument("--allow-slower", action="store_true",
+                   help="let the selector pick factorizations that the latency model says are slower "
+                        "than the dense layer")
     r.add_argument("--no-compare", action="store_true",
                    help="do not run the baseline selectors for comparison in the report")
     r.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
@@ -121,15 +136,22 @@ def cmd_rewrite(a) -> int:
                           keep_latency=a.keep_latency, method=a.method, plan=a.apply_plan, schemes=schemes,
                           k_max=a.k_max, input_shapes=_shapes(a.input_shape), provider=a.provider,
                           validate=not a.no_validate, compare=not a.no_compare,
-                          progress=sys.stderr.isatty(), cache_dir=a.cache_dir)
+                          progress=sys.stderr.isatty(), cache_dir=a.cache_dir, error=a.error,
+                          calibration=a.calibration, bias_correction=not a.no_bias_correction,
+                          max_output_error=a.max_output_error, min_speedup=a.min_speedup,
+                          allow_slower=a.allow_slower)
     report.output = str(out)
     written = save_model(new, out)
     if a.report:
         report.save(a.report)
+        written.append(a.report)
     if a.plan and report.plan is not None:
-        report.plan.save(a.plan)
+        written += report.plan.save(a.plan)
     if a.plot:
         plot_report(report, a.plot)
+        written.append(a.plot)
+    for w in report.warnings:
+        print(f"onnx-alds: warning: {w}", file=sys.stderr)
     if not a.quiet:
         print(report.summary())
         print(f"wrote {', '.join(str(w) for w in written)}")

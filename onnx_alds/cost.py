@@ -5,13 +5,16 @@ The counts match the emitted graph: the encoder is a grouped conv with
 conv with kernel ``d`` over ``k·j`` channels (``f·k·j·|d|`` weights).  The
 encoder of s0 runs at the output resolution, s1 at (H_in, W_out), s2 at
 (H_out, W_in) and s3 at the input resolution.  Biases are unchanged and are
-not part of a layer's cost.  Pure python.
+not part of a layer's cost.  The cost models at the end give the selector
+the cost of every configuration under one budget metric.  Pure numpy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+
+import numpy as np
 
 from .folding import decoder_kernel, encoder_kernel
 
@@ -67,3 +70,85 @@ def full_rank(g: Geometry, k: int, scheme: str) -> int:
         "s3": (g.f * k1 * k2, cg),
     }[scheme]
     return min(rows, cols)
+
+
+# ----------------------------------------------------------------------------- cost models
+
+class CostModel:
+    """What a configuration of a layer costs under one budget metric.
+
+    ``dense(layer)`` is the layer's own cost, ``configs(layer, k, scheme,
+    ranks)`` the cost of each rank (an array), ``total(info)`` the model's
+    whole cost in the same unit (layers that are not candidates included)."""
+
+    name = ""
+
+    def dense(self, layer) -> float:
+        raise NotImplementedError
+
+    def configs(self, layer, k: int, scheme: str, ranks):
+        raise NotImplementedError
+
+    def total(self, info) -> float:
+        raise NotImplementedError
+
+
+class ParamsCost(CostModel):
+    """Parameters: ``j·(c·|e| + f·k·|d|)`` against ``f·c·κ1·κ2``."""
+
+    name = "params"
+
+    def dense(self, layer):
+        return float(layer.geometry.params)
+
+    def configs(self, layer, k, scheme, ranks):
+        g = layer.geometry
+        return np.asarray(ranks) * float(g.c * prod(encoder_kernel(scheme, g.kernel))
+                                         + g.f * k * prod(decoder_kernel(scheme, g.kernel)))
+
+    def total(self, info):
+        return float(info.params_total)
+
+
+class FlopsCost(CostModel):
+    """Multiply-accumulates at the analysed input shape."""
+
+    name = "flops"
+
+    def dense(self, layer):
+        return float(layer.geometry.flops)
+
+    def configs(self, layer, k, scheme, ranks):
+        g = layer.geometry
+        per = g.c * prod(encoder_kernel(scheme, g.kernel)) * prod(encoder_spatial(g, scheme)) \
+            + g.f * k * prod(decoder_kernel(scheme, g.kernel)) * prod(g.out_spatial)
+        return np.asarray(ranks) * float(per)
+
+    def total(self, info):
+        return float(info.flops_total)
+
+
+class LatencyCost(CostModel):
+    """Measured milliseconds on one provider (:class:`onnx_alds.latency.LatencyTable`)."""
+
+    name = "latency"
+
+    def __init__(self, table):
+        self.table = table
+
+    def dense(self, layer):
+        return float(self.table.layers[layer.name].orig_ms)
+
+    def configs(self, layer, k, scheme, ranks):
+        return np.asarray(self.table.layers[layer.name].cost(k, scheme, ranks), dtype=float)
+
+    def total(self, info):
+        return float(self.table.model_ms)
+
+
+def cost_model(metric: str, latency_table=None) -> CostModel:
+    if metric == "params":
+        return ParamsCost()
+    if metric == "flops":
+        return FlopsCost()
+    return LatencyCost(latency_table)

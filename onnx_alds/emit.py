@@ -1,139 +1,104 @@
-"""Replace a layer by its factorized subgraph (onnx-graphsurgeon).
+"""Emission: replace each chosen layer by its factorized subgraph
+(onnx-graphsurgeon), keeping everything else of the model as it was.
 
-Conv ``W (f×c×κ1×κ2)`` with configuration ``(k, scheme, j)`` becomes
-
-    x ─ Conv(encoder, group=k, k·j outputs) ─ Conv(decoder, f outputs, + bias) ─ y
-
-where each kernel axis, with its stride, dilation and (possibly asymmetric)
-pads, goes to the conv that holds it in the scheme (s0: both in the encoder,
-s3: both in the decoder, s1: axis 1 in the decoder and axis 2 in the encoder,
-s2: the other way round).  The encoder has no bias and no padding along the
-axes it does not hold, so zero padding commutes with it and the result equals
-the original convolution exactly at full rank.  A conv with
-``auto_pad=SAME_UPPER/SAME_LOWER`` keeps it on both convs (an axis a conv does
-not hold has kernel 1 and stride 1 there, so it gets no padding), which stays
-exact at every input size.
-
-A linear layer (Gemm ``transA=0`` / MatMul with a constant weight) becomes a
-grouped linear from plain ops, never a block-diagonal dense matrix:
-
-    x (…, c) ─ Reshape (…, k, c/k) ─ Transpose (k, …, c/k) ─ MatMul (k, c/k, j)
-             ─ Transpose (…, k, j) ─ Reshape (…, k·j) ─ Gemm/MatMul (k·j → f) ─ y
-
-(with k = 1 simply ``MatMul (c, j)`` then the decoder).  Gemm keeps its ``C``
-and ``beta`` on the decoder Gemm; ``alpha`` is folded into the weights.
+What the subgraph of an operator is belongs to its spec
+(:mod:`onnx_alds.ops`); this module puts the replacements where the nodes
+stood, gives every new tensor and node a name that is fresh against every
+name of the model (subgraphs and functions included), and exports the graph
+with the original model's IR version, opsets, metadata and bodies.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import logging
+
 import onnx
 import onnx_graphsurgeon as gs
 
-from .extract import Layer
-from .factorize import factorize
+from .io import Source, copy_model_fields
 
-# which conv (encoder or decoder) holds each kernel axis
-_AXIS_OWNER = {"s0": ("enc", "enc"), "s1": ("dec", "enc"), "s2": ("enc", "dec"), "s3": ("dec", "dec")}
+log = logging.getLogger(__name__)
 
 
-def _conv_attrs(layer: Layer, kernel: tuple[int, int], owner: tuple[str, str], me: str, group: int) -> dict:
-    nsp = layer.spatial_rank
-    strides, dil, pads_b, pads_e, ks = [], [], [], [], []
-    for a in range(nsp):
-        mine = owner[a] == me
-        ks.append(kernel[a])
-        strides.append(layer.strides[a] if mine else 1)
-        dil.append(layer.dilations[a] if mine else 1)
-        pads_b.append(layer.pads[a] if mine else 0)
-        pads_e.append(layer.pads[2 + a] if mine else 0)
-    if layer.auto_pad in ("SAME_UPPER", "SAME_LOWER"):  # stays exact when the input size changes
-        return {"kernel_shape": ks, "strides": strides, "dilations": dil, "auto_pad": layer.auto_pad, "group": group}
-    return {"kernel_shape": ks, "strides": strides, "dilations": dil, "pads": pads_b + pads_e, "group": group}
+class Names:
+    """Fresh names: a wanted name is used as is unless the model (or an
+    earlier emission) already has it, then ``name_1``, ``name_2``, ...
+    Tensors (:meth:`fresh`) and nodes (:meth:`node`) have separate namespaces,
+    as in ONNX."""
+
+    def __init__(self, taken: set[str], nodes: set[str] | None = None):
+        self.taken = set(taken)
+        self.nodes = set(nodes or ())
+
+    @classmethod
+    def of_model(cls, model: onnx.ModelProto, graph: gs.Graph | None = None) -> "Names":
+        taken: set[str] = set()
+        nodes: set[str] = set()
+        for fn in model.functions:
+            taken.update(fn.input)
+            taken.update(fn.output)
+        stack = [model.graph] + [n for fn in model.functions for n in fn.node]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, onnx.GraphProto):
+                taken.update(v.name for v in list(item.input) + list(item.output) + list(item.value_info))
+                taken.update(t.name for t in item.initializer)
+                stack.extend(item.node)
+            else:  # a node
+                nodes.add(item.name)
+                taken.update(item.input)
+                taken.update(item.output)
+                stack.extend(_subgraphs(item))
+        if graph is not None:  # a detached large model: its tensors live in the graph only
+            taken.update(graph.tensors().keys())
+            nodes.update(n.name for n in graph.nodes)
+        taken.discard("")
+        return cls(taken, nodes)
+
+    @staticmethod
+    def _take(pool: set[str], want: str) -> str:
+        name, i = want, 0
+        while name in pool:
+            i += 1
+            name = f"{want}_{i}"
+        pool.add(name)
+        return name
+
+    def fresh(self, want: str) -> str:
+        """A tensor name."""
+        return self._take(self.taken, want)
+
+    def node(self, want: str) -> str:
+        """A node name."""
+        return self._take(self.nodes, want)
 
 
-def _emit_conv(layer: Layer, k: int, scheme: str, rank: int, weights=None) -> list[gs.Node]:
-    node = layer.node
-    enc_w, dec_w = weights if weights is not None else factorize(layer.weight4(), scheme, k, rank)
-    if layer.spatial_rank == 1:
-        enc_w, dec_w = enc_w[..., 0], dec_w[..., 0]
-    owner = _AXIS_OWNER[scheme]
-    if layer.spatial_rank == 1:
-        owner = owner[:1]
-    p = layer.name
-    z = gs.Variable(f"{p}/alds_encoder_output", dtype=node.outputs[0].dtype)
-    enc = gs.Node("Conv", name=f"{p}/alds_encoder",
-                  attrs=_conv_attrs(layer, enc_w.shape[2:], owner, "enc", k),
-                  inputs=[node.inputs[0], gs.Constant(f"{p}/alds_encoder.weight", enc_w)], outputs=[z])
-    dec_inputs = [z, gs.Constant(f"{p}/alds_decoder.weight", dec_w)]
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        dec_inputs.append(node.inputs[2])
-    dec = gs.Node("Conv", name=f"{p}/alds_decoder",
-                  attrs=_conv_attrs(layer, dec_w.shape[2:], owner, "dec", 1),
-                  inputs=dec_inputs, outputs=list(node.outputs))
-    return [enc, dec]
+def replacement(layer, node: gs.Node, cfg, factors, names: Names) -> list[gs.Node]:
+    """The nodes that compute ``layer`` factorized as ``cfg`` with ``factors``."""
+    return layer.spec.emit(layer, node, cfg, factors, names)
 
 
-def _const_i64(name: str, values) -> gs.Constant:
-    return gs.Constant(name, np.asarray(values, dtype=np.int64))
+def emit(source: Source, info, choices: dict, factors: dict, *, progress: bool = False) -> onnx.ModelProto:
+    """Replace the chosen layers (``choices[name]`` a Config, ``factors[name]``
+    its :class:`~onnx_alds.ops.Factors`) and export."""
+    from tqdm.auto import tqdm
 
-
-def _emit_linear(layer: Layer, k: int, scheme: str, rank: int, weights=None) -> list[gs.Node]:
-    node = layer.node
-    p = layer.name
-    # linear layers have one folding
-    enc_w, dec_w = weights if weights is not None else factorize(layer.weight4(), "s0", k, rank)
-    f, c = layer.geometry.f, layer.geometry.c
-    enc_w = enc_w.reshape(k, rank, c // k)  # (k, j, cg)
-    dec_w = dec_w.reshape(f, k * rank)  # (f, k·j)
-    dtype = node.outputs[0].dtype
-    x = node.inputs[0]
-    nodes: list[gs.Node] = []
-
-    def var(suffix):
-        return gs.Variable(f"{p}/alds_{suffix}", dtype=dtype)
-
-    if k == 1:
-        z = var("encoder_output")
-        nodes.append(gs.Node("MatMul", name=f"{p}/alds_encoder",
-                             inputs=[x, gs.Constant(f"{p}/alds_encoder.weight", np.ascontiguousarray(enc_w[0].T))],
-                             outputs=[z]))
-    else:
-        r = layer.activation_rank
-        cg = c // k
-        xs, xt, zt, zs, z = (var(s) for s in ("split", "groups_first", "encoded", "groups_last", "encoder_output"))
-        gw = np.ascontiguousarray(enc_w.transpose(0, 2, 1)).reshape((k,) + (1,) * (r - 2) + (cg, rank))
-        nodes += [
-            gs.Node("Reshape", name=f"{p}/alds_split", outputs=[xs],
-                    inputs=[x, _const_i64(f"{p}/alds_split.shape", [0] * (r - 1) + [k, cg])]),
-            gs.Node("Transpose", name=f"{p}/alds_groups_first", inputs=[xs], outputs=[xt],
-                    attrs={"perm": [r - 1] + list(range(r - 1)) + [r]}),
-            gs.Node("MatMul", name=f"{p}/alds_encoder", outputs=[zt],
-                    inputs=[xt, gs.Constant(f"{p}/alds_encoder.weight", gw)]),
-            gs.Node("Transpose", name=f"{p}/alds_groups_last", inputs=[zt], outputs=[zs],
-                    attrs={"perm": list(range(1, r)) + [0, r]}),
-            gs.Node("Reshape", name=f"{p}/alds_merge", outputs=[z],
-                    inputs=[zs, _const_i64(f"{p}/alds_merge.shape", [0] * (r - 1) + [k * rank])]),
-        ]
-    if layer.op == "Gemm":
-        inputs = [z, gs.Constant(f"{p}/alds_decoder.weight", dec_w)]
-        if len(node.inputs) > 2 and node.inputs[2].name:
-            inputs.append(node.inputs[2])
-        nodes.append(gs.Node("Gemm", name=f"{p}/alds_decoder", inputs=inputs, outputs=list(node.outputs),
-                             attrs={"alpha": 1.0, "beta": layer.beta, "transA": 0, "transB": 1}))
-    else:
-        nodes.append(gs.Node("MatMul", name=f"{p}/alds_decoder", outputs=list(node.outputs),
-                             inputs=[z, gs.Constant(f"{p}/alds_decoder.weight", np.ascontiguousarray(dec_w.T))]))
-    return nodes
-
-
-def replacement(layer: Layer, k: int, scheme: str, rank: int, weights=None) -> list[gs.Node]:
-    """The nodes that compute ``layer`` factorized as ``(k, scheme, rank)``;
-    ``weights`` = (encoder, decoder) conv weights as :func:`factorize` returns
-    them, computed from the layer's weight when not given."""
-    if layer.op == "Conv":
-        return _emit_conv(layer, k, scheme, rank, weights)
-    return _emit_linear(layer, k, scheme, rank, weights)
+    names = Names.of_model(source.model, source.graph)
+    replaced = {}
+    chosen = [l for l in info.candidates if choices.get(l.name) is not None]
+    for l in tqdm(chosen, desc="emit", unit="layer", disable=not progress, leave=False):
+        node = source.node(l)
+        replaced[id(node)] = replacement(l, node, choices[l.name], factors[l.name], names)
+        # the original weight leaves the graph (it has no other reader): free it now, so
+        # that the factors of later layers do not pile up on top of every original
+        source.release(l)
+    apply_replacements(source.graph, replaced)
+    new = gs.export_onnx(source.graph, do_type_check=False)
+    restore_subgraphs(source.model, new)
+    copy_model_fields(source.model, new)
+    if not new.functions and source.model.functions:
+        new.functions.extend(source.model.functions)
+    return new
 
 
 def apply_replacements(graph: gs.Graph, replaced: dict[int, list[gs.Node]]) -> None:

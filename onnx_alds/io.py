@@ -10,9 +10,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx.external_data_helper
+import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 from .errors import ModelError, UsageError
@@ -247,3 +250,98 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool | None = Non
 
 def _no_external(model: onnx.ModelProto) -> bool:
     return not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    """IR version, opsets, producer and metadata of ``src`` onto ``dst``."""
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(dst, f, getattr(src, f))
+    del dst.opset_import[:]
+    dst.opset_import.extend(src.opset_import)
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
+
+
+@dataclass
+class Source:
+    """The model being rewritten and its graphsurgeon graph: the one owner of
+    the weights.  Analysis results (:mod:`onnx_alds.extract`) refer to layers
+    by node position and read weights through :meth:`weight4`; emission
+    (:mod:`onnx_alds.emit`) edits ``graph`` and releases weights it no longer
+    needs."""
+
+    model: onnx.ModelProto
+    graph: gs.Graph
+    path: str | None = None
+
+    @classmethod
+    def load(cls, model_or_path) -> "Source":
+        if isinstance(model_or_path, onnx.ModelProto):
+            return cls(model_or_path, gs.import_onnx(model_or_path), None)
+        model = load_model(model_or_path)
+        return cls(model, gs.import_onnx(model), str(model_or_path))
+
+    @property
+    def large(self) -> bool:
+        return proto_size(self.model) > EXTERNAL_DATA_THRESHOLD
+
+    def node(self, layer) -> gs.Node:
+        return self.graph.nodes[layer.node_index]
+
+    def weight4(self, layer) -> np.ndarray:
+        """The layer's weight as ``f × c × κ1 × κ2`` in its stored dtype."""
+        from .ops import constant_value
+
+        w = np.asarray(constant_value(self.node(layer).inputs[1]))
+        return layer.spec.weight4(w, layer.attrs)
+
+    def bias(self, layer) -> np.ndarray | None:
+        from .ops import constant_value, has_bias
+
+        node = self.node(layer)
+        return np.asarray(constant_value(node.inputs[2])) if has_bias(node) and layer.bias_constant else None
+
+    def release(self, layer) -> None:
+        """Free the original weight (its node is being replaced and it has no other reader)."""
+        w = self.node(layer).inputs[1]
+        if isinstance(w, gs.Constant):
+            w.values = np.zeros((0,), np.float32)
+
+    def detach(self) -> None:
+        """For a large model we loaded ourselves: load every constant of the graph
+        into numpy and keep only a weightless shell of the model (IR version,
+        opsets, metadata, If/Loop/Scan bodies and the outer weights they read),
+        so that the protobuf that held the original bytes is freed.  Peak memory
+        then stays near two copies of the weights, not three."""
+        from .emit import names_read_inside, subgraph_bodies
+
+        graph, model = self.graph, self.model
+        for g in [graph] + [sg for n in graph.nodes for sg in n.subgraphs(recursive=True)]:
+            for t in list(g.tensors().values()) + [v for n in g.nodes for v in n.attrs.values()]:
+                if isinstance(t, gs.Constant):
+                    t.values  # noqa: B018 - loads LazyValues, dropping the reference to the protobuf
+        shell = onnx.ModelProto()
+        copy_model_fields(model, shell)
+        shell.functions.extend(model.functions)
+        bodies = subgraph_bodies(model.graph)
+        shell.graph.node.extend(bodies)
+        read = names_read_inside(bodies)
+        shell.graph.initializer.extend(t for t in model.graph.initializer if t.name in read)
+        # graphsurgeon keeps the model's opset list, a view that would keep the whole protobuf alive
+        graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains]
+        self.model = shell
+        trim_memory()
+
+
+def check_rewritten(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
+    """Full check (with strict shape inference) of the rewritten model; where
+    the original itself does not pass the full check, the plain check."""
+    try:
+        check_model(new, "the rewritten model", full=True)
+    except ModelError:
+        try:
+            check_model(original, "the input model", full=True)
+        except ModelError:
+            check_model(new, "the rewritten model", full=False)
+            return
+        raise

@@ -33,9 +33,11 @@ from tqdm.auto import tqdm
 
 from .cost import factorized_params, full_rank
 from .errors import UsageError
-from .extract import Layer, ModelInfo, _known, extract
+from .extract import Layer, ModelInfo, extract
 from .folding import decoder_kernel, encoder_kernel
-from .io import atomic_write_bytes
+from .io import Source, atomic_write_bytes
+from .ops import Factors, known as _known
+from .select import Config
 from .runtime import ort, providers_for, session, used_provider
 
 log = logging.getLogger(__name__)
@@ -70,32 +72,6 @@ def time_session(sess, feeds, *, warmup: int = 3, repeats: int = 15) -> float:
     return float(np.median(ts) * 1e3)
 
 
-def _layer_model(layer: Layer, in_dims: list[int], opset: int) -> onnx.ModelProto:
-    """The layer alone, with random weights, at a fixed input shape."""
-    rng = np.random.default_rng(0)
-    node = layer.node
-    dtype = np.dtype(layer.dtype)
-    inits = [numpy_helper.from_array(rng.standard_normal(layer.weight_shape).astype(dtype), "w")]
-    inputs = ["x", "w"]
-    if layer.op in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
-        inits.append(numpy_helper.from_array(np.zeros(layer.geometry.f, dtype), "b"))
-        inputs.append("b")
-    attrs = {}
-    if layer.op == "Conv":
-        n = layer.spatial_rank
-        attrs = dict(strides=list(layer.strides[:n]), dilations=list(layer.dilations[:n]),
-                     pads=list(layer.pads[:n]) + list(layer.pads[2:2 + n]))
-    elif layer.op == "Gemm":
-        attrs = dict(transB=layer.trans_b, alpha=layer.alpha, beta=layer.beta)
-    et = helper.np_dtype_to_tensor_dtype(dtype)
-    g = helper.make_graph([helper.make_node(layer.op, inputs, ["y"], name="layer", **attrs)], "layer",
-                          [helper.make_tensor_value_info("x", et, in_dims)],
-                          [helper.make_tensor_value_info("y", et, None)], initializer=inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
-
-
 def _overhead_model(base: onnx.ModelProto) -> onnx.ModelProto:
     """A run that feeds the layer's input and computes nothing (``Shape``, whose
     output is tiny, so no copy of the input is timed): the fixed cost of a run."""
@@ -107,25 +83,25 @@ def _overhead_model(base: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _random_factors(layer: Layer, k: int, scheme: str, rank: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+def _random_factors(layer, k: int, scheme: str, rank: int, dtype) -> Factors:
     g = layer.geometry
     rng = np.random.default_rng(1)
     e, d = encoder_kernel(scheme, g.kernel), decoder_kernel(scheme, g.kernel)
     enc = rng.standard_normal((k * rank, g.c // k, *e)).astype(dtype)
     dec = rng.standard_normal((g.f, k * rank, *d)).astype(dtype)
-    if layer.spatial_rank == 1:
-        enc, dec = enc[..., :1], dec[..., :1]  # emit drops the unit axis of 1-D convs
-    return enc, dec
+    return Factors(enc, dec)
 
 
 def _factorized_model(base: onnx.ModelProto, k: int, scheme: str, rank: int) -> onnx.ModelProto:
-    from .emit import apply_replacements, replacement
+    """The standalone layer ``base`` with its node replaced by the emitted subgraph."""
+    from .emit import emit
 
-    graph = gs.import_onnx(base)
-    layer = extract(base, graph).layers[0]
-    nodes = replacement(layer, k, scheme, rank, weights=_random_factors(layer, k, scheme, rank, np.dtype(layer.dtype)))
-    apply_replacements(graph, {id(layer.node): nodes})
-    out = gs.export_onnx(graph, do_type_check=False)
+    source = Source.load(base)
+    info = extract(base, source.graph)
+    layer = info.layers[0]
+    cfg = Config(k, scheme, rank, 0.0)
+    out = emit(source, info, {layer.name: cfg},
+               {layer.name: _random_factors(layer, k, scheme, rank, np.dtype(layer.dtype))})
     out.ir_version = base.ir_version
     return out
 
@@ -133,9 +109,10 @@ def _factorized_model(base: onnx.ModelProto, k: int, scheme: str, rank: int) -> 
 def cache_key(layer: Layer, in_dims, provider: str, ort_version: str, threads: int, opset: int,
               bias: bool) -> tuple[str, dict]:
     """What a layer's latency depends on, and its hash (the cache file name)."""
+    a = layer.attrs
     src = {"version": CACHE_VERSION, "op": layer.op, "w": list(layer.weight_shape), "dtype": layer.dtype, "in": list(in_dims),
-           "strides": list(layer.strides), "dil": list(layer.dilations), "pads": list(layer.pads),
-           "transB": layer.trans_b, "bias": bias, "provider": provider, "ort": ort_version,
+           "strides": list(a.strides), "dil": list(a.dilations), "pads": list(a.pads),
+           "transB": a.trans_b, "bias": bias, "provider": provider, "ort": ort_version,
            "threads": threads, "opset": opset}
     return hashlib.sha1(json.dumps(src, sort_keys=True).encode()).hexdigest(), src
 
@@ -183,11 +160,11 @@ class LatencyTable:
     def configs(self, name: str) -> list[tuple[int, str]]:
         return sorted(self.layers[name].grid)
 
-    def cost_fn(self, layer: Layer):
-        return self.layers[layer.name].cost
-
-    def model_total(self, info: ModelInfo) -> float:
-        return self.model_ms
+    def summary(self, predicted_ms: float) -> dict:
+        """What the report's budget section says of the table and a prediction."""
+        return dict(provider=self.provider, model_ms=self.model_ms, predicted_ms=predicted_ms,
+                    predicted_speedup=self.model_ms / predicted_ms if predicted_ms > 0 else float("nan"),
+                    measurements=self.measured, cached=self.cached)
 
     def predicted_ms(self, choices: dict) -> float:
         t = self.model_ms
@@ -209,11 +186,11 @@ class LatencyTable:
         prov_used = None
         cands = info.candidates
         for layer in tqdm(cands, desc="latency table", unit="layer", disable=not progress, leave=False):
-            in_dims = info.shapes.get(layer.node.inputs[0].name)
+            in_dims = info.shapes.get(layer.input_name)
             if not _known(in_dims):
                 raise UsageError(f"the latency of {layer.name!r} needs its input shape; give the model's "
                                  f"dynamic sizes with --input-shape NAME:D1,D2,...")
-            base = _layer_model(layer, list(in_dims), opset)
+            base = layer.spec.standalone(layer, list(in_dims), opset)
             mini_layer = extract(base, gs.import_onnx(base)).layers[0]
             allowed = [s for s in mini_layer.schemes if schemes is None or s in schemes] or ["s0"]
             ks = grid_ks(layer.geometry.c, k_max) if mini_layer.allow_groups else [1]
@@ -253,3 +230,16 @@ class LatencyTable:
 
         model_ms = time_session(sess, random_inputs(sess, info.input_shapes, batch=1), warmup=5, repeats=30)
         return cls(prov_used or used_provider(sess), layers, model_ms, measured, cached, threads)
+
+
+def measure_speedup(model, new, table, info) -> dict:
+    """Whole-model latency before and after, interleaved, with the table's settings."""
+    from .validate import interleaved_latency, random_inputs
+
+    providers = providers_for("cuda" if table.provider == "CUDAExecutionProvider" else "cpu")
+    s0, s1 = session(model, providers, table.threads), session(new, providers, table.threads)
+    feeds = random_inputs(s0, info.input_shapes, batch=1)
+    t0, t1 = interleaved_latency([s0, s1], [feeds, feeds], warmup=5, repeats=30)
+    before, after = float(np.median(t0)), float(np.median(t1))
+    return {"threads": table.threads, "measured_ms_before": before, "measured_ms": after,
+            "measured_speedup": before / after if after > 0 else float("nan")}

@@ -1,6 +1,13 @@
 """The Plan: per layer ``(name, weight, k, scheme, rank)`` plus the budget it
 was solved for.  Plain data, JSON in and out; produced by the selector and
-consumed by the ONNX emitter and the torch side alike."""
+consumed by the ONNX emitter and the torch side alike.
+
+Weight-only factors follow from the weights and the plan alone.  Data-aware
+factors also depend on the calibration data, so a plan made with them
+carries them: ``plan.json`` names a sidecar ``plan.factors.npz`` (encoder,
+decoder and bias correction of every layer, ``allow_pickle=False``) with its
+SHA-256, and both ``rewrite --apply-plan`` and ``onnx_alds.torch.apply_plan``
+use those factors as they are."""
 
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ class Plan:
     layers: list[LayerPlan] = field(default_factory=list)
     budget: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
+    factors: dict | None = field(default=None, repr=False)  # layer name → ops.Factors (data-aware plans)
 
     def to_dict(self) -> dict:
         return {"version": self.version, "budget": dict(self.budget),
@@ -36,10 +44,69 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
-    def save(self, path) -> None:
+    @staticmethod
+    def factors_path(path) -> Path:
+        p = Path(path)
+        return p.with_name(p.stem + ".factors.npz")
+
+    def save(self, path) -> list[Path]:
+        """Write the plan (and its factors sidecar, when it carries factors); returns the paths."""
+        import hashlib
+        import io as _io
+
+        import numpy as np
+
         from .io import atomic_write_bytes
 
-        atomic_write_bytes(path, (self.to_json() + "\n").encode())
+        d = self.to_dict()
+        written = []
+        if self.factors:
+            arrays = {}
+            for name, f in self.factors.items():
+                arrays[f"{name}|encoder"] = f.encoder
+                arrays[f"{name}|decoder"] = f.decoder
+                if f.bias_delta is not None:
+                    arrays[f"{name}|bias_delta"] = np.asarray(f.bias_delta)
+            buf = _io.BytesIO()
+            np.savez(buf, **arrays)
+            data = buf.getvalue()
+            side = self.factors_path(path)
+            atomic_write_bytes(side, data)
+            written.append(side)
+            d["factors"] = {"file": side.name, "sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write_bytes(path, (json.dumps(d, indent=2) + "\n").encode())
+        return [Path(path)] + written
+
+    def load_factors(self, ref: dict, base: Path) -> None:
+        import hashlib
+        import io as _io
+
+        import numpy as np
+
+        from .ops.base import Factors
+
+        if not isinstance(ref, dict) or not isinstance(ref.get("file"), str):
+            raise UsageError("the plan's 'factors' entry needs a 'file'")
+        side = base / Path(ref["file"]).name  # beside the plan, never elsewhere
+        try:
+            data = side.read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot read the plan's factors file {str(side)!r}: {e.strerror or e}") from None
+        if ref.get("sha256") and hashlib.sha256(data).hexdigest() != ref["sha256"]:
+            raise UsageError(f"the plan's factors file {str(side)!r} does not match the plan (SHA-256 differs)")
+        try:
+            with np.load(_io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception:
+            raise UsageError(f"the plan's factors file {str(side)!r} is not a valid .npz") from None
+        factors = {}
+        for l in self.layers:
+            try:
+                factors[l.name] = Factors(arrays[f"{l.name}|encoder"], arrays[f"{l.name}|decoder"],
+                                          arrays.get(f"{l.name}|bias_delta"))
+            except KeyError:
+                raise UsageError(f"the plan's factors file has no factors for layer {l.name!r}") from None
+        self.factors = factors
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
@@ -72,6 +139,39 @@ class Plan:
         except OSError as e:
             raise UsageError(f"cannot read plan file {str(path)!r}: {e.strerror or e}") from None
         try:
-            return cls.from_dict(json.loads(text))
+            d = json.loads(text)
         except json.JSONDecodeError as e:
             raise UsageError(f"plan file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        plan = cls.from_dict(d)
+        if isinstance(d, dict) and d.get("factors") is not None:
+            plan.load_factors(d["factors"], Path(path).parent)
+        return plan
+
+
+def resolve(plan: Plan, info) -> dict:
+    """Check a plan against the analysed model; returns layer name → (k, scheme, rank)."""
+    from .cost import full_rank
+
+    by_name = {l.name: l for l in info.layers}
+    by_weight = {l.weight_name: l for l in info.layers}
+    out = {}
+    for e in plan.layers:
+        l = by_name.get(e.name) or by_weight.get(e.weight)
+        if l is None:
+            raise UsageError(f"the plan names layer {e.name!r}, which is not in the model")
+        if l.status != "candidate":
+            raise UsageError(f"the plan factorizes {l.name!r}, which cannot be compressed ({l.reason})")
+        g = l.geometry
+        if g.c % e.k:
+            raise UsageError(f"the plan's k={e.k} for {l.name!r} does not divide its {g.c} input channels")
+        if e.k > 1 and not l.allow_groups:
+            raise UsageError(f"{l.name!r} has an activation of unknown rank, so only k=1 can be emitted")
+        if e.scheme not in l.schemes:
+            raise UsageError(f"scheme {e.scheme} does not apply to {l.name!r} (kernel {g.kernel}); "
+                             f"use one of {', '.join(l.schemes)}")
+        r = full_rank(g, e.k, e.scheme)
+        if e.rank > r:
+            raise UsageError(f"the plan's rank {e.rank} for {l.name!r} exceeds the full rank {r} "
+                             f"of k={e.k}, {e.scheme}")
+        out[l.name] = (e.k, e.scheme, e.rank, e.name)
+    return out

@@ -19,7 +19,8 @@ class LayerReport:
     k: int | None = None
     scheme: str | None = None
     rank: int | None = None
-    rel_error: float = 0.0
+    rel_error: float = 0.0  # predicted by the error model
+    measured_error: float | None = None  # of the emitted factors (see Report.error_model)
     params_before: int = 0
     params_after: int = 0
     flops_before: int | None = None
@@ -37,6 +38,9 @@ class Report:
     flops_before: int | None
     flops_after: int | None
     max_rel_error: float
+    error_model: str = "spectral"
+    error_bound: str = "upper"  # how predicted relates to measured: exact | upper | lower
+    max_measured_error: float | None = None
     layers: list[LayerReport] = field(default_factory=list)
     validation: dict | None = None
     baselines: dict = field(default_factory=dict)
@@ -60,6 +64,10 @@ class Report:
         d["params_fraction"] = self.params_fraction
         d["flops_fraction"] = self.flops_fraction
         return d
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.budget.get("warnings", []))
 
     def save(self, path) -> None:
         atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
@@ -127,3 +135,36 @@ def plot_report(report: Report, path) -> None:
     fig.savefig(buf, format=str(path).rsplit(".", 1)[-1] if "." in str(path) else "png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def build_report(info, choices: dict, measured: dict, *, method: str, budget: dict, error_model,
+                 params_after: int, flops_after, in_path, timings: dict, baselines: dict) -> Report:
+    """The report of a rewrite: one row per layer (decomposed, kept or skipped,
+    with its predicted and measured error and its cost before and after)."""
+    from .cost import factorized_flops, factorized_params
+
+    layers = []
+    for l in info.layers:
+        lr = LayerReport(name=l.name, op=l.op, weight=l.weight_name, weight_shape=list(l.weight_shape),
+                         status="skipped" if l.status == "skipped" else "kept", reason=l.reason,
+                         params_before=l.params + l.bias_params, params_after=l.params + l.bias_params,
+                         flops_before=l.flops, flops_after=l.flops)
+        c = choices.get(l.name) if l.status == "candidate" else None
+        if c is not None:
+            lr.status, lr.k, lr.scheme, lr.rank, lr.rel_error = "decomposed", c.k, c.scheme, c.rank, c.rel_error
+            lr.measured_error = measured.get(l.name)
+            lr.params_after = factorized_params(l.geometry, c.k, c.scheme, c.rank) + l.bias_params
+            lr.flops_after = factorized_flops(l.geometry, c.k, c.scheme, c.rank)
+        elif l.status == "candidate":
+            lr.reason = "kept: no factorization within the error threshold is cheaper"
+        layers.append(lr)
+    meas = [l.measured_error for l in layers if l.measured_error is not None]
+    return Report(
+        input=in_path, output=None, method=method, budget=budget,
+        params_before=info.params_total, params_after=params_after,
+        flops_before=info.flops_total, flops_after=flops_after,
+        max_rel_error=max((l.rel_error for l in layers), default=0.0),
+        error_model=error_model.name, error_bound=error_model.bound,
+        max_measured_error=max(meas) if meas else None,
+        layers=layers, baselines=baselines, timings_s=timings, input_shapes=info.input_shapes,
+    )

@@ -26,10 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cost import Geometry, encoder_spatial, full_rank
 from .errors import InfeasibleBudget
-from .folding import SCHEMES, decoder_kernel, encoder_kernel
-from .spectra import LayerSpectra
+from .folding import SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -90,31 +88,21 @@ class Selection:
     details: dict = field(default_factory=dict)
 
 
-def layer_options(name: str, g: Geometry, spectra: LayerSpectra, metric: str = "params",
-                  latency=None, configs=None) -> Options:
-    """Build a layer's options from its spectra, for the ``(k, scheme)`` pairs in
-    ``configs`` (default: all that the spectra hold).  ``metric`` is ``params``,
-    ``flops`` or ``latency`` (then ``latency(k, scheme, ranks) -> costs`` and
-    ``latency(None, None, None)`` the layer's own cost)."""
+def layer_options(name: str, curves: dict[tuple[int, str], np.ndarray], dense_cost: float, costs,
+                  full_rank_s0: int = 0, admissible=None) -> Options:
+    """A layer's options: every ``(k, scheme, rank)`` of ``curves`` (error model:
+    ``curves[(k, s)][j]`` for ``j = 0..r``) that costs less than the layer itself
+    (``costs(k, s, ranks) -> array``, from a cost model) and that ``admissible``
+    (``(k, s, ranks) -> bool array``, e.g. a speed guard) allows."""
     eps, cost, ks, ss, rs = [], [], [], [], []
-    if metric == "params":
-        orig = float(g.params)
-    elif metric == "flops":
-        orig = float(g.flops)
-    else:
-        orig = float(latency(None, None, None))
-    for (k, s) in sorted(spectra.sv if configs is None else configs):
-        r = full_rank(g, k, s)
-        curve = spectra.error_curve(k, s)[: r + 1]
-        j = np.arange(1, r + 1)
-        e, d = np.prod(encoder_kernel(s, g.kernel)), np.prod(decoder_kernel(s, g.kernel))
-        if metric == "params":
-            cst = j * float(g.c * e + g.f * k * d)
-        elif metric == "flops":
-            cst = j * float(g.c * e * np.prod(encoder_spatial(g, s)) + g.f * k * d * np.prod(g.out_spatial))
-        else:
-            cst = np.asarray(latency(k, s, j), dtype=float)
+    orig = float(dense_cost)
+    for (k, s) in sorted(curves):
+        curve = curves[(k, s)]
+        j = np.arange(1, len(curve))
+        cst = np.asarray(costs(k, s, j), dtype=float)
         useful = cst < orig
+        if admissible is not None:
+            useful &= np.asarray(admissible(k, s, j), dtype=bool)
         eps.append(curve[1:][useful])
         cost.append(cst[useful])
         ks.append(np.full(useful.sum(), k))
@@ -123,7 +111,7 @@ def layer_options(name: str, g: Geometry, spectra: LayerSpectra, metric: str = "
     eps.append([0.0]); cost.append([orig]); ks.append([KEEP]); ss.append([0]); rs.append([0])
     return Options(name, np.concatenate(eps).astype(float), np.concatenate(cost).astype(float),
                    np.concatenate(ks).astype(int), np.concatenate(ss).astype(int),
-                   np.concatenate(rs).astype(int), orig, full_rank(g, 1, "s0"))
+                   np.concatenate(rs).astype(int), orig, full_rank_s0)
 
 
 def min_cost(options: list[Options]) -> float:
@@ -210,12 +198,14 @@ def select_alds_paper(options: list[Options], budget: float, *, fixed: float = 0
             ks = new_ks
         if picks is None:
             continue
-        err = max(float(o.eps[i]) for o, i in zip(options, picks))
+        err = max((float(o.eps[i]) for o, i in zip(options, picks)), default=0.0)
         tried.append(err)
         if err < best_err:
             best, best_err = picks, err
     if best is None:  # no seed was feasible: fall back to the plain rank search at k = 1
         restricted = [o.subset(o.k == 1) for o in options]
+        if min_cost(restricted) > budget + 1e-9:
+            raise InfeasibleBudget("the budget cannot be met by the paper's procedure", float("nan"))
         _, sub = solve_minmax(restricted, budget)
         best = [int(np.flatnonzero((o.k == 1) | (o.k == KEEP))[i]) for o, i in zip(options, sub)]
     return _selection("alds-paper", options, best, seeds_tried=len(tried))
@@ -257,3 +247,59 @@ def select_uniform(options: list[Options], budget: float, *, fixed: float = 0.0,
 
 
 METHODS = {"alds": select_alds, "alds-paper": select_alds_paper, "uniform": select_uniform}
+
+
+def baseline_options(method: str, options: list[Options]) -> list[Options]:
+    """What each method may choose among the same options (same error model, same costs)."""
+    s0 = SCHEMES.index("s0")
+    if method == "uniform":
+        return [o.subset((o.k == 1) & (o.scheme == s0)) for o in options]
+    if method == "alds-paper":
+        return [o.subset(o.scheme == s0) for o in options]
+    return options
+
+
+def solve(options: list[Options], *, method: str, fraction: float, total: float, compare: bool = True
+          ) -> tuple[Selection, dict]:
+    """Choose under the budget ``fraction · total`` (the cost of non-candidate
+    layers counts as fixed); returns the selection and the max error each other
+    method reaches on the same options (None where it cannot meet the budget)."""
+    if method not in METHODS:
+        from .errors import UsageError
+
+        raise UsageError(f"unknown method {method!r} (use {', '.join(METHODS)})")
+    fixed = total - sum(o.orig_cost for o in options)
+    budget = fraction * total - fixed
+    sel = METHODS[method](baseline_options(method, options), budget, fixed=fixed, total=total)
+    sel.details.update(fraction=fraction, total=total, fixed=fixed, target=fraction * total,
+                       predicted=fixed + sel.cost)
+    baselines = {}
+    for other in (METHODS if compare else ()):
+        if other == method:
+            continue
+        try:
+            baselines[other] = METHODS[other](baseline_options(other, options), budget, fixed=fixed,
+                                              total=total).max_rel_error
+        except InfeasibleBudget as e:  # reported as such; any other exception is a bug
+            log.info("baseline %s: %s", other, e)
+            baselines[other] = None
+    return sel, baselines
+
+
+def layer_configs(layers, schemes=None, k_max=None) -> dict[str, list[tuple[int, str]]]:
+    """The candidate ``(k, scheme)`` pairs of each layer: every divisor k of c up
+    to ``k_max`` (1 where groups cannot be emitted) × the distinct schemes."""
+    from .errors import UsageError
+    from .folding import canonical_scheme
+    from .spectra import candidate_ks
+
+    schemes = tuple(schemes or SCHEMES)
+    for s in schemes:
+        if s not in SCHEMES:
+            raise UsageError(f"unknown scheme {s!r} (use s0, s1, s2, s3)")
+    out = {}
+    for l in layers:
+        ss = sorted({canonical_scheme(s, l.geometry.kernel) for s in schemes})
+        ks = candidate_ks(l.geometry.c, k_max, l.allow_groups)
+        out[l.name] = [(k, s) for k in ks for s in ss]
+    return out

@@ -1,10 +1,18 @@
-"""Run the original and the rewritten model on the same seeded random inputs.
+"""Run the original and the rewritten model on the same inputs, and gate the result.
 
-Reports, Polygraphy-style, the provider each session really used, the inputs
-drawn, and per output the max absolute difference and the relative L2 error
-``‖y' − y‖₂ / ‖y‖₂``, plus the median latency of both models (interleaved
-runs, so that machine noise hits both).  A load failure, a changed output
-shape or dtype, or NaN/Inf that the original does not produce is a failure.
+The inputs are the calibration data when given (the data the user deploys
+for), seeded random ones otherwise.  Reports, Polygraphy-style, the provider
+each session really used, the inputs, and per output the max absolute
+difference, the relative L2 error ``‖y' − y‖₂ / ‖y‖₂`` and, for outputs that
+look like class scores (2-D, more than one column), the top-1 agreement with
+the original; plus the median latency of both models (interleaved runs, so
+that machine noise hits both).  A load failure, a changed output shape or
+dtype, or NaN/Inf that the original does not produce is a failure (exit 5).
+
+:func:`gate` turns the numbers into a verdict: past ``max_output_error`` or
+below ``min_speedup`` it raises :class:`ValidationFailed` (exit 5, nothing
+is written); without those limits it returns warnings for an output error
+above :data:`WARN_OUTPUT_ERROR` or a model slower than its input.
 """
 
 from __future__ import annotations
@@ -39,6 +47,14 @@ class Validation:
     batch: int = 2
     seed: int = 0
     interleaved: bool = True  # latency of both models timed in alternation
+    data: str = "random"  # "calibration" when the user's data fed both models
+    top1_agreement: float | None = None  # worst over class-score outputs
+
+    @property
+    def speedup(self) -> float | None:
+        if not self.latency_ms_before or not self.latency_ms_after:
+            return None
+        return self.latency_ms_before / self.latency_ms_after
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +90,14 @@ def random_inputs(sess, input_shapes: dict[str, list] | None = None, *, batch: i
     return feeds
 
 
+WARN_OUTPUT_ERROR = 0.1  # a relative L2 error of an output above this is a warning without a gate
+
+
+def looks_like_scores(a: np.ndarray) -> bool:
+    """Class scores: a float (N, C) output with C > 1 and N > 1."""
+    return a.ndim == 2 and a.shape[0] > 1 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating)
+
+
 def compare_outputs(names, before, after) -> tuple[dict, float, float]:
     per = {}
     worst_abs, worst_rel = 0.0, 0.0
@@ -97,6 +121,8 @@ def compare_outputs(names, before, after) -> tuple[dict, float, float]:
             diff = float(np.max(np.abs(a.astype(np.int64) - b.astype(np.int64)))) if a.size else 0.0
             rel = float(np.mean(a != b)) if a.size else 0.0
         per[name] = {"max_abs_diff": diff, "rel_l2": rel, "shape": list(a.shape), "dtype": str(a.dtype)}
+        if looks_like_scores(a):
+            per[name]["top1_agreement"] = float(np.mean(a.argmax(1) == b.argmax(1)))
         worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, rel)
     return per, worst_abs, worst_rel
 
@@ -130,8 +156,11 @@ def _first(e: BaseException) -> str:
 
 
 def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, batch: int = 2,
-             seed: int = 0, repeats: int = 20, threads: int | None = None, low_memory: bool = False) -> Validation:
-    """Compare ``original`` and ``rewritten`` (paths, bytes or ModelProtos).
+             seed: int = 0, repeats: int = 20, threads: int | None = None, low_memory: bool = False,
+             feeds: dict | None = None, max_samples: int = 256) -> Validation:
+    """Compare ``original`` and ``rewritten`` (paths, bytes or ModelProtos) on
+    ``feeds`` (calibration data: name → array, samples first; at most
+    ``max_samples`` of them) or on seeded random inputs.
 
     ``low_memory`` (models over 2 GB) holds one session at a time, so latency
     is then timed model after model rather than interleaved."""
@@ -142,7 +171,13 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
         raise
     except Exception as e:  # the input itself is at fault: an invalid model (exit 3), not a failed rewrite
         raise ModelError(f"onnxruntime cannot load the input model: {_first(e)}") from None
-    feeds = random_inputs(s0, input_shapes, batch=batch, seed=seed)
+    data = "calibration" if feeds is not None else "random"
+    if feeds is not None:
+        feeds = {k: np.ascontiguousarray(v[:max_samples]) for k, v in feeds.items()}
+        batch = int(next(iter(feeds.values())).shape[0]) if feeds else batch
+    else:
+        feeds = random_inputs(s0, input_shapes, batch=batch, seed=seed)
+    timing_feeds = {k: v[:1] for k, v in feeds.items()} if data == "calibration" else feeds
     names = [o.name for o in s0.get_outputs()]
     try:
         before = s0.run(None, feeds)
@@ -150,7 +185,7 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
         raise ModelError(f"the input model fails to run in onnxruntime on random inputs: {_first(e)}") from None
     lat0 = None
     if low_memory:
-        lat0 = interleaved_latency([s0], [feeds], repeats=repeats)[0] if repeats else None
+        lat0 = interleaved_latency([s0], [timing_feeds], repeats=repeats)[0] if repeats else None
         del s0
     try:
         s1 = session(rewritten, providers, threads, low_memory)
@@ -168,13 +203,37 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
     if not repeats:
         lat = None
     elif low_memory:
-        lat = [lat0, interleaved_latency([s1], [feeds], repeats=repeats)[0]]
+        lat = [lat0, interleaved_latency([s1], [timing_feeds], repeats=repeats)[0]]
     else:
-        lat = interleaved_latency([s0, s1], [feeds, feeds], repeats=repeats)
+        lat = interleaved_latency([s0, s1], [timing_feeds, timing_feeds], repeats=repeats)
+    top1 = [o["top1_agreement"] for o in per.values() if "top1_agreement" in o]
     return Validation(
         provider=used_provider(s1), max_abs_diff=worst_abs, rel_l2=worst_rel, outputs=per,
         inputs={k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
         latency_ms_before=float(np.median(lat[0])) if lat else None,
         latency_ms_after=float(np.median(lat[1])) if lat else None,
-        batch=batch, seed=seed, interleaved=not low_memory,
+        batch=batch, seed=seed, interleaved=not low_memory, data=data,
+        top1_agreement=min(top1) if top1 else None,
     )
+
+
+def gate(v: Validation, *, max_output_error: float | None = None, min_speedup: float | None = None) -> list[str]:
+    """Raise :class:`ValidationFailed` past a limit; return the warnings otherwise."""
+    if max_output_error is not None and v.rel_l2 > max_output_error:
+        raise ValidationFailed(f"the rewritten model's output error (relative L2 {v.rel_l2:.3g} on {v.data} "
+                               f"inputs) exceeds --max-output-error {max_output_error:g}; nothing was written")
+    sp = v.speedup
+    if min_speedup is not None and sp is not None and sp < min_speedup:
+        raise ValidationFailed(f"the rewritten model runs {sp:.2f}x as fast as the input on {v.provider}, "
+                               f"below --min-speedup {min_speedup:g}; nothing was written")
+    warnings = []
+    if max_output_error is None and v.rel_l2 > WARN_OUTPUT_ERROR:
+        what = f"relative L2 {v.rel_l2:.3g}"
+        if v.top1_agreement is not None:
+            what += f", top-1 agreement {100 * v.top1_agreement:.1f} %"
+        warnings.append(f"the outputs changed a lot ({what} on {v.data} inputs); check accuracy on your data, "
+                        f"or bound it with --max-output-error")
+    if min_speedup is None and sp is not None and sp < 1.0:
+        warnings.append(f"the rewritten model is slower than the input on {v.provider} "
+                        f"({v.latency_ms_before:.3f} ms -> {v.latency_ms_after:.3f} ms, {sp:.2f}x)")
+    return warnings

@@ -141,7 +141,7 @@ def test_random_graphs_full_rank_reproduces(case, data):
     assert count_layer_ops(new) == count_layer_ops(model) + len(layers)
     x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
     assert_same_outputs(model, new, {"x": x}, tol=1e-5)
-    if any(l.spatial_rank for l in info.candidates):  # convs: also at another batch size
+    if any(l.attrs.spatial_rank for l in info.candidates):  # convs: also at another batch size
         x = np.random.default_rng(1).standard_normal([3] + x_shape[1:]).astype(np.float32)
         assert_same_outputs(model, new, {"x": x}, tol=1e-5)
 

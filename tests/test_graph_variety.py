@@ -264,7 +264,7 @@ def test_torch_family_full_rank_and_budget(torch_family):
         # the activation-by-activation MatMuls of attention are listed as such
         rt = [v for v in st.values() if v[0] == "MatMul" and v[1] == "skipped"]
         assert len(rt) == 4 and all(v[2] == "weight is computed at run time" for v in rt)
-        assert all(l.activation_rank == 3 for l in info.candidates if l.op == "MatMul")
+        assert all(l.attrs.activation_rank == 3 for l in info.candidates if l.op == "MatMul")
     elif name == "two_in_two_out":
         assert len(model.graph.input) == 2 and len(model.graph.output) == 2
         assert len(info.candidates) == 5

@@ -53,7 +53,7 @@ def test_cache_hits_and_invalidation(cache):
     assert other.cached == n_fc and other.measured == first.measured - n_fc
     # another provider or onnxruntime version gives another key
     layer = info.candidates[0]
-    dims = info.shapes[layer.node.inputs[0].name]
+    dims = info.shapes[layer.input_name]
     base = cache_key(layer, dims, "CPUExecutionProvider", "1.0", 2, 17, True)[0]
     assert cache_key(layer, dims, "CUDAExecutionProvider", "1.0", 2, 17, True)[0] != base
     assert cache_key(layer, dims, "CPUExecutionProvider", "1.1", 2, 17, True)[0] != base

@@ -7,7 +7,11 @@ import pytest
 
 from graphs import cnn_model, initializer_floats
 from onnx_alds import rewrite
-from onnx_alds.cost import Geometry
+from functools import partial
+from types import SimpleNamespace
+
+from onnx_alds.cost import Geometry, cost_model, full_rank
+from onnx_alds.error_model import _norm_curves
 from onnx_alds.errors import InfeasibleBudget
 from onnx_alds.folding import divisors
 from onnx_alds.select import layer_options, select_alds, select_alds_paper, select_uniform
@@ -28,7 +32,14 @@ def random_layers(seed, n=3):
 
         configs[name] = [(k, s) for k in divisors(c) for s in distinct_schemes(kern)]
     spectra = compute_spectra(weights, configs, progress=False, workers=1)
-    return geos, spectra
+    return geos, {n: _norm_curves(spectra[n].sv, configs[n], "paper") for n in geos}
+
+
+def options_of(name, geometry, curves, metric):
+    """A layer's options under a cost model, as the API builds them."""
+    layer = SimpleNamespace(geometry=geometry)
+    cm = cost_model(metric)
+    return layer_options(name, curves, cm.dense(layer), partial(cm.configs, layer), full_rank(geometry, 1, "s0"))
 
 
 def brute_force(options, budget):
@@ -44,7 +55,7 @@ def brute_force(options, budget):
 @pytest.mark.parametrize("metric", ["params", "flops"])
 def test_alds_is_optimal_against_brute_force(seed, metric):
     geos, spectra = random_layers(seed)
-    options = [layer_options(n, geos[n], spectra[n], metric) for n in geos]
+    options = [options_of(n, geos[n], spectra[n], metric) for n in geos]
     total = sum(o.orig_cost for o in options)
     for frac in (0.3, 0.5, 0.8):
         budget = frac * total
@@ -66,7 +77,7 @@ def test_alds_is_optimal_against_brute_force(seed, metric):
 
 def test_larger_budget_never_gives_larger_error():
     geos, spectra = random_layers(7, n=5)
-    options = [layer_options(n, geos[n], spectra[n], "params") for n in geos]
+    options = [options_of(n, geos[n], spectra[n], "params") for n in geos]
     total = sum(o.orig_cost for o in options)
     errs = []
     for frac in np.linspace(0.35, 1.0, 25):

@@ -89,7 +89,9 @@ def test_export_of_factorized_module_equals_rewrite(exported, tmp_path):
 
 def test_batchnorm_needs_example_inputs(exported):
     net, x, model = exported
-    with pytest.raises(ValueError, match="BatchNorm"):
+    from onnx_alds.errors import UsageError
+
+    with pytest.raises(UsageError, match="BatchNorm"):
         apply_plan(net, plan_for(model, 1, "s0"))
 
 

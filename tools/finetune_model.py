@@ -124,11 +124,12 @@ def load_plan(path: str | os.PathLike):
 
 def compress(model, plan, example_inputs, *, batchnorm: bool, calibration_x=None):
     """``apply_plan`` with BatchNorm folded first; with ``batchnorm``, BN re-inserted for fine-tuning."""
+    from onnx_alds.errors import AldsError
     from onnx_alds.torch import apply_plan
 
     try:
         compressed = apply_plan(model, plan, example_inputs=example_inputs)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, AldsError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise CliError(f"the plan does not fit this model: {msg}") from None
     if batchnorm:

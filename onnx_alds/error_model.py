@@ -1,0 +1,260 @@
+"""Error models: how wrong a layer becomes at each rank, for each (k, scheme).
+
+An error model gives the selector one monotone curve per layer and candidate
+``(k, scheme)``: ``curve[j]`` for ``j = 0..r`` is the layer's relative error
+when each of its k channel groups keeps rank j.  The selector minimises the
+largest error under a budget whatever the curves mean.  Each model also makes
+the factors of a chosen configuration and measures the error they really
+have, so the report can put prediction and measurement side by side.
+
+With ``W_i`` the k folded groups of a layer, ``σ_r(·)`` singular values and
+``E = W − Ŵ``:
+
+``paper``      ``max_i σ_{j+1}(W_i) / ‖fold_s(W)‖₂`` — the paper's surrogate; a
+               *lower bound* of the real ``‖fold_s(E)‖₂ / ‖fold_s(W)‖₂`` (the
+               group residuals stand side by side).  Kept to reproduce ALDS.
+``spectral``   ``sqrt(Σ_i σ_{j+1}(W_i)²) / ‖fold_s(W)‖₂`` — an *upper bound* of
+               the same real error (‖[E_1 … E_k]‖₂² ≤ Σ_i ‖E_i‖₂²), equal to it
+               at k = 1.  The default without calibration data.
+``frobenius``  ``sqrt(Σ_i Σ_{r>j} σ_r(W_i)²) / ‖W‖_F`` — exactly ``‖E‖_F/‖W‖_F``.
+``data``       the relative output error on calibration inputs,
+               ``‖E (X − μ)‖_F / ‖W X‖_F`` over every input patch ``x`` of the
+               data (bias correction removes the mean part ``E μ``).  With
+               ``C`` the patch covariance and per-group whitening
+               ``C_ii + λI = L_i L_iᵀ``, ``W_i L_i = P_i Σ_i Q_iᵀ`` gives the
+               factors; the curve is computed *exactly* for every j, cross-group
+               terms included (see :func:`data_curve`), so prediction equals
+               measurement up to the regulariser ``λ = 1e-6·tr(C_ii)/d_i`` (a
+               dead group, ``tr(C_ii) = 0``, takes ``λ = 1e-12``).  Folding s0
+               only: the other schemes fold kernel taps into rows, where input
+               statistics do not act as a right factor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from .cost import full_rank
+from .errors import UsageError
+from .factorize import data_factors, reconstruct, weight_factors
+from .folding import fold
+from .ops.base import Factors
+from .spectra import compute_spectra
+
+log = logging.getLogger(__name__)
+
+Curves = dict[str, dict[tuple[int, str], np.ndarray]]
+
+
+def _norm_curves(sv: dict, configs, kind: str) -> dict:
+    out = {}
+    for (k, s) in configs:
+        g = sv[(k, s)]  # (k, r) descending
+        if kind == "paper":
+            num = np.append(g.max(axis=0), 0.0)
+            den = sv[(1, s)][0, 0]
+        elif kind == "spectral":
+            num = np.append(np.sqrt((g ** 2).sum(axis=0)), 0.0)
+            den = sv[(1, s)][0, 0]
+        else:  # frobenius: tail energy of every group
+            tail = np.cumsum((g ** 2)[:, ::-1], axis=1)[:, ::-1].sum(axis=0)  # Σ_{r≥j+1}, j = 0..r-1
+            num = np.sqrt(np.append(tail, 0.0))
+            den = np.sqrt((sv[(1, s)] ** 2).sum())
+        out[(k, s)] = num / (den if den > 0 else 1.0)
+    return out
+
+
+@dataclass
+class WeightError:
+    """``paper``, ``spectral`` or ``frobenius``: curves from the singular values of the weights alone."""
+
+    name: str
+    cache_dir: str | None = None
+    bound: str = field(init=False)
+
+    def __post_init__(self):
+        self.bound = {"paper": "lower", "spectral": "upper", "frobenius": "exact"}[self.name]
+
+    def schemes(self, layer, wanted):
+        return wanted
+
+    def curves(self, source, layers, configs, *, progress: bool = False) -> Curves:
+        weights = {l.name: source.weight4(l) for l in layers}
+        spectra = compute_spectra(weights, configs, progress=progress, cache_dir=self.cache_dir)
+        return {l.name: _norm_curves(spectra[l.name].sv, configs[l.name], self.name) for l in layers}
+
+    def factors(self, source, layer, cfg) -> Factors:
+        return weight_factors(source.weight4(layer), cfg.k, cfg.scheme, cfg.rank)
+
+    def measure(self, source, layer, cfg, factors: Factors) -> float:
+        """The real error of the emitted factors: ``‖fold_s(E)‖₂/‖fold_s(W)‖₂``
+        (``‖E‖_F/‖W‖_F`` for frobenius)."""
+        w = np.asarray(source.weight4(layer), np.float64)
+        e = w - reconstruct(factors, w.shape)
+        if self.name == "frobenius":
+            den = np.linalg.norm(w)
+            return float(np.linalg.norm(e) / den) if den > 0 else 0.0
+        fw, fe = fold(w, cfg.scheme, 1)[0], fold(e, cfg.scheme, 1)[0]
+        den = np.linalg.norm(fw, 2)
+        return float(np.linalg.norm(fe, 2) / den) if den > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- data-aware
+
+def regularised_cholesky(c: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of ``c + λI`` with ``λ = 1e-6·tr(c)/d`` (1e-12 for
+    a zero block); λ grows tenfold until the factorisation succeeds."""
+    d = c.shape[0]
+    tr = float(np.trace(c))
+    lam = 1e-6 * tr / d if tr > 0 else 1e-12
+    eye = np.eye(d)
+    for _ in range(12):
+        try:
+            return np.linalg.cholesky(c + lam * eye)
+        except np.linalg.LinAlgError:
+            lam *= 10.0
+    return np.sqrt(max(tr / d, 1e-12)) * eye
+
+
+@dataclass
+class LayerStats:
+    """What data-aware errors need of one layer's input patches (s0 order)."""
+
+    cov: np.ndarray  # centered covariance, d × d
+    mean: np.ndarray  # d
+    energy: float  # ‖W X‖_F² / n: the normaliser
+
+    @classmethod
+    def from_moments(cls, m, w2: np.ndarray) -> "LayerStats":
+        n = max(int(m.count), 1)
+        mean = m.sum / n
+        second = m.gram / n
+        cov = second - np.outer(mean, mean)
+        cov = (cov + cov.T) / 2
+        energy = float(np.einsum("fd,de,fe->", w2, second, w2))
+        return cls(cov, mean, max(energy, 0.0))
+
+
+def data_curve(w2: np.ndarray, st: LayerStats, k: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Exact relative output error ``ε(j)``, j = 0..r, of the per-group whitened
+    rank-j factors with bias correction, and the groups' Cholesky factors.
+
+    With ``W_i L_i = P_i Σ_i Q_iᵀ`` the residual of group i at rank j is
+    ``Σ_{a>j} σ_ia p_ia (L_i⁻ᵀ q_ia)ᵀ``, so
+    ``tr(E C Eᵀ) = Σ_{(i,a),(l,b): a,b>j} σ_ia σ_lb (p_iaᵀ p_lb)(y_iaᵀ C y_lb)``
+    with ``y_ia = L_i⁻ᵀ q_ia``: a sum over the lower-right block of one
+    ``(k·r)²`` matrix, taken for every j by a 2-D suffix sum."""
+    f, d = w2.shape
+    dg = d // k
+    r = min(f, dg)
+    chol, ps, ys, sig = [], [], [], []
+    for i in range(k):
+        sl = slice(i * dg, (i + 1) * dg)
+        L = regularised_cholesky(st.cov[sl, sl])
+        p, s, qt = np.linalg.svd(w2[:, sl] @ L, full_matrices=False)
+        y = np.linalg.solve(L.T, qt[:r].T)  # dg × r: L⁻ᵀ q
+        chol.append(L)
+        ps.append(p[:, :r])
+        sig.append(s[:r])
+        ys.append(y)
+    sig = np.concatenate(sig)  # (k·r,)
+    P = np.concatenate(ps, axis=1) * sig  # f × kr, columns σ p
+    # Y C Yᵀ with Y block-diagonal: (kr × d) @ C then back
+    YC = np.concatenate([ys[i].T @ st.cov[i * dg:(i + 1) * dg, :] for i in range(k)], axis=0)  # kr × d
+    YCY = np.concatenate([YC[:, i * dg:(i + 1) * dg] @ ys[i] for i in range(k)], axis=1)  # kr × kr
+    M = (P.T @ P) * YCY
+    rank_of = np.tile(np.arange(r), k)
+    H = np.zeros((r, r))
+    np.add.at(H, (rank_of[:, None], rank_of[None, :]), M)
+    T = H[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1]  # T[a, b] = Σ_{a'≥a, b'≥b} H
+    tail = np.append(np.diag(T), 0.0)  # error² at j = 0..r (j = r: nothing left)
+    eps = np.sqrt(np.clip(tail, 0.0, None) / st.energy) if st.energy > 0 else np.zeros(r + 1)
+    # rounding can break monotonicity by ~1e-16; the selector needs non-increasing curves
+    return np.minimum.accumulate(eps), chol
+
+
+@dataclass
+class DataError:
+    """``data``: relative output error on calibration inputs (see the module docstring)."""
+
+    moments: dict  # layer name → calibration.Moments
+    bias_correction: bool = True
+    name: str = "data"
+    bound: str = "exact"
+    _stats: dict = field(default_factory=dict, repr=False)
+    _chol: dict = field(default_factory=dict, repr=False)
+
+    def schemes(self, layer, wanted):
+        return [s for s in wanted if s == "s0"] or ["s0"]
+
+    def stats(self, source, layer) -> LayerStats:
+        if layer.name not in self._stats:
+            w2 = np.asarray(source.weight4(layer), np.float64).reshape(layer.geometry.f, -1)
+            self._stats[layer.name] = LayerStats.from_moments(self.moments[layer.name], w2)
+        return self._stats[layer.name]
+
+    def curves(self, source, layers, configs, *, progress: bool = False) -> Curves:
+        missing = [l.name for l in layers if l.name not in self.moments]
+        if missing:
+            raise UsageError(f"the calibration run captured no inputs for layer {missing[0]!r}")
+        tasks = [(l, k) for l in layers for k in sorted({k for k, s in configs[l.name] if s == "s0"})]
+        w2s = {l.name: np.asarray(source.weight4(l), np.float64).reshape(l.geometry.f, -1) for l in layers}
+        stats = {l.name: self.stats(source, l) for l in layers}
+
+        def work(task):
+            l, k = task
+            with threadpool_limits(1):
+                return task, data_curve(w2s[l.name], stats[l.name], k)
+
+        out: Curves = {l.name: {} for l in layers}
+        tasks.sort(key=lambda t: -w2s[t[0].name].size * w2s[t[0].name].shape[1])
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for (l, k), (eps, chol) in tqdm(pool.map(work, tasks), total=len(tasks), desc="data-aware errors",
+                                            unit="svd", disable=not progress, leave=False):
+                out[l.name][(k, "s0")] = eps[: full_rank(l.geometry, k, "s0") + 1]
+                self._chol[(l.name, k)] = chol
+        return out
+
+    def factors(self, source, layer, cfg) -> Factors:
+        st = self.stats(source, layer)
+        w4 = source.weight4(layer)
+        chol = self._chol.get((layer.name, cfg.k))
+        if chol is None:
+            dg = st.cov.shape[0] // cfg.k
+            chol = [regularised_cholesky(st.cov[i * dg:(i + 1) * dg, i * dg:(i + 1) * dg]) for i in range(cfg.k)]
+        correct = self.bias_correction and layer.bias_constant
+        return data_factors(w4, cfg.k, cfg.rank, chol, st.mean if correct else None)
+
+    def measure(self, source, layer, cfg, factors: Factors) -> float:
+        """``‖E(X − μ)‖_F/‖WX‖_F`` on the calibration data, from the emitted factors
+        (``‖EX‖_F/‖WX‖_F`` without bias correction)."""
+        st = self.stats(source, layer)
+        w = np.asarray(source.weight4(layer), np.float64)
+        e = (w - reconstruct(factors, w.shape)).reshape(w.shape[0], -1)
+        cov = st.cov if factors.bias_delta is not None else st.cov + np.outer(st.mean, st.mean)
+        num = float(np.einsum("fd,de,fe->", e, cov, e))
+        return float(np.sqrt(max(num, 0.0) / st.energy)) if st.energy > 0 else 0.0
+
+
+ERROR_MODELS = ("spectral", "data", "frobenius", "paper")
+
+
+def error_model(name: str | None, *, moments=None, cache_dir=None, bias_correction: bool = True):
+    """The error model called ``name`` (default: ``data`` with calibration
+    moments, ``spectral`` without)."""
+    if name is None:
+        name = "data" if moments is not None else "spectral"
+    if name == "data":
+        if moments is None:
+            raise UsageError("--error data needs calibration inputs (--calibration CAL.npz)")
+        return DataError(moments, bias_correction=bias_correction)
+    if name in ("paper", "spectral", "frobenius"):
+        return WeightError(name, cache_dir=cache_dir)
+    raise UsageError(f"unknown error model {name!r} (use {', '.join(ERROR_MODELS)})")
