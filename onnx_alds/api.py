@@ -82,6 +82,18 @@ def options_for(info: ModelInfo, source: Source, emodel, cmodel, configs, *, pro
                           partial(admissible, l) if admissible is not None else None) for l in cands]
 
 
+def speed_guard(provider: str = "auto", threads: int = 2):
+    """The measured (cached) speed model that keeps slower factorizations out
+    (:mod:`onnx_alds.speed`); None, with a warning, without onnxruntime."""
+    from .speed import SpeedModel
+
+    try:
+        return SpeedModel.for_provider("cpu" if provider == "cpu" else provider, threads)
+    except UsageError as e:
+        log.warning("no speed guard: %s", e)
+        return None
+
+
 def select(info: ModelInfo, source: Source, emodel, *, metric: str, fraction: float, method: str = "alds",
            schemes=None, k_max=None, latency_table=None, compare: bool = True, progress: bool = False,
            timings: dict | None = None, admissible=None) -> tuple[Selection, dict]:
@@ -186,12 +198,24 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             with _timed(timings, "latency_table"):
                 latency_table = LatencyTable.for_model(source.model, info, provider=provider, k_max=k_max or 16,
                                                        schemes=schemes, progress=progress)
-        sel, baselines = select(info, source, emodel, metric=metric, fraction=fraction, method=method,
-                                schemes=schemes, k_max=k_max, latency_table=latency_table, compare=compare,
-                                progress=progress, timings=timings)
+        guard = None
+        if metric != "latency" and not allow_slower:
+            with _timed(timings, "speed_model"):
+                guard = speed_guard(provider)
+        try:
+            sel, baselines = select(info, source, emodel, metric=metric, fraction=fraction, method=method,
+                                    schemes=schemes, k_max=k_max, latency_table=latency_table, compare=compare,
+                                    progress=progress, timings=timings,
+                                    admissible=guard.admissible if guard is not None else None)
+        except InfeasibleBudget as e:
+            if guard is None:
+                raise
+            raise InfeasibleBudget(f"{e} without factorizations that would run slower than their layer on "
+                                   f"{guard.provider} (--allow-slower lifts this)", e.smallest_fraction) from None
         choices = sel.choices
         budget = {"metric": metric, "fraction": fraction, "target": sel.details["target"],
-                  "predicted": sel.details["predicted"], "total_before": sel.details["total"]}
+                  "predicted": sel.details["predicted"], "total_before": sel.details["total"],
+                  "speed_guard": guard.provider if guard is not None else None}
         if metric == "latency":
             budget.update(latency_table.summary(sel.details["predicted_ms"]))
         plan = plan_from_selection(sel, info, emodel.name)

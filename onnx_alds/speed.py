@@ -1,0 +1,181 @@
+"""The speed guard: never choose a factorization that runs slower than its
+dense layer on the target provider (unless the user allows it).
+
+A cheap latency model, measured once per provider, onnxruntime version and
+thread count and cached on disk (about a second of timing):
+
+    t(config) ≈ p_conv(k)·MAC_enc + MAC_dec + o·(extra nodes)      (in dense-MAC units)
+    t(dense)  ≈ MAC_dense
+
+``p(k)`` is what a grouped encoder costs per multiply-accumulate relative to
+a dense one (grouped convolutions run group by group on many runtimes),
+measured for k = 1, 2, 4, … 64 on a representative conv and on the grouped
+linear subgraph the emitter writes, and interpolated in log k (held beyond
+64); ``o`` is the fixed cost of one more node, as dense MACs.  A
+configuration is admissible when ``t(config) < t(dense)``.  The whole-model
+check after the rewrite (validation's interleaved latency) is what the user
+sees; this model only keeps the selector away from what is clearly slower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .folding import decoder_kernel, encoder_kernel
+
+log = logging.getLogger(__name__)
+
+SPEED_VERSION = 1
+KS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("ONNX_ALDS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "onnx-alds")
+    return Path(base) / "speed"
+
+
+def _model(nodes, x_shape, inits, opset=17):
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                          initializer=[numpy_helper.from_array(v, n) for n, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _grouped_conv(c: int, k: int, hw: int):
+    w = np.random.default_rng(0).standard_normal((c, c // k, 3, 3)).astype(np.float32)
+    return _model([helper.make_node("Conv", ["x", "w"], ["y"], group=k, pads=[1, 1, 1, 1])], [1, c, hw, hw],
+                  {"w": w}), [1, c, hw, hw], c * (c // k) * 9 * hw * hw
+
+
+def _grouped_linear(c: int, k: int, t: int):
+    rng = np.random.default_rng(0)
+    cg = c // k
+    if k == 1:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+        inits = {"w": rng.standard_normal((c, c)).astype(np.float32)}
+    else:
+        nodes = [helper.make_node("Reshape", ["x", "s1"], ["a"]),
+                 helper.make_node("Transpose", ["a"], ["b"], perm=[2, 0, 1, 3]),
+                 helper.make_node("MatMul", ["b", "w"], ["z"]),
+                 helper.make_node("Transpose", ["z"], ["e"], perm=[1, 2, 0, 3]),
+                 helper.make_node("Reshape", ["e", "s2"], ["y"])]
+        inits = {"s1": np.array([0, 0, k, cg], np.int64), "w": rng.standard_normal((k, 1, cg, cg)).astype(np.float32),
+                 "s2": np.array([0, 0, c], np.int64)}
+    return _model(nodes, [1, t, c], inits), [1, t, c], t * c * cg
+
+
+@dataclass
+class SpeedModel:
+    provider: str
+    threads: int
+    conv_penalty: dict = field(default_factory=dict)  # k → time per MAC relative to the dense conv
+    linear_penalty: dict = field(default_factory=dict)
+    node_overhead: float = 0.0  # one more node, in dense MACs
+
+    def _p(self, table: dict, k: int) -> float:
+        ks = np.array(sorted(int(x) for x in table))
+        ps = np.array([table[str(x)] if str(x) in table else table[x] for x in ks], float)
+        return float(np.interp(np.log2(k), np.log2(ks), ps))
+
+    def dense(self, layer) -> float:
+        g = layer.geometry
+        return float(g.params * prod(g.out_spatial)) if g.out_spatial else float(g.params)
+
+    def estimate(self, layer, k: int, scheme: str, ranks) -> np.ndarray:
+        """Dense-MAC-equivalent time of each rank's factorization."""
+        g = layer.geometry
+        out = prod(g.out_spatial) if g.out_spatial else 1
+        if g.in_spatial and g.out_spatial:
+            (hi, wi), (ho, wo) = g.in_spatial, g.out_spatial
+            enc_sp = {"s0": ho * wo, "s1": hi * wo, "s2": ho * wi, "s3": hi * wi}[scheme]
+        else:
+            enc_sp = out
+        j = np.asarray(ranks, float)
+        enc = j * g.c * prod(encoder_kernel(scheme, g.kernel)) * enc_sp
+        dec = j * g.f * k * prod(decoder_kernel(scheme, g.kernel)) * out
+        linear = layer.op != "Conv"
+        pen = self._p(self.linear_penalty if linear else self.conv_penalty, k) if k > 1 else 1.0
+        extra = 1 + (4 if linear and k > 1 else 0)
+        return pen * enc + dec + extra * self.node_overhead
+
+    def admissible(self, layer, k: int, scheme: str, ranks) -> np.ndarray:
+        return self.estimate(layer, k, scheme, ranks) < self.dense(layer)
+
+    def to_dict(self) -> dict:
+        return {"version": SPEED_VERSION, "provider": self.provider, "threads": self.threads,
+                "conv_penalty": {str(k): v for k, v in self.conv_penalty.items()},
+                "linear_penalty": {str(k): v for k, v in self.linear_penalty.items()},
+                "node_overhead": self.node_overhead}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpeedModel":
+        if d.get("version") != SPEED_VERSION:
+            raise ValueError("old version")
+        conv = {str(k): float(v) for k, v in d["conv_penalty"].items()}
+        lin = {str(k): float(v) for k, v in d["linear_penalty"].items()}
+        if not conv or not lin or not all(np.isfinite(list(conv.values()) + list(lin.values()))):
+            raise ValueError("bad entry")
+        return cls(str(d["provider"]), int(d["threads"]), conv, lin, float(d["node_overhead"]))
+
+    @classmethod
+    def measure(cls, provider: str = "cpu", threads: int = 2) -> "SpeedModel":
+        from .latency import time_session
+        from .runtime import providers_for, session, used_provider
+
+        providers = providers_for(provider)
+        rng = np.random.default_rng(0)
+
+        def ms(m, shape):
+            sess = session(m, providers, threads)
+            return time_session(sess, {"x": rng.standard_normal(shape).astype(np.float32)}, warmup=3,
+                                repeats=15), used_provider(sess)
+
+        conv, lin = {}, {}
+        dense_ms, prov = ms(*_grouped_conv(128, 1, 28)[:2])
+        dense_macs = _grouped_conv(128, 1, 28)[2]
+        for k in KS:
+            m, shape, macs = _grouped_conv(128, k, 28)
+            t = dense_ms if k == 1 else ms(m, shape)[0]
+            conv[str(k)] = max((t / macs) / (dense_ms / dense_macs), 1.0)
+        lin_dense, _ = ms(*_grouped_linear(512, 1, 196)[:2])
+        lin_macs = _grouped_linear(512, 1, 196)[2]
+        for k in KS:
+            m, shape, macs = _grouped_linear(512, k, 196)
+            t = lin_dense if k == 1 else ms(m, shape)[0]
+            lin[str(k)] = max((t / macs) / (lin_dense / lin_macs), 1.0)
+        tiny, _ = ms(*_grouped_conv(8, 1, 2)[:2])
+        overhead = tiny * dense_macs / dense_ms
+        return cls(prov, threads, conv, lin, float(overhead))
+
+    @classmethod
+    def for_provider(cls, provider: str = "cpu", threads: int = 2, cache_dir=None) -> "SpeedModel":
+        """Measured once and cached (keyed by provider, onnxruntime version and threads)."""
+        from .runtime import ort, providers_for
+
+        prov = providers_for(provider)[0]
+        path = Path(cache_dir or default_cache_dir()) / f"{prov}-ort{ort().__version__}-t{threads}.json"
+        try:
+            if path.is_file():
+                return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a corrupt entry is a miss
+            log.warning("ignoring the speed-model cache entry %s (%s)", path, e)
+        model = cls.measure(provider, threads)
+        try:
+            from .io import atomic_write_bytes
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, json.dumps(model.to_dict(), indent=1).encode())
+        except OSError as e:
+            log.warning("cannot cache the speed model in %s (%s)", path.parent, e)
+        return model
