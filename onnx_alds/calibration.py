@@ -397,12 +397,9 @@ def accumulate(moments: Moments | None, x: np.ndarray, tap: Tap) -> Moments:
     for block in iter_patches(x, tap):
         if moments is None:
             moments = Moments.zeros(block.shape[1])
-        s = block.sum(axis=0)
-        if not np.isfinite(s).all():
-            raise UsageError(f"the input of layer {tap.name!r} contains NaN or Inf on the calibration data")
-        moments.gram += block.T @ block
-        moments.sum += s
-        moments.count += len(block)
+        moments.add(block)
+    if moments is not None and not np.isfinite(moments.sum).all():
+        raise UsageError(f"the input of layer {tap.name!r} contains NaN or Inf on the calibration data")
     return moments
 
 
@@ -561,6 +558,8 @@ def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(os.fspath(model))
     _check_taps(model, taps)
+    if not taps:
+        return {}
     inputs = model_inputs(model)
     calibration = load_calibration(calibration, inputs)
     fixed = _fixed_batch(inputs)
@@ -598,14 +597,16 @@ def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16
         if len(passes) > 1 and isinstance(calibration, CalibrationStream) and not calibration.reiterable:
             raise UsageError(f"the taps need {len(passes)} passes over the calibration data within max_bytes="
                              f"{max_bytes}, but its feeds come from an iterator that can be read only once")
-        log.info("capturing %d taps (%d activations) in %d pass(es) of at most %.0f MB",
-                 len(taps), len(captured), len(passes), max(p.bytes for p in passes) / 1e6)
+        log.info("capturing %d taps (%d activations) in %d pass(es) of at most %.1f MiB",
+                 len(taps), len(captured), len(passes), max(p.bytes for p in passes) / 2**20)
         total = calibration.samples if isinstance(calibration, CalibrationStream) else _samples(calibration)
         with tqdm(total=total * len(passes) if total else None, unit="sample", desc="calibration",
                   disable=not progress) as bar:
             for i, p in enumerate(passes):
                 wanted = set(p.tensors)
                 pass_taps = [t for t in taps if t.input in wanted] + (input_taps if i == 0 else [])
+                log.debug("pass %d of %d: %d activations (%.1f MiB) at batch %d", i + 1, len(passes),
+                          len(p.tensors), p.bytes / 2**20, p.batch_size)
                 sess = capture.session(p.tensors) if p.tensors else None
                 if sess is not None and i == 0:
                     log.info("calibration runs on %s", used_provider(sess))

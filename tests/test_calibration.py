@@ -271,6 +271,28 @@ def test_a_tap_on_an_existing_graph_output():
     assert_moments_equal(got, reference(run(model, {"x": x})[0], tap))
 
 
+def test_activation_of_unknown_size_is_measured(caplog):
+    """Shape inference cannot size a Resize by computed scales: its size is measured on one sample."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 5, 5] x) => (float[N, 4, 10, 10] y) {
+        a = Constant <value = float[4] {1.0, 1.0, 1.0, 1.0}> ()
+        b = Constant <value = float[4] {0.0, 0.0, 1.0, 1.0}> ()
+        scales = Add(a, b)
+        u = Resize <mode = "nearest"> (x, , scales)
+        y = Conv <pads = [1, 1, 1, 1]> (u, w)
+    }"""
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.append(numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"))
+    x = RNG.standard_normal((6, 3, 5, 5)).astype(np.float32)
+    tap = Tap("conv", "u", "conv", (3, 3), pads=(1, 1, 1, 1), channels=3)
+    u = x.repeat(2, axis=2).repeat(2, axis=3)
+    # 3·10·10·4 B = 1200 B per sample: a 2500 B budget holds batches of 2
+    with caplog.at_level(logging.DEBUG, logger="onnx_alds.calibration"):
+        got = collect_moments(model, [tap], {"x": x}, batch_size=4, provider="cpu", threads=1, max_bytes=2500)
+    assert "pass 1 of 1: 1 activations (0.0 MiB) at batch 2" in caplog.text
+    assert_moments_equal(got["conv"], reference(u, tap))
+
+
 def test_fixed_batch_model_uses_its_batch_and_leaves_out_the_rest(caplog):
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (float[2, 3, 6, 6] x) => (float[2, 4, 6, 6] y) {
