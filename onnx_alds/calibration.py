@@ -479,7 +479,8 @@ class Pass:
     bytes: int  # estimated bytes of the captured activations of one batch
 
 
-def plan_passes(sizes: dict[str, int], batch_size: int, max_bytes: int, *, fixed_batch: bool = False) -> list[Pass]:
+def plan_passes(sizes: dict[str, int], batch_size: int, max_bytes: int, *,
+                fixed_batch: bool = False) -> list[Pass]:
     """Group tensors (name → bytes of one batch of ``batch_size``) into passes
     of at most ``max_bytes`` each, in order.  A tensor larger than the budget
     on its own gets a pass at a smaller batch (unless the batch is fixed)."""
@@ -488,8 +489,9 @@ def plan_passes(sizes: dict[str, int], batch_size: int, max_bytes: int, *, fixed
     for name, size in sizes.items():
         if size > max_bytes:
             b = batch_size if fixed_batch else max(1, batch_size * max_bytes // size)
-            if b == batch_size or fixed_batch:
-                log.warning("the input of one layer (%s) takes %.0f MB per batch, over max_bytes", name, size / 1e6)
+            if size * b // batch_size > max_bytes:
+                log.warning("activation %r takes %.1f MiB at batch %d, over max_bytes=%d", name,
+                            size * b / batch_size / 2**20, b, max_bytes)
             passes.append(Pass([name], b, size * b // batch_size))
             continue
         if current.tensors and current.bytes + size > max_bytes:
@@ -542,7 +544,8 @@ def _fixed_batch(inputs: InputSpec) -> int | None:
 
 
 def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16, provider: str = "auto",
-                    threads: int | None = None, max_bytes: int = 2 << 30, progress: bool = False) -> dict[str, Moments]:
+                    threads: int | None = None, max_bytes: int = 2 << 30,
+                    progress: bool = False) -> dict[str, Moments]:
     """Moments of every tap's patches over all calibration samples.
 
     ``model`` is a ModelProto or a path; ``calibration`` anything
