@@ -60,16 +60,28 @@ def budget_of(keep_params, keep_flops, keep_latency) -> tuple[str, float]:
     return metric, frac
 
 
-def calibrate(source: Source, info: ModelInfo, calibration, *, provider: str = "auto", progress: bool = False):
-    """Second moments of every candidate layer's input patches on the calibration data."""
-    from .calibration import collect_moments, load_calibration, taps_for
+def calibrate(source: Source, info: ModelInfo, calibration, *, provider: str = "auto", progress: bool = False,
+              moments: bool = True, max_validation_samples: int = 256):
+    """Load and check the calibration data; returns the validation feeds (at
+    most ``max_validation_samples``, name → array) and, with ``moments``, the
+    second moments of every candidate layer's input patches."""
+    from .calibration import collect_moments, iter_batches, load_calibration, model_inputs, taps_for
 
-    inputs = {i.name: (i.type.tensor_type.elem_type, [d.dim_value or d.dim_param or None
-                                                       for d in i.type.tensor_type.shape.dim])
-              for i in source.model.graph.input if i.name in info.input_shapes}
-    data = load_calibration(calibration, inputs)
-    return data, collect_moments(source.model, taps_for(info.candidates), data, provider=provider,
-                                 progress=progress)
+    data = load_calibration(calibration, model_inputs(source.model))
+    if isinstance(data, dict):
+        feeds = {k: v[:max_validation_samples] for k, v in data.items()}
+    else:  # a stream: its first samples validate
+        parts, n = [], 0
+        for b in iter_batches(data, 64):
+            parts.append(b)
+            n += len(next(iter(b.values())))
+            if n >= max_validation_samples:
+                break
+        feeds = {k: np.concatenate([p[k] for p in parts])[:max_validation_samples] for k in parts[0]}
+    if not moments:
+        return feeds, None
+    model = source.path if source.large and source.path is not None else source.model
+    return feeds, collect_moments(model, taps_for(info.candidates), data, provider=provider, progress=progress)
 
 
 def options_for(info: ModelInfo, source: Source, emodel, cmodel, configs, *, progress=False, admissible=None):
@@ -138,15 +150,44 @@ def choices_from_plan(plan: Plan, info: ModelInfo, source: Source, emodel) -> di
     return {n: Config(k, s, r, float(curves[n][(k, s)][r])) for n, (k, s, r, _) in resolved.items()}
 
 
-def _validate(orig_ref, new_ref, report: Report, *, provider, info, feeds, max_output_error, min_speedup, timings):
-    from .validate import gate, validate
+def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency, method, schemes, k_max,
+            provider, compare, latency_table, progress, timings, guard):
+    """Selection (or a given plan) → choices, plan, budget section, baselines."""
+    if plan is not None:
+        with _timed(timings, "errors"):
+            choices = choices_from_plan(plan, info, source, emodel)
+        return choices, plan, dict(plan.budget, applied_plan=True), {}, plan.budget.get("method", "plan")
+    metric, fraction = budget_of(keep_params, keep_flops, keep_latency)
+    try:
+        sel, baselines = select(info, source, emodel, metric=metric, fraction=fraction, method=method,
+                                schemes=schemes, k_max=k_max, latency_table=latency_table, compare=compare,
+                                progress=progress, timings=timings,
+                                admissible=guard.admissible if guard is not None else None)
+    except InfeasibleBudget as e:
+        if guard is None:
+            raise
+        raise InfeasibleBudget(f"{e} without factorizations that would run slower than their layer on "
+                               f"{guard.provider} (--allow-slower lifts this)", e.smallest_fraction) from None
+    budget = {"metric": metric, "fraction": fraction, "target": sel.details["target"],
+              "predicted": sel.details["predicted"], "total_before": sel.details["total"],
+              "speed_guard": guard.summary() if guard is not None else None}
+    if metric == "latency":
+        budget.update(latency_table.summary(sel.details["predicted_ms"]))
+    return sel.choices, plan_from_selection(sel, info, emodel.name), budget, baselines, method
 
-    with _timed(timings, "validate"):
-        v = validate(orig_ref, new_ref, provider=provider, input_shapes=info.input_shapes, feeds=feeds,
-                     low_memory=isinstance(new_ref, Path))
-    report.validation = v.to_dict()
-    report.budget.setdefault("warnings", []).extend(gate(v, max_output_error=max_output_error,
-                                                         min_speedup=min_speedup))
+
+def _build(source, info, emodel, choices, plan, *, progress, timings):
+    """Factorize and emit; returns the new model and each layer's measured error."""
+    chosen = [l for l in info.candidates if choices.get(l.name) is not None]
+    with _timed(timings, "factorize"):
+        given = plan.factors or {}
+        factors = {l.name: given.get(l.name) or emodel.factors(source, l, choices[l.name]) for l in chosen}
+        measured = {l.name: emodel.measure(source, l, choices[l.name], factors[l.name]) for l in chosen}
+    if emodel.name == "data":
+        plan.factors = factors  # they depend on the calibration data: the plan carries them
+    with _timed(timings, "emit"):
+        new = emit(source, info, choices, factors, progress=progress)
+    return new, measured
 
 
 def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None, method: str = "alds", *,
@@ -155,7 +196,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             compare: bool = True, latency_table=None, progress: bool = False, cache_dir=None,
             error: str | None = None, calibration=None, bias_correction: bool = True,
             max_output_error: float | None = None, min_speedup: float | None = None,
-            allow_slower: bool = False,
+            allow_slower: bool = False, max_speed_retries: int = 2,
             ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
@@ -163,31 +204,36 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     under the budget (``keep_params`` by default 0.5) with the error model
     ``error`` (default ``data`` when ``calibration`` is given, else
     ``spectral``).  ``calibration`` is a dict of arrays (one per graph input,
-    samples first), an ``.npz`` path or an iterable of feed dicts.  Past
-    ``max_output_error`` (relative L2 of any output on the validation inputs) or
-    below ``min_speedup`` the rewrite raises :class:`ValidationFailed`."""
+    samples first), an ``.npz`` path or an iterable of feed dicts.
+
+    Unless ``allow_slower``, the speed guard keeps factorizations that its
+    measured model says are slower than their layer out of the selection, and
+    when validation then measures the whole model slower than the input, the
+    selection is redone with a stricter guard (at most ``max_speed_retries``
+    times).  Past ``max_output_error`` (relative L2 of any output on the
+    validation inputs) or below ``min_speedup`` the rewrite raises
+    :class:`ValidationFailed`."""
     timings: dict = {}
+    if not validate and (max_output_error is not None or min_speedup is not None):
+        raise UsageError("--max-output-error and --min-speedup need validation (drop --no-validate)")
     with _timed(timings, "load"):
         source = Source.load(model_or_path)
+    original = source.model
     with _timed(timings, "extract"):
         info = extract(source.model, source.graph, input_shapes)
+    if plan is not None and not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    moments, cal_data = None, None
+    if calibration is not None:
+        with _timed(timings, "calibrate"):
+            cal_data, moments = calibrate(source, info, calibration, provider=provider, progress=progress,
+                                          moments=error in (None, "data") and plan is None)
     large = source.large
     if large and source.path is not None:
         source.detach()
-    moments, cal_data = None, None
-    if calibration is not None and (error in (None, "data") or validate):
-        with _timed(timings, "calibrate"):
-            cal_data, moments = calibrate(source, info, calibration, provider=provider, progress=progress)
     emodel = error_model(error, moments=moments, cache_dir=cache_dir, bias_correction=bias_correction)
-    baselines: dict = {}
-    if plan is not None:
-        if not isinstance(plan, Plan):
-            plan = Plan.load(plan)
-        with _timed(timings, "errors"):
-            choices = choices_from_plan(plan, info, source, emodel)
-        budget = dict(plan.budget, applied_plan=True)
-        method = plan.budget.get("method", "plan")
-    else:
+    guard = None
+    if plan is None:
         metric, fraction = budget_of(keep_params, keep_flops, keep_latency)
         if not info.candidates and fraction < 1.0:
             raise InfeasibleBudget("the model has no compressible layer, so the smallest reachable "
@@ -198,54 +244,65 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             with _timed(timings, "latency_table"):
                 latency_table = LatencyTable.for_model(source.model, info, provider=provider, k_max=k_max or 16,
                                                        schemes=schemes, progress=progress)
-        guard = None
         if metric != "latency" and not allow_slower:
             with _timed(timings, "speed_model"):
                 guard = speed_guard(provider)
+    attempt, result = 0, None
+    while True:
         try:
-            sel, baselines = select(info, source, emodel, metric=metric, fraction=fraction, method=method,
-                                    schemes=schemes, k_max=k_max, latency_table=latency_table, compare=compare,
-                                    progress=progress, timings=timings,
-                                    admissible=guard.admissible if guard is not None else None)
-        except InfeasibleBudget as e:
-            if guard is None:
+            choices, used_plan, budget, baselines, used_method = _choose(
+                info, source, emodel, plan, keep_params=keep_params, keep_flops=keep_flops,
+                keep_latency=keep_latency, method=method, schemes=schemes, k_max=k_max, provider=provider,
+                compare=compare, latency_table=latency_table, progress=progress, timings=timings, guard=guard)
+        except InfeasibleBudget:
+            if result is None:
                 raise
-            raise InfeasibleBudget(f"{e} without factorizations that would run slower than their layer on "
-                                   f"{guard.provider} (--allow-slower lifts this)", e.smallest_fraction) from None
-        choices = sel.choices
-        budget = {"metric": metric, "fraction": fraction, "target": sel.details["target"],
-                  "predicted": sel.details["predicted"], "total_before": sel.details["total"],
-                  "speed_guard": guard.provider if guard is not None else None}
-        if metric == "latency":
-            budget.update(latency_table.summary(sel.details["predicted_ms"]))
-        plan = plan_from_selection(sel, info, emodel.name)
-    chosen = [l for l in info.candidates if choices.get(l.name) is not None]
-    with _timed(timings, "factorize"):
-        given = plan.factors or {}
-        factors = {l.name: given.get(l.name) or emodel.factors(source, l, choices[l.name]) for l in chosen}
-        measured = {l.name: emodel.measure(source, l, choices[l.name], factors[l.name]) for l in chosen}
-    if emodel.name == "data":
-        plan.factors = factors  # they depend on the calibration data: the plan carries them
-    with _timed(timings, "emit"):
-        new = emit(source, info, choices, factors, progress=progress)
-    del factors
-    source.graph = None  # the numpy weights are no longer needed: free them before onnxruntime loads
-    if large:
-        trim_memory()
+            log.info("a stricter speed guard cannot meet the budget; keeping the previous selection")
+            break
+        new, measured = _build(source, info, emodel, choices, used_plan, progress=progress, timings=timings)
+        source.graph = None  # the numpy weights are no longer needed: free them before onnxruntime loads
+        if large:
+            trim_memory()
+        report = _check_and_validate(source, original, new, info, choices, measured, emodel, used_plan, budget,
+                                     baselines, used_method, latency_table=latency_table, validate=validate,
+                                     provider=provider, cal_data=cal_data, timings=timings)
+        if result is None or (report.speedup or 0) >= 1.0:  # a retry counts only when it is not slower
+            result = (new, report)
+        sp = report.speedup
+        if guard is None or sp is None or sp >= 1.0 or attempt >= max_speed_retries or large:
+            break
+        attempt += 1
+        log.info("the rewritten model measured %.2fx; redoing the selection with a stricter speed guard", sp)
+        guard = guard.stricter()
+        source = Source.load(original)  # emission edited the graph: start from the input again
+    new, report = result
+    if guard is not None:
+        report.budget["speed_guard_retries"] = attempt
+    if validate:
+        from .validate import Validation, gate
+
+        v = Validation(**report.validation)
+        report.budget.setdefault("warnings", []).extend(gate(v, max_output_error=max_output_error,
+                                                             min_speedup=min_speedup))
+    return new, report
+
+
+def _check_and_validate(source, original, new, info, choices, measured, emodel, plan, budget, baselines, method, *,
+                        latency_table, validate, provider, cal_data, timings) -> Report:
     with tempfile.TemporaryDirectory(prefix="onnx-alds-") as tmp:
         # onnxruntime and the checker take models over 2 GB only as files with external data
-        orig_ref, new_ref = source.model, new
-        if large or proto_size(new) > EXTERNAL_DATA_THRESHOLD:
+        orig_ref, new_ref = original, new
+        if source.large or proto_size(new) > EXTERNAL_DATA_THRESHOLD:
             orig_ref = Path(source.path) if source.path is not None else Path(tmp) / "original.onnx"
             if source.path is None:
-                save_model(source.model, orig_ref, external_data=True)
+                save_model(original, orig_ref, external_data=True)
             new_ref = Path(tmp) / "rewritten.onnx"
             save_model(new, new_ref, external_data=True)
         with _timed(timings, "check"):
             if isinstance(new_ref, Path):
                 check_model_file(new_ref, "the rewritten model")
             else:
-                check_rewritten(source.model, new)
+                check_rewritten(original, new)
         if budget.get("metric") == "latency":
             from .latency import measure_speedup
 
@@ -258,11 +315,13 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                               timings=timings, baselines=baselines)
         report.plan = plan
         if validate:
-            _validate(orig_ref, new_ref, report, provider=provider, info=info, feeds=cal_data,
-                      max_output_error=max_output_error, min_speedup=min_speedup, timings=timings)
-        elif max_output_error is not None or min_speedup is not None:
-            raise UsageError("--max-output-error and --min-speedup need validation (drop --no-validate)")
-    return new, report
+            from .validate import validate as run_validation
+
+            with _timed(timings, "validate"):
+                v = run_validation(orig_ref, new_ref, provider=provider, input_shapes=info.input_shapes,
+                                   feeds=cal_data, low_memory=isinstance(new_ref, Path))
+            report.validation = v.to_dict()
+    return report
 
 
 def apply_plan(model_or_path, plan, *, input_shapes: dict | None = None) -> onnx.ModelProto:

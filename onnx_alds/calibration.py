@@ -69,13 +69,17 @@ def tap_for_layer(layer) -> Tap:
     """The tap of an extracted layer (``onnx_alds.extract.Layer``, read by its
     fields only: extract's pads, strides and dilations are already in the
     2-axis form a Tap uses)."""
-    g = layer.geometry
-    common = dict(name=layer.name, input=layer.node.inputs[0].name, channels=int(g.c))
-    if layer.spatial_rank:
-        return Tap(kind="conv", kernel=tuple(g.kernel), strides=tuple(layer.strides),
-                   dilations=tuple(layer.dilations), pads=tuple(layer.pads), auto_pad=layer.auto_pad,
-                   spatial_rank=layer.spatial_rank, **common)
+    g, a = layer.geometry, layer.attrs
+    common = dict(name=layer.name, input=layer.input_name, channels=int(g.c))
+    if a.spatial_rank:
+        return Tap(kind="conv", kernel=tuple(g.kernel), strides=tuple(a.strides),
+                   dilations=tuple(a.dilations), pads=tuple(a.pads), auto_pad=a.auto_pad,
+                   spatial_rank=a.spatial_rank, **common)
     return Tap(kind="linear", spatial_rank=0, **common)
+
+
+def taps_for(layers) -> list[Tap]:
+    return [tap_for_layer(l) for l in layers]
 
 
 @dataclass

@@ -66,6 +66,13 @@ class Report:
         return d
 
     @property
+    def speedup(self) -> float | None:
+        v = self.validation or {}
+        if not v.get("latency_ms_before") or not v.get("latency_ms_after"):
+            return None
+        return v["latency_ms_before"] / v["latency_ms_after"]
+
+    @property
     def warnings(self) -> list[str]:
         return list(self.budget.get("warnings", []))
 

@@ -34,7 +34,7 @@ from .folding import decoder_kernel, encoder_kernel
 
 log = logging.getLogger(__name__)
 
-SPEED_VERSION = 1
+SPEED_VERSION = 2
 KS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -107,10 +107,21 @@ class SpeedModel:
         linear = layer.op != "Conv"
         pen = self._p(self.linear_penalty if linear else self.conv_penalty, k) if k > 1 else 1.0
         extra = 1 + (4 if linear and k > 1 else 0)
-        return pen * enc + dec + extra * self.node_overhead
+        return pen * enc + dec + extra * self.node_overhead * self.strictness
 
     def admissible(self, layer, k: int, scheme: str, ranks) -> np.ndarray:
         return self.estimate(layer, k, scheme, ranks) < self.dense(layer)
+
+    strictness: float = 1.0  # the overhead of a node counts this many times (the closed loop raises it)
+
+    def stricter(self, factor: float = 2.0) -> "SpeedModel":
+        """The same model with every extra node counted ``factor`` times more."""
+        from dataclasses import replace
+
+        return replace(self, strictness=self.strictness * factor)
+
+    def summary(self) -> dict:
+        return {"provider": self.provider, "threads": self.threads, "strictness": self.strictness}
 
     def to_dict(self) -> dict:
         return {"version": SPEED_VERSION, "provider": self.provider, "threads": self.threads,
@@ -154,8 +165,14 @@ class SpeedModel:
             m, shape, macs = _grouped_linear(512, k, 196)
             t = lin_dense if k == 1 else ms(m, shape)[0]
             lin[str(k)] = max((t / macs) / (lin_dense / lin_macs), 1.0)
-        tiny, _ = ms(*_grouped_conv(8, 1, 2)[:2])
-        overhead = tiny * dense_macs / dense_ms
+        # one more node inside a model: a chain of tiny convs, per extra link (a run's fixed cost cancels)
+        w = np.random.default_rng(0).standard_normal((8, 8, 1, 1)).astype(np.float32)
+        chain = [helper.make_node("Conv", [f"t{i}" if i else "x", "w"], [f"t{i + 1}" if i < 8 else "y"])
+                 for i in range(9)]
+        one = _model([helper.make_node("Conv", ["x", "w"], ["y"])], [1, 8, 2, 2], {"w": w})
+        t1, _ = ms(one, [1, 8, 2, 2])
+        t9, _ = ms(_model(chain, [1, 8, 2, 2], {"w": w}), [1, 8, 2, 2])
+        overhead = max(t9 - t1, 0.0) / 8 * dense_macs / dense_ms
         return cls(prov, threads, conv, lin, float(overhead))
 
     @classmethod
