@@ -10,6 +10,7 @@ import logging
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -221,13 +222,13 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     original = source.model
     with _timed(timings, "extract"):
         info = extract(source.model, source.graph, input_shapes)
-    if plan is not None and not isinstance(plan, Plan):
-        plan = Plan.load(plan)
+    if plan is not None:
+        plan = Plan.load(plan) if not isinstance(plan, Plan) else replace(plan)  # never edit the caller's
     moments, cal_data = None, None
     if calibration is not None:
         with _timed(timings, "calibrate"):
             cal_data, moments = calibrate(source, info, calibration, provider=provider, progress=progress,
-                                          moments=error in (None, "data") and plan is None)
+                                          moments=error in (None, "data") and not (plan and plan.factors))
     large = source.large
     if large and source.path is not None:
         source.detach()

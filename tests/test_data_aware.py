@@ -1,0 +1,203 @@
+"""Error models and data-aware factors: what each error model predicts against
+what the emitted factors really do, on real onnxruntime runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_alds
+from graphs import conv_model, gemm_model, run
+from onnx_alds.errors import UsageError, ValidationFailed
+from onnx_alds.plan import LayerPlan, Plan
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "resnet20_digits.onnx"
+
+
+def correlated_inputs(n, c, hw, seed=0, dead=(), constant=()):
+    """Inputs with correlated channels (a low-rank mix), dead and constant channels."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 2, *hw))
+    mix = rng.standard_normal((c, 2))
+    x = np.einsum("cz,nz...->nc...", mix, z) + 0.05 * rng.standard_normal((n, c, *hw)) + 0.7
+    for ch in dead:
+        x[:, ch] = 0.0
+    for ch in constant:
+        x[:, ch] = 1.5
+    return x.astype(np.float32)
+
+
+def output_error(model, new, feeds, bias=None):
+    """‖ΔY‖_F / ‖WX‖_F measured through onnxruntime (WX = Y − bias)."""
+    y0, y1 = run(model, feeds)[0].astype(np.float64), run(new, feeds)[0].astype(np.float64)
+    wx = y0 if bias is None else y0 - bias.reshape((1, -1) + (1,) * (y0.ndim - 2))
+    return float(np.linalg.norm(y1 - y0) / np.linalg.norm(wx))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("kernel,strides,pads", [((3, 3), None, (1, 1, 1, 1)), ((3, 1), (2, 1), (0, 0, 1, 0))])
+def test_data_error_equals_output_error_on_calibration_data(k, kernel, strides, pads):
+    model = conv_model(f=8, c=6, kernel=kernel, in_hw=(9, 11), strides=strides, pads=pads, bias=False,
+                       spectrum_decay=0.8)
+    x = correlated_inputs(40, 6, (9, 11))
+    plan = Plan([LayerPlan("conv", "conv.weight", k, "s0", 3)])
+    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False)
+    layer = rep.layers[0]
+    measured = output_error(model, new, {"x": x})
+    # the formula is exact for every k (cross-group terms included): predicted = measured = onnxruntime
+    assert layer.rel_error == pytest.approx(measured, rel=2e-3)
+    assert layer.measured_error == pytest.approx(measured, rel=1e-4)
+    assert 0.01 < measured < 1.0
+
+
+def test_data_aware_factors_beat_weight_only_on_the_data():
+    model = conv_model(f=8, c=6, kernel=(3, 3), in_hw=(9, 11), pads=(1, 1, 1, 1), bias=True, spectrum_decay=0.85)
+    x = correlated_inputs(40, 6, (9, 11))
+    bias = onnx.numpy_helper.to_array(model.graph.initializer[1])
+    plan = Plan([LayerPlan("conv", "conv.weight", 1, "s0", 2)])
+    data, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False)
+    weight, _ = onnx_alds.rewrite(model, plan=plan, error="spectral", validate=False)
+    no_bias_fix, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False,
+                                       bias_correction=False)
+    e_data, e_weight = output_error(model, data, {"x": x}, bias), output_error(model, weight, {"x": x}, bias)
+    e_nofix = output_error(model, no_bias_fix, {"x": x}, bias)
+    assert e_data < e_nofix < e_weight
+    # the bias correction removes the mean output shift on the calibration data
+    d = run(data, {"x": x})[0].astype(np.float64) - run(model, {"x": x})[0].astype(np.float64)
+    assert np.abs(d.mean(axis=(0, 2, 3))).max() < 1e-4 * np.abs(d).mean() + 1e-6
+
+
+def test_rank_deficient_statistics_are_regularised():
+    """Dead and constant input channels make the patch covariance singular:
+    the factors stay finite and the prediction still matches onnxruntime."""
+    model = conv_model(f=8, c=6, kernel=(3, 3), in_hw=(7, 7), pads=(1, 1, 1, 1), bias=False, spectrum_decay=0.9)
+    x = correlated_inputs(30, 6, (7, 7), dead=(0, 1), constant=(2,))
+    plan = Plan([LayerPlan("conv", "conv.weight", 2, "s0", 2)])
+    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False)
+    assert all(np.isfinite(onnx.numpy_helper.to_array(t)).all() for t in new.graph.initializer)
+    measured = output_error(model, new, {"x": x})
+    assert rep.layers[0].rel_error == pytest.approx(measured, rel=1e-2, abs=1e-4)
+    # a group whose inputs are all dead or constant: its rank costs nothing on this data
+    assert measured < 1.0
+
+
+@pytest.mark.parametrize("name,relation", [("paper", "lower"), ("spectral", "upper"), ("frobenius", "exact")])
+def test_weight_error_models_relate_to_the_real_error_as_documented(name, relation):
+    _, rep = onnx_alds.rewrite(SHIPPED, keep_params=0.5, error=name, validate=False, compare=False,
+                               allow_slower=True)
+    dec = [l for l in rep.layers if l.status == "decomposed"]
+    assert dec and rep.error_model == name and rep.error_bound == relation
+    for l in dec:
+        if relation == "lower":
+            assert l.rel_error <= l.measured_error + 1e-6
+        elif relation == "upper":
+            assert l.rel_error >= l.measured_error - 1e-6
+            if l.k == 1:
+                assert l.rel_error == pytest.approx(l.measured_error, rel=1e-4)
+        else:
+            assert l.rel_error == pytest.approx(l.measured_error, rel=1e-4)
+    if relation == "lower":  # the paper's surrogate hides the gap that k > 1 opens
+        assert max(l.measured_error for l in dec) > 2 * rep.max_rel_error
+
+
+def test_baselines_use_the_chosen_error_model():
+    _, alds = onnx_alds.rewrite(SHIPPED, keep_params=0.5, method="alds", validate=False, allow_slower=True)
+    _, uni = onnx_alds.rewrite(SHIPPED, keep_params=0.5, method="uniform", validate=False, allow_slower=True)
+    assert uni.baselines["alds"] == pytest.approx(alds.max_rel_error, rel=1e-9)
+    assert alds.baselines["uniform"] == pytest.approx(uni.max_rel_error, rel=1e-9)
+    assert alds.max_rel_error <= uni.max_rel_error
+
+
+def test_streamed_calibration_gives_the_same_model():
+    model = conv_model(f=8, c=6, kernel=(3, 3), in_hw=(7, 7), pads=(1, 1, 1, 1), spectrum_decay=0.85)
+    x = correlated_inputs(24, 6, (7, 7))
+    plan = Plan([LayerPlan("conv", "conv.weight", 2, "s0", 2)])
+    a, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False)
+    b, _ = onnx_alds.rewrite(model, plan=plan, calibration=[{"x": x[i:i + 5]} for i in range(0, 24, 5)],
+                             error="data", validate=False)
+    for ta, tb in zip(a.graph.initializer, b.graph.initializer):
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(ta), onnx.numpy_helper.to_array(tb),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_gemm_data_aware_bias_correction():
+    model = gemm_model(f=7, c=12, trans_b=1, alpha=0.5, beta=2.0, bias=True)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 3)) @ rng.standard_normal((3, 12)) + 1.0).astype(np.float32)
+    plan = Plan([LayerPlan("fc", "fc.weight", 1, "s0", 2)])
+    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False)
+    y0, y1 = run(model, {"x": x})[0], run(new, {"x": x})[0]
+    assert np.abs((y1 - y0).mean(0)).max() < 1e-4
+    assert rep.layers[0].measured_error == pytest.approx(rep.layers[0].rel_error, rel=1e-3)
+
+
+def test_validation_runs_on_calibration_data_and_reports_top1():
+    x = np.random.default_rng(0).standard_normal((20, 1, 16, 16)).astype(np.float32)
+    _, rep = onnx_alds.rewrite(SHIPPED, keep_params=0.7, calibration={"input": x}, provider="cpu", compare=False)
+    v = rep.validation
+    assert v["data"] == "calibration" and v["batch"] == 20 and v["inputs"]["input"]["shape"] == [20, 1, 16, 16]
+    assert 0.0 <= v["top1_agreement"] <= 1.0 and "top1_agreement" in v["outputs"]["logits"]
+    assert rep.error_model == "data"
+
+
+def test_gate_refuses_and_the_api_raises():
+    x = np.random.default_rng(0).standard_normal((8, 1, 16, 16)).astype(np.float32)
+    with pytest.raises(ValidationFailed, match="exceeds --max-output-error"):
+        onnx_alds.rewrite(SHIPPED, keep_params=0.5, calibration={"input": x}, max_output_error=1e-6,
+                          provider="cpu", compare=False)
+    with pytest.raises(UsageError, match="need validation"):
+        onnx_alds.rewrite(SHIPPED, keep_params=0.5, max_output_error=0.1, validate=False)
+
+
+def cli(*args):
+    p = subprocess.run([sys.executable, "-m", "onnx_alds.cli", *map(str, args)], capture_output=True, text=True)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_cli_gate_exit_5_writes_nothing_and_warning_without_gate(tmp_path):
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, input=np.random.default_rng(0).standard_normal((8, 1, 16, 16)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    rc, _, err = cli("rewrite", SHIPPED, out, "--keep-params", "0.3", "--calibration", cal,
+                     "--max-output-error", "0.000001", "--provider", "cpu", "--plan", tmp_path / "p.json")
+    assert rc == 5 and "exceeds --max-output-error" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "p.json").exists()
+    rc, so, err = cli("rewrite", SHIPPED, out, "--keep-params", "0.3", "--error", "paper", "--allow-slower",
+                      "--provider", "cpu")
+    assert rc == 0 and out.exists()
+    assert "warning: the outputs changed a lot" in err
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"wrong": np.zeros((4, 1, 16, 16), np.float32)}, "input"),
+    ({"input": np.zeros((4, 2, 16, 16), np.float32)}, "input"),
+    ({"input": np.zeros((0, 1, 16, 16), np.float32)}, "input"),
+    ({"input": np.full((4, 1, 16, 16), np.nan, np.float32)}, "NaN"),
+])
+def test_cli_bad_calibration_is_exit_2(tmp_path, bad, message):
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, **bad)
+    rc, _, err = cli("rewrite", SHIPPED, tmp_path / "o.onnx", "--calibration", cal, "--provider", "cpu")
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_data_plan_carries_its_factors(tmp_path):
+    x = np.random.default_rng(0).standard_normal((16, 1, 16, 16)).astype(np.float32)
+    new, rep = onnx_alds.rewrite(SHIPPED, keep_params=0.7, calibration={"input": x}, validate=False,
+                                 compare=False, allow_slower=True)
+    written = rep.plan.save(tmp_path / "plan.json")
+    assert [p.name for p in written] == ["plan.json", "plan.factors.npz"]
+    assert json.loads((tmp_path / "plan.json").read_text())["factors"]["file"] == "plan.factors.npz"
+    again = onnx_alds.apply_plan(SHIPPED, tmp_path / "plan.json")
+    assert again.SerializeToString() == new.SerializeToString()
+    # a factors file that does not match the plan is refused
+    (tmp_path / "plan.factors.npz").write_bytes(b"junk")
+    with pytest.raises(UsageError, match="does not match the plan"):
+        Plan.load(tmp_path / "plan.json")
