@@ -12,7 +12,9 @@ project's own venv pins another torch):
 
 (the last four only because importing ``onnx_alds.torch.export`` imports the
 package).  Weights are torchvision's random initialisation (``weights=None``,
-seeded): timing and scale, not accuracy.  The export is the project's own
+seeded; a weight it sets to all zeros, like vit_b_16's head, is drawn from
+N(0, 0.02²) so that the output is not constant): timing and scale, not
+accuracy.  The export is the project's own
 (``onnx_alds.torch.export.export``: torch.export-based exporter, BatchNorm
 folded into the convs in torch, weights named after modules, dynamic batch),
 at 1×3×224×224 and opset 18.  Each file is checked with onnx.checker and
@@ -42,6 +44,12 @@ def export_one(name: str, out_dir: Path, *, opset: int = 18, seed: int = 0) -> d
 
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(weights=None).eval()
+    # torchvision zero-initialises some heads (vit_b_16's): the output would be all zeros
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() >= 2 and not p.any():
+                torch.nn.init.trunc_normal_(p, std=0.02)
+                print(f"{name}: {pname} was all zeros; drawn from N(0, 0.02²)", file=sys.stderr)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
     path = out_dir / f"{name}.onnx"
     t0 = time.perf_counter()
@@ -64,7 +72,7 @@ def export_one(name: str, out_dir: Path, *, opset: int = 18, seed: int = 0) -> d
     with torch.no_grad():
         ref = model(xb).numpy()
     got = sess.run(None, {sess.get_inputs()[0].name: xb.numpy()})[0]
-    row["rel_l2_vs_torch"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    row["rel_l2_vs_torch"] = float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(ref)), 1e-30))
     return row
 
 
