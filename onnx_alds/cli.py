@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from . import __version__
@@ -98,6 +99,20 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     be.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
     be.add_argument("--json", metavar="OUT.json", help="also write the table as JSON")
+    be.add_argument("--int8", action="store_true",
+                    help="also bench an int8 (static QDQ) copy of each model, quantized into a temp dir")
+    be.add_argument("--calibration", metavar="CAL.npz", help="calibration samples for --int8 (default: random)")
+    be.add_argument("--per-tensor", action="store_true", help="--int8 with per-tensor weight scales")
+
+    q = sub.add_parser("quantize", help="static int8 quantization (QDQ) with onnxruntime, e.g. after rewrite")
+    q.add_argument("input", help="input .onnx (never modified)")
+    q.add_argument("output", help="output .onnx (written atomically)")
+    q.add_argument("--calibration", metavar="CAL.npz",
+                   help="one array per graph input name, first axis = samples (default: seeded random inputs)")
+    q.add_argument("--per-tensor", action="store_true", help="one scale per weight instead of per output channel")
+    q.add_argument("--samples", type=int, default=32, help="random calibration samples without --calibration")
+    q.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    q.add_argument("--json", metavar="OUT.json", help="also write what was done as JSON")
 
     e = sub.add_parser("export", help="export a PyTorch model defined in Python to ONNX (needs torch)")
     e.add_argument("factory", help="module.path:callable or path/to/file.py:callable")
@@ -193,13 +208,41 @@ def cmd_bench(a) -> int:
         raise UsageError(f"--batch {a.batch!r} is not a comma-separated list of integers") from None
     if not batches or min(batches) < 1 or a.repeats < 1 or a.warmup < 0 or a.threads < 1:
         raise UsageError("--batch, --repeats and --threads must be positive, --warmup not negative")
-    rows = bench(a.models, provider=a.provider, batches=batches, repeats=a.repeats, warmup=a.warmup,
-                 threads=a.threads, input_shapes=_shapes(a.input_shape))
+    if (a.calibration or a.per_tensor) and not a.int8:
+        raise UsageError("--calibration and --per-tensor apply to --int8 only")
+    shapes = _shapes(a.input_shape)
+    with tempfile.TemporaryDirectory(prefix="onnx-alds-bench-") as tmp:
+        paths, labels = a.models, None
+        if a.int8:
+            from .bench import with_int8
+
+            paths, labels, done = with_int8(a.models, tmp, a.calibration, per_channel=not a.per_tensor,
+                                            input_shapes=shapes)
+            for m, r in zip(a.models, done):
+                print(f"{m}: {r.summary()}")
+        rows = bench(paths, provider=a.provider, batches=batches, repeats=a.repeats, warmup=a.warmup,
+                     threads=a.threads, input_shapes=shapes, labels=labels)
     print(format_table(rows))
     if a.json:
         from .io import atomic_write_bytes
 
         atomic_write_bytes(a.json, (json.dumps(rows, indent=2) + "\n").encode())
+    return 0
+
+
+def cmd_quantize(a) -> int:
+    from .quantize import quantize
+
+    if a.samples < 1:
+        raise UsageError("--samples must be at least 1")
+    r = quantize(a.input, a.output, a.calibration, per_channel=not a.per_tensor, samples=a.samples,
+                 input_shapes=_shapes(a.input_shape))
+    if a.json:
+        from .io import atomic_write_bytes
+
+        atomic_write_bytes(a.json, (json.dumps(r.to_dict(), indent=2) + "\n").encode())
+    print(r.summary())
+    print(f"wrote {', '.join(r.written)}")
     return 0
 
 
@@ -226,7 +269,8 @@ def cmd_export(a) -> int:
     return 0
 
 
-COMMANDS = {"rewrite": cmd_rewrite, "inspect": cmd_inspect, "bench": cmd_bench, "export": cmd_export}
+COMMANDS = {"rewrite": cmd_rewrite, "inspect": cmd_inspect, "bench": cmd_bench, "quantize": cmd_quantize,
+            "export": cmd_export}
 
 
 def main(argv=None) -> int:
