@@ -234,6 +234,24 @@ def model_flops(model: onnx.ModelProto, input_shapes: dict[str, list]) -> int | 
     return total
 
 
+def _fill_from_runtime(model, graph, fixed: dict, shapes: dict) -> None:
+    """Where onnx shape inference stops (a Reshape to a shape computed at run
+    time, say), take the shapes onnxruntime sees when it runs the model at
+    the fixed input shapes.  Only when every input size is known."""
+    wanted = sorted({t.name for n in graph.nodes if n.op in LAYER_OPS
+                     for t in (n.inputs[:1] + n.outputs[:1]) if not known(shapes.get(t.name))})
+    if not wanted or not all(known(d) for d in fixed.values()):
+        return
+    try:
+        from .shapes import inputs_from_shapes, runtime_shapes
+
+        got = runtime_shapes(model, inputs_from_shapes(model, fixed, fill="zeros"), wanted)
+    except Exception as e:  # best effort: without them the layers lack FLOPs, as before
+        log.info("no shapes from onnxruntime (%s)", e)
+        return
+    shapes.update({k: list(v) for k, v in got.items()})
+
+
 def _consumers(graph: gs.Graph) -> dict[str, int]:
     consumers: dict[str, int] = {}
     for node in graph.nodes:
@@ -303,6 +321,7 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
     """Analyse ``graph`` (imported from ``model``) and list every Conv/Gemm/MatMul."""
     fixed = fixed_input_shapes(model, input_shapes)
     shapes = infer_shapes(model, fixed)
+    _fill_from_runtime(model, graph, fixed, shapes)
     consumers = _consumers(graph)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     layers: list[Layer] = []

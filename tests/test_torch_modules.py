@@ -112,3 +112,26 @@ def test_with_batchnorm_keeps_function_and_folds_away(exported, tmp_path):
     ops_a = sorted(n.op_type for n in onnx.load(str(a)).graph.node)
     ops_b = sorted(n.op_type for n in onnx.load(str(b)).graph.node)
     assert ops_b == ops_a and "BatchNormalization" not in ops_b  # folded into the decoders on export
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_torch_plan_reproduces_data_aware_factors(exported, tmp_path, k):
+    """Data-aware factors depend on the calibration data; the plan carries them
+    (plan.factors.npz), and the torch side uses them: torch = ONNX ≤ 1e-4."""
+    import onnx_alds
+
+    net, x, model = exported
+    name = model.graph.input[0].name
+    cal = torch.randn(32, 3, 8, 8).numpy()
+    plan = plan_for(model, k, "s0")
+    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={name: cal}, error="data", validate=False)
+    rep.plan.save(tmp_path / "plan.json")
+    fact = apply_plan(net, str(tmp_path / "plan.json"), example_inputs=(x,))
+    with torch.no_grad():
+        y_torch = fact(torch.from_numpy(cal)).numpy()
+    y_onnx = run(new, {name: cal})[0]
+    assert rel_err(y_onnx, y_torch) <= 1e-4
+    # and they are not the weight-only factors
+    weight_only = apply_plan(net, plan, example_inputs=(x,))
+    with torch.no_grad():
+        assert rel_err(weight_only(torch.from_numpy(cal)).numpy(), y_torch) > 1e-3
