@@ -37,7 +37,7 @@ def status(info) -> dict:
 def budgeted(model, input_shapes=None, feeds=None, keep=0.5):
     """rewrite at a parameter budget; the result loads and runs in onnxruntime
     and has the original's outputs (names, shapes, dtypes)."""
-    new, rep = onnx_alds.rewrite(model, keep_params=keep, input_shapes=input_shapes, compare=False,
+    new, rep = onnx_alds.rewrite(model, allow_slower=True, keep_params=keep, input_shapes=input_shapes, compare=False,
                                  provider="cpu")
     assert rep.params_after <= keep * rep.params_before + 1e-9
     assert rep.validation["provider"] == "CPUExecutionProvider"
@@ -362,7 +362,7 @@ def test_dynamic_batch_and_spatial_sizes():
     assert [l.name for l in info.candidates] == ["c1", "c2", "proj"]
     assert info.flops_total is None and all(l.flops is None for l in info.layers)
     with pytest.raises(onnx_alds.errors.UsageError, match="--input-shape"):
-        onnx_alds.rewrite(model, keep_flops=0.5, validate=False)
+        onnx_alds.rewrite(model, allow_slower=True, keep_flops=0.5, validate=False)
     shapes = {"x": [1, 3, 15, 13]}
     _, _, info = analyze(model, shapes)
     assert [l.name for l in info.candidates] == ["c1", "c2", "proj"]
@@ -380,7 +380,7 @@ def test_dynamic_batch_and_spatial_sizes():
         assert_same_outputs(model, new, feeds_for(model, {"x": [1, 3, 15, 13]}, seed=2))
     new, rep = budgeted(model, feeds=feeds_for(model, {"x": [2, 3, 15, 13]}))
     assert rep.flops_before is None
-    new, rep = onnx_alds.rewrite(model, keep_flops=0.5, input_shapes=shapes, compare=False, provider="cpu")
+    new, rep = onnx_alds.rewrite(model, allow_slower=True, keep_flops=0.5, input_shapes=shapes, compare=False, provider="cpu")
     assert rep.flops_after <= 0.5 * rep.flops_before
     assert_runs(new, feeds_for(model, {"x": [2, 3, 15, 13]}))
 
@@ -543,7 +543,7 @@ def test_weight_shared_with_if_branches_is_not_duplicated():
                   [tv("y", TensorProto.FLOAT, ["N", 32, 8, 8])], inits)
     st = status(analyze(model)[2])
     assert st["post"][1] == "skipped" and "shared by 3 nodes" in st["post"][2]
-    new, rep = onnx_alds.rewrite(model, keep_params=0.99, compare=False, provider="cpu")
+    new, rep = onnx_alds.rewrite(model, allow_slower=True, keep_params=0.99, compare=False, provider="cpu")
     assert rep.params_after <= 0.99 * rep.params_before
     assert onnx_alds.extract.count_params(new) == rep.params_after
     assert subgraph_initializers(new) == []
@@ -588,6 +588,6 @@ def test_layers_inside_local_functions():
     # the convs inside the function are not rewritten; their weights (f1, f2: 1152 of
     # 1944 params) stay, so 0.5 is out of reach and 0.8 is not
     with pytest.raises(onnx_alds.errors.InfeasibleBudget, match="smallest reachable fraction is 0.6"):
-        onnx_alds.rewrite(model, keep_params=0.5, validate=False, compare=False)
+        onnx_alds.rewrite(model, allow_slower=True, keep_params=0.5, validate=False, compare=False)
     new, _ = budgeted(model, feeds=feeds, keep=0.8)
     assert new.functions[0] == model.functions[0]

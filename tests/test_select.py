@@ -90,7 +90,7 @@ def test_larger_budget_never_gives_larger_error():
 @pytest.mark.parametrize("frac", [0.35, 0.6, 0.9])
 def test_params_budget_met_in_written_file(method, frac, tmp_path):
     model = cnn_model()
-    new, report = rewrite(model, keep_params=frac, method=method, validate=False, compare=False)
+    new, report = rewrite(model, allow_slower=True, keep_params=frac, method=method, validate=False, compare=False)
     path = tmp_path / "out.onnx"
     path.write_bytes(new.SerializeToString())
     import onnx
@@ -105,7 +105,7 @@ def test_params_budget_met_in_written_file(method, frac, tmp_path):
 @pytest.mark.parametrize("frac", [0.4, 0.7])
 def test_flops_budget_met_and_cost_model_exact(frac):
     model = cnn_model()
-    _, report = rewrite(model, keep_flops=frac, validate=False, compare=False)
+    _, report = rewrite(model, allow_slower=True, keep_flops=frac, validate=False, compare=False)
     assert report.flops_after / report.flops_before <= frac + 1e-12
     assert report.budget["predicted"] == pytest.approx(report.flops_after)
 
@@ -113,7 +113,7 @@ def test_flops_budget_met_and_cost_model_exact(frac):
 def test_flops_cost_model_exact_for_every_scheme():
     model = cnn_model()
     for s in ("s0", "s1", "s2", "s3"):
-        _, report = rewrite(model, keep_flops=0.6, schemes=[s], validate=False, compare=False)
+        _, report = rewrite(model, allow_slower=True, keep_flops=0.6, schemes=[s], validate=False, compare=False)
         assert report.budget["predicted"] == pytest.approx(report.flops_after)
         for l in report.layers:
             if l.status == "decomposed":
@@ -122,13 +122,13 @@ def test_flops_cost_model_exact_for_every_scheme():
 
 def test_infeasible_budget_states_smallest_fraction():
     with pytest.raises(InfeasibleBudget, match=r"smallest reachable fraction is 0\.\d+") as e:
-        rewrite(cnn_model(), keep_params=0.01, validate=False)
+        rewrite(cnn_model(), allow_slower=True, keep_params=0.01, validate=False)
     assert 0.01 < e.value.smallest_fraction < 1
     # and that fraction is indeed reachable
-    rewrite(cnn_model(), keep_params=e.value.smallest_fraction + 1e-4, validate=False, compare=False)
+    rewrite(cnn_model(), allow_slower=True, keep_params=e.value.smallest_fraction + 1e-4, validate=False, compare=False)
 
 
 def test_schemes_and_k_max_restrict_the_choice():
-    _, report = rewrite(cnn_model(), keep_params=0.5, schemes=["s0"], k_max=2, validate=False, compare=False)
+    _, report = rewrite(cnn_model(), allow_slower=True, keep_params=0.5, schemes=["s0"], k_max=2, validate=False, compare=False)
     dec = [l for l in report.layers if l.status == "decomposed"]
     assert dec and all(l.scheme == "s0" and l.k <= 2 for l in dec)
