@@ -285,8 +285,30 @@ class Terminated(BaseException):
     managers remove temporary files and directories, as on Ctrl-C."""
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+_signals: list[int] = []  # received while main ran (an extension module may turn the exception into another)
+
+
+def _on_signal(signum, frame):
+    _signals.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _install_signal_handlers() -> dict:
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
+                continue  # Ctrl-C ignored or handled by whoever called us
+            previous[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    return previous
+
+
+def _interrupted() -> int:
+    term = signal.SIGTERM in _signals
+    print("onnx-alds: terminated" if term else "onnx-alds: interrupted", file=sys.stderr)
+    return 143 if term else 130
 
 
 class _PrintableFormatter(logging.Formatter):
@@ -299,10 +321,8 @@ class _PrintableFormatter(logging.Formatter):
 
 
 def main(argv=None) -> int:
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
+    _signals.clear()
+    previous = _install_signal_handlers()
     verbose = False
     try:
         args = _parser().parse_args(argv)
@@ -321,17 +341,15 @@ def main(argv=None) -> int:
         rc = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return rc
+    except (KeyboardInterrupt, Terminated):
+        return _interrupted()
     except AldsError as e:
+        if _signals:
+            return _interrupted()
         from .io import printable
 
         print(f"onnx-alds: error: {printable(e)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("onnx-alds: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("onnx-alds: terminated", file=sys.stderr)
-        return 143
     except BrokenPipeError:  # `onnx-alds inspect --json | head`: the reader has all it wanted
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -343,6 +361,8 @@ def main(argv=None) -> int:
         print("onnx-alds: error: out of memory", file=sys.stderr)
         return 1
     except Exception as e:  # a bug: one sentence, and the traceback only with -v
+        if _signals:
+            return _interrupted()
         if verbose:
             raise
         from .io import printable
@@ -352,8 +372,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
