@@ -186,6 +186,7 @@ def test_no_leftover_temp_files(cnn_path, tmp_path):
     assert sorted(os.listdir(out_dir)) == ["o.onnx"]
 
 
+@pytest.mark.slow
 def test_shipped_model_end_to_end(tmp_path):
     """The README's first command, on the shipped trained ResNet20 exported from torch."""
     from pathlib import Path
@@ -219,6 +220,7 @@ def test_malformed_plans_are_usage_errors(cnn_path, tmp_path, text):
     assert_one_sentence(se)
 
 
+@pytest.mark.slow
 def test_export_subcommand_with_a_module_factory(tmp_path):
     """`onnx-alds export module:callable` from the repository root, then rewrite the result."""
     pytest.importorskip("torch")

@@ -126,6 +126,7 @@ def _model(nodes, inputs, outputs, inits):
     return m
 
 
+@pytest.mark.slow
 @settings(max_examples=50, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=st.one_of(conv_chain(), linear_chain()), data=st.data())
@@ -285,6 +286,7 @@ def test_mutated_models_only_give_documented_exit_codes(chunk, tmp_path, capfd):
     assert len(outcomes) == PER_CHUNK
 
 
+@pytest.mark.slow
 def test_mutated_models_through_the_console_script(tmp_path):
     """A few mutants through a real ``python -m onnx_alds`` process."""
     seen = set()

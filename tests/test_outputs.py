@@ -347,6 +347,7 @@ def test_apply_plan_with_selection_options_is_a_usage_error(cnn_path, tmp_path, 
     ("raise RuntimeError('boom at import')\n", "usermod:make"),
     ("def make():\n    import no_such_dependency_xyz\n", "usermod:make"),
 ])
+@pytest.mark.slow
 def test_errors_in_the_users_factory_module_are_one_sentence(tmp_path, source, factory):
     pytest.importorskip("torch")
     (tmp_path / "usermod.py").write_text(source)
