@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import onnx
@@ -66,13 +68,22 @@ def test_plan_that_is_not_utf8(cnn_path, tmp_path, capsys):
     assert_one_sentence(err)
 
 
+def _limit_memory():  # a version that reads /dev/zero to the end must fail, not exhaust the machine
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+
 def test_plan_from_a_device_or_fifo_is_refused_without_reading(cnn_path, tmp_path):
     """/dev/zero would be read until memory runs out; a FIFO would block the open."""
     fifo = tmp_path / "fifo.json"
     os.mkfifo(fifo)
     for special in ("/dev/zero", fifo):
         t0 = time.monotonic()
-        rc, _, err = cli("rewrite", cnn_path, tmp_path / "o.onnx", "--apply-plan", special, timeout=60)
+        p = subprocess.run([sys.executable, "-m", "onnx_alds", "rewrite", str(cnn_path), str(tmp_path / "o.onnx"),
+                            "--apply-plan", str(special)], capture_output=True, text=True, timeout=60,
+                           preexec_fn=_limit_memory)
+        rc, err = p.returncode, p.stderr
         assert rc == 2 and "not a regular file" in err, err
         assert_one_sentence(err)
         assert time.monotonic() - t0 < 60
