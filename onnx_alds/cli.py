@@ -129,7 +129,7 @@ def _shapes(specs, batch: int = 2):
 def _name(text) -> str:
     from .io import printable
 
-    return repr(printable(text))
+    return f"'{printable(text)}'"
 
 
 SELECTION_OPTIONS = (("keep_params", "--keep-params"), ("keep_flops", "--keep-flops"),
@@ -159,7 +159,6 @@ def cmd_rewrite(a) -> int:
     from .plan import Plan
     from .report import plot_report
 
-    plan = None
     if a.apply_plan:
         given = [flag for attr, flag in SELECTION_OPTIONS if getattr(a, attr) is not None]
         if given:
@@ -168,11 +167,10 @@ def cmd_rewrite(a) -> int:
     if a.k_max is not None and a.k_max < 1:
         raise UsageError("--k-max must be at least 1")
     out = Path(a.output)
-    check_outputs(a.input, [("the output", out), ("the output's external data file", out.with_name(out.name + ".data")),
-                            ("--report", a.report), ("--plan", a.plan), ("--plot", a.plot)],
-                  other_inputs=[("--apply-plan", a.apply_plan)] if a.apply_plan else ())
-    if a.apply_plan:
-        plan = Plan.load(a.apply_plan)
+    outputs = [("the output", out), ("the output's external data file", out.with_name(out.name + ".data")),
+               ("--report", a.report), ("--plan", a.plan), ("--plot", a.plot)]
+    check_outputs(a.input, outputs, other_inputs=[("--apply-plan", a.apply_plan)] if a.apply_plan else ())
+    plan = Plan.load(a.apply_plan) if a.apply_plan else None
     if a.plot:
         try:
             import matplotlib  # noqa: F401
