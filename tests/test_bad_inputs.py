@@ -312,7 +312,6 @@ def resnet_onnx(tmp_path_factory):
     return exported(tmp_path_factory.mktemp("export"), ResNet(), torch.randn(2, 3, 16, 16), name="resnet")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["s0", "s1", "s2", "s3", "s0,s1,s2,s3"])
 def test_rewrite_is_deterministic_per_scheme(resnet_onnx, scheme):
     schemes = scheme.split(",")
@@ -330,7 +329,6 @@ def test_rewrite_is_deterministic_per_scheme(resnet_onnx, scheme):
         assert ({(1, 3), (3, 1)} if schemes[0] in ("s1", "s2") else {(3, 3), (1, 1)}) <= kernels
 
 
-@pytest.mark.slow
 def test_rewrite_is_deterministic_across_processes(resnet_onnx, tmp_path):
     """Two CLI processes with different hash seeds write identical bytes."""
     src = save(resnet_onnx, tmp_path / "resnet.onnx")

@@ -186,7 +186,6 @@ def test_no_leftover_temp_files(cnn_path, tmp_path):
     assert sorted(os.listdir(out_dir)) == ["o.onnx"]
 
 
-@pytest.mark.slow
 def test_shipped_model_end_to_end(tmp_path):
     """The README's first command, on the shipped trained ResNet20 exported from torch."""
     from pathlib import Path

@@ -73,7 +73,6 @@ def test_evaluate_matches_a_direct_computation(digits):
     assert acc == pytest.approx(float((logits.argmax(1) == y).float().mean()))
 
 
-@pytest.mark.slow
 def test_checkpoints_are_written_and_a_second_call_resumes(digits, tmp_path):
     train, test = loaders(digits, n_train=128)
     ck = tmp_path / "ck"
@@ -108,7 +107,6 @@ def test_checkpoints_are_written_and_a_second_call_resumes(digits, tmp_path):
     assert h4["start_epoch"] == 0
 
 
-@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_weights(digits, tmp_path):
     """Losing the last epoch and resuming gives the uninterrupted run's weights (same schedule, RNG, batches)."""
     train, _ = loaders(digits, n_train=96)

@@ -126,7 +126,6 @@ def _model(nodes, inputs, outputs, inits):
     return m
 
 
-@pytest.mark.slow
 @settings(max_examples=50, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=st.one_of(conv_chain(), linear_chain()), data=st.data())
