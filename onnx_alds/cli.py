@@ -1,8 +1,11 @@
 """Command line: arguments, exit codes, nothing else.
 
 Exit codes: 0 success, 1 internal error (a bug: please report it), 2 usage
-error, 3 unreadable or invalid model, 4 infeasible budget, 5 the rewritten
-model failed validation.  Errors are one sentence on stderr.
+error (also an output that cannot be written, e.g. a full disk), 3 unreadable
+or invalid model, 4 infeasible budget, 5 the rewritten model failed
+validation, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 stdout
+closed early (``| head``).  Errors are one sentence on stderr; temporary files
+are removed on every one of these exits.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -32,8 +37,9 @@ def _fraction(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onnx-alds", description=__doc__.split("\n\n")[0],
-                                epilog="exit codes: 0 ok, 1 internal error, 2 usage, 3 bad model, "
-                                       "4 infeasible budget, 5 validation failed")
+                                epilog="exit codes: 0 ok, 1 internal error, 2 usage (or unwritable output), "
+                                       "3 bad model, 4 infeasible budget, 5 validation failed, "
+                                       "130 interrupted, 143 terminated, 141 stdout closed")
     p.add_argument("--version", action="version", version=f"onnx-alds {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
     sub = p.add_subparsers(dest="command", required=True)
@@ -48,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep this fraction of the multiply-accumulates")
     b.add_argument("--keep-latency", type=_fraction, metavar="F",
                    help="keep this fraction of the measured latency on --provider")
-    r.add_argument("--method", choices=["alds", "alds-paper", "uniform"], default="alds",
+    r.add_argument("--method", choices=["alds", "alds-paper", "uniform"], default=None,
                    help="alds: exact min-max solver (default); alds-paper: the paper's heuristic; "
                         "uniform: same rank fraction everywhere, k=1")
     r.add_argument("--schemes", default=None, metavar="S,...",
@@ -124,32 +130,92 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _shapes(specs):
+# validation feeds two samples of every input (random_inputs' batch of 2): refuse shapes whose
+# inputs alone would not fit, before anything is allocated
+MAX_INPUT_BYTES = 4 << 30
+
+
+def _shapes(specs, batch: int = 2):
+    """``--input-shape`` values as ``{name: dims}``: every dimension a positive
+    integer, and all inputs together small enough to be generated."""
     from .extract import parse_input_shapes
 
-    return parse_input_shapes(specs)
+    shapes = parse_input_shapes(specs)
+    total = 0
+    for name, dims in shapes.items():
+        if not dims or any(d < 1 for d in dims):
+            raise UsageError(f"--input-shape {_name(name)}: every dimension must be a positive integer, got "
+                             f"{','.join(str(d) for d in dims) or 'none'}")
+        n = max(dims[0], batch)  # validation replaces a dynamic batch by `batch`
+        for d in dims[1:]:
+            n *= d
+        total += n * 4
+    if total > MAX_INPUT_BYTES:
+        raise UsageError(f"--input-shape asks for about {total / 2**30:.1f} GiB of float32 input data, over the "
+                         f"{MAX_INPUT_BYTES >> 30} GiB limit; give smaller shapes")
+    return shapes
+
+
+def _name(text) -> str:
+    from .io import printable
+
+    return f"'{printable(text)}'"
+
+
+SELECTION_OPTIONS = (("keep_params", "--keep-params"), ("keep_flops", "--keep-flops"),
+                     ("keep_latency", "--keep-latency"), ("method", "--method"), ("schemes", "--schemes"),
+                     ("k_max", "--k-max"))
+
+
+def _check_runtime(a) -> None:
+    """Validation and latency budgets need onnxruntime: say so before any work."""
+    from .runtime import ort
+
+    if a.no_validate and a.keep_latency is None:
+        return
+    try:
+        ort()
+    except UsageError:
+        why = "a latency budget" if a.keep_latency is not None else "validation"
+        raise UsageError(f"{why} needs onnxruntime, which is not installed: pip install 'onnx-alds[cpu]' "
+                         f"(or 'onnx-alds[gpu]')" + ("" if a.keep_latency is not None else
+                                                     ", or pass --no-validate to skip the check")) from None
 
 
 def cmd_rewrite(a) -> int:
     from .api import rewrite
-    from .io import check_output_path, save_model
+    from .cache import usable_dir
+    from .io import check_outputs, save_model
+    from .plan import Plan
     from .report import plot_report
 
-    out = check_output_path(a.input, a.output)
-    for extra in (a.report, a.plan, a.plot):
-        if extra:
-            check_output_path(a.input, extra)
+    if a.apply_plan:
+        given = [flag for attr, flag in SELECTION_OPTIONS if getattr(a, attr) is not None]
+        if given:
+            raise UsageError(f"--apply-plan applies a plan as given, so {', '.join(given)} would be ignored; "
+                             f"leave {'it' if len(given) == 1 else 'them'} out")
+    if a.k_max is not None and a.k_max < 1:
+        raise UsageError("--k-max must be at least 1")
+    out = Path(a.output)
+    outputs = [("the output", out), ("the output's external data file", out.with_name(out.name + ".data")),
+               ("--report", a.report), ("--plan", a.plan), ("--plot", a.plot),
+               ("--plan's factors file", Plan.factors_path(a.plan) if a.plan else None)]
+    others = [(flag, v) for flag, v in (("--apply-plan", a.apply_plan), ("--calibration", a.calibration)) if v]
+    check_outputs(a.input, outputs, other_inputs=others)
+    plan = Plan.load(a.apply_plan) if a.apply_plan else None
     if a.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'onnx-alds[plot]'") from None
-    if a.k_max is not None and a.k_max < 1:
-        raise UsageError("--k-max must be at least 1")
+    if a.cache_dir is not None:
+        usable_dir(a.cache_dir)
+    input_shapes = _shapes(a.input_shape)
+    _check_runtime(a)
     schemes = [s.strip() for s in a.schemes.split(",") if s.strip()] if a.schemes else None
     new, report = rewrite(a.input, keep_params=a.keep_params, keep_flops=a.keep_flops,
-                          keep_latency=a.keep_latency, method=a.method, plan=a.apply_plan, schemes=schemes,
-                          k_max=a.k_max, input_shapes=_shapes(a.input_shape), provider=a.provider,
+                          keep_latency=a.keep_latency, method=a.method or "alds", plan=plan, schemes=schemes,
+                          k_max=a.k_max, input_shapes=input_shapes, provider=a.provider,
                           validate=not a.no_validate, compare=not a.no_compare,
                           progress=sys.stderr.isatty(), cache_dir=a.cache_dir, error=a.error,
                           calibration=a.calibration, bias_correction=not a.no_bias_correction,
@@ -175,9 +241,10 @@ def cmd_rewrite(a) -> int:
 
 def cmd_inspect(a) -> int:
     from .api import inspect
+    from .io import printable
 
     info = inspect(a.input, _shapes(a.input_shape))
-    if a.json:
+    if a.json:  # json.dumps escapes every control character
         rows = [{"name": l.name, "op": l.op, "weight": l.weight_name, "weight_shape": list(l.weight_shape),
                  "status": "compressible" if l.status == "candidate" else "skipped", "reason": l.reason,
                  "params": l.params + l.bias_params, "flops": l.flops,
@@ -185,17 +252,18 @@ def cmd_inspect(a) -> int:
         print(json.dumps({"params": info.params_total, "flops": info.flops_total,
                           "input_shapes": info.input_shapes, "layers": rows}, indent=2))
         return 0
-    w = max([len(l.name) for l in info.layers] + [5])
+    names = [printable(l.name) for l in info.layers]
+    w = max([len(n) for n in names] + [5])
     print(f"{'layer':<{w}}  {'op':<6} {'weight':<18} {'params':>10} {'MACs':>13}  status")
-    for l in info.layers:
+    for name, l in zip(names, info.layers):
         fl = f"{l.flops:,}" if l.flops is not None else "?"
-        status = "compressible" if l.status == "candidate" else f"skipped: {l.reason}"
+        status = "compressible" if l.status == "candidate" else f"skipped: {printable(l.reason)}"
         shape = "x".join(str(d) for d in l.weight_shape) or "-"
-        print(f"{l.name:<{w}}  {l.op:<6} {shape:<18} {l.params + l.bias_params:>10,} {fl:>13}  {status}")
+        print(f"{name:<{w}}  {printable(l.op):<6} {shape:<18} {l.params + l.bias_params:>10,} {fl:>13}  {status}")
     n = len(info.candidates)
     fl = f"{info.flops_total:,}" if info.flops_total is not None else "unknown (give --input-shape)"
     print(f"\n{n} of {len(info.layers)} layers compressible; model params {info.params_total:,}; "
-          f"MACs {fl} at input shapes {info.input_shapes}")
+          f"MACs {fl} at input shapes {printable(info.input_shapes)}")
     return 0
 
 
@@ -210,7 +278,12 @@ def cmd_bench(a) -> int:
         raise UsageError("--batch, --repeats and --threads must be positive, --warmup not negative")
     if (a.calibration or a.per_tensor) and not a.int8:
         raise UsageError("--calibration and --per-tensor apply to --int8 only")
-    shapes = _shapes(a.input_shape)
+    if a.json:
+        from .io import check_outputs
+
+        for m in a.models:
+            check_outputs(m, [("--json", a.json)])
+    shapes = _shapes(a.input_shape, batch=max(batches))
     with tempfile.TemporaryDirectory(prefix="onnx-alds-bench-") as tmp:
         paths, labels = a.models, None
         if a.int8:
@@ -258,9 +331,9 @@ def cmd_export(a) -> int:
         except ValueError:
             raise UsageError(f"--input-shape {s!r} is not a comma-separated list of integers") from None
     out = Path(a.output)
-    from .io import check_output_path
+    from .io import check_outputs
 
-    check_output_path(None, out)
+    check_outputs(None, [("the output", out)])
     try:
         export_from_factory(a.factory, out, checkpoint=a.checkpoint, input_shapes=shapes, opset=a.opset)
     except ValueError as e:
@@ -273,35 +346,100 @@ COMMANDS = {"rewrite": cmd_rewrite, "inspect": cmd_inspect, "bench": cmd_bench, 
             "export": cmd_export}
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks and context
+    managers remove temporary files and directories, as on Ctrl-C."""
+
+
+_signals: list[int] = []  # received while main ran (an extension module may turn the exception into another)
+
+
+def _on_signal(signum, frame):
+    _signals.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _install_signal_handlers() -> dict:
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
+                continue  # Ctrl-C ignored or handled by whoever called us
+            previous[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    return previous
+
+
+def _interrupted() -> int:
+    term = signal.SIGTERM in _signals
+    print("onnx-alds: terminated" if term else "onnx-alds: interrupted", file=sys.stderr)
+    return 143 if term else 130
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines carry names from the model: escape their control characters."""
+
+    def format(self, record):
+        from .io import printable
+
+        return printable(super().format(record))
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    from .io import large_allocations_to_os
-
-    large_allocations_to_os()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # graphsurgeon prints its warnings ("[W] ...") on stdout
-        from onnx_graphsurgeon.logger import G_LOGGER
-
-        G_LOGGER.severity = G_LOGGER.ERROR
+    _signals.clear()
+    previous = _install_signal_handlers()
+    verbose = False
     try:
-        return COMMANDS[args.command](args)
+        args = _parser().parse_args(argv)
+        verbose = args.verbose
+        # heavy imports inside the try: Ctrl-C while they load is a clean exit 130
+        from .io import large_allocations_to_os
+
+        large_allocations_to_os()
+        handler = logging.StreamHandler()
+        handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+        if not verbose:  # graphsurgeon prints its warnings ("[W] ...") on stdout
+            from onnx_graphsurgeon.logger import G_LOGGER
+
+            G_LOGGER.severity = G_LOGGER.ERROR
+        rc = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return rc
+    except (KeyboardInterrupt, Terminated):
+        return _interrupted()
     except AldsError as e:
-        print(f"onnx-alds: error: {e}", file=sys.stderr)
+        if _signals:
+            return _interrupted()
+        from .io import printable
+
+        print(f"onnx-alds: error: {printable(e)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("onnx-alds: interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # `onnx-alds inspect --json | head`: the reader has all it wanted
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush into the closed pipe at exit
+        except (OSError, ValueError):
+            pass
+        return 141
     except MemoryError:
         print("onnx-alds: error: out of memory", file=sys.stderr)
         return 1
     except Exception as e:  # a bug: one sentence, and the traceback only with -v
-        if args.verbose:
+        if _signals:
+            return _interrupted()
+        if verbose:
             raise
+        from .io import printable
+
         first = (str(e).splitlines() or [""])[0][:300]
-        print(f"onnx-alds: internal error ({type(e).__name__}: {first}); rerun with -v and report it",
+        print(f"onnx-alds: internal error ({type(e).__name__}: {printable(first)}); rerun with -v and report it",
               file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ the destination directory that is renamed into place only when complete.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import numpy as np
 import onnx
 import onnx.external_data_helper
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from .errors import ModelError, UsageError
 
@@ -94,6 +97,7 @@ def load_model(path, *, check: bool = True) -> onnx.ModelProto:
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelError(f"{str(p)!r} is not an ONNX model (it has no graph)")
     if check:
+        check_strings(model, repr(str(p)))
         check_tensors(model, repr(str(p)))
     return model
 
@@ -161,6 +165,28 @@ def check_tensors(model: onnx.ModelProto, what: str = "the model") -> None:
                 raise ModelError(f"{what} is not a valid ONNX model: tensor {t.name!r} {problem}")
 
 
+def check_strings(model: onnx.ModelProto, what: str = "the model") -> None:
+    """Every string field (node, tensor, graph, attribute names; domains, doc
+    strings, metadata) is valid UTF-8, as the ONNX spec requires and
+    onnx.checker does not check; a ModelError naming the first bad one."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    stack = [model]
+    while stack:
+        msg = stack.pop()
+        for fd, value in msg.ListFields():
+            if fd.type == F.TYPE_MESSAGE:  # (FieldDescriptor.label is gone in protobuf 7)
+                if isinstance(value, Message):
+                    stack.append(value)
+                else:
+                    stack.extend(value)
+            elif fd.type == F.TYPE_STRING:
+                for v in ([value] if isinstance(value, (str, bytes)) else value):
+                    if not isinstance(v, str):
+                        raise ModelError(f"{what} is not a valid ONNX model: the {fd.name} "
+                                         f"'{printable(v)}' of a {msg.DESCRIPTOR.name} is not valid UTF-8")
+
+
 def check_model(model: onnx.ModelProto, what: str = "the model", full: bool = False) -> None:
     try:
         if proto_size(model) > EXTERNAL_DATA_THRESHOLD:
@@ -184,7 +210,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def check_output_path(in_path, out_path) -> Path:
-    """Refuse an output that is the input, or that cannot be written."""
+    """Refuse an output that is the input, that cannot be written, or that is a
+    special file (a device, FIFO or socket is never replaced by a regular file)."""
     out = Path(out_path)
     if in_path is not None:
         inp = Path(in_path)
@@ -199,12 +226,108 @@ def check_output_path(in_path, out_path) -> Path:
         raise UsageError(f"output directory {str(parent)!r} is not writable")
     if out.is_dir():
         raise UsageError(f"output path {str(out)!r} is a directory")
+    try:
+        st = out.stat()
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"output path {str(out)!r} is not a regular file (a device, FIFO or socket); "
+                         f"only regular files are written")
     return out
 
 
+def input_files(path) -> list[Path]:
+    """The files a model consists of: the .onnx and every external-data file it
+    references (resolved; onnx ≥ 1.23 only reads those inside the model's
+    directory).  Only the model's structure is read, never its weights."""
+    p = Path(path)
+    files = [p.resolve()]
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # load_model reports a bad file with its own sentence
+        return files
+    base = p.resolve().parent
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if isinstance(loc, str) and loc and (base / loc).resolve() not in files:
+                files.append((base / loc).resolve())
+    return files
+
+
+def check_outputs(in_path, outputs: list[tuple[str, object]], other_inputs=()) -> list[Path]:
+    """Every output (``(what, path)``, e.g. ``("--report", "r.json")``) is
+    writable (see :func:`check_output_path`), differs from every other one, from
+    every file the input model consists of and from ``other_inputs`` (``(what,
+    path)``, e.g. the plan applied).  Returns the paths."""
+    paths = [(what, check_output_path(in_path, p)) for what, p in outputs if p is not None]
+    seen: dict[str, str] = {}
+    for what, p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            raise UsageError(f"{what} {str(p)!r} is the same file as {seen[real]}; "
+                             f"each output needs its own name")
+        seen[real] = what
+    for what_in, q in other_inputs:
+        for what, p in paths:
+            if os.path.realpath(p) == os.path.realpath(q) or (
+                    os.path.exists(p) and os.path.exists(q) and os.path.samefile(p, q)):
+                raise UsageError(f"{what} {str(p)!r} is the file given to {what_in}; "
+                                 f"inputs are never overwritten, choose another name")
+    if in_path is None or not Path(in_path).is_file():
+        return [p for _, p in paths]
+    # an existing output can only be one of the input's files if it lies in the input's directory
+    # (external data must, and is never a link or a hard link): only then read the model's structure
+    in_dir = os.path.realpath(Path(in_path).parent)
+    existing = [(what, p) for what, p in paths if os.path.lexists(p) and
+                os.path.realpath(p).startswith(in_dir + os.sep)]
+    if existing:
+        files = input_files(in_path)
+        for what, p in existing:
+            for f in files:
+                if Path(os.path.realpath(p)) == f or (f.exists() and os.path.samefile(p, f)):
+                    which = "the input model" if f == files[0] else f"the input's external data file {f.name!r}"
+                    raise UsageError(f"{what} {str(p)!r} is {which}; the input is never overwritten, "
+                                     f"choose another name")
+    return [p for _, p in paths]
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def printable(text) -> str:
+    """``text`` safe to print on a terminal: control characters (escape
+    sequences, carriage returns, bidi overrides) become ``\\xNN``/``\\uNNNN``,
+    and bytes that are not UTF-8 are shown as ``\\xNN``."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "backslashreplace")
+    text = str(text)
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class OutputError(UsageError):
+    """An output could not be written (disk full, read-only, ...): exit 2."""
+
+
+def _write_error(path, e: OSError) -> OutputError:
+    reason = e.strerror or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "the disk is full"
+    return OutputError(f"cannot write {str(path)!r}: {reason}; nothing was written")
+
+
+TMP_PREFIX = ".oa-"  # short: a legal 250-character name plus the temporary suffix stays under 255
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
+    """Write to a fresh temporary file beside ``path`` (``mkstemp``: O_EXCL,
+    never through a planted link), then rename it into place.  A failed write
+    (disk full, ...) is an :class:`OutputError` and leaves nothing behind."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent or ".")
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -212,6 +335,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -230,17 +356,20 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool | None = Non
         atomic_write_bytes(path, model.SerializeToString())
         return [path]
     data_name = f"{path.name}.data"
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent or ".") as tmpdir:
-        tmp_model = Path(tmpdir) / path.name
-        onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        written = []
-        tmp_data = Path(tmpdir) / data_name
-        if tmp_data.exists():
-            os.replace(tmp_data, path.parent / data_name)
-            written.append(path.parent / data_name)
-        os.replace(tmp_model, path)
-        written.insert(0, path)
+    try:
+        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=path.parent or ".") as tmpdir:
+            tmp_model = Path(tmpdir) / path.name
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            written = []
+            tmp_data = Path(tmpdir) / data_name
+            if tmp_data.exists():
+                os.replace(tmp_data, path.parent / data_name)
+                written.append(path.parent / data_name)
+            os.replace(tmp_model, path)
+            written.insert(0, path)
+    except OSError as e:
+        raise _write_error(path, e) from None
     onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     for t in onnx.external_data_helper._get_all_tensors(model):
         if t.data_location == onnx.TensorProto.DEFAULT:

@@ -31,11 +31,12 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
+from .cache import load_json_entry, save_json_entry, usable_dir
 from .cost import factorized_params, full_rank
 from .errors import UsageError
 from .extract import Layer, ModelInfo, extract
 from .folding import decoder_kernel, encoder_kernel
-from .io import Source, atomic_write_bytes
+from .io import Source
 from .ops import Factors, known as _known
 from .select import Config
 from .runtime import ort, providers_for, session, used_provider
@@ -49,6 +50,19 @@ CACHE_VERSION = 3  # bump when what a measurement means changes
 def default_cache_dir() -> Path:
     base = os.environ.get("ONNX_ALDS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "onnx-alds")
     return Path(base) / "latency"
+
+
+def _cache_dir(cache_dir) -> Path | None:
+    """The table's cache directory: one given explicitly must be usable (a
+    UsageError otherwise); the default one, when it cannot be used, is skipped
+    with a warning and the latencies are measured without a cache."""
+    if cache_dir is not None:
+        return usable_dir(cache_dir, "the latency cache directory")
+    try:
+        return usable_dir(default_cache_dir(), "the latency cache directory")
+    except UsageError as e:
+        log.warning("%s; measuring without a cache", e)
+        return None
 
 
 def time_session(sess, feeds, *, warmup: int = 3, repeats: int = 15) -> float:
@@ -179,7 +193,7 @@ class LatencyTable:
                   k_max: int | None = 16, schemes=None, points: int = 4, cache_dir=None,
                   progress: bool = False) -> "LatencyTable":
         providers = providers_for(provider)
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        cache = _cache_dir(cache_dir)
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
         version = ort().__version__
         layers, measured, cached = {}, 0, 0
@@ -196,8 +210,8 @@ class LatencyTable:
             ks = grid_ks(layer.geometry.c, k_max) if mini_layer.allow_groups else [1]
             key, key_src = cache_key(layer, in_dims, providers[0], version, threads, opset,
                                      bias=len(base.graph.initializer) > 1)
-            path = cache / f"{key}.json"
-            entry = json.loads(path.read_text()) if path.exists() else {"key": key_src, "ms": {}}
+            path = cache / f"{key}.json" if cache is not None else None
+            entry = (load_json_entry(path, key_src) if path is not None else None) or {"key": key_src, "ms": {}}
             feeds = {"x": np.random.default_rng(0).standard_normal(in_dims).astype(np.dtype(layer.dtype))}
 
             def measure(tag, make):
@@ -222,9 +236,8 @@ class LatencyTable:
                               - overhead, 0.0) for r in rs]
                     lt.grid[(k, s)] = (np.asarray(rs, float), np.asarray(ms, float))
             layers[layer.name] = lt
-            if measured:
-                cache.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(path, json.dumps(entry, indent=1).encode())
+            if measured and path is not None:
+                save_json_entry(path, entry)
         sess = session(model, providers, threads)
         from .validate import random_inputs
 

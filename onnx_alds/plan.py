@@ -12,8 +12,8 @@ use those factors as they are."""
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .errors import UsageError
 from .folding import SCHEMES
@@ -114,38 +114,103 @@ class Plan:
             raise UsageError("the plan has no 'layers' list")
         if not isinstance(d.get("budget", {}), dict):
             raise UsageError("the plan's 'budget' is not an object")
-        if d.get("version", PLAN_VERSION) != PLAN_VERSION:
-            raise UsageError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
+        if d.get("version", PLAN_VERSION) != PLAN_VERSION or isinstance(d.get("version"), bool):
+            raise UsageError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
         layers = []
         for i, e in enumerate(d["layers"]):
-            if not isinstance(e, dict):
+            if not isinstance(e, dict) or not {"name", "k", "rank"} <= set(e):
                 raise UsageError(f"plan entry {i} is not an object with 'name', 'k' and 'rank'")
-            try:
-                lp = LayerPlan(name=str(e["name"]), weight=str(e.get("weight", "")), k=int(e["k"]),
-                               scheme=str(e.get("scheme", "s0")), rank=int(e["rank"]))
-            except (KeyError, TypeError, ValueError):
-                raise UsageError(f"plan entry {i} needs 'name', 'k' and 'rank'") from None
+            for key in ("name", "weight", "scheme"):
+                if key in e and not isinstance(e[key], str):
+                    raise UsageError(f"plan entry {i}: '{key}' must be a string, not {_shown(e[key])}")
+            name = e["name"]
+            for key in ("k", "rank"):  # exact integers: 2.9 or true are refused, not truncated
+                v = e[key]
+                if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                    raise UsageError(f"plan entry {name!r}: '{key}' must be an integer, not {_shown(v)}")
+                if not 0 < v <= MAX_DIM:
+                    raise UsageError(f"plan entry {name!r} needs k ≥ 1 and rank ≥ 1 "
+                                     f"(and at most {MAX_DIM}), not {key} = {_shown(v)}")
+            lp = LayerPlan(name=name, weight=e.get("weight", ""), k=int(e["k"]), scheme=e.get("scheme", "s0"),
+                           rank=int(e["rank"]))
             if lp.scheme not in SCHEMES:
                 raise UsageError(f"plan entry {lp.name!r} has unknown scheme {lp.scheme!r}")
-            if lp.k < 1 or lp.rank < 1:
-                raise UsageError(f"plan entry {lp.name!r} needs k ≥ 1 and rank ≥ 1")
             layers.append(lp)
-        return cls(layers=layers, budget=dict(d.get("budget", {})))
+        return cls(layers=layers, budget=_budget(d.get("budget", {})))
 
     @classmethod
     def load(cls, path) -> "Plan":
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise UsageError(f"cannot read plan file {str(path)!r}: {e.strerror or e}") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"plan file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        """Read a plan file: a regular file of at most MAX_PLAN_BYTES, UTF-8,
+        strict JSON (no NaN/Infinity, integers of sane length, bounded nesting)."""
+        d = _read_json(path)
         plan = cls.from_dict(d)
         if isinstance(d, dict) and d.get("factors") is not None:
             plan.load_factors(d["factors"], Path(path).parent)
         return plan
+
+
+MAX_DIM = 1 << 40  # no tensor dimension comes near this
+MAX_PLAN_BYTES = 64 << 20  # a plan is ~100 bytes a layer: room for 600k layers
+
+
+def _shown(v) -> str:
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _budget(b: dict) -> dict:
+    """The budget a plan was solved for is data to report, never to act on:
+    only JSON scalars are kept (numbers finite, strings short)."""
+    out = {}
+    for key, v in b.items():
+        if v is None or isinstance(v, bool) or (isinstance(v, str) and len(v) <= 200) or \
+                (isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e300):
+            out[str(key)] = v
+        else:
+            raise UsageError(f"the plan's budget entry {str(key)[:40]!r} is not a number or short string")
+    return out
+
+
+def _read_json(path):
+    import os
+    import stat
+
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block the open
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise UsageError(f"cannot read plan file {str(path)!r}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"plan file {str(path)!r} is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_PLAN_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read plan file {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_PLAN_BYTES:
+        raise UsageError(f"plan file {str(path)!r} is over {MAX_PLAN_BYTES >> 20} MB; it cannot be a plan")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"plan file {str(path)!r} is not UTF-8 text (byte {e.start})") from None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"plan file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise UsageError(f"plan file {str(path)!r} is nested too deeply to be a plan") from None
+    except ValueError as e:  # NaN/Infinity, integers over 4300 digits
+        msg = str(e).split(":")[0].split(";")[0].split(" (")[0]
+        raise UsageError(f"plan file {str(path)!r} is not a valid plan ({msg})") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
 
 
 def resolve(plan: Plan, info) -> dict:

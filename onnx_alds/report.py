@@ -94,8 +94,10 @@ class Report:
             lines.append(f"  {name:<10} at the same budget: {what}")
         b = self.budget
         if b.get("metric") == "latency" and b.get("measured_ms") is not None:
-            lines.append(f"latency on {b['provider']} (batch 1, {b['threads']} threads): predicted speed-up "
-                         f"{b['model_ms'] / b['predicted_ms']:.2f}x, measured {b['measured_speedup']:.2f}x "
+            predicted = (f"predicted speed-up {b['model_ms'] / b['predicted_ms']:.2f}x, "
+                         if b.get("model_ms") and b.get("predicted_ms") else "")
+            lines.append(f"latency on {b.get('provider', '?')} (batch 1, {b.get('threads', '?')} threads): "
+                         f"{predicted}measured {b['measured_speedup']:.2f}x "
                          f"({b['measured_ms_before']:.3f} ms -> {b['measured_ms']:.3f} ms)")
         v = self.validation
         if v:
@@ -107,37 +109,38 @@ class Report:
         return "\n".join(lines)
 
 
+def _short(name: str, width: int = 28) -> str:
+    """A layer name for an axis label: its end is what tells layers apart."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def plot_notes(report: Report) -> list[str]:
+    """The numbers the plot's text box shows: budget, baselines, validation."""
+    lines = [f"params {report.params_fraction:.3f} of original"]
+    if report.flops_fraction is not None:
+        lines.append(f"FLOPs {report.flops_fraction:.3f} of original")
+    lines.append(f"max ε ({report.method}) {report.max_rel_error:.3f}")
+    for name, err in report.baselines.items():
+        lines.append(f"max ε ({name}) " + (f"{err:.3f}" if err is not None else "cannot meet the budget"))
+    v = report.validation
+    if v:
+        lines.append(f"validation rel L2 {v['rel_l2']:.3g} on {str(v.get('provider', '?')).replace('ExecutionProvider', '')}")
+        if v.get("latency_ms_before") and v.get("latency_ms_after"):
+            lines.append(f"latency {v['latency_ms_before']:.3f} → {v['latency_ms_after']:.3f} ms")
+    else:
+        lines.append("not validated")
+    return lines
+
+
 def plot_report(report: Report, path) -> None:
     """Per-layer relative error and kept fraction of parameters, so a user sees
-    where the budget went."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = [l for l in report.layers if l.status != "skipped"]
-    names = [l.name for l in layers]
-    x = range(len(layers))
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(8, 0.28 * len(layers) + 3), 7), sharex=True)
-    a1.bar(x, [l.rel_error for l in layers], color="tab:red")
-    a1.axhline(report.max_rel_error, color="k", lw=0.8, ls="--", label=f"max ε = {report.max_rel_error:.3f}")
-    a1.set_ylabel("relative error ε")
-    a1.legend(loc="upper right")
-    kept = [l.params_after / l.params_before if l.params_before else 1.0 for l in layers]
-    colors = ["tab:blue" if l.status == "decomposed" else "tab:gray" for l in layers]
-    a2.bar(x, kept, color=colors)
-    for i, l in enumerate(layers):
-        if l.status == "decomposed":
-            a2.text(i, kept[i] + 0.02, f"k{l.k}{l.scheme}", ha="center", va="bottom", fontsize=6, rotation=90)
-    a2.set_ylabel("params kept (layer)")
-    a2.set_ylim(0, 1.25)
-    a2.set_xticks(list(x))
-    a2.set_xticklabels(names, rotation=90, fontsize=6)
-    fig.suptitle(f"{report.method}: params {report.params_fraction:.3f} of original, "
-                 f"max ε {report.max_rel_error:.3f}")
-    fig.tight_layout()
+    where the budget went; a box beside the bars gives the totals, the
+    baselines at the same budget and the validation error."""
     import io as _io
 
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(report)
     buf = _io.BytesIO()
     fig.savefig(buf, format=str(path).rsplit(".", 1)[-1] if "." in str(path) else "png", dpi=120)
     plt.close(fig)
@@ -175,3 +178,44 @@ def build_report(info, choices: dict, measured: dict, *, method: str, budget: di
         max_measured_error=max(meas) if meas else None,
         layers=layers, baselines=baselines, timings_s=timings, input_shapes=info.input_shapes,
     )
+
+
+def report_figure(report: Report):
+    """The figure of :func:`plot_report` (a matplotlib Figure, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    layers = [l for l in report.layers if l.status != "skipped"]
+    names = [_short(l.name) for l in layers]
+    x = list(range(len(layers)))
+    width = max(8.0, 0.32 * len(layers) + 2.0)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(width + 2.8, 7.5), sharex=True)
+    decomposed = [l.status == "decomposed" for l in layers]
+    a1.bar(x, [l.rel_error for l in layers], color=["tab:red" if d else "tab:gray" for d in decomposed])
+    a1.axhline(report.max_rel_error, color="k", lw=0.8, ls="--")
+    a1.set_ylabel("relative error ε", fontsize=10)
+    kept = [l.params_after / l.params_before if l.params_before else 1.0 for l in layers]
+    a2.bar(x, kept, color=["tab:blue" if d else "tab:gray" for d in decomposed])
+    for i, l in enumerate(layers):
+        if l.status == "decomposed":
+            a2.text(i, kept[i] + 0.02, f"k{l.k} {l.scheme} r{l.rank}", ha="center", va="bottom", fontsize=7,
+                    rotation=90)
+    a2.set_ylabel("params kept (layer)", fontsize=10)
+    a2.set_ylim(0, 1.35)
+    a2.set_xticks(x)
+    a2.set_xticklabels(names, rotation=90, fontsize=8 if len(layers) <= 60 else 7)
+    a2.set_xlim(-0.6, len(layers) - 0.4)
+    # legends and the text box sit right of the axes, never over the bars
+    handles = [Patch(color="tab:red", label="error (decomposed)"), Patch(color="tab:blue", label="kept fraction"),
+               Patch(color="tab:gray", label="kept as is"),
+               plt.Line2D([], [], color="k", lw=0.8, ls="--", label=f"max ε = {report.max_rel_error:.3f}")]
+    a1.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+    a2.text(1.01, 1.0, "\n".join(plot_notes(report)), transform=a2.transAxes, va="top", ha="left", fontsize=9,
+            family="monospace", bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.7"))
+    fig.suptitle(f"{report.method}: params {report.params_fraction:.3f} of original, "
+                 f"max ε {report.max_rel_error:.3f}", fontsize=12)
+    fig.tight_layout(rect=(0, 0, width / (width + 2.8), 1))
+    return fig

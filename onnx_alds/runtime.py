@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA}
 
 
 _preloaded = False

@@ -18,17 +18,16 @@ slower than one thread per core).  Pure numpy.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from .cache import load_spectra, save_spectra, spectra_key
 from .folding import divisors, fold
 
 log = logging.getLogger(__name__)
@@ -69,12 +68,6 @@ def candidate_ks(c: int, k_max: int | None = None, allow_groups: bool = True) ->
     return [k for k in ks if k_max is None or k <= k_max]
 
 
-def _cache_key(w4: np.ndarray, scheme: str, k: int) -> str:
-    h = hashlib.sha1(np.ascontiguousarray(w4).tobytes())
-    h.update(f"{w4.shape}|{w4.dtype}|{scheme}|{k}".encode())
-    return h.hexdigest()
-
-
 def compute_spectra(
     weights: dict[str, np.ndarray],
     configs: dict[str, list[tuple[int, str]]],
@@ -100,16 +93,14 @@ def compute_spectra(
     def _work(task):
         name, k, s = task
         w = weights[name]
-        if cache_dir is not None:
-            path = Path(cache_dir) / f"{_cache_key(w, s, k)}.npy"
-            if path.exists():
-                return task, np.load(path)
+        if cache_dir is not None:  # entries are checked against the weights; a bad one is a miss
+            key = spectra_key(w, s, k)
+            sv = load_spectra(cache_dir, key, w, s, k)
+            if sv is not None:
+                return task, sv
         sv = group_singular_values(w, s, k)
         if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-            np.save(tmp, sv)
-            os.replace(tmp, path)
+            save_spectra(cache_dir, key, sv)
         return task, sv
 
     def size(task):

@@ -49,6 +49,7 @@ def build_table(tmp):
     return out, rows
 
 
+@pytest.mark.slow
 def test_accuracy_table_end_to_end(tmp_path, capsys):
     """One run (the table is the expensive part, so every check that needs it lives here)."""
     out, rows = build_table(tmp_path)

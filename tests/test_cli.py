@@ -219,6 +219,7 @@ def test_malformed_plans_are_usage_errors(cnn_path, tmp_path, text):
     assert_one_sentence(se)
 
 
+@pytest.mark.slow
 def test_export_subcommand_with_a_module_factory(tmp_path):
     """`onnx-alds export module:callable` from the repository root, then rewrite the result."""
     pytest.importorskip("torch")
@@ -243,7 +244,7 @@ def test_spectra_cache_dir_is_reused(cnn_path, tmp_path):
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     assert cli("rewrite", cnn_path, a, "--no-validate", "--cache-dir", cache)[0] == 0
     files = sorted(p.name for p in cache.iterdir())
-    assert files and all(f.endswith(".npy") for f in files)
+    assert files and all(f.endswith(".npz") for f in files)
     mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert cli("rewrite", cnn_path, b, "--no-validate", "--cache-dir", cache)[0] == 0
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes  # read, not rewritten

@@ -285,6 +285,7 @@ def test_mutated_models_only_give_documented_exit_codes(chunk, tmp_path, capfd):
     assert len(outcomes) == PER_CHUNK
 
 
+@pytest.mark.slow
 def test_mutated_models_through_the_console_script(tmp_path):
     """A few mutants through a real ``python -m onnx_alds`` process."""
     seen = set()

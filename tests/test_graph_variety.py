@@ -243,6 +243,7 @@ def torch_family(request, tmp_path_factory):
     return request.param, model, feeds
 
 
+@pytest.mark.slow
 def test_torch_family_full_rank_and_budget(torch_family):
     name, model, feeds = torch_family
     new, info, plan = check_full_rank(model, feeds)

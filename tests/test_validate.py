@@ -59,8 +59,10 @@ def test_bench_interleaves_after_warmup(tmp_path):
     assert [r["batch"] for r in rows] == [1, 1, 3, 3]
     for r in rows:
         assert {"model", "provider", "batch", "threads", "median_ms", "p10_ms", "p90_ms", "speedup"} <= set(r)
-        assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
-    assert rows[0]["speedup"] == 1.0
+    for batch in (1, 3):  # the speed-up is the first model's median over each model's
+        a, b = [r for r in rows if r["batch"] == batch]
+        assert a["model"] == str(tmp_path / "a.onnx") and b["model"] == str(tmp_path / "b.onnx")
+        assert b["speedup"] == pytest.approx(a["median_ms"] / b["median_ms"])
     per_batch = len(log) // 2
     first = log[:per_batch]
     assert first[:4] == [("warmup", 0), ("warmup", 1)] * 2  # warm-up of both before any timing
@@ -68,3 +70,18 @@ def test_bench_interleaves_after_warmup(tmp_path):
     assert len(timed) == 8
     # interleaved: the models alternate, never two timed runs of one model in a row within a round
     assert all(sorted(timed[j:j + 2]) == [0, 1] for j in range(0, 8, 2))
+
+
+def test_bench_measures_real_work(tmp_path):
+    """A model with ~200× the multiply-accumulates is measured as slower, and its
+    speed-up over the small one says so."""
+    from graphs import conv_model
+
+    small, big = tmp_path / "small.onnx", tmp_path / "big.onnx"
+    onnx.save(conv_model(f=4, c=4, in_hw=(16, 16)), str(small))
+    onnx.save(conv_model(f=64, c=64, in_hw=(64, 64)), str(big))
+    rows = bench([small, big], batches=[1], repeats=5, warmup=1, threads=1)
+    s, b = rows
+    assert 0 < s["p10_ms"] and b["median_ms"] > 5 * s["median_ms"]
+    assert b["speedup"] < 0.2 and s["speedup"] == 1.0
+    assert b["p90_ms"] >= b["p10_ms"] > s["p90_ms"]  # the spreads do not even overlap

@@ -507,6 +507,9 @@ def load_factory(factory: str):
         sys.path.insert(0, str(file.resolve().parent))
         try:
             spec.loader.exec_module(module)
+        except Exception as e:  # the user's code failed: name it, it is not our bug
+            sys.modules.pop(mod_name, None)
+            raise ValueError(f"Factory file {target} cannot be imported: {type(e).__name__}: {e}.") from e
         finally:
             sys.path.remove(str(file.resolve().parent))
     else:
@@ -518,6 +521,8 @@ def load_factory(factory: str):
             module = importlib.import_module(target)
         except ImportError as e:
             raise ValueError(f"Factory module {target!r} cannot be imported: {e}.") from e
+        except Exception as e:  # the user's module raised while importing
+            raise ValueError(f"Factory module {target!r} cannot be imported: {type(e).__name__}: {e}.") from e
         finally:
             if added:
                 sys.path.remove(os.getcwd())
@@ -589,6 +594,8 @@ def export_from_factory(
         model = fn()
     except TypeError as e:
         raise ValueError(f"Factory {factory!r} cannot be called without arguments: {e}.") from e
+    except ImportError as e:  # a lazy import inside the user's factory
+        raise ValueError(f"Factory {factory!r} failed on an import: {e}.") from e
     if not isinstance(model, nn.Module):
         raise ValueError(f"Factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module.")
     if checkpoint is not None:
