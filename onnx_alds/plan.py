@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import numbers
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .errors import UsageError
 from .folding import SCHEMES
