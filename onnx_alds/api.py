@@ -80,9 +80,10 @@ def calibrate(source: Source, info: ModelInfo, calibration, *, provider: str = "
                 break
         feeds = {k: np.concatenate([p[k] for p in parts])[:max_validation_samples] for k in parts[0]}
     if not moments:
-        return feeds, None
+        return feeds, None, data
     model = source.path if source.large and source.path is not None else source.model
-    return feeds, collect_moments(model, taps_for(info.candidates), data, provider=provider, progress=progress)
+    return feeds, collect_moments(model, taps_for(info.candidates), data, provider=provider,
+                                  progress=progress), data
 
 
 def options_for(info: ModelInfo, source: Source, emodel, cmodel, configs, *, progress=False, admissible=None):
@@ -178,13 +179,22 @@ def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency
     return sel.choices, plan_from_selection(sel, info, emodel.name), budget, baselines, method
 
 
-def _build(source, info, emodel, choices, plan, *, progress, timings):
-    """Factorize and emit; returns the new model and each layer's measured error."""
+def _build(source, info, emodel, choices, plan, *, progress, timings, sequential=None):
+    """Factorize and emit; returns the new model and each layer's measured error.
+    ``sequential`` = (original model, calibration data, provider): data-aware
+    factors are refitted layer by layer on the compressed prefix's inputs."""
     chosen = [l for l in info.candidates if choices.get(l.name) is not None]
     with _timed(timings, "factorize"):
         given = plan.factors or {}
-        factors = {l.name: given.get(l.name) or emodel.factors(source, l, choices[l.name]) for l in chosen}
-        measured = {l.name: emodel.measure(source, l, choices[l.name], factors[l.name]) for l in chosen}
+        if sequential is not None and emodel.name == "data" and not given:
+            from .sequential import sequential_factors
+
+            original, data, provider = sequential
+            factors, measured = sequential_factors(original, info, choices, data, emodel, provider=provider,
+                                                   progress=progress)
+        else:
+            factors = {l.name: given.get(l.name) or emodel.factors(source, l, choices[l.name]) for l in chosen}
+            measured = {l.name: emodel.measure(source, l, choices[l.name], factors[l.name]) for l in chosen}
     if emodel.name == "data":
         plan.factors = factors  # they depend on the calibration data: the plan carries them
     with _timed(timings, "emit"):
@@ -198,7 +208,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             compare: bool = True, latency_table=None, progress: bool = False, cache_dir=None,
             error: str | None = None, calibration=None, bias_correction: bool = True,
             max_output_error: float | None = None, min_speedup: float | None = None,
-            allow_slower: bool = False, max_speed_retries: int = 2,
+            allow_slower: bool = False, max_speed_retries: int = 2, sequential: bool = False,
             ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
@@ -225,11 +235,11 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         info = extract(source.model, source.graph, input_shapes)
     if plan is not None:
         plan = Plan.load(plan) if not isinstance(plan, Plan) else replace(plan)  # never edit the caller's
-    moments, cal_data = None, None
+    moments, cal_data, cal_all = None, None, None
     if calibration is not None:
         with _timed(timings, "calibrate"):
-            cal_data, moments = calibrate(source, info, calibration, provider=provider, progress=progress,
-                                          moments=error in (None, "data") and not (plan and plan.factors))
+            cal_data, moments, cal_all = calibrate(source, info, calibration, provider=provider, progress=progress,
+                                                   moments=error in (None, "data") and not (plan and plan.factors))
     large = source.large
     if large and source.path is not None:
         source.detach()
@@ -261,7 +271,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                 raise
             log.info("a stricter speed guard cannot meet the budget; keeping the previous selection")
             break
-        new, measured = _build(source, info, emodel, choices, used_plan, progress=progress, timings=timings)
+        new, measured = _build(source, info, emodel, choices, used_plan, progress=progress, timings=timings,
+                               sequential=(original, cal_all, provider) if sequential else None)
         source.graph = None  # the numpy weights are no longer needed: free them before onnxruntime loads
         if large:
             trim_memory()
