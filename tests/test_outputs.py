@@ -192,14 +192,14 @@ def _wait_for(cond, timeout):
 def test_signal_mid_rewrite_cleans_up(tmp_path, sig, code):
     """Killed while validating (its temporary directory exists): no `onnx-alds-*`
     left in $TMPDIR, no temporary file beside OUT, no OUT, no traceback."""
-    src = tmp_path / "conv.onnx"  # validation at 2×32×128×128 takes a second or more: time to send the signal
-    onnx.save(conv_model(f=32, c=32, in_hw=("H", "W")), str(src))
+    src = tmp_path / "conv.onnx"  # validation at 2×48×160×160 takes seconds: time to send the signal
+    onnx.save(conv_model(f=48, c=48, in_hw=("H", "W")), str(src))
     tmpdir, out_dir = tmp_path / "tmp", tmp_path / "out"
     tmpdir.mkdir()
     out_dir.mkdir()
     env = dict(os.environ, TMPDIR=str(tmpdir))
     p = subprocess.Popen([sys.executable, "-m", "onnx_alds", "rewrite", str(src), str(out_dir / "o.onnx"),
-                          "--no-compare", "--input-shape", "x:1,32,128,128"],
+                          "--no-compare", "--input-shape", "x:1,48,160,160"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert _wait_for(lambda: any(d.name.startswith("onnx-alds-") for d in tmpdir.iterdir())
