@@ -192,14 +192,14 @@ def _wait_for(cond, timeout):
 def test_signal_mid_rewrite_cleans_up(tmp_path, sig, code):
     """Killed while validating (its temporary directory exists): no `onnx-alds-*`
     left in $TMPDIR, no temporary file beside OUT, no OUT, no traceback."""
-    src = tmp_path / "conv.onnx"  # validation at 2×32×128×128 takes a second or more: time to send the signal
-    onnx.save(conv_model(f=32, c=32, in_hw=("H", "W")), str(src))
+    src = tmp_path / "conv.onnx"  # validation at 2×48×160×160 takes seconds: time to send the signal
+    onnx.save(conv_model(f=48, c=48, in_hw=("H", "W")), str(src))
     tmpdir, out_dir = tmp_path / "tmp", tmp_path / "out"
     tmpdir.mkdir()
     out_dir.mkdir()
     env = dict(os.environ, TMPDIR=str(tmpdir))
     p = subprocess.Popen([sys.executable, "-m", "onnx_alds", "rewrite", str(src), str(out_dir / "o.onnx"),
-                          "--no-compare", "--input-shape", "x:1,32,128,128"],
+                          "--no-compare", "--input-shape", "x:1,48,160,160"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert _wait_for(lambda: any(d.name.startswith("onnx-alds-") for d in tmpdir.iterdir())
@@ -215,20 +215,28 @@ def test_signal_mid_rewrite_cleans_up(tmp_path, sig, code):
     assert list(out_dir.iterdir()) == []
 
 
+# Ctrl-C while the heavy modules load, made deterministic: the first import of numpy raises
+# KeyboardInterrupt, as a Ctrl-C landing in that import would
+_CTRL_C_IN_IMPORT = """
+import runpy, sys
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            sys.meta_path.remove(self)
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["onnx-alds"] + sys.argv[1:]
+runpy.run_module("onnx_alds", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.mark.xfail(strict=True, reason="onnx_alds/__init__.py imports the whole pipeline before cli.main runs; "
                                        "needs lazy exports there (see the issue-11 report)")
 def test_ctrl_c_during_start_up_prints_no_traceback(cnn_path):
-    outcomes = []
-    for delay in (0.3, 0.6, 1.0):
-        p = subprocess.Popen([sys.executable, "-m", "onnx_alds", "inspect", str(cnn_path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
-        outcomes.append((p.returncode, err))
-    for rc, err in outcomes:
-        assert "Traceback" not in err, err
-        assert rc in (0, 130)
+    p = subprocess.run([sys.executable, "-c", _CTRL_C_IN_IMPORT, "inspect", str(cnn_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 130 and p.stderr.strip() == "onnx-alds: interrupted"
 
 
 def test_closed_stdout_pipe_is_a_quiet_exit(cnn_path):
