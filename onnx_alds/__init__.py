@@ -1,8 +1,18 @@
-"""onnx-alds: low-rank compression of ONNX models with ALDS."""
+"""onnx-alds: low-rank compression of ONNX models with ALDS.
 
-from .api import apply_plan, inspect, rewrite
-from .plan import LayerPlan, Plan
-from .report import Report
+The names below load lazily, so that ``onnx-alds`` (``cli.main``) can start
+handling Ctrl-C before the heavy modules are imported."""
 
 __all__ = ["rewrite", "apply_plan", "inspect", "Plan", "LayerPlan", "Report"]
 __version__ = "0.1.0"
+
+_WHERE = {"rewrite": "api", "apply_plan": "api", "inspect": "api", "Plan": "plan", "LayerPlan": "plan",
+          "Report": "report"}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -316,7 +316,7 @@ def _check_and_validate(source, original, new, info, choices, measured, emodel, 
                 check_model_file(new_ref, "the rewritten model")
             else:
                 check_rewritten(original, new)
-        if budget.get("metric") == "latency":
+        if budget.get("metric") == "latency" and latency_table is not None:  # not for an applied plan
             from .latency import measure_speedup
 
             with _timed(timings, "latency"):

@@ -103,6 +103,9 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
             out[name] = [int(d) for d in dims.replace("x", ",").split(",") if d]
         except ValueError:
             raise UsageError(f"--input-shape {spec!r} is not of the form NAME:D1,D2,...") from None
+        if not out[name] or min(out[name]) < 1:
+            raise UsageError(f"--input-shape {name!r}: every dimension must be a positive integer, got "
+                             f"{','.join(str(d) for d in out[name]) or 'none'}")
     return out
 
 

@@ -406,6 +406,7 @@ class Source:
     @classmethod
     def load(cls, model_or_path) -> "Source":
         if isinstance(model_or_path, onnx.ModelProto):
+            check_strings(model_or_path)  # as load_model does for files
             return cls(model_or_path, gs.import_onnx(model_or_path), None)
         model = load_model(model_or_path)
         return cls(model, gs.import_onnx(model), str(model_or_path))

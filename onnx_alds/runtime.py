@@ -15,6 +15,8 @@ from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
+MAX_INPUT_BYTES = 4 << 30  # inputs made for validation and benchmarks: larger ones are refused before allocating
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 

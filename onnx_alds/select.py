@@ -179,8 +179,8 @@ def select_alds_paper(options: list[Options], budget: float, *, fixed: float = 0
     best, best_err, tried = None, np.inf, []
     for seed in list(seeds) + [None] * n_random:
         ks = start_from(seed)
-        picks, iters = None, 0
-        for iters in range(1, max_iter + 1):
+        picks = None
+        for _ in range(max_iter):
             restricted = [o.subset(o.k == k) for o, k in zip(options, ks)]
             if min_cost(restricted) > budget + 1e-9:
                 break  # this k assignment cannot meet the budget at any error

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import ModelError, UsageError, ValidationFailed
-from .runtime import providers_for, session, used_provider
+from .runtime import MAX_INPUT_BYTES, providers_for, session, used_provider
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def random_inputs(sess, input_shapes: dict[str, list] | None = None, *, batch: i
     """Seeded inputs for every model input: dynamic batch → ``batch``, other
     dynamic sizes from ``input_shapes`` or ``default_dim``."""
     rng = np.random.default_rng(seed)
-    feeds = {}
+    specs, total = [], 0
     for inp in sess.get_inputs():
         given = (input_shapes or {}).get(inp.name)
         dims = []
@@ -74,19 +74,27 @@ def random_inputs(sess, input_shapes: dict[str, list] | None = None, *, batch: i
                 dims.append(d)
             elif axis == 0:
                 dims.append(batch)
-            elif given is not None and isinstance(given[axis], int):
+            elif given is not None and axis < len(given) and isinstance(given[axis], int):
                 dims.append(given[axis])
             else:
                 dims.append(default_dim)
         dtype = _ORT_DTYPES.get(inp.type)
         if dtype is None:
             raise ValidationFailed(f"input {inp.name!r} has type {inp.type}, which validation cannot generate")
+        total += int(np.prod(dims, dtype=object)) * np.dtype(dtype).itemsize
+        specs.append((inp.name, dims, dtype))
+    if total > MAX_INPUT_BYTES:  # refuse before allocating
+        raise UsageError(f"the inputs at shapes {', '.join(f'{n}:{d}' for n, d, _ in specs)} would take "
+                         f"{total / 2**30:.1f} GiB, over the {MAX_INPUT_BYTES >> 30} GiB limit; "
+                         f"give smaller shapes with --input-shape")
+    feeds = {}
+    for name, dims, dtype in specs:
         if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
+            feeds[name] = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:
-            feeds[inp.name] = rng.integers(0, 2, dims).astype(bool)
+            feeds[name] = rng.integers(0, 2, dims).astype(bool)
         else:
-            feeds[inp.name] = rng.integers(0, 2, dims).astype(dtype)
+            feeds[name] = rng.integers(0, 2, dims).astype(dtype)
     return feeds
 
 

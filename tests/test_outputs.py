@@ -230,8 +230,6 @@ runpy.run_module("onnx_alds", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="onnx_alds/__init__.py imports the whole pipeline before cli.main runs; "
-                                       "needs lazy exports there (see the issue-11 report)")
 def test_ctrl_c_during_start_up_prints_no_traceback(cnn_path):
     p = subprocess.run([sys.executable, "-c", _CTRL_C_IN_IMPORT, "inspect", str(cnn_path)], capture_output=True,
                        text=True, timeout=120)

@@ -106,8 +106,6 @@ def test_exact_integers_are_kept(tmp_path):
     assert plan.budget == {"metric": "params", "fraction": 0.5}
 
 
-@pytest.mark.xfail(strict=True, reason="api.rewrite measures latency for an applied plan whose budget says "
-                                       "'latency' with no latency table (AttributeError); see the issue-11 report")
 def test_latency_plan_applies(cnn_path, tmp_path):
     env = dict(os.environ, ONNX_ALDS_CACHE=str(tmp_path / "cache"))
     plan = tmp_path / "p.json"
