@@ -179,6 +179,20 @@ def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency
     return sel.choices, plan_from_selection(sel, info, emodel.name), budget, baselines, method
 
 
+SEQUENTIAL_MACS = 5e11  # sequential calibration by default while its forward passes stay this cheap
+
+
+def _sequential_affordable(info, choices, cal_data, emodel) -> bool:
+    """Sequential calibration runs the model once per decomposed layer over the
+    calibration data: on by default for data-aware errors while that stays
+    under :data:`SEQUENTIAL_MACS` multiply-accumulates."""
+    if emodel.name != "data" or not cal_data or info.flops_total is None:
+        return False
+    n = len(next(iter(cal_data.values())))
+    layers = sum(c is not None for c in choices.values())
+    return n * layers * info.flops_total <= SEQUENTIAL_MACS
+
+
 def _build(source, info, emodel, choices, plan, *, progress, timings, sequential=None):
     """Factorize and emit; returns the new model and each layer's measured error.
     ``sequential`` = (original model, calibration data, provider): data-aware
@@ -208,7 +222,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             compare: bool = True, latency_table=None, progress: bool = False, cache_dir=None,
             error: str | None = None, calibration=None, bias_correction: bool = True,
             max_output_error: float | None = None, min_speedup: float | None = None,
-            allow_slower: bool = False, max_speed_retries: int = 2, sequential: bool = False,
+            allow_slower: bool = False, max_speed_retries: int = 2, sequential: bool | None = None,
             ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
@@ -217,6 +231,10 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     ``error`` (default ``data`` when ``calibration`` is given, else
     ``spectral``).  ``calibration`` is a dict of arrays (one per graph input,
     samples first), an ``.npz`` path or an iterable of feed dicts.
+
+    With data-aware errors, ``sequential`` refits each layer's factors on the
+    inputs of the already-compressed prefix (:mod:`onnx_alds.sequential`);
+    ``None`` turns it on while it is cheap (see :func:`_sequential_affordable`).
 
     Unless ``allow_slower``, the speed guard keeps factorizations that its
     measured model says are slower than their layer out of the selection, and
@@ -271,8 +289,10 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                 raise
             log.info("a stricter speed guard cannot meet the budget; keeping the previous selection")
             break
+        seq = sequential if sequential is not None else _sequential_affordable(info, choices, cal_data, emodel)
         new, measured = _build(source, info, emodel, choices, used_plan, progress=progress, timings=timings,
-                               sequential=(original, cal_all, provider) if sequential else None)
+                               sequential=(original, cal_all, provider) if seq else None)
+        budget["sequential"] = bool(seq and emodel.name == "data")
         source.graph = None  # the numpy weights are no longer needed: free them before onnxruntime loads
         if large:
             trim_memory()

@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--error", choices=["spectral", "data", "frobenius", "paper"], default=None,
                    help="error model (default: data with --calibration, else spectral; paper = the "
                         "ALDS paper's surrogate)")
+    seq = r.add_mutually_exclusive_group()
+    seq.add_argument("--sequential", dest="sequential", action="store_const", const=True, default=None,
+                     help="refit data-aware factors layer by layer on the compressed prefix's inputs (default: "
+                          "on while it is cheap: samples × layers × MACs ≤ 5e11)")
+    seq.add_argument("--no-sequential", dest="sequential", action="store_const", const=False)
     r.add_argument("--no-bias-correction", action="store_true",
                    help="data-aware factors without the closed-form bias correction")
     r.add_argument("--max-output-error", type=float, metavar="X",
@@ -217,7 +222,7 @@ def cmd_rewrite(a) -> int:
                           progress=sys.stderr.isatty(), cache_dir=a.cache_dir, error=a.error,
                           calibration=a.calibration, bias_correction=not a.no_bias_correction,
                           max_output_error=a.max_output_error, min_speedup=a.min_speedup,
-                          allow_slower=a.allow_slower)
+                          allow_slower=a.allow_slower, sequential=a.sequential)
     report.output = str(out)
     written = save_model(new, out)
     if a.report:

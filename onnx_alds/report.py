@@ -88,7 +88,15 @@ class Report:
         ]
         if self.flops_fraction is not None:
             lines.append(f"FLOPs  {self.flops_before:,} -> {self.flops_after:,} ({self.flops_fraction:.3f})")
-        lines.append(f"max relative operator-norm error {self.max_rel_error:.4f}")
+        what = {"paper": "the paper's surrogate (a lower bound)", "spectral": "operator norm, upper bound",
+                "frobenius": "Frobenius norm", "data": "output error on the calibration data"}.get(
+            self.error_model, self.error_model)
+        line = f"max relative error {self.max_rel_error:.4f} (error model {self.error_model}: {what})"
+        if self.max_measured_error is not None:
+            line += f", measured {self.max_measured_error:.4f}"
+        if self.budget.get("sequential"):
+            line += " after sequential calibration"
+        lines.append(line)
         for name, err in self.baselines.items():
             what = f"max error {err:.4f}" if err is not None else "cannot meet the budget"
             lines.append(f"  {name:<10} at the same budget: {what}")
