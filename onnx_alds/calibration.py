@@ -79,7 +79,8 @@ def tap_for_layer(layer) -> Tap:
 
 
 def taps_for(layers) -> list[Tap]:
-    return [tap_for_layer(l) for l in layers]
+    """Taps of the layers whose specs take data-aware errors."""
+    return [tap_for_layer(l) for l in layers if l.spec.data_aware]
 
 
 @dataclass

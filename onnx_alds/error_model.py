@@ -192,7 +192,7 @@ class DataError:
     _chol: dict = field(default_factory=dict, repr=False)
 
     def schemes(self, layer, wanted):
-        return [s for s in wanted if s == "s0"] or ["s0"]
+        return [s for s in wanted if s == "s0"] if layer.spec.data_aware else []
 
     def stats(self, source, layer) -> LayerStats:
         if layer.name not in self._stats:
@@ -201,7 +201,7 @@ class DataError:
         return self._stats[layer.name]
 
     def curves(self, source, layers, configs, *, progress: bool = False) -> Curves:
-        missing = [l.name for l in layers if l.name not in self.moments]
+        missing = [l.name for l in layers if configs.get(l.name) and l.name not in self.moments]
         if missing:
             raise UsageError(f"the calibration run captured no inputs for layer {missing[0]!r}")
         tasks = [(l, k) for l in layers for k in sorted({k for k, s in configs[l.name] if s == "s0"})]

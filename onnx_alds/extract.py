@@ -62,7 +62,7 @@ class Layer:
 
     @property
     def schemes(self) -> tuple[str, ...]:
-        return distinct_schemes(self.geometry.kernel) if self.geometry else ()
+        return self.spec.schemes(self.geometry.kernel) if self.geometry else ()
 
     @property
     def allow_groups(self) -> bool:
@@ -210,18 +210,8 @@ def count_params(model: onnx.ModelProto) -> int:
 # ----------------------------------------------------------------------------- extraction
 
 def _node_flops(node: gs.Node, shapes) -> int | None:
-    """MACs of any Conv/Gemm/MatMul node (also the ones we do not compress)."""
-    outs = shapes.get(node.outputs[0].name) if node.outputs else None
-    if not known(outs):
-        return None
-    if node.op == "Conv":
-        wshape = shapes.get(node.inputs[1].name) or getattr(node.inputs[1], "shape", None)
-        return int(prod(outs)) * int(prod(wshape[1:])) if known(wshape) else None
-    a = shapes.get(node.inputs[0].name)
-    if not known(a) or len(a) < 1:
-        return None
-    kdim = a[0] if node.op == "Gemm" and node.attrs.get("transA", 0) else a[-1]
-    return int(prod(outs)) * int(kdim)
+    """MACs of any node a spec knows (also the ones we do not compress)."""
+    return spec_for(node.op).node_flops(node, shapes) if node.op in SPECS else None
 
 
 def model_flops(model: onnx.ModelProto, input_shapes: dict[str, list]) -> int | None:
@@ -273,7 +263,7 @@ def _describe(w) -> dict:
 
 
 def _bias_params(node: gs.Node) -> int:
-    if node.op not in ("Conv", "Gemm", "ConvTranspose") or not has_bias(node):
+    if not (node.op in SPECS and spec_for(node.op).bias_input) or not has_bias(node):
         return 0
     bv = constant_value(node.inputs[2])
     return int(np.asarray(bv).size) if bv is not None else 0
@@ -284,7 +274,7 @@ def _analyse(node: gs.Node, index: int, name: str, shapes, consumers, opset: int
     wt = node.inputs[1]
     w = constant_value(wt)
     base = dict(name=name, op=node.op, node_index=index, weight_name=wt.name, input_name=node.inputs[0].name,
-                bias_params=_bias_params(node), has_bias=has_bias(node) and node.op in ("Conv", "Gemm"),
+                bias_params=_bias_params(node), has_bias=has_bias(node) and node.op in SPECS and spec_for(node.op).bias_input,
                 **_describe(w))
 
     def skip(reason):
@@ -315,7 +305,7 @@ def _analyse(node: gs.Node, index: int, name: str, shapes, consumers, opset: int
         # the emitted Reshape needs opset 5, a Gemm decoder without `broadcast` opset 7
         return skip(f"linear layers need opset 7 or newer (the model has opset {opset})")
     g = cl.geometry
-    if min(factorized_params(g, 1, s, 1) for s in distinct_schemes(g.kernel)) >= g.params:
+    if min(factorized_params(g, 1, s, 1) for s in spec.schemes(g.kernel)) >= g.params:
         return skip(f"no factorization is smaller than the layer ({g.f}×{g.c}×{g.kernel[0]}×{g.kernel[1]})")
     return Layer(geometry=g, attrs=cl.attrs, flops=g.flops, **base)
 

@@ -299,7 +299,7 @@ def layer_configs(layers, schemes=None, k_max=None) -> dict[str, list[tuple[int,
             raise UsageError(f"unknown scheme {s!r} (use s0, s1, s2, s3)")
     out = {}
     for l in layers:
-        ss = sorted({canonical_scheme(s, l.geometry.kernel) for s in schemes})
+        ss = sorted({canonical_scheme(s, l.geometry.kernel) for s in schemes} & set(l.schemes))
         ks = candidate_ks(l.geometry.c, k_max, l.allow_groups)
         out[l.name] = [(k, s) for k in ks for s in ss]
     return out

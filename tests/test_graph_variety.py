@@ -255,9 +255,9 @@ def test_torch_family_full_rank_and_budget(torch_family):
         pw = [l for l in info.candidates if l.op == "Conv" and l.geometry.kernel == (1, 1)]
         assert len(pw) == 3
     elif name == "unet":
-        ct = [v for v in st.values() if v[0] == "ConvTranspose"]
-        assert ct == [("ConvTranspose", "skipped", "ConvTranspose is not supported")]
-        assert len(info.candidates) == 4  # enc1, enc2, dec, head
+        ct = [l for l in info.candidates if l.op == "ConvTranspose"]
+        assert len(ct) == 1 and ct[0].schemes == ("s3",)  # the up-sampling is compressed too
+        assert len(info.candidates) == 5  # enc1, enc2, up, dec, head
     elif name == "transformer":
         ops = sorted(l.op for l in info.candidates)
         # embed, q, k, v, o, fc1, fc2 per block on 3-D activations: MatMul; the head on 2-D: Gemm

@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-from . import conv, gemm, matmul
+from . import conv, convtranspose, gemm, matmul
 from .base import Classified, Factors, LayerAttrs, OpSpec, constant_value, has_bias, known
 
-SPECS: dict[str, OpSpec] = {s.op: s for s in (conv.SPEC, gemm.SPEC, matmul.SPEC)}
-UNSUPPORTED = {"ConvTranspose": "ConvTranspose is not supported"}
+SPECS: dict[str, OpSpec] = {s.op: s for s in (conv.SPEC, gemm.SPEC, matmul.SPEC, convtranspose.SPEC)}
+UNSUPPORTED: dict[str, str] = {}
 
 
 def spec_for(op: str) -> OpSpec:

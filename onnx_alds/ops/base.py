@@ -90,6 +90,34 @@ class OpSpec:
 
     op: str = ""
     torch_types: Callable[[], tuple] = staticmethod(lambda: ())
+    bias_input: bool = False  # input 2 is a bias that the decoder takes over
+    data_aware: bool = True  # input patches fold like scheme s0 (calibration taps apply)
+
+    def node_flops(self, node: gs.Node, shapes) -> int | None:
+        """Multiply-accumulates of the node at the analysed shapes (None when unknown)."""
+        from math import prod
+
+        outs = shapes.get(node.outputs[0].name) if node.outputs else None
+        a = shapes.get(node.inputs[0].name)
+        if not known(outs) or not known(a) or len(a) < 1:
+            return None
+        kdim = a[0] if node.attrs.get("transA", 0) else a[-1]
+        return int(prod(outs)) * int(kdim)
+
+    def torch_weight4(self, module) -> np.ndarray:
+        """The torch module's weight viewed as ``f × c × κ1 × κ2``."""
+        from ..folding import as_4d
+
+        return as_4d(module.weight.detach().cpu().numpy())
+
+    def torch_scheme(self, scheme: str) -> str:
+        return scheme
+
+    def schemes(self, kernel) -> tuple[str, ...]:
+        """The foldings that give distinct factorizations of this kernel."""
+        from ..folding import distinct_schemes
+
+        return distinct_schemes(kernel)
 
     def classify(self, node: gs.Node, w: np.ndarray, in_dims, out_dims) -> Classified:
         raise NotImplementedError

@@ -53,6 +53,14 @@ def conv_attrs(attrs: LayerAttrs, kernel, owner, me: str, group: int) -> dict:
 
 class ConvSpec(OpSpec):
     op = "Conv"
+    bias_input = True
+
+    def node_flops(self, node, shapes):
+        from math import prod
+
+        outs = shapes.get(node.outputs[0].name)
+        wshape = shapes.get(node.inputs[1].name) or getattr(node.inputs[1], "shape", None)
+        return int(prod(outs)) * int(prod(wshape[1:])) if known(outs) and known(wshape) else None
 
     @staticmethod
     def torch_types():

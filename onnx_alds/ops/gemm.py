@@ -16,6 +16,7 @@ from .linear import LinearSpec
 
 class GemmSpec(LinearSpec):
     op = "Gemm"
+    bias_input = True
 
     def classify(self, node, w, in_dims, out_dims) -> Classified:
         if node.attrs.get("transA", 0):

@@ -67,6 +67,9 @@ class LinearSpec(OpSpec):
 
         return (nn.Linear,)
 
+    def torch_scheme(self, scheme: str) -> str:
+        return "s0"  # linear layers have one folding
+
     def allow_groups(self, attrs) -> bool:
         """Grouped linear layers need the activation rank to reshape into groups."""
         return attrs.activation_rank is not None

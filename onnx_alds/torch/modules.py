@@ -20,7 +20,6 @@ from torch import nn
 
 from ..errors import UsageError
 from ..factorize import weight_factors
-from ..folding import as_4d
 from ..ops import SPECS
 from ..ops.conv import torch_class as _conv_class
 from ..ops.linear import torch_class as _linear_class
@@ -128,7 +127,6 @@ def apply_plan(model: nn.Module, plan: Plan | dict | str, example_inputs: Any = 
         spec = _spec_for_module(mod, path)
         factors = (plan.factors or {}).get(entry.name)
         if factors is None:
-            w4 = as_4d(mod.weight.detach().cpu().numpy())
-            factors = weight_factors(w4, entry.k, entry.scheme if spec.op == "Conv" else "s0", entry.rank)
+            factors = weight_factors(spec.torch_weight4(mod), entry.k, spec.torch_scheme(entry.scheme), entry.rank)
         model.set_submodule(path, spec.torch_module(mod, entry, factors))
     return model
