@@ -11,8 +11,11 @@ _WHERE = {"rewrite": "api", "apply_plan": "api", "inspect": "api", "Plan": "plan
 
 
 def __getattr__(name):
-    if name in _WHERE:
-        import importlib
+    import importlib
+    import importlib.util
 
+    if name in _WHERE:
         return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: onnx_alds.io, ...
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

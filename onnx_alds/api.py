@@ -347,6 +347,11 @@ def _check_and_validate(source, original, new, info, choices, measured, emodel, 
                               params_after=count_params(new), flops_after=flops_after, in_path=source.path,
                               timings=timings, baselines=baselines)
         report.plan = plan
+        from .emit import dropped
+
+        if dropped(original):
+            report.budget.setdefault("warnings", []).extend(f"dropped {d}" for d in dropped(original))
+            report.budget["dropped"] = dropped(original)
         if validate:
             from .validate import validate as run_validation
 

@@ -98,7 +98,46 @@ def emit(source: Source, info, choices: dict, factors: dict, *, progress: bool =
     copy_model_fields(source.model, new)
     if not new.functions and source.model.functions:
         new.functions.extend(source.model.functions)
+    keep_untouched(source.model, new)
+    if new.ir_version < 4:
+        initializers_as_inputs(new)
     return new
+
+
+def keep_untouched(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
+    """What the rewrite does not touch stays: initializers no node reads
+    (graphsurgeon's export drops them) and the order of the graph inputs.
+    ``training_info`` refers to the original weights, so it cannot stay;
+    :func:`dropped` lists it for the report."""
+    have = {t.name for t in new.graph.initializer}
+    read = {i for n in original.graph.node for i in n.input} | {o.name for o in original.graph.output}
+    read |= names_read_inside(subgraph_bodies(original.graph))
+    new.graph.initializer.extend(t for t in original.graph.initializer if t.name not in read and t.name not in have)
+    # graph inputs that are also initializers (overridable weights) keep their place in the interface
+    have = {t.name for t in new.graph.initializer}
+    by_name = {i.name: i for i in new.graph.input}
+    if any(i.name not in by_name and i.name in have for i in original.graph.input):
+        order = [by_name.get(i.name) or (i if i.name in have else None) for i in original.graph.input]
+        rest = [i for i in new.graph.input if i.name not in {o.name for o in original.graph.input}]
+        del new.graph.input[:]
+        new.graph.input.extend([i for i in order if i is not None] + rest)
+
+
+def dropped(original: onnx.ModelProto) -> list[str]:
+    """Parts of the input model that the rewritten model cannot carry."""
+    out = []
+    if len(original.training_info):
+        out.append(f"training_info ({len(original.training_info)} entries): its algorithms refer to the "
+                   f"original weights")
+    return out
+
+
+def initializers_as_inputs(model: onnx.ModelProto) -> None:
+    """IR version 3 wants every initializer listed as a graph input too."""
+    inputs = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if t.name not in inputs:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
 def apply_replacements(graph: gs.Graph, replaced: dict[int, list[gs.Node]]) -> None:

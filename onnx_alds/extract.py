@@ -269,7 +269,7 @@ def _bias_params(node: gs.Node) -> int:
     return int(np.asarray(bv).size) if bv is not None else 0
 
 
-def _analyse(node: gs.Node, index: int, name: str, shapes, consumers, opset: int) -> Layer:
+def _analyse(node: gs.Node, index: int, name: str, shapes, consumers, opset: int, interface: dict) -> Layer:
     """One main-graph node → its Layer (a candidate, or skipped with the reason)."""
     wt = node.inputs[1]
     w = constant_value(wt)
@@ -293,6 +293,10 @@ def _analyse(node: gs.Node, index: int, name: str, shapes, consumers, opset: int
         return skip(f"weight dtype {w.dtype} is not a floating-point type")
     if consumers.get(wt.name, 0) > 1:
         return skip(f"weight {wt.name!r} is shared by {consumers[wt.name]} nodes")
+    if wt.name in interface.get("outputs", ()):
+        return skip(f"weight {wt.name!r} is also a graph output")
+    if wt.name in interface.get("inputs", ()):
+        return skip(f"weight {wt.name!r} is also a graph input, so it can be replaced at run time")
     if not np.isfinite(w).all():
         return skip("weight contains NaN or Inf")
     if base["has_bias"] and constant_value(node.inputs[2]) is None:
@@ -316,6 +320,11 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
     shapes = infer_shapes(model, fixed)
     _fill_from_runtime(model, graph, fixed, shapes)
     consumers = _consumers(graph)
+    # weights that are part of the model's interface stay as they are
+    inits = {t.name for t in model.graph.initializer}
+    # (below IR 4 every initializer must be listed as an input: that makes none overridable by intent)
+    interface = {"outputs": {o.name for o in model.graph.output},
+                 "inputs": {i.name for i in model.graph.input if i.name in inits} if model.ir_version >= 4 else set()}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     layers: list[Layer] = []
     flops_total = 0
@@ -336,7 +345,7 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
             flops_total = None if flops_total is None or nf is None else flops_total + nf
         if len(node.inputs) < 2:
             continue
-        layer = _analyse(node, index, unique(node.name or node.inputs[1].name), shapes, consumers, opset)
+        layer = _analyse(node, index, unique(node.name or node.inputs[1].name), shapes, consumers, opset, interface)
         if layer.status != "candidate" and node.op in LAYER_OPS:
             layer = replace(layer, flops=nf)  # what the layer costs where it stays as it is
         layers.append(layer)
