@@ -31,7 +31,6 @@ import importlib.util
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -44,6 +43,9 @@ from onnx import numpy_helper
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from ..errors import UsageError
+from ..io import EXTERNAL_DATA_THRESHOLD, proto_size, save_model
+
 __all__ = [
     "export",
     "export_from_factory",
@@ -54,12 +56,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_LAYER_OPS = ("Conv", "Gemm", "MatMul")
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
+_LAYER_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 # torch.export-based exporter: opset 18+ (its version converter cannot go lower for ReduceMean & co.)
 MIN_OPSET = 18
-# above this many bytes of initializers the file is written with ONNX external data
-_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 # ----------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def _as_tuple(example_inputs: Any) -> tuple:
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
-    raise TypeError("example_inputs must be a tensor or a tuple of tensors.")
+    raise UsageError("example_inputs must be a tensor or a tuple of tensors.")
 
 
 def _find_conv_bn_pairs(model: nn.Module, example_inputs: tuple) -> list[tuple[str, str]]:
@@ -205,7 +205,7 @@ def weight_to_module(model: nn.Module, weight_name: str) -> nn.Module:
 
     Accepts ``.weight`` / ``.bias`` parameter names as written by :func:`export`,
     a bare module path, and torch.export's flattened placeholder names
-    (``p_layer1_0_conv1_weight``). Raises ``KeyError`` when nothing matches.
+    (``p_layer1_0_conv1_weight``). Raises :class:`UsageError` when nothing matches.
     """
     modules = dict(model.named_modules())
     name = weight_name
@@ -222,92 +222,86 @@ def weight_to_module(model: nn.Module, weight_name: str) -> nn.Module:
             matches = [m for n, m in modules.items() if n and n.replace(".", "_") == stem]
             if len(matches) == 1:
                 return matches[0]
-    raise KeyError(f"no module of the model owns the weight {weight_name!r}")
+    raise UsageError(f"no module of the model owns the weight {weight_name!r}")
 
 
-def _module_from_scopes(node: onnx.NodeProto, layer_modules: dict[str, nn.Module]) -> str | None:
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                import ast
+def _module_from_scopes(node, layer_modules: dict[str, nn.Module]) -> str | None:
+    text = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if text is None:
+        return None
+    import ast
 
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return None
-            for scope in reversed(scopes):
-                if scope in layer_modules:
-                    return scope
+    try:
+        scopes = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+    for scope in reversed(scopes):
+        if scope in layer_modules:
+            return scope
     return None
 
 
-def _expected_weight(node: onnx.NodeProto, mod: nn.Module) -> np.ndarray:
+def _expected_weight(node, mod: nn.Module) -> np.ndarray:
     w = mod.weight.detach().cpu().numpy()
     if node.op_type == "MatMul":
         return w.T
     if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return w if trans_b else w.T
+        trans_b = node.attributes.get("transB")
+        return w if trans_b is not None and trans_b.as_int() else w.T
+    if node.op_type == "ConvTranspose":
+        return w
     return w
 
 
-def _rename_layers(proto: onnx.ModelProto, model: nn.Module) -> int:
-    """Name each Conv/Gemm/MatMul weight (and bias) initializer and node after its module.
+def _rename_layers(model_ir, model: nn.Module) -> int:
+    """Name each Conv/Gemm/MatMul/ConvTranspose weight (and bias) initializer and
+    node after its module, on the exporter's own IR (onnx-ir), so that every
+    use (subgraphs included) follows and value_info is written anew.
 
     The module is taken from the node's ``name_scopes`` metadata and confirmed by
     value; failing that, found by value among the model's Conv/Linear weights.
     Initializers that the exporter shared between layers (equal values) are
-    copied so that each layer has its own. Returns how many layers were named.
-    """
-    graph = proto.graph
+    copied so that each layer has its own. Returns how many layers were named."""
+    import onnx_ir as ir
+
+    graph = model_ir.graph
     layer_modules = {
         n: m
         for n, m in model.named_modules()
-        if (isinstance(m, _CONV_TYPES) or isinstance(m, nn.Linear)) and isinstance(getattr(m, "weight", None), torch.Tensor)
+        if isinstance(m, _CONV_TYPES + (nn.Linear,)) and isinstance(getattr(m, "weight", None), torch.Tensor)
     }
-    inits = {t.name: t for t in graph.initializer}
-    users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for i in node.input:
-            users[i].append(node)
     by_bytes: dict[tuple, list[str]] = defaultdict(list)
     for n, m in layer_modules.items():
         w = m.weight.detach().cpu().numpy()
         for arr in (w, w.T) if w.ndim == 2 else (w,):
             by_bytes[(arr.shape, np.ascontiguousarray(arr).tobytes())].append(n)
-
-    taken_nodes = {n.name for n in graph.node}
+    taken_nodes = {n.name for n in graph}
     named = 0
     done_modules: set[str] = set()
 
-    def give_name(node: onnx.NodeProto, idx: int, new_name: str) -> None:
-        old = node.input[idx]
-        if old == new_name:
+    def give_name(node, idx: int, new_name: str) -> None:
+        value = node.inputs[idx]
+        if value is None or value.name == new_name:
             return
-        tensor = inits[old]
-        if len(users[old]) == 1 and new_name not in inits:
-            tensor.name = new_name
-            inits[new_name] = inits.pop(old)
-        else:  # shared (deduplicated) initializer: give this layer its own copy
-            if new_name in inits:
-                return  # already present under that name
-            clone = onnx.TensorProto()
-            clone.CopyFrom(tensor)
-            clone.name = new_name
-            graph.initializer.append(clone)
-            inits[new_name] = graph.initializer[-1]
-            users[old].remove(node)
-        node.input[idx] = new_name
-        users[new_name].append(node)
+        if len(value.uses()) == 1 and new_name not in graph.initializers:
+            value.name = new_name  # every reference follows: the IR holds objects, not strings
+            return
+        if new_name in graph.initializers:
+            return  # already present under that name
+        clone = ir.Value(name=new_name, type=value.type, shape=value.shape, const_value=value.const_value)
+        graph.register_initializer(clone)  # a shared (deduplicated) initializer: this layer gets its own
+        node.replace_input_with(idx, clone)
 
-    for node in graph.node:
-        if node.op_type not in _LAYER_OPS or len(node.input) < 2 or node.input[1] not in inits:
+    for node in graph:
+        if node.op_type not in _LAYER_OPS or len(node.inputs) < 2 or node.inputs[1] is None \
+                or node.inputs[1].const_value is None or not node.inputs[1].is_initializer():
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
+        w = node.inputs[1].const_value.numpy()
         mod_name = _module_from_scopes(node, layer_modules)
         if mod_name is not None and mod_name not in done_modules:
             exp = _expected_weight(node, layer_modules[mod_name])
             # a name the exporter already gave (e.g. after its own BN fusion) is trusted
-            if node.input[1] != f"{mod_name}.weight" and (exp.shape != w.shape or not np.array_equal(exp, w)):
+            if node.inputs[1].name != f"{mod_name}.weight" and (exp.shape != w.shape or not np.array_equal(exp, w)):
                 mod_name = None
         else:
             mod_name = None
@@ -318,14 +312,15 @@ def _rename_layers(proto: onnx.ModelProto, model: nn.Module) -> int:
             mod_name = cands[0]
         done_modules.add(mod_name)
         give_name(node, 1, f"{mod_name}.weight")
-        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
+        if node.op_type in ("Conv", "Gemm", "ConvTranspose") and len(node.inputs) > 2 \
+                and node.inputs[2] is not None and node.inputs[2].is_initializer():
             give_name(node, 2, f"{mod_name}.bias")
         elif node.op_type == "MatMul":
-            nxt = users.get(node.output[0], [])
-            if len(nxt) == 1 and nxt[0].op_type == "Add":
-                add = nxt[0]
-                for j, inp in enumerate(add.input):
-                    if inp in inits and inp != node.output[0]:
+            nxt = list(node.outputs[0].uses())
+            if len(nxt) == 1 and nxt[0].node.op_type == "Add":
+                add = nxt[0].node
+                for j, inp in enumerate(add.inputs):
+                    if inp is not None and inp.is_initializer() and inp is not node.outputs[0]:
                         give_name(add, j, f"{mod_name}.bias")
         if node.name != mod_name and mod_name not in taken_nodes:
             taken_nodes.discard(node.name)
@@ -338,44 +333,6 @@ def _rename_layers(proto: onnx.ModelProto, model: nn.Module) -> int:
 # ----------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------
-
-
-def _default_mode() -> int:
-    # mkstemp creates 0600 files; give the result the permissions a plain open() would
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_save(proto: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    size = sum(t.ByteSize() for t in proto.graph.initializer)
-    if size < _EXTERNAL_DATA_THRESHOLD:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(proto.SerializeToString())
-            os.chmod(tmp, _default_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return
-    # large model: weights go to PATH.data, written next to a temp copy and then moved
-    data_name = path.name + ".data"
-    tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        tmp_model = Path(tmpdir) / path.name
-        onnx.save_model(proto, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
-        for f in (tmp_model, Path(tmpdir) / data_name):
-            os.chmod(f, _default_mode())
-        os.replace(Path(tmpdir) / data_name, path.parent / data_name)
-        os.replace(tmp_model, path)
-    finally:
-        for p in Path(tmpdir).iterdir():
-            p.unlink()
-        os.rmdir(tmpdir)
 
 
 def export(
@@ -405,10 +362,10 @@ def export(
     """
     path = Path(path)
     if opset is not None and int(opset) < MIN_OPSET:
-        raise ValueError(f"torch's ONNX exporter writes opset {MIN_OPSET} or newer, not opset {opset}.")
+        raise UsageError(f"torch's ONNX exporter writes opset {MIN_OPSET} or newer, not opset {opset}.")
     example_inputs = _as_tuple(example_inputs)
     if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in example_inputs):
-        raise TypeError("export needs example_inputs to be tensors with a batch dimension first.")
+        raise UsageError("export needs example_inputs to be tensors with a batch dimension first.")
     model = copy.deepcopy(model).eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type != "cpu":
@@ -448,37 +405,28 @@ def export(
             )
         finally:
             reg_log.setLevel(old_level)
-    proto = program.model_proto
-    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    import onnx_ir as ir
+
+    model_ir = program.model
+    got = model_ir.opset_imports.get("", model_ir.opset_imports.get("ai.onnx"))
     if opset is not None and got != int(opset):
-        raise ValueError(f"torch's ONNX exporter could not write opset {opset} for this model (it wrote {got}).")
+        raise UsageError(f"torch's ONNX exporter could not write opset {opset} for this model (it wrote {got})")
     if output_names is None:
         # the exporter names outputs after the last fx node; make them stable
-        names = ["output"] if len(proto.graph.output) == 1 else [f"output_{i}" for i in range(len(proto.graph.output))]
-        _rename_graph_outputs(proto, names)
-    named = _rename_layers(proto, model)
+        outs = model_ir.graph.outputs
+        names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+        taken = {v.name for n in model_ir.graph for v in list(n.inputs) + list(n.outputs) if v is not None}
+        for out, new in zip(outs, names):
+            if out.name != new and new not in taken:
+                out.name = new
+    named = _rename_layers(model_ir, model)
+    proto = ir.to_proto(model_ir)
     log.info("exported %s: %d nodes, %d layers named after modules", path, len(proto.graph.node), named)
-    if sum(t.ByteSize() for t in proto.graph.initializer) < _EXTERNAL_DATA_THRESHOLD:
+    if proto_size(proto) < EXTERNAL_DATA_THRESHOLD:
         onnx.checker.check_model(proto)
-    _atomic_save(proto, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(proto, path)  # atomic; external data past the protobuf limit
     return proto
-
-
-def _rename_graph_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> None:
-    g = proto.graph
-    taken = {v for n in g.node for v in list(n.input) + list(n.output)} | {i.name for i in g.input}
-    for out, new in zip(g.output, names):
-        old = out.name
-        if old == new or new in taken:
-            continue
-        for node in g.node:
-            for i, v in enumerate(node.output):
-                if v == old:
-                    node.output[i] = new
-            for i, v in enumerate(node.input):
-                if v == old:
-                    node.input[i] = new
-        out.name = new
 
 
 # ----------------------------------------------------------------------------
@@ -489,18 +437,18 @@ def _rename_graph_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> None:
 def load_factory(factory: str):
     """Resolve ``"package.module:callable"`` or ``"path/to/file.py:callable"`` to the callable."""
     if not isinstance(factory, str) or factory.count(":") < 1:
-        raise ValueError(f"Factory {factory!r} must look like 'package.module:callable' or 'path/to/file.py:callable'.")
+        raise UsageError(f"Factory {factory!r} must look like 'package.module:callable' or 'path/to/file.py:callable'.")
     target, _, attr = factory.rpartition(":")
     if not target or not all(part.isidentifier() for part in attr.split(".")):
-        raise ValueError(f"Factory {factory!r} must look like 'package.module:callable' or 'path/to/file.py:callable'.")
+        raise UsageError(f"Factory {factory!r} must look like 'package.module:callable' or 'path/to/file.py:callable'.")
     if target.endswith(".py") or os.sep in target or "/" in target:
         file = Path(target)
         if not file.is_file():
-            raise ValueError(f"Factory file {target} does not exist.")
+            raise UsageError(f"Factory file {target} does not exist.")
         mod_name = f"_onnx_alds_factory_{abs(hash(str(file.resolve())))}"
         spec = importlib.util.spec_from_file_location(mod_name, file)
         if spec is None or spec.loader is None:
-            raise ValueError(f"Factory file {target} cannot be imported as Python.")
+            raise UsageError(f"Factory file {target} cannot be imported as Python.")
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
         # let the file import its siblings
@@ -509,7 +457,7 @@ def load_factory(factory: str):
             spec.loader.exec_module(module)
         except Exception as e:  # the user's code failed: name it, it is not our bug
             sys.modules.pop(mod_name, None)
-            raise ValueError(f"Factory file {target} cannot be imported: {type(e).__name__}: {e}.") from e
+            raise UsageError(f"Factory file {target} cannot be imported: {type(e).__name__}: {e}.") from e
         finally:
             sys.path.remove(str(file.resolve().parent))
     else:
@@ -520,41 +468,41 @@ def load_factory(factory: str):
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise ValueError(f"Factory module {target!r} cannot be imported: {e}.") from e
+            raise UsageError(f"Factory module {target!r} cannot be imported: {e}.") from e
         except Exception as e:  # the user's module raised while importing
-            raise ValueError(f"Factory module {target!r} cannot be imported: {type(e).__name__}: {e}.") from e
+            raise UsageError(f"Factory module {target!r} cannot be imported: {type(e).__name__}: {e}.") from e
         finally:
             if added:
                 sys.path.remove(os.getcwd())
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"Factory {factory!r} names {part!r}, which {target} does not define.")
+            raise UsageError(f"Factory {factory!r} names {part!r}, which {target} does not define.")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"Factory {factory!r} is not callable.")
+        raise UsageError(f"Factory {factory!r} is not callable.")
     return obj
 
 
 def _load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     ckpt_path = Path(checkpoint)
     if not ckpt_path.is_file():
-        raise ValueError(f"Checkpoint {ckpt_path} does not exist.")
+        raise UsageError(f"Checkpoint {ckpt_path} does not exist.")
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors come in many types
-        raise ValueError(f"Checkpoint {ckpt_path} cannot be read by torch.load: {e}.") from e
+        raise UsageError(f"Checkpoint {ckpt_path} cannot be read by torch.load: {e}.") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # finetune() checkpoints
     elif isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"Checkpoint {ckpt_path} holds no state dict.")
+        raise UsageError(f"Checkpoint {ckpt_path} holds no state dict.")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise ValueError(f"Checkpoint {ckpt_path} does not fit the model: {first}") from e
+        raise UsageError(f"Checkpoint {ckpt_path} does not fit the model: {first}") from e
 
 
 def export_from_factory(
@@ -577,27 +525,27 @@ def export_from_factory(
     unfitting checkpoint, or bad shapes.
     """
     if not input_shapes:
-        raise ValueError("At least one input shape is needed to export a model.")
+        raise UsageError("At least one input shape is needed to export a model.")
     shapes = []
     for s in input_shapes:
         try:
             shape = tuple(int(d) for d in s)
         except (TypeError, ValueError):
-            raise ValueError(f"Input shape {s!r} must be a sequence of positive integers.") from None
+            raise UsageError(f"Input shape {s!r} must be a sequence of positive integers.") from None
         if not shape or any(d <= 0 for d in shape):
-            raise ValueError(f"Input shape {s!r} must be a sequence of positive integers.")
+            raise UsageError(f"Input shape {s!r} must be a sequence of positive integers.")
         shapes.append(shape)
     fn = load_factory(factory)
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise ValueError(f"Checkpoint {checkpoint} does not exist.")
+        raise UsageError(f"Checkpoint {checkpoint} does not exist.")
     try:
         model = fn()
     except TypeError as e:
-        raise ValueError(f"Factory {factory!r} cannot be called without arguments: {e}.") from e
+        raise UsageError(f"Factory {factory!r} cannot be called without arguments: {e}.") from e
     except ImportError as e:  # a lazy import inside the user's factory
-        raise ValueError(f"Factory {factory!r} failed on an import: {e}.") from e
+        raise UsageError(f"Factory {factory!r} failed on an import: {e}.") from e
     if not isinstance(model, nn.Module):
-        raise ValueError(f"Factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module.")
+        raise UsageError(f"Factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module.")
     if checkpoint is not None:
         _load_checkpoint(model, checkpoint)
     # a fixed random batch (zeros would make BN folding's output check meaningless)
