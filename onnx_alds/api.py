@@ -179,6 +179,7 @@ def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency
     return sel.choices, plan_from_selection(sel, info, emodel.name), budget, baselines, method
 
 
+LATENCY_TOLERANCE = 0.05  # --keep-latency: a measured speed-up within 5 % of the target meets it
 SEQUENTIAL_MACS = 5e11  # sequential calibration by default while its forward passes stay this cheap
 
 
@@ -223,6 +224,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             error: str | None = None, calibration=None, bias_correction: bool = True,
             max_output_error: float | None = None, min_speedup: float | None = None,
             allow_slower: bool = False, max_speed_retries: int = 2, sequential: bool | None = None,
+            max_latency_rounds: int = 3,
             ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
@@ -246,6 +248,12 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     timings: dict = {}
     if not validate and (max_output_error is not None or min_speedup is not None):
         raise UsageError("--max-output-error and --min-speedup need validation (drop --no-validate)")
+    if keep_latency is not None and max_output_error is not None and plan is None:
+        return _fastest_within(model_or_path, keep_latency, max_output_error, dict(
+            method=method, schemes=schemes, k_max=k_max, input_shapes=input_shapes, provider=provider,
+            compare=compare, latency_table=latency_table, progress=progress, cache_dir=cache_dir, error=error,
+            calibration=calibration, bias_correction=bias_correction, min_speedup=min_speedup,
+            sequential=sequential, max_latency_rounds=max_latency_rounds))
     with _timed(timings, "load"):
         source = Source.load(model_or_path)
     original = source.model
@@ -277,17 +285,18 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         if metric != "latency" and not allow_slower:
             with _timed(timings, "speed_model"):
                 guard = speed_guard(provider)
-    attempt, result = 0, None
+    attempt, rounds, result = 0, 0, None
+    lat_fraction = keep_latency
     while True:
         try:
             choices, used_plan, budget, baselines, used_method = _choose(
                 info, source, emodel, plan, keep_params=keep_params, keep_flops=keep_flops,
-                keep_latency=keep_latency, method=method, schemes=schemes, k_max=k_max, provider=provider,
+                keep_latency=lat_fraction, method=method, schemes=schemes, k_max=k_max, provider=provider,
                 compare=compare, latency_table=latency_table, progress=progress, timings=timings, guard=guard)
         except InfeasibleBudget:
             if result is None:
                 raise
-            log.info("a stricter speed guard cannot meet the budget; keeping the previous selection")
+            log.info("a stricter selection cannot meet the budget; keeping the previous one")
             break
         seq = sequential if sequential is not None else _sequential_affordable(info, choices, cal_data, emodel)
         new, measured = _build(source, info, emodel, choices, used_plan, progress=progress, timings=timings,
@@ -299,6 +308,26 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         report = _check_and_validate(source, original, new, info, choices, measured, emodel, used_plan, budget,
                                      baselines, used_method, latency_table=latency_table, validate=validate,
                                      provider=provider, cal_data=cal_data, timings=timings)
+        if budget.get("measured_speedup") is not None and plan is None:
+            # --keep-latency, measured: re-solve with the budget corrected by what the model really ran
+            target = 1.0 / keep_latency
+            got, predicted = budget["measured_speedup"], budget["predicted_speedup"]
+            budget["rounds"] = rounds + 1
+            if result is None or abs(np.log(got / target)) < abs(np.log(result[1].budget["measured_speedup"]
+                                                                        / target)):
+                result = (new, report)
+            if got >= target * (1 - LATENCY_TOLERANCE) or rounds + 1 >= max_latency_rounds or large:
+                break
+            # the table's prediction is off by got/predicted; asking for the target corrected by it
+            next_fraction = lat_fraction * (got / target)
+            if next_fraction >= lat_fraction - 1e-3 or next_fraction <= 0.0:
+                break
+            rounds += 1
+            log.info("measured %.2fx for a target of %.2fx; solving again for keep-latency %.3f",
+                     got, target, next_fraction)
+            lat_fraction = next_fraction
+            source = Source.load(original)
+            continue
         if result is None or (report.speedup or 0) >= 1.0:  # a retry counts only when it is not slower
             result = (new, report)
         sp = report.speedup
@@ -318,6 +347,42 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         report.budget.setdefault("warnings", []).extend(gate(v, max_output_error=max_output_error,
                                                              min_speedup=min_speedup))
     return new, report
+
+
+def _fastest_within(model_or_path, fraction: float, max_error: float, kw: dict, probes: int = 5):
+    """``--keep-latency F --max-output-error X``: the output error is the
+    constraint and latency the objective.  Returns the fastest rewrite found
+    whose output error on the validation inputs is at most X, searching kept
+    latency fractions from F (the fastest it tries) up to 1 by bisection;
+    raises ValidationFailed when even the least compression exceeds X."""
+    tried = []
+
+    def probe(f):
+        try:
+            new, rep = rewrite(model_or_path, keep_latency=f, **kw)
+        except InfeasibleBudget:
+            return None
+        tried.append((f, rep.validation["rel_l2"]))
+        return (new, rep) if rep.validation["rel_l2"] <= max_error else None
+
+    best = probe(fraction)
+    if best is None:
+        lo, hi = fraction, 1.0
+        for _ in range(probes):
+            mid = (lo + hi) / 2
+            got = probe(mid)
+            if got is not None:
+                best, hi = got, mid
+            else:
+                lo = mid
+    if best is None:
+        shown = ", ".join(f"{f:.3f}: {e:.3g}" for f, e in tried) or "none feasible"
+        raise ValidationFailed(f"no rewrite with --keep-latency between {fraction:g} and 1 keeps the output error "
+                               f"within --max-output-error {max_error:g} (kept latency: error {shown}); "
+                               f"nothing was written")
+    new, rep = best
+    rep.budget["error_bound"] = {"max_output_error": max_error, "tried": [list(t) for t in tried]}
+    return new, rep
 
 
 def _check_and_validate(source, original, new, info, choices, measured, emodel, plan, budget, baselines, method, *,

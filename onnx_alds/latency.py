@@ -131,6 +131,20 @@ def cache_key(layer: Layer, in_dims, provider: str, ort_version: str, threads: i
     return hashlib.sha1(json.dumps(src, sort_keys=True).encode()).hexdigest(), src
 
 
+def model_cache_key(model: onnx.ModelProto, info: ModelInfo, provider: str, ort_version: str,
+                    threads: int) -> tuple[str | None, dict]:
+    """Key of a whole model's baseline latency: its bytes, input shapes and the
+    settings (None for a model too large to hash from memory)."""
+    from .io import EXTERNAL_DATA_THRESHOLD, proto_size
+
+    src = {"version": CACHE_VERSION, "inputs": {k: list(v) for k, v in info.input_shapes.items()},
+           "provider": provider, "ort": ort_version, "threads": threads}
+    if proto_size(model) > EXTERNAL_DATA_THRESHOLD or not model.graph.node:
+        return None, src
+    src["model"] = hashlib.sha1(model.SerializeToString()).hexdigest()
+    return hashlib.sha1(json.dumps(src, sort_keys=True).encode()).hexdigest(), src
+
+
 def grid_ks(c: int, k_max: int | None) -> list[int]:
     ks, k = [], 1
     while k <= c and (k_max is None or k <= k_max):
@@ -241,7 +255,20 @@ class LatencyTable:
         sess = session(model, providers, threads)
         from .validate import random_inputs
 
-        model_ms = time_session(sess, random_inputs(sess, info.input_shapes, batch=1), warmup=5, repeats=30)
+        # the whole-model baseline is cached like the layers, so the budget's floor and
+        # target do not move with the machine's load from one run to the next
+        mkey, msrc = model_cache_key(model, info, providers[0], version, threads)
+        mpath = cache / f"model-{mkey}.json" if cache is not None and mkey else None
+        mentry = (load_json_entry(mpath, msrc) if mpath is not None else None) or {"key": msrc, "ms": {}}
+        if "model" in mentry["ms"]:
+            model_ms = mentry["ms"]["model"]
+            cached += 1
+        else:
+            model_ms = time_session(sess, random_inputs(sess, info.input_shapes, batch=1), warmup=5, repeats=30)
+            mentry["ms"]["model"] = model_ms
+            measured += 1
+            if mpath is not None:
+                save_json_entry(mpath, mentry)
         return cls(prov_used or used_provider(sess), layers, model_ms, measured, cached, threads)
 
 
