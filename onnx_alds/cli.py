@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--input-shape", action="append", required=True, metavar="D1,D2,...",
                    help="example input shape, batch included; repeat for several inputs")
     e.add_argument("--opset", type=int, default=None)
+    from .torch.finetune_cli import add_finetune_parser  # argparse only; torch is imported when it runs
+
+    add_finetune_parser(sub)
     return p
 
 
@@ -204,7 +207,14 @@ def cmd_export(a) -> int:
     return 0
 
 
-COMMANDS = {"rewrite": cmd_rewrite, "inspect": cmd_inspect, "bench": cmd_bench, "export": cmd_export}
+def cmd_finetune(a) -> int:
+    from .torch.finetune_cli import cmd_finetune as run
+
+    return run(a)
+
+
+COMMANDS = {"rewrite": cmd_rewrite, "inspect": cmd_inspect, "bench": cmd_bench, "export": cmd_export,
+            "finetune": cmd_finetune}
 
 
 def main(argv=None) -> int:
