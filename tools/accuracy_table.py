@@ -287,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    import torch
-
     ftm.quiet_exporter_logs()
     from models.data import load_digits_split
 

@@ -38,13 +38,13 @@ __all__ = ["as_teacher", "distillation_loss", "OnnxTeacher", "LOSSES"]
 LOSSES = ("kl", "mse", "cosine")
 
 
-def _flatten_outputs(out: Any) -> list[torch.Tensor]:
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
         return [v for v in out.values() if isinstance(v, torch.Tensor)]
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten_outputs(o)]
+        return [t for o in out for t in flatten_outputs(o)]
     raise TypeError(f"model outputs must be tensors, got {type(out).__name__}")
 
 
@@ -82,7 +82,7 @@ class _TorchTeacher:
         dev = inputs[0].device
         if next(self.module.parameters(), torch.empty(0, device=dev)).device != dev:
             self.module.to(dev)
-        return _flatten_outputs(self.module(*inputs))
+        return flatten_outputs(self.module(*inputs))
 
 
 def as_teacher(teacher: Any, *, threads: int | None = 1) -> Callable[..., list[torch.Tensor]] | None:
@@ -106,7 +106,7 @@ def as_teacher(teacher: Any, *, threads: int | None = 1) -> Callable[..., list[t
     except ImportError:
         pass
     if callable(teacher):
-        return lambda *x: _flatten_outputs(teacher(*x))
+        return lambda *x: flatten_outputs(teacher(*x))
     raise UsageError(f"teacher must be a torch module, an ONNX model or a callable, not {type(teacher).__name__}")
 
 

@@ -31,7 +31,6 @@ resumes after the latest one. Logs through :mod:`logging` (logger
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import math
@@ -50,7 +49,7 @@ from ..io import atomic_write_bytes
 from . import batchnorm as bn_recovery
 from . import distributed as dist_util
 from .modules import FactorizedConv, FactorizedLinear
-from .distill import FeatureMatch, as_teacher, distillation_loss, is_class_target, pick_loss
+from .distill import FeatureMatch, as_teacher, distillation_loss, flatten_outputs, is_class_target, pick_loss
 
 __all__ = ["finetune", "evaluate", "latest_checkpoint", "auto_threads", "lr_factor", "DEFAULTS"]
 
@@ -98,9 +97,7 @@ def _forward(model: nn.Module, x: Any) -> Any:
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
-    from .distill import _flatten_outputs
-
-    return _flatten_outputs(out)
+    return flatten_outputs(out)
 
 
 def _n(x: Any) -> int:
@@ -338,6 +335,10 @@ def finetune(
       no labels, else ``"mse"``), ``"kl"``, ``"mse"`` or ``"cosine"``;
       ``alpha`` the weight of the teacher term, ``temperature`` the KL's T.
       Batches may then be inputs alone (no labels): the teacher is the target.
+    * ``feature_weight``: weight of the feature matching at the factorized
+      layers (:class:`~onnx_alds.torch.distill.FeatureMatch`); ``"auto"`` is
+      30 when the teacher is a torch module and the student has factorized
+      layers, else 0 (it needs the teacher's modules).
     * ``lr``, ``warmup`` (fraction of all steps for the linear warm-up; 0 for
       none), ``optimizer`` (``"sgd"`` with Nesterov momentum, or ``"adamw"``),
       ``weight_decay``, ``momentum``, ``label_smoothing``.
