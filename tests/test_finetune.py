@@ -305,6 +305,23 @@ def test_batchnorm_is_inserted_for_training_and_folded_back(digits):
     assert sum(isinstance(m, FactorizedConv) for m in small.modules()) == 3
     assert finetune(_compressed_vgg(digits), train, epochs=1, batchnorm=False, device="cpu",
                     progress=False)["batchnorm_inserted"] == 0
+
+    class Broken(list):  # read whole once (BatchNorm calibration), then fails after one training step
+        passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            batches = list.__iter__(self)
+            yield from (batches if self.passes == 1 else [next(batches)])
+            if self.passes > 1:
+                raise RuntimeError("disk gone")
+
+    interrupted = _compressed_vgg(digits)
+    broken = Broken(list(train))
+    with pytest.raises(RuntimeError, match="disk gone"):
+        finetune(interrupted, broken, epochs=1, threads=1, device="cpu", progress=False)
+    assert broken.passes == 2  # it failed in training, after BatchNorm went in
+    assert set(interrupted.state_dict()) == keys  # folded back even so
     assert finetune(small_model(), train, epochs=1, device="cpu", progress=False)["batchnorm_inserted"] == 0
 
 

@@ -31,6 +31,7 @@ resumes after the latest one. Logs through :mod:`logging` (logger
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -38,6 +39,7 @@ import os
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable
 
 import torch
@@ -49,7 +51,7 @@ from ..io import atomic_write_bytes
 from . import batchnorm as bn_recovery
 from . import distributed as dist_util
 from .modules import FactorizedConv, FactorizedLinear
-from .distill import FeatureMatch, as_teacher, distillation_loss, flatten_outputs, is_class_target, pick_loss
+from .distill import LOSSES, FeatureMatch, as_teacher, distillation_loss, flatten_outputs, is_class_target, pick_loss
 
 __all__ = ["finetune", "evaluate", "latest_checkpoint", "auto_threads", "lr_factor", "DEFAULTS"]
 
@@ -371,6 +373,12 @@ def finetune(
         raise UsageError("patience must be at least 1, or None")
     if teacher is model:
         raise UsageError("the teacher must be the original model, not the one being fine-tuned")
+    if str(optimizer).lower() not in ("sgd", "adamw"):
+        raise UsageError(f"optimizer must be 'sgd' or 'adamw', not {optimizer!r}")
+    if not (batchnorm is True or batchnorm is False or batchnorm == "auto"):
+        raise UsageError(f"batchnorm must be 'auto', True or False, not {batchnorm!r}")
+    if distill_loss != "auto" and distill_loss not in LOSSES:
+        raise UsageError(f"distill_loss must be 'auto' or one of {', '.join(LOSSES)}, not {distill_loss!r}")
     try:
         steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     except TypeError:
@@ -390,30 +398,36 @@ def finetune(
         torch.set_num_threads(n_threads)
     ctx = dist_util.setup(dev, distributed)
     try:
-        return _finetune(model, train_loader, epochs, val_loader, teacher, distill_loss, alpha, temperature,
-                         feature_weight, lr,
-                         warmup, optimizer, weight_decay, momentum, label_smoothing, batchnorm, patience,
-                         checkpoint_dir, resume, dev, ctx, progress, n_threads)
+        o = SimpleNamespace(epochs=epochs, distill_loss=distill_loss, alpha=alpha, temperature=temperature,
+                            feature_weight=feature_weight, lr=lr, warmup=warmup, optimizer=optimizer,
+                            weight_decay=weight_decay, momentum=momentum, label_smoothing=label_smoothing,
+                            batchnorm=batchnorm, patience=patience, checkpoint_dir=checkpoint_dir, resume=resume,
+                            progress=progress, threads=n_threads)
+        return _finetune(model, train_loader, val_loader, teacher, o, dev, ctx)
     finally:
         dist_util.teardown(ctx)
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
 
 
-def _finetune(model, train_loader, epochs, val_loader, teacher, distill_loss, alpha, temperature, feature_weight,
-              lr, warmup,
-              optimizer, weight_decay, momentum, label_smoothing, batchnorm, patience, checkpoint_dir, resume,
-              dev, ctx, progress, n_threads) -> dict[str, Any]:
+def _finetune(model, train_loader, val_loader, teacher, o, dev, ctx) -> dict[str, Any]:
+    with contextlib.ExitStack() as cleanup:
+        return _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup)
+
+
+def _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     main = ctx.is_main
+    epochs, patience = o.epochs, o.patience
+    cleanup.callback(model.eval)
     inserted = 0
-    if batchnorm is True or (batchnorm == "auto" and bn_recovery.needs_batchnorm(model)):
+    if o.batchnorm is True or (o.batchnorm == "auto" and bn_recovery.needs_batchnorm(model)):
         inserted = bn_recovery.insert(model, _calibration_inputs(train_loader, dev), _forward)
+        # back to the plan's structure at the end, also when training fails or is interrupted
+        cleanup.callback(bn_recovery.fold, model)
         if inserted and main:
             log.info("BatchNorm inserted after %d factorized convolutions for the fine-tune", inserted)
-    elif batchnorm not in (False, "auto"):
-        raise UsageError(f"batchnorm must be 'auto', True or False, not {batchnorm!r}")
-
     features = None
+    feature_weight = o.feature_weight
     if feature_weight == "auto":
         feature_weight = DEFAULTS["feature_weight"] if isinstance(teacher, nn.Module) and any(
             isinstance(m, (FactorizedConv, FactorizedLinear)) for m in model.modules()) else 0.0
@@ -425,16 +439,17 @@ def _finetune(model, train_loader, epochs, val_loader, teacher, distill_loss, al
         # the plan's layers are the BN-folded ones: match against those
         teacher = fold_batchnorm(teacher, next(_calibration_inputs(train_loader, dev, 1))).to(dev)
         features = FeatureMatch(model, teacher)
-    teacher_fn = as_teacher(teacher)
-    loss_fn = _Loss(teacher_fn, distill_loss, alpha, temperature, label_smoothing, features, feature_weight)
+        cleanup.callback(features.remove)
+    loss_fn = _Loss(as_teacher(teacher), o.distill_loss, o.alpha, o.temperature, o.label_smoothing, features,
+                    feature_weight)
     train_batches = dist_util.shard_loader(train_loader, ctx, train=True)
     val_batches = dist_util.shard_loader(val_loader, ctx, train=False)
     steps_per_epoch = len(train_batches)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(optimizer, params, lr, weight_decay, momentum)
+    opt = _make_optimizer(o.optimizer, params, o.lr, o.weight_decay, o.momentum)
     total_steps = max(1, epochs * steps_per_epoch)
-    warmup_steps = int(round(warmup * total_steps))
+    warmup_steps = int(round(o.warmup * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total_steps, warmup_steps))
 
     history: dict[str, Any] = {"epoch": [], "train_loss": [], "train_acc": [], "lr": [], "epoch_time_s": []}
@@ -442,10 +457,10 @@ def _finetune(model, train_loader, epochs, val_loader, teacher, distill_loss, al
         history["val_loss"], history["val_acc"] = [], []
     start_epoch, resumed_from = 0, None
     best: dict[str, Any] = {"score": None, "epoch": None, "state": None, "bad_epochs": 0, "stopped": False}
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpt_dir = Path(o.checkpoint_dir) if o.checkpoint_dir is not None else None
     generator = getattr(train_loader, "generator", None)
 
-    if ckpt_dir is not None and resume:
+    if ckpt_dir is not None and o.resume:
         last = latest_checkpoint(ckpt_dir)
         if last is not None:
             state = torch.load(last, map_location=dev, weights_only=True)
@@ -485,7 +500,7 @@ def _finetune(model, train_loader, epochs, val_loader, teacher, distill_loss, al
         t0 = time.perf_counter()
         net.train()
         loss_sum, correct, seen, scored = 0.0, 0, 0, 0
-        bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not (progress and main),
+        bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not (o.progress and main),
                    total=steps_per_epoch)
         for batch in bar:
             x, y = _batch_xy(batch)
@@ -502,7 +517,7 @@ def _finetune(model, train_loader, epochs, val_loader, teacher, distill_loss, al
             if is_class_target(y, outs[0]):
                 correct += int((outs[0].detach().argmax(dim=1) == y).sum())
                 scored += n
-            if progress and main:
+            if o.progress and main:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         bar.close()
         loss_sum, correct, seen, scored = dist_util.all_sum(ctx, [loss_sum, correct, seen, scored])
@@ -554,14 +569,9 @@ def _finetune(model, train_loader, epochs, val_loader, teacher, distill_loss, al
         model.load_state_dict(best["state"])
         if main:
             log.info("restored the weights of epoch %d, the best on the validation data", best["epoch"])
-    if features is not None:
-        features.remove()
-    if inserted:
-        bn_recovery.fold(model)
     ctx.barrier()  # rank 0's last checkpoint is on disk before any rank goes on
-    model.eval()
     out = dict(history)
     out.update(start_epoch=start_epoch, resumed_from=resumed_from, best_epoch=best["epoch"],
                stopped_early=bool(best["stopped"]), loss=loss_fn.chosen, batchnorm_inserted=inserted,
-               threads=n_threads, world_size=ctx.world_size, rank=ctx.rank)
+               threads=o.threads, world_size=ctx.world_size, rank=ctx.rank)
     return out
