@@ -320,6 +320,7 @@ def finetune(
     label_smoothing: float = 0.0,
     batchnorm: bool | str = "auto",
     patience: int | None = DEFAULTS["patience"],
+    restore_best: bool = True,
     threads: int | str | None = "auto",
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = True,
@@ -350,7 +351,9 @@ def finetune(
       at the end.
     * ``patience``: with ``val_loader``, stop after this many epochs without
       a better validation score (accuracy, then loss); None never stops.
-      The best epoch's weights are restored either way.
+      With ``restore_best`` (default) the best epoch's weights are restored
+      at the end; False keeps the last epoch's (for a ``val_loader`` that is
+      only reported on, such as a test split).
     * ``threads``: ``"auto"`` (:func:`auto_threads`, on the CPU only), an
       int, or None to leave torch's setting alone. Restored on return.
     * ``checkpoint_dir``, ``resume``: per-epoch checkpoints and resuming after
@@ -394,14 +397,15 @@ def finetune(
             n_threads = auto_threads(model, next(_calibration_inputs(train_loader, dev, 1), None))
     elif threads is not None:
         n_threads = int(threads)
-    if n_threads != threads_before:
+    if threads is not None:  # set even when equal: it also sets the OpenMP/oneDNN pools torch's default leaves
         torch.set_num_threads(n_threads)
     ctx = dist_util.setup(dev, distributed)
     try:
         o = SimpleNamespace(epochs=epochs, distill_loss=distill_loss, alpha=alpha, temperature=temperature,
                             feature_weight=feature_weight, lr=lr, warmup=warmup, optimizer=optimizer,
                             weight_decay=weight_decay, momentum=momentum, label_smoothing=label_smoothing,
-                            batchnorm=batchnorm, patience=patience, checkpoint_dir=checkpoint_dir, resume=resume,
+                            batchnorm=batchnorm, patience=patience, restore_best=restore_best,
+                            checkpoint_dir=checkpoint_dir, resume=resume,
                             progress=progress, threads=n_threads)
         return _finetune(model, train_loader, val_loader, teacher, o, dev, ctx)
     finally:
@@ -565,7 +569,8 @@ def _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup: context
                 ckpt_dir / f"epoch_{epoch + 1:04d}.pt",
             )
 
-    if best["state"] is not None and best["epoch"] != (history["epoch"][-1] if history["epoch"] else None):
+    if o.restore_best and best["state"] is not None and best["epoch"] != (history["epoch"][-1] if history["epoch"]
+                                                                            else None):
         model.load_state_dict(best["state"])
         if main:
             log.info("restored the weights of epoch %d, the best on the validation data", best["epoch"])
