@@ -374,9 +374,13 @@ def test_early_stopping_keeps_the_best_epoch_and_stays_stopped(digits, tmp_path)
     again = finetune(_constant_model(), train, epochs=10, val_loader=test, patience=2, checkpoint_dir=ck,
                      device="cpu", progress=False)
     assert again["start_epoch"] == 3 and again["epoch"] == [1, 2, 3] and again["stopped_early"]
-    # without patience it runs to the end
-    h = finetune(_constant_model(), train, epochs=4, val_loader=test, patience=None, device="cpu", progress=False)
-    assert h["epoch"] == [1, 2, 3, 4] and not h["stopped_early"]
+    # without patience it runs to the end; without restore_best it keeps the last epoch's weights
+    last = _constant_model()
+    h = finetune(last, train, epochs=3, val_loader=test, patience=None, restore_best=False, lr=0.5,
+                 weight_decay=0.1, checkpoint_dir=tmp_path / "ck2", device="cpu", progress=False)
+    assert h["epoch"] == [1, 2, 3] and not h["stopped_early"] and h["best_epoch"] == 1
+    assert torch.equal(last.unused.detach(), torch.load(tmp_path / "ck2" / "epoch_0003.pt",
+                                                        weights_only=True)["model"]["unused"])
 
 
 def test_threads(monkeypatch, digits):
