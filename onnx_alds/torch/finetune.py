@@ -496,6 +496,10 @@ def _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup: context
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
+        with torch.no_grad():  # DDP's buckets assume canonical strides (numpy-made ones differ on size-1 axes)
+            for p in model.parameters():
+                if p.stride() != torch.empty_like(p, memory_format=torch.contiguous_format).stride():
+                    p.data = p.data.clone(memory_format=torch.contiguous_format)
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     for epoch in range(start_epoch, epochs):
