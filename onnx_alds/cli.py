@@ -132,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--input-shape", action="append", required=True, metavar="D1,D2,...",
                    help="example input shape, batch included; repeat for several inputs")
     e.add_argument("--opset", type=int, default=None)
+    from .torch.finetune_cli import add_finetune_parser  # argparse only; torch is imported when it runs
+
+    add_finetune_parser(sub)
     return p
 
 
@@ -344,8 +347,14 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_finetune(a) -> int:
+    from .torch.finetune_cli import cmd_finetune as run
+
+    return run(a)
+
+
 COMMANDS = {"rewrite": cmd_rewrite, "inspect": cmd_inspect, "bench": cmd_bench, "quantize": cmd_quantize,
-            "export": cmd_export}
+            "export": cmd_export, "finetune": cmd_finetune}
 
 
 class Terminated(BaseException):

@@ -15,9 +15,10 @@ the parameters and each method (alds, alds-paper, uniform):
    ``OUT/plans/``: that is the one-shot model;
 3. the same plan is applied to the torch model (``onnx_alds.torch.apply_plan``),
    fine-tuned on the digits training split with ``onnx_alds.torch.finetune``
-   (tools/finetune_model.py's recipe: SGD, cosine lr, fixed seed, BatchNorm
-   re-inserted after each factorized conv while training and folded back on
-   export; per-epoch checkpoints under ``OUT/runs/``, so a rerun resumes) and
+   (tools/finetune_model.py's recipe: distillation from the original unless
+   ``--no-teacher``, SGD, warm-up + cosine lr, fixed seed, BatchNorm
+   re-inserted after each factorized conv while training and folded back at
+   the end; per-epoch checkpoints under ``OUT/runs/``, so a rerun resumes) and
    exported to ``OUT/onnx/NAME-METHOD-KEEP-ft.onnx``.
 
 Every accuracy is measured through onnxruntime (CPUExecutionProvider) on an
@@ -56,7 +57,8 @@ DEFAULT_MODELS = ["resnet20", "vgg_small"]
 DEFAULT_KEEPS = [0.7, 0.5, 0.3, 0.15]
 METHODS = ["alds", "alds-paper", "uniform"]
 COLUMNS = ["model", "keep", "method", "status", "params_kept", "max_eps", "acc_original", "acc_oneshot",
-           "acc_finetuned", "params_before", "params_after", "epochs", "lr", "note", "rewrite_s", "finetune_s"]
+           "acc_finetuned", "params_before", "params_after", "epochs", "lr", "teacher", "loss", "threads", "note",
+           "rewrite_s", "finetune_s"]
 IMAGE_SIZE = ftm.IMAGE_SIZE
 
 
@@ -67,6 +69,10 @@ def ensure_checkpoint(name: str, artifacts: Path, train_epochs: int | None, seed
     ckpt = artifacts / "checkpoints" / f"{name}.pt"
     if ckpt.is_file():
         return ckpt, None
+    shipped = ftm.SHIPPED_CHECKPOINTS.get(name)
+    if train_epochs is None and shipped is not None and shipped.is_file():
+        print(f"{name}: no checkpoint at {ckpt}; using the shipped {shipped}", flush=True)
+        return shipped, None
     import train_models
 
     print(f"{name}: no checkpoint at {ckpt}; training it (tools/train_models.py recipe"
@@ -114,7 +120,7 @@ def run_model(name: str, args, data, rows_out: list, counter: list) -> None:
             counter[0] += 1
             label = f"[{counter[0]}/{counter[1]}] {name} keep {keep:g} {method}"
             row = dict(model=name, keep=keep, method=method, acc_original=acc_orig, params_before=params_before,
-                       epochs=args.epochs, lr=args.lr, note="")
+                       epochs=args.epochs, lr=args.lr, teacher=not args.no_teacher, note="")
             stem = f"{name}-{method}-{_tag(keep)}"
             t0 = time.perf_counter()
             try:
@@ -133,14 +139,17 @@ def run_model(name: str, args, data, rows_out: list, counter: list) -> None:
                        params_after=rep.params_after, acc_oneshot=acc_one)
             # fine-tune the same plan in torch, export, measure through onnxruntime
             t0 = time.perf_counter()
-            compressed = ftm.compress(model, rep.plan, x_te[:8], batchnorm=not args.no_bn, calibration_x=x_tr)
+            compressed = ftm.compress(model, rep.plan, x_te[:8], batchnorm=False)
             train_loader, _ = digits_loaders(batch_size=args.batch_size, size=IMAGE_SIZE, seed=0,
                                              shuffle_seed=args.seed)
             ftm.seed_everything(args.seed)
             hist = ftm.finetune_compressed(compressed, train_loader, epochs=args.epochs, lr=args.lr,
                                            optimizer=args.optimizer, weight_decay=args.weight_decay,
                                            checkpoint_dir=args.out_dir / "runs" / stem,
-                                           progress=not args.no_progress)
+                                           progress=not args.no_progress,
+                                           teacher=None if args.no_teacher else model, batchnorm=not args.no_bn,
+                                           threads=args.threads, warmup=args.warmup)
+            row.update(loss=hist["loss"], threads=hist["threads"])
             compressed.cpu().eval()
             ft_path = onnx_dir / f"{stem}-ft.onnx"
             export(compressed, x_te[:8], ft_path, output_names=["logits"])
@@ -244,13 +253,15 @@ def parse_args(argv):
     p.add_argument("--weight-decay", type=float, default=r["weight_decay"])
     p.add_argument("--batch-size", type=int, default=r["batch_size"])
     p.add_argument("--no-bn", action="store_true", help="fine-tune without re-inserted BatchNorm")
+    p.add_argument("--no-teacher", action="store_true", help="fine-tune on the labels only, no distillation")
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (0: plain cosine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--artifacts", type=Path, default=REPO / "artifacts",
                    help="where checkpoints/NAME.pt are read (and trained when missing)")
     p.add_argument("--train-epochs", type=int, default=None,
                    help="epochs for training a missing checkpoint (default: the train_models recipe)")
     p.add_argument("--out-dir", type=Path, default=REPO / "artifacts" / "accuracy")
-    p.add_argument("--threads", type=int, default=1, help=ftm.THREADS_HELP)
+    p.add_argument("--threads", type=int, default=1, help=ftm.THREADS_HELP.replace("default: ", "default 1, "))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -276,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    import torch
-
     ftm.quiet_exporter_logs()
     from models.data import load_digits_split
 
@@ -304,7 +313,8 @@ def _main(args) -> int:
         plot(rows, png)
         print(f" and {png}", end="")
     print(f"; wall time {wall:.0f}s ({args.epochs} fine-tuning epochs, lr {args.lr:g}, {args.optimizer}, "
-          f"{'no BN' if args.no_bn else 'BN re-inserted'}, seed {args.seed}, {torch.get_num_threads()} threads)",
+          f"{'no BN' if args.no_bn else 'BN re-inserted'}, {'no teacher' if args.no_teacher else 'teacher'}, "
+          f"warm-up {args.warmup:g}, seed {args.seed}, {args.threads} threads)",
           flush=True)
     return 0
 

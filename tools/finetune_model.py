@@ -1,34 +1,35 @@
 #!/usr/bin/env python
 """Fine-tune a compressed zoo model on digits, export it to ONNX, print its test accuracy.
 
-    python tools/train_models.py --models resnet20          # artifacts/checkpoints/resnet20.pt, artifacts/onnx/resnet20.onnx
-    onnx-alds rewrite artifacts/onnx/resnet20.onnx r20_alds.onnx --keep-params 0.3 --plan plan.json
-    python tools/finetune_model.py --model resnet20 --plan plan.json --epochs 5 --out r20_alds_ft.onnx
+    onnx-alds rewrite models/resnet20_digits.onnx r20_alds.onnx --keep-params 0.15 --plan plan.json
+    python tools/finetune_model.py --model resnet20 --plan plan.json --out r20_ft.onnx       # 5 epochs
+    python -m torch.distributed.run --nproc_per_node=2 tools/finetune_model.py --model resnet20 \
+        --plan plan.json --epochs 1 --out r20_ft.onnx                                          # 2 processes
 
-The model is built from ``models.MODELS``, loads the trained state dict
-(``--checkpoint``, default ``artifacts/checkpoints/NAME.pt``), and the plan
-(the JSON ``onnx-alds rewrite --plan`` writes) is applied with
-``onnx_alds.torch.apply_plan``: BatchNorm is folded first, exactly as in the
-ONNX export, so the compressed module computes what the rewritten ONNX file
-computes.
+The model is built from ``models.MODELS`` and loads its trained state dict
+(``--checkpoint``; default ``artifacts/checkpoints/NAME.pt``, for resnet20
+the shipped ``models/resnet20_digits.pt`` when that is missing; train the
+others with tools/train_models.py). The plan (the JSON ``onnx-alds rewrite
+--plan`` writes) is applied with ``onnx_alds.torch.apply_plan``: BatchNorm is
+folded first, exactly as in the ONNX export, so the compressed module
+computes what the rewritten ONNX file computes.
 
-Recipe (the defaults): 8 epochs of SGD with Nesterov momentum 0.9, lr 0.02
-with a cosine to 0 over all steps, weight decay 5e-4, batch 64, fixed seed, on
-the digits training split. Because the plan refers to BN-folded weights, the
-compressed network has no BatchNorm left, and a deep BN-free ResNet fine-tunes
-badly (ResNet20 at lr 0.02 diverged to 10% test accuracy even at 70% of its
-parameters, at lr 0.01 to NaN at 50%). So, unless ``--no-bn``, a BatchNorm is
-put back after every factorized convolution for the duration of the
-fine-tune, initialised to the identity in eval mode (running statistics and
-affine parameters from the factorized layer's outputs on the training split);
-the export folds it into the decoder conv again, so the ONNX file has exactly
-the plan's structure and parameter count.
+Recipe (the defaults): ``onnx_alds.torch.finetune``'s — distillation from the
+original model (KL at T=2 mixed half and half with cross-entropy, plus
+feature matching at the factorized layers; ``--no-teacher`` for labels only,
+``--teacher-onnx`` to distil from an ONNX file through onnxruntime), SGD
+with Nesterov momentum, lr 0.02 with a linear warm-up over the first 10 % of
+the steps and a cosine to 0, weight decay 5e-4, batch 64, fixed seed, 5
+epochs, BatchNorm put back after every factorized conv for the fine-tune and
+folded into it again at the end (``--no-bn`` to train without), so the ONNX
+file has exactly the plan's structure and parameter count.
 
-With ``--checkpoint-dir`` every epoch is saved there and a rerun resumes after
-the last one. The fine-tuned model is exported with ``onnx_alds.torch.export``
-and the printed test accuracy is measured on the exported file through
-onnxruntime (CPUExecutionProvider). Errors are one sentence on stderr, exit
-code 2.
+Under torchrun each process trains its share of every batch (the batch
+stays the global one) and rank 0 alone writes checkpoints, the ONNX file and
+the printout. With ``--checkpoint-dir`` every epoch is saved there and a
+rerun resumes after the last one. The printed test accuracy is measured on
+the exported file through onnxruntime (CPUExecutionProvider). Errors are one
+sentence on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -51,14 +52,20 @@ log = logging.getLogger("finetune_model")
 
 IMAGE_SIZE = 16
 DEFAULT_CHECKPOINTS = REPO / "artifacts" / "checkpoints"
-# the fine-tuning recipe used by this tool and by tools/accuracy_table.py
-RECIPE = dict(epochs=8, lr=0.02, optimizer="sgd", batch_size=64, weight_decay=5e-4, batchnorm=True)
+SHIPPED_CHECKPOINTS = {"resnet20": REPO / "models" / "resnet20_digits.pt"}
+# the fine-tuning recipe used by this tool and by tools/accuracy_table.py: onnx_alds.torch.finetune's defaults
+RECIPE = dict(epochs=5, lr=0.02, optimizer="sgd", batch_size=64, weight_decay=5e-4, batchnorm=True, teacher=True)
 
 
-# torch/onnxruntime threads. One by default: these convs are tiny, so two threads gain little on an idle
-# 2-core machine, and when anything else shares the cores every parallel region waits for a descheduled
-# thread (one fine-tuning epoch of ResNet20 measured 2.6 s with 1 thread, 128 s with 2).
-THREADS_HELP = "torch and onnxruntime threads (default 1: much faster than 2 when other work shares the cores)"
+# torch/onnxruntime threads. One per process by default (finetune's "auto" for these models): the convs are
+# tiny, so two threads gain little on an idle 2-core machine, and when anything else shares the cores every
+# parallel region waits for a descheduled thread (5 epochs of ResNet20: 41 s with 1 thread, 548 s with 2).
+THREADS_HELP = "torch and onnxruntime threads per process (default: onnx_alds.torch.finetune's auto, 1 here)"
+
+
+def default_checkpoint(name: str) -> Path:
+    own = DEFAULT_CHECKPOINTS / f"{name}.pt"
+    return own if own.is_file() or name not in SHIPPED_CHECKPOINTS else SHIPPED_CHECKPOINTS[name]
 
 
 class CliError(Exception):
@@ -155,18 +162,20 @@ def ort_accuracy(onnx_path: str | os.PathLike, x, y, threads: int | None = None)
 
 
 def finetune_compressed(model, train_loader, *, epochs: int, lr: float, optimizer: str, weight_decay: float,
-                        checkpoint_dir=None, progress: bool = True) -> dict:
-    """``onnx_alds.torch.finetune`` on the CPU; a checkpoint dir of another run is a CliError."""
+                        checkpoint_dir=None, progress: bool = True, teacher=None, batchnorm=True,
+                        threads=None, **kwargs) -> dict:
+    """``onnx_alds.torch.finetune`` on the CPU (``batchnorm``: inserted for the fine-tune and folded back;
+    ``threads`` None: finetune's auto); its usage errors become CliErrors."""
+    from onnx_alds.errors import UsageError
     from onnx_alds.torch import finetune
 
     try:
         return finetune(model, train_loader, epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                        checkpoint_dir=checkpoint_dir, resume=True, device="cpu", progress=progress)
-    except RuntimeError as e:
-        if checkpoint_dir is not None and ("state_dict" in str(e) or "size mismatch" in str(e)):
-            raise CliError(f"the checkpoint directory {str(checkpoint_dir)!r} holds a run of another model or "
-                           f"plan; give a fresh --checkpoint-dir") from None
-        raise
+                        teacher=teacher, batchnorm="auto" if batchnorm else False,
+                        threads="auto" if threads is None else threads, checkpoint_dir=checkpoint_dir, resume=True,
+                        device="cpu", progress=progress, **kwargs)
+    except UsageError as e:
+        raise CliError(str(e)) from None
 
 
 def parse_args(argv):
@@ -175,7 +184,8 @@ def parse_args(argv):
     p.add_argument("--model", required=True, help="a name in models.MODELS (resnet20, vgg_small, ...)")
     p.add_argument("--plan", required=True, type=Path, help="plan JSON written by onnx-alds rewrite --plan")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="trained state dict (default artifacts/checkpoints/MODEL.pt)")
+                   help="trained state dict (default artifacts/checkpoints/MODEL.pt; for resnet20 the shipped "
+                        "models/resnet20_digits.pt when that is missing)")
     p.add_argument("--out", required=True, type=Path, help="fine-tuned ONNX file to write")
     p.add_argument("--epochs", type=int, default=RECIPE["epochs"])
     p.add_argument("--lr", type=float, default=RECIPE["lr"])
@@ -183,9 +193,13 @@ def parse_args(argv):
     p.add_argument("--weight-decay", type=float, default=RECIPE["weight_decay"])
     p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     p.add_argument("--no-bn", action="store_true", help="fine-tune without re-inserted BatchNorm")
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--no-teacher", action="store_true", help="cross-entropy on the labels only, no distillation")
+    t.add_argument("--teacher-onnx", type=Path, default=None,
+                   help="distil from this ONNX file through onnxruntime instead of the torch original")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="per-epoch checkpoints; a rerun resumes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -204,16 +218,10 @@ def run(args) -> dict:
     if args.out.exists() and args.out.is_dir():
         raise CliError(f"--out {str(args.out)!r} is a directory")
     plan = load_plan(args.plan)
-    checkpoint = args.checkpoint or DEFAULT_CHECKPOINTS / f"{args.model}.pt"
-
-    import torch
-
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run(args, plan, checkpoint)
-    finally:
-        torch.set_num_threads(threads_before)
+    if args.teacher_onnx is not None and not args.teacher_onnx.is_file():
+        raise CliError(f"--teacher-onnx {str(args.teacher_onnx)!r} does not exist")
+    checkpoint = args.checkpoint or default_checkpoint(args.model)
+    return _run(args, plan, checkpoint)
 
 
 def _run(args, plan, checkpoint) -> dict:
@@ -222,25 +230,31 @@ def _run(args, plan, checkpoint) -> dict:
     from onnx_alds.torch import evaluate, export
 
     model = load_trained(args.model, checkpoint)
-    x_tr, _, x_te, y_te = load_digits_split(size=IMAGE_SIZE, seed=0)
-    compressed = compress(model, plan, x_te[:8], batchnorm=not args.no_bn, calibration_x=x_tr)
+    _, _, x_te, y_te = load_digits_split(size=IMAGE_SIZE, seed=0)
+    compressed = compress(model, plan, x_te[:8], batchnorm=False)
     train_loader, test_loader = digits_loaders(batch_size=args.batch_size, size=IMAGE_SIZE, seed=0,
                                                shuffle_seed=args.seed)
     _, acc_before = evaluate(compressed, test_loader)
+    teacher = None if args.no_teacher else (args.teacher_onnx or model)
     seed_everything(args.seed)
     t0 = time.perf_counter()
     hist = finetune_compressed(compressed, train_loader, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                                weight_decay=args.weight_decay, checkpoint_dir=args.checkpoint_dir,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, teacher=teacher, batchnorm=not args.no_bn,
+                               threads=args.threads)
     ft_s = time.perf_counter() - t0
     compressed.cpu().eval()
+    result = dict(acc_oneshot_torch=acc_before, epochs=args.epochs, finetune_s=ft_s, rank=hist["rank"],
+                  world_size=hist["world_size"], threads=hist["threads"], loss=hist["loss"],
+                  resumed_from=hist["resumed_from"], out=str(args.out), acc=None, provider=None)
+    if hist["rank"] != 0:  # rank 0 alone exports and measures
+        return result
     try:
         export(compressed, x_te[:8], args.out, output_names=["logits"])
     except OSError as e:
         raise CliError(f"cannot write {str(args.out)!r}: {e.strerror or e}") from None
-    acc, provider = ort_accuracy(args.out, x_te, y_te, threads=args.threads)
-    return dict(acc_oneshot_torch=acc_before, acc=acc, provider=provider, epochs=args.epochs, finetune_s=ft_s,
-                resumed_from=hist["resumed_from"], out=str(args.out))
+    result["acc"], result["provider"] = ort_accuracy(args.out, x_te, y_te, threads=hist["threads"])
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"error: {e}.", file=sys.stderr)
         return 2
+    if r["rank"] != 0:
+        return 0
     print(f"{args.model}: one-shot test accuracy {r['acc_oneshot_torch']:.4f} (torch); after {r['epochs']} epochs "
-          f"of fine-tuning ({r['finetune_s']:.0f}s{', resumed' if r['resumed_from'] else ''}) "
+          f"of fine-tuning ({r['loss']} loss, {r['finetune_s']:.0f}s, {r['world_size']} process(es) x "
+          f"{r['threads']} thread(s){', resumed' if r['resumed_from'] else ''}) "
           f"{r['acc']:.4f} through onnxruntime ({r['provider']}) on {r['out']}", flush=True)
     return 0
 

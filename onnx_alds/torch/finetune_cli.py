@@ -1,0 +1,173 @@
+"""``onnx-alds finetune``: from a model factory (+ checkpoint) and a plan to a fine-tuned ONNX file.
+
+    onnx-alds finetune models:resnet20 --checkpoint models/resnet20_digits.pt --plan plan.json \\
+        --data train.npz [--val val.npz] --out small_ft.onnx [--epochs 5] [--checkpoint-dir ckpt]
+
+``--data`` is an ``.npz`` with ``x`` (inputs, first axis = samples, the
+model's layout) and optionally ``y`` (integer class labels, or float targets
+of the output's shape); without ``y`` the original model is the only target.
+The original (factory + checkpoint, BatchNorm as trained) is the teacher
+unless ``--no-teacher``; ``--teacher-onnx IN.onnx`` uses an ONNX file run
+through onnxruntime instead. Under torchrun
+(``python -m torch.distributed.run --nproc_per_node=N -m onnx_alds finetune ...``)
+every rank trains its share and rank 0 alone writes checkpoints and the ONNX file.
+A rerun with the same ``--checkpoint-dir`` resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["add_finetune_parser", "cmd_finetune", "compress_and_finetune"]
+
+
+def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
+    f = subparsers.add_parser("finetune", help="apply a plan to a PyTorch model, fine-tune it, export ONNX "
+                                               "(needs torch)")
+    f.add_argument("factory", help="module.path:callable or path/to/file.py:callable building the original model")
+    f.add_argument("--checkpoint", help="the original's trained state dict (or a finetune checkpoint)")
+    f.add_argument("--plan", required=True, metavar="PLAN.json", help="written by onnx-alds rewrite --plan")
+    f.add_argument("--data", required=True, metavar="TRAIN.npz", help="arrays x (inputs) and optionally y")
+    f.add_argument("--val", metavar="VAL.npz", help="validation arrays: keep the best epoch, stop early")
+    f.add_argument("--out", required=True, metavar="OUT.onnx")
+    f.add_argument("--epochs", type=int, default=5)
+    f.add_argument("--batch-size", type=int, default=64, help="global batch, split over torchrun's ranks")
+    f.add_argument("--lr", type=float, default=None, help="peak learning rate (default onnx_alds.torch.finetune's)")
+    f.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    t = f.add_mutually_exclusive_group()
+    t.add_argument("--no-teacher", action="store_true", help="labels only, no distillation")
+    t.add_argument("--teacher-onnx", metavar="IN.onnx", help="distil from this ONNX file through onnxruntime")
+    f.add_argument("--no-bn", action="store_true", help="do not insert BatchNorm for the fine-tune")
+    f.add_argument("--checkpoint-dir", metavar="DIR", help="per-epoch checkpoints; a rerun resumes")
+    f.add_argument("--threads", type=int, default=None, help="torch threads (default: auto, see finetune)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--opset", type=int, default=None)
+    return f
+
+
+def _load_npz(path: str, what: str):
+    import numpy as np
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} file {path!r} does not exist")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - zip and format errors come in many types
+        raise UsageError(f"{what} file {path!r} is not a readable .npz ({type(e).__name__})") from None
+    if "x" not in arrays:
+        raise UsageError(f"{what} file {path!r} has no array named x (it has {', '.join(arrays) or 'none'})")
+    x = torch.from_numpy(np.ascontiguousarray(arrays["x"]))
+    if x.is_floating_point():
+        x = x.float()
+    y = arrays.get("y")
+    if y is not None:
+        y = torch.from_numpy(np.ascontiguousarray(y))
+        y = y.long() if not y.is_floating_point() else y.float()
+        if len(y) != len(x):
+            raise UsageError(f"{what} file {path!r}: x has {len(x)} samples, y {len(y)}")
+    if len(x) == 0:
+        raise UsageError(f"{what} file {path!r} holds no samples")
+    return x, y
+
+
+def _loader(x, y, batch_size: int, shuffle: bool, seed: int):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    ds = TensorDataset(x, y) if y is not None else TensorDataset(x)
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None)
+
+
+def compress_and_finetune(original, plan, train_loader, *, example_inputs, out=None, teacher: Any = "original",
+                          output_names=None, opset=None, **finetune_kwargs) -> tuple[Any, dict]:
+    """``apply_plan`` then :func:`~onnx_alds.torch.finetune` then (rank 0 only) export to ``out``.
+
+    ``teacher``: ``"original"`` (the model given, BatchNorm as trained), None,
+    or anything :func:`finetune` takes. Returns the fine-tuned student (on the
+    CPU, eval mode) and the history; ``history["exported"]`` is the path
+    written, or None (no ``out``, or a rank other than 0).
+    """
+    from .export import export
+    from .finetune import finetune
+    from .modules import apply_plan
+
+    try:
+        student = apply_plan(original, plan, example_inputs=example_inputs)
+    except (KeyError, ValueError) as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        raise UsageError(f"the plan does not fit this model: {msg}") from None
+    hist = finetune(student, train_loader, teacher=original if teacher == "original" else teacher,
+                    **finetune_kwargs)
+    student.cpu().eval()
+    hist["exported"] = None
+    if out is not None and hist["rank"] == 0:
+        try:
+            export(student, example_inputs, out, output_names=output_names, opset=opset)
+        except OSError as e:
+            raise UsageError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+        hist["exported"] = str(out)
+    return student, hist
+
+
+def cmd_finetune(a) -> int:
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("finetune needs torch: pip install 'onnx-alds[torch]'") from None
+    from ..io import check_output_path
+    from ..plan import Plan
+    from .export import _load_checkpoint, load_factory
+
+    out = Path(a.out)
+    if out.suffix != ".onnx":
+        raise UsageError(f"--out must name an .onnx file, not {a.out!r}")
+    check_output_path(None, out)
+    if a.epochs < 0 or a.batch_size < 1 or (a.lr is not None and a.lr <= 0):
+        raise UsageError("--epochs must be 0 or more, --batch-size at least 1 and --lr positive")
+    if not Path(a.plan).is_file():
+        raise UsageError(f"plan file {a.plan!r} does not exist")
+    plan = Plan.load(a.plan)
+    try:
+        model = load_factory(a.factory)()
+        if a.checkpoint:
+            _load_checkpoint(model, a.checkpoint)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e).rstrip(".")) from None
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"factory {a.factory!r} did not return a torch.nn.Module")
+    model.eval()
+    x, y = _load_npz(a.data, "--data")
+    val = _load_npz(a.val, "--val") if a.val else None
+    if y is None and a.no_teacher:
+        raise UsageError("--data has no labels (y), so --no-teacher leaves nothing to learn from")
+    torch.manual_seed(a.seed)
+    train_loader = _loader(x, y, a.batch_size, True, a.seed)
+    val_loader = _loader(*val, 256, False, 0) if val else None
+    teacher = None if a.no_teacher else (a.teacher_onnx or "original")
+    kwargs = dict(epochs=a.epochs, val_loader=val_loader, optimizer=a.optimizer, batchnorm=False if a.no_bn else "auto",
+                  checkpoint_dir=a.checkpoint_dir, progress=sys.stderr.isatty(),
+                  threads=a.threads if a.threads is not None else "auto")
+    if a.lr is not None:
+        kwargs["lr"] = a.lr
+    _, hist = compress_and_finetune(model, plan, train_loader, example_inputs=x[:8], out=out, teacher=teacher,
+                                    opset=a.opset, **kwargs)
+    if hist["rank"] == 0:
+        done = len(hist["epoch"])
+        last = f"train loss {hist['train_loss'][-1]:.4f}" if hist["train_loss"] else "no epochs"
+        if hist.get("val_acc") and hist["val_acc"][-1] is not None:
+            last += f", val acc {max(a for a in hist['val_acc'] if a is not None):.4f} (best epoch {hist['best_epoch']})"
+        print(f"fine-tuned {done} epochs ({hist['loss']} loss, {hist['world_size']} process(es), "
+              f"{hist['threads']} thread(s) each{', resumed' if hist['resumed_from'] else ''}): {last}; wrote {out}")
+    return 0
