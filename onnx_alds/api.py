@@ -111,7 +111,7 @@ def speed_guard(provider: str = "auto", threads: int = 2):
 
 def select(info: ModelInfo, source: Source, emodel, *, metric: str, fraction: float, method: str = "alds",
            schemes=None, k_max=None, latency_table=None, compare: bool = True, progress: bool = False,
-           timings: dict | None = None, admissible=None) -> tuple[Selection, dict]:
+           timings: dict | None = None, admissible=None, fill: bool = True) -> tuple[Selection, dict]:
     """Run the selector; returns the selection and the max error the other
     methods reach at the same budget with the same error model."""
     timings = {} if timings is None else timings
@@ -130,7 +130,7 @@ def select(info: ModelInfo, source: Source, emodel, *, metric: str, fraction: fl
         options = options_for(info, source, emodel, cmodel, configs, progress=progress, admissible=admissible)
     with _timed(timings, "select"):
         sel, baselines = solve(options, method=method, fraction=fraction, total=cmodel.total(info),
-                               compare=compare)
+                               compare=compare, fill=fill)
     sel.details["metric"] = metric
     if metric == "latency":
         sel.details["predicted_ms"] = latency_table.predicted_ms(sel.choices)
@@ -154,7 +154,7 @@ def choices_from_plan(plan: Plan, info: ModelInfo, source: Source, emodel) -> di
 
 
 def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency, method, schemes, k_max,
-            provider, compare, latency_table, progress, timings, guard):
+            provider, compare, latency_table, progress, timings, guard, fill=True):
     """Selection (or a given plan) → choices, plan, budget section, baselines."""
     if plan is not None:
         with _timed(timings, "errors"):
@@ -164,7 +164,7 @@ def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency
     try:
         sel, baselines = select(info, source, emodel, metric=metric, fraction=fraction, method=method,
                                 schemes=schemes, k_max=k_max, latency_table=latency_table, compare=compare,
-                                progress=progress, timings=timings,
+                                progress=progress, timings=timings, fill=fill,
                                 admissible=guard.admissible if guard is not None else None)
     except InfeasibleBudget as e:
         if guard is None:
@@ -224,7 +224,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             error: str | None = None, calibration=None, bias_correction: bool = True,
             max_output_error: float | None = None, min_speedup: float | None = None,
             allow_slower: bool = False, max_speed_retries: int = 2, sequential: bool | None = None,
-            max_latency_rounds: int = 3,
+            max_latency_rounds: int = 3, fill_budget: bool = True,
             ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
@@ -237,6 +237,9 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     With data-aware errors, ``sequential`` refits each layer's factors on the
     inputs of the already-compressed prefix (:mod:`onnx_alds.sequential`);
     ``None`` turns it on while it is cheap (see :func:`_sequential_affordable`).
+
+    ``fill_budget`` spends what the min-max optimum leaves of the budget on the
+    other layers (a lexicographic min-max; the max error is the same).
 
     Unless ``allow_slower``, the speed guard keeps factorizations that its
     measured model says are slower than their layer out of the selection, and
@@ -253,7 +256,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             method=method, schemes=schemes, k_max=k_max, input_shapes=input_shapes, provider=provider,
             compare=compare, latency_table=latency_table, progress=progress, cache_dir=cache_dir, error=error,
             calibration=calibration, bias_correction=bias_correction, min_speedup=min_speedup,
-            sequential=sequential, max_latency_rounds=max_latency_rounds))
+            sequential=sequential, max_latency_rounds=max_latency_rounds, fill_budget=fill_budget))
     with _timed(timings, "load"):
         source = Source.load(model_or_path)
     original = source.model
@@ -292,7 +295,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             choices, used_plan, budget, baselines, used_method = _choose(
                 info, source, emodel, plan, keep_params=keep_params, keep_flops=keep_flops,
                 keep_latency=lat_fraction, method=method, schemes=schemes, k_max=k_max, provider=provider,
-                compare=compare, latency_table=latency_table, progress=progress, timings=timings, guard=guard)
+                compare=compare, latency_table=latency_table, progress=progress, timings=timings, guard=guard,
+                fill=fill_budget)
         except InfeasibleBudget:
             if result is None:
                 raise

@@ -157,9 +157,33 @@ def _selection(method, options, picks, **details) -> Selection:
     return Selection(method, choices, max_err, cost, dict(details))
 
 
-def select_alds(options: list[Options], budget: float, *, fixed: float = 0.0, total: float = 0.0) -> Selection:
+def select_alds(options: list[Options], budget: float, *, fixed: float = 0.0, total: float = 0.0,
+                fill: bool = True) -> Selection:
+    """The exact min-max selection.  With ``fill`` the budget that the
+    bottleneck leaves is not wasted: the layers at the optimal max error are
+    frozen and the others re-solved, min-max again, with what remains, until
+    nothing changes (a lexicographic min-max: the max error stays optimal and
+    the largest error among the other layers only falls)."""
     _check_feasible(options, budget, fixed, total)
-    _, picks = solve_minmax(options, budget)
+    eps, picks = solve_minmax(options, budget)
+    if not fill:
+        return _selection("alds", options, picks)
+    picks = list(picks)
+    free = list(range(len(options)))
+    for _ in range(len(options)):
+        at_max = [i for i in free if options[i].eps[picks[i]] >= eps - 1e-15]
+        free = [i for i in free if i not in at_max]
+        if not free or not at_max:
+            break
+        left = budget - sum(options[i].cost[picks[i]] for i in range(len(options)) if i not in free)
+        sub = [options[i] for i in free]
+        if min_cost(sub) > left + 1e-9:
+            break
+        eps, sub_picks = solve_minmax(sub, left)
+        for i, p in zip(free, sub_picks):
+            picks[i] = p
+        if eps <= 0.0:
+            break
     return _selection("alds", options, picks)
 
 
@@ -234,15 +258,13 @@ def select_uniform(options: list[Options], budget: float, *, fixed: float = 0.0,
         return sum(o.cost[i] for (o, *_), i in zip(per, picks))
 
     alphas = np.unique(np.concatenate([np.arange(1, full + 1) / full for *_, full in per if full] + [[1.0]]))
-    lo, hi = 0, len(alphas) - 1
-    if cost(pick(alphas[0])) > budget + 1e-9:
+    # the largest alpha whose cost fits; a scan, not a bisection: where a rank is not an option
+    # (it saves nothing, or the speed guard refuses it) the layer stays whole, so the cost of
+    # alpha is not monotone
+    fits = [i for i, a in enumerate(alphas) if cost(pick(a)) <= budget + 1e-9]
+    if not fits:
         raise InfeasibleBudget("the budget cannot be met with uniform rank", float("nan"))
-    while lo < hi:  # largest alpha whose cost fits
-        mid = (lo + hi + 1) // 2
-        if cost(pick(alphas[mid])) <= budget + 1e-9:
-            lo = mid
-        else:
-            hi = mid - 1
+    lo = fits[-1]
     return _selection("uniform", [p[0] for p in per], pick(alphas[lo]), kept_rank_fraction=float(alphas[lo]))
 
 
@@ -259,8 +281,8 @@ def baseline_options(method: str, options: list[Options]) -> list[Options]:
     return options
 
 
-def solve(options: list[Options], *, method: str, fraction: float, total: float, compare: bool = True
-          ) -> tuple[Selection, dict]:
+def solve(options: list[Options], *, method: str, fraction: float, total: float, compare: bool = True,
+          fill: bool = True) -> tuple[Selection, dict]:
     """Choose under the budget ``fraction · total`` (the cost of non-candidate
     layers counts as fixed); returns the selection and the max error each other
     method reaches on the same options (None where it cannot meet the budget)."""
@@ -270,7 +292,8 @@ def solve(options: list[Options], *, method: str, fraction: float, total: float,
         raise UsageError(f"unknown method {method!r} (use {', '.join(METHODS)})")
     fixed = total - sum(o.orig_cost for o in options)
     budget = fraction * total - fixed
-    sel = METHODS[method](baseline_options(method, options), budget, fixed=fixed, total=total)
+    extra = {"fill": fill} if method == "alds" else {}
+    sel = METHODS[method](baseline_options(method, options), budget, fixed=fixed, total=total, **extra)
     sel.details.update(fraction=fraction, total=total, fixed=fixed, target=fraction * total,
                        predicted=fixed + sel.cost)
     baselines = {}
@@ -278,8 +301,8 @@ def solve(options: list[Options], *, method: str, fraction: float, total: float,
         if other == method:
             continue
         try:
-            baselines[other] = METHODS[other](baseline_options(other, options), budget, fixed=fixed,
-                                              total=total).max_rel_error
+            baselines[other] = METHODS[other](baseline_options(other, options), budget, fixed=fixed, total=total,
+                                              **({"fill": fill} if other == "alds" else {})).max_rel_error
         except InfeasibleBudget as e:  # reported as such; any other exception is a bug
             log.info("baseline %s: %s", other, e)
             baselines[other] = None

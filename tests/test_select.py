@@ -132,3 +132,22 @@ def test_schemes_and_k_max_restrict_the_choice():
     _, report = rewrite(cnn_model(), allow_slower=True, keep_params=0.5, schemes=["s0"], k_max=2, validate=False, compare=False)
     dec = [l for l in report.layers if l.status == "decomposed"]
     assert dec and all(l.scheme == "s0" and l.k <= 2 for l in dec)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_filling_the_budget_keeps_the_optimum_and_uses_what_is_left(seed):
+    geos, spectra = random_layers(seed, n=4)
+    options = [options_of(n, geos[n], spectra[n], "params") for n in geos]
+    total = sum(o.orig_cost for o in options)
+    for frac in (0.4, 0.6, 0.8):
+        try:
+            plain = select_alds(options, frac * total, total=total, fill=False)
+        except InfeasibleBudget:
+            continue
+        filled = select_alds(options, frac * total, total=total)
+        assert filled.cost <= frac * total + 1e-9
+        assert filled.max_rel_error == pytest.approx(plain.max_rel_error, abs=1e-12)
+        assert filled.cost >= plain.cost - 1e-9  # never leaves more of the budget unused
+        errs = lambda s: sorted((c.rel_error if c else 0.0) for c in s.choices.values())  # noqa: E731
+        # lexicographically no worse: the sorted errors, largest first, never rise
+        assert errs(filled)[::-1] <= errs(plain)[::-1] or errs(filled) == errs(plain)
