@@ -315,7 +315,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         if budget.get("measured_speedup") is not None and plan is None:
             # --keep-latency, measured: re-solve with the budget corrected by what the model really ran
             target = 1.0 / keep_latency
-            got, predicted = budget["measured_speedup"], budget["predicted_speedup"]
+            got = budget["measured_speedup"]
             budget["rounds"] = rounds + 1
             if result is None or abs(np.log(got / target)) < abs(np.log(result[1].budget["measured_speedup"]
                                                                         / target)):

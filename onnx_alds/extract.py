@@ -25,7 +25,6 @@ import onnx_graphsurgeon as gs
 
 from .cost import Geometry, factorized_params
 from .errors import UsageError
-from .folding import distinct_schemes
 from .io import copy_model_fields
 from .ops import SPECS, UNSUPPORTED, LayerAttrs, constant_value, has_bias, known, spec_for
 from .ops.base import FLOAT_DTYPES

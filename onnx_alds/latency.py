@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper, numpy_helper
+from onnx import helper
 from tqdm.auto import tqdm
 
 from .cache import load_json_entry, save_json_entry, usable_dir

@@ -27,7 +27,6 @@ carry the scale of their input unchanged.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,18 +78,6 @@ class QuantizeResult:
                 f"on {self.provider}")
 
 
-def load_calibration(path) -> dict[str, np.ndarray]:
-    """Read a ``.npz`` with one array per graph input name (first axis = samples)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"calibration file {str(p)!r} does not exist")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:
-        raise UsageError(f"calibration file {str(p)!r} is not a readable .npz ({_first(e)})") from None
-
-
 def _first(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
@@ -130,34 +117,14 @@ def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, sam
         n = max(1, -(-samples // bs))
         feeds = [random_inputs(sess, input_shapes, batch=bs, seed=seed + i) for i in range(n)]
         return feeds, n * bs, bs
-    if not isinstance(calibration, dict):
-        raise UsageError("calibration must be a dict of input name to array (samples on the first axis) "
-                         "or a .npz path")
-    names = [vi.name for vi in inputs]
-    missing = [n for n in names if n not in calibration]
-    if missing:
-        raise UsageError(f"the calibration data lacks model input {missing[0]!r} "
-                         f"(it has {', '.join(map(repr, calibration)) or 'nothing'})")
-    extra = [n for n in calibration if n not in names]
-    if extra:
-        raise UsageError(f"the calibration data has {extra[0]!r}, which is not an input of the model "
-                         f"(inputs: {', '.join(map(repr, names))})")
-    arrays = {}
-    for vi in inputs:
-        a = np.asarray(calibration[vi.name])
-        if a.dtype.kind not in "fiub":
-            raise UsageError(f"calibration array {vi.name!r} has dtype {a.dtype}, not a number type")
-        dims = _input_dims(vi)
-        if a.ndim != len(dims) and dims:
-            raise UsageError(f"calibration array {vi.name!r} has {a.ndim} axes (samples first) where the "
-                             f"input has {len(dims)}")
-        for axis, d in enumerate(dims[1:], start=1):
-            if d is not None and a.shape[axis] != d:
-                raise UsageError(f"calibration array {vi.name!r} has size {a.shape[axis]} on axis {axis} "
-                                 f"where the model input needs {d}")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise UsageError(f"calibration array {vi.name!r} holds NaN or Inf")
-        arrays[vi.name] = np.ascontiguousarray(a.astype(_np_dtype(vi), copy=False))
+    from .calibration import iter_batches, load_calibration, model_inputs  # the one calibration loader
+
+    data = load_calibration(calibration, model_inputs(model))
+    if isinstance(data, dict):
+        arrays = data
+    else:  # a stream of feeds: int8 calibration holds them (it takes a few hundred samples)
+        parts = list(iter_batches(data, 64))
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     counts = {len(a) for a in arrays.values()}
     if len(counts) > 1:
         raise UsageError(f"the calibration arrays hold different numbers of samples ({sorted(counts)}); "
@@ -261,8 +228,6 @@ def quantize(model_path, out_path, calibration=None, *, per_channel: bool = True
     done = sorted({n.op_type for n in model.graph.node} & _QUANTIZED_OPS)
     if done:
         raise UsageError(f"the model is already quantized (it has {done[0]} nodes)")
-    if isinstance(calibration, (str, os.PathLike)):
-        calibration = load_calibration(calibration)
     large = proto_size(model) > EXTERNAL_DATA_THRESHOLD
     ref = in_path if in_path is not None and large else model  # onnxruntime takes >2 GB only from a file
     batches, n_samples, bs = calibration_batches(model, calibration, samples=samples, batch=batch, seed=seed,

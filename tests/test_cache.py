@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 
 import numpy as np
 import onnx

@@ -10,13 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
-from clitools import ROOT, assert_one_sentence, cli, digest, main_in_process, snapshot
+from clitools import assert_one_sentence, cli, digest, main_in_process, snapshot
 from graphs import cnn_model, conv_model
 
 

@@ -327,7 +327,6 @@ def test_opset_below_18_is_refused(tmp_path):
 
 
 def test_large_model_path_writes_external_data(tmp_path, monkeypatch):
-    import sys
 
     import onnx_alds.io
 

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import Geometry
-from .base import Classified, Factors, LayerAttrs, OpSpec, has_bias, known
+from .base import Classified, Factors, LayerAttrs, OpSpec, known
 from .conv import corrected_bias, standalone_model
 
 _KEEP = ("strides", "pads", "dilations", "output_padding", "output_shape", "auto_pad", "kernel_shape")

@@ -39,7 +39,6 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
