@@ -8,7 +8,10 @@ minimising ``Σ ‖W x − Ŵ x̃ − δ‖²`` are, with centred moments
 ``C = E[(x−μ)(x̃−μ̃)ᵀ]`` and ``G̃ = E[(x̃−μ̃)(x̃−μ̃)ᵀ] = L̃ L̃ᵀ``: the best
 rank-j approximation of the target ``T = W C G̃⁻¹`` in the ``L̃`` metric (SVD
 of ``T L̃``, per channel group, as in :mod:`onnx_alds.factorize`), and
-``δ = W μ − Ŵ μ̃``.  The earlier layers' errors are thereby partly undone
+``δ = W μ − Ŵ μ̃``.  ``G̃`` gets a ridge of 1 % of its mean variance
+(:data:`RIDGE`): deep in a network the compressed prefix's statistics are
+ill-conditioned, and an unregularised ``G̃⁻¹`` amplifies noise (measured on
+ResNet56 at keep 0.15: 74 % one-shot without, 88 % with).  The earlier layers' errors are thereby partly undone
 instead of piling up.  The selection (ranks) is unchanged; the measured error
 of each layer is its output error against the *original* layer,
 ``‖W X − Ŵ X̃ − δ‖_F / ‖W X‖_F`` on the calibration data.
@@ -58,19 +61,28 @@ def _moments(s_orig, s_comp, name, tap, data, batch_size):
     return C / n - np.outer(mu, mut), G / n - np.outer(mut, mut), mu, mut
 
 
+RIDGE = 1e-2  # of the mean variance: the compressed prefix's statistics are ill-conditioned deep down
+
+
+def _ridge(g: np.ndarray) -> np.ndarray:
+    g = (g + g.T) / 2
+    tr = float(np.trace(g))
+    return g + RIDGE * tr / len(g) * np.eye(len(g)) if tr > 0 else g
+
+
 def fit(w4: np.ndarray, k: int, rank: int, C, Gt, mu, mut, correct_bias: bool) -> Factors:
     f = w4.shape[0]
     w2 = np.asarray(w4, np.float64).reshape(f, -1)
     d = w2.shape[1]
     dg = d // k
-    Lfull = regularised_cholesky((Gt + Gt.T) / 2)
+    Lfull = regularised_cholesky(_ridge(Gt))
     # T = W C G̃⁻¹ via the Cholesky factor: G̃⁻¹ = L̃⁻ᵀ L̃⁻¹
     T = np.linalg.solve(Lfull.T, np.linalg.solve(Lfull, (w2 @ C).T)).T
     a = np.empty((k, f, rank))
     b = np.empty((k, rank, dg))
     for i in range(k):
         sl = slice(i * dg, (i + 1) * dg)
-        L = regularised_cholesky((Gt[sl, sl] + Gt[sl, sl].T) / 2)
+        L = regularised_cholesky(_ridge(Gt[sl, sl]))
         p, sv, qt = np.linalg.svd(T[:, sl] @ L, full_matrices=False)
         root = np.sqrt(sv[:rank])
         a[i] = p[:, :rank] * root
