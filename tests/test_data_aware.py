@@ -47,7 +47,7 @@ def test_data_error_equals_output_error_on_calibration_data(k, kernel, strides, 
                        spectrum_decay=0.8)
     x = correlated_inputs(40, 6, (9, 11))
     plan = Plan([LayerPlan("conv", "conv.weight", k, "s0", 3)])
-    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False)
+    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
     layer = rep.layers[0]
     measured = output_error(model, new, {"x": x})
     # the formula is exact for every k (cross-group terms included): predicted = measured = onnxruntime
@@ -61,10 +61,10 @@ def test_data_aware_factors_beat_weight_only_on_the_data():
     x = correlated_inputs(40, 6, (9, 11))
     bias = onnx.numpy_helper.to_array(model.graph.initializer[1])
     plan = Plan([LayerPlan("conv", "conv.weight", 1, "s0", 2)])
-    data, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False)
+    data, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
     weight, _ = onnx_alds.rewrite(model, plan=plan, error="spectral", validate=False)
     no_bias_fix, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False,
-                                       bias_correction=False)
+                                       bias_correction=False, sequential=False)
     e_data, e_weight = output_error(model, data, {"x": x}, bias), output_error(model, weight, {"x": x}, bias)
     e_nofix = output_error(model, no_bias_fix, {"x": x}, bias)
     assert e_data < e_nofix < e_weight
@@ -79,7 +79,7 @@ def test_rank_deficient_statistics_are_regularised():
     model = conv_model(f=8, c=6, kernel=(3, 3), in_hw=(7, 7), pads=(1, 1, 1, 1), bias=False, spectrum_decay=0.9)
     x = correlated_inputs(30, 6, (7, 7), dead=(0, 1), constant=(2,))
     plan = Plan([LayerPlan("conv", "conv.weight", 2, "s0", 2)])
-    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False)
+    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
     assert all(np.isfinite(onnx.numpy_helper.to_array(t)).all() for t in new.graph.initializer)
     measured = output_error(model, new, {"x": x})
     assert rep.layers[0].rel_error == pytest.approx(measured, rel=1e-2, abs=1e-4)
@@ -118,9 +118,9 @@ def test_streamed_calibration_gives_the_same_model():
     model = conv_model(f=8, c=6, kernel=(3, 3), in_hw=(7, 7), pads=(1, 1, 1, 1), spectrum_decay=0.85)
     x = correlated_inputs(24, 6, (7, 7))
     plan = Plan([LayerPlan("conv", "conv.weight", 2, "s0", 2)])
-    a, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False)
+    a, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
     b, _ = onnx_alds.rewrite(model, plan=plan, calibration=[{"x": x[i:i + 5]} for i in range(0, 24, 5)],
-                             error="data", validate=False)
+                             error="data", validate=False, sequential=False)
     for ta, tb in zip(a.graph.initializer, b.graph.initializer):
         np.testing.assert_allclose(onnx.numpy_helper.to_array(ta), onnx.numpy_helper.to_array(tb),
                                    rtol=1e-5, atol=1e-6)
@@ -131,7 +131,7 @@ def test_gemm_data_aware_bias_correction():
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((64, 3)) @ rng.standard_normal((3, 12)) + 1.0).astype(np.float32)
     plan = Plan([LayerPlan("fc", "fc.weight", 1, "s0", 2)])
-    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False)
+    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
     y0, y1 = run(model, {"x": x})[0], run(new, {"x": x})[0]
     assert np.abs((y1 - y0).mean(0)).max() < 1e-4
     assert rep.layers[0].measured_error == pytest.approx(rep.layers[0].rel_error, rel=1e-3)
@@ -201,3 +201,35 @@ def test_data_plan_carries_its_factors(tmp_path):
     (tmp_path / "plan.factors.npz").write_bytes(b"junk")
     with pytest.raises(UsageError, match="does not match the plan"):
         Plan.load(tmp_path / "plan.json")
+
+
+def test_sequential_measured_error_is_the_output_error_against_the_original_layer():
+    """Two convs: the second is refitted on the compressed first's outputs; its
+    reported error is ‖Ỹ − Y‖/‖Y − b‖ through onnxruntime, Y the original
+    layer's output on the original inputs."""
+    rng = np.random.default_rng(0)
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 6, 9, 9] x) => (float y) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (h)
+        y = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
+    }"""
+    m = onnx.parser.parse_model(text)
+    m.graph.node[0].name, m.graph.node[2].name = "c1", "c2"
+    decay = lambda f, c: (np.linalg.qr(rng.standard_normal((f, f)))[0] * 0.7 ** np.arange(f)  # noqa: E731
+                          @ rng.standard_normal((f, c * 9))).reshape(f, c, 3, 3).astype(np.float32)
+    for name, arr in (("w1", decay(8, 6)), ("b1", rng.standard_normal(8).astype(np.float32)),
+                      ("w2", decay(8, 8)), ("b2", rng.standard_normal(8).astype(np.float32))):
+        m.graph.initializer.append(onnx.numpy_helper.from_array(arr, name))
+    x = correlated_inputs(32, 6, (9, 9))
+    plan = Plan([LayerPlan("c1", "w1", 1, "s0", 2), LayerPlan("c2", "w2", 1, "s0", 2)])
+    new, rep = onnx_alds.rewrite(m, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=True)
+    assert rep.budget["sequential"]
+    y0, y1 = run(m, {"x": x})[0].astype(np.float64), run(new, {"x": x})[0].astype(np.float64)
+    b2 = onnx.numpy_helper.to_array(m.graph.initializer[3]).reshape(1, -1, 1, 1)
+    got = float(np.linalg.norm(y1 - y0) / np.linalg.norm(y0 - b2))
+    assert {l.name: l for l in rep.layers}["c2"].measured_error == pytest.approx(got, rel=1e-3)
+    # and refitting on the compressed inputs beats fitting each layer on its original inputs
+    plain, _ = onnx_alds.rewrite(m, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
+    y2 = run(plain, {"x": x})[0].astype(np.float64)
+    assert np.linalg.norm(y1 - y0) < np.linalg.norm(y2 - y0)
