@@ -49,36 +49,42 @@ def conv_model(f=8, c=6, kernel=(3, 3), in_hw=(9, 11), strides=None, pads=None, 
     return _model([node], [x], [y], inits)
 
 
+def _parse(text: str, inits: dict, opset: int = OPSET) -> onnx.ModelProto:
+    """A model from onnx.parser text (``<ir_version: 8, opset_import: ...>``
+    prepended) with ``inits`` (name → array) as initializers."""
+    m = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>\n' + text)
+    m.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
+    return m
+
+
+def _type(dtype) -> str:
+    return {np.float32: "float", np.float16: "float16", np.float64: "double"}[np.dtype(dtype).type]
+
+
 def gemm_model(f=7, c=12, trans_b=1, alpha=1.0, beta=1.0, bias=True, seed=0, dtype=np.float32):
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((f, c) if trans_b else (c, f)).astype(dtype)
-    inits = [numpy_helper.from_array(w, "fc.weight")]
-    ins = ["x", "fc.weight"]
+    inits = {"fc.weight": rng.standard_normal((f, c) if trans_b else (c, f)).astype(dtype)}
     if bias:
-        inits.append(numpy_helper.from_array(rng.standard_normal(f).astype(dtype), "fc.bias"))
-        ins.append("fc.bias")
-    node = helper.make_node("Gemm", ins, ["y"], name="fc", transB=trans_b, alpha=alpha, beta=beta)
-    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    x = helper.make_tensor_value_info("x", et, ["N", c])
-    y = helper.make_tensor_value_info("y", et, ["N", f])
-    return _model([node], [x], [y], inits)
+        inits["fc.bias"] = rng.standard_normal(f).astype(dtype)
+    t = _type(dtype)
+    return _parse(f"""g ({t}[N, {c}] x) => ({t}[N, {f}] y) {{
+        [fc] y = Gemm <transB = {trans_b}, alpha = {float(alpha)}, beta = {float(beta)}>
+                      (x, "fc.weight"{', "fc.bias"' if bias else ''})
+    }}""", inits)
 
 
 def matmul_model(f=10, c=12, lead=(5,), seed=0, as_constant_node=False, dtype=np.float32):
     """``y = x @ W`` with x of shape (N, *lead, c)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((c, f)).astype(dtype)
-    nodes, inits = [], []
+    t, dims = _type(dtype), "".join(f"{d}, " for d in lead)
+    m = _parse(f"""g ({t}[N, {dims}{c}] x) => ({t}[N, {dims}{f}] y) {{
+        [proj] y = MatMul (x, "proj.weight")
+    }}""", {} if as_constant_node else {"proj.weight": w})
     if as_constant_node:
-        nodes.append(helper.make_node("Constant", [], ["proj.weight"], name="wconst",
-                                      value=numpy_helper.from_array(w, "proj.weight")))
-    else:
-        inits.append(numpy_helper.from_array(w, "proj.weight"))
-    nodes.append(helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="proj"))
-    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    x = helper.make_tensor_value_info("x", et, ["N", *lead, c])
-    y = helper.make_tensor_value_info("y", et, ["N", *lead, f])
-    return _model(nodes, [x], [y], inits)
+        m.graph.node.insert(0, helper.make_node("Constant", [], ["proj.weight"], name="wconst",
+                                                value=numpy_helper.from_array(w, "proj.weight")))
+    return m
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -104,29 +110,20 @@ def cnn_model(seed=0, decay=0.85, opset=OPSET, bn=False):
         s = s * decay ** np.arange(len(s))
         return ((u * s @ vt).reshape(shape) / np.sqrt(m.shape[1])).astype(np.float32)
 
-    inits = [
-        numpy_helper.from_array(w((16, 3, 3, 3)), "c1.weight"),
-        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "c1.bias"),
-        numpy_helper.from_array(w((32, 16, 3, 3)), "c2.weight"),
-        numpy_helper.from_array(w((32, 32, 1, 1)), "c3.weight"),
-        numpy_helper.from_array(w((32, 1, 3, 3)), "dw.weight"),
-        numpy_helper.from_array(w((10, 32)), "fc.weight"),
-        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fc.bias"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "c1.weight", "c1.bias"], ["h1"], name="c1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["h1"], ["a1"], name="r1"),
-        helper.make_node("Conv", ["a1", "c2.weight"], ["h2"], name="c2", pads=[1, 1, 1, 1], strides=[2, 2]),
-        helper.make_node("Relu", ["h2"], ["a2"], name="r2"),
-        helper.make_node("Conv", ["a2", "c3.weight"], ["h3"], name="c3"),
-        helper.make_node("Conv", ["h3", "dw.weight"], ["h4"], name="dw", group=32, pads=[1, 1, 1, 1]),
-        helper.make_node("GlobalAveragePool", ["h4"], ["p"], name="gap"),
-        helper.make_node("Flatten", ["p"], ["pf"], name="flat"),
-        helper.make_node("Gemm", ["pf", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1),
-    ]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
-    m = _model(nodes, [x], [y], inits, opset=opset)
+    inits = {"c1.weight": w((16, 3, 3, 3)), "c1.bias": rng.standard_normal(16).astype(np.float32),
+             "c2.weight": w((32, 16, 3, 3)), "c3.weight": w((32, 32, 1, 1)), "dw.weight": w((32, 1, 3, 3)),
+             "fc.weight": w((10, 32)), "fc.bias": rng.standard_normal(10).astype(np.float32)}
+    m = _parse("""g (float[N, 3, 16, 16] x) => (float[N, 10] logits) {
+        [c1] h1 = Conv <pads = [1, 1, 1, 1]> (x, "c1.weight", "c1.bias")
+        [r1] a1 = Relu (h1)
+        [c2] h2 = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (a1, "c2.weight")
+        [r2] a2 = Relu (h2)
+        [c3] h3 = Conv (a2, "c3.weight")
+        [dw] h4 = Conv <group = 32, pads = [1, 1, 1, 1]> (h3, "dw.weight")
+        [gap] p = GlobalAveragePool (h4)
+        [flat] pf = Flatten (p)
+        [fc] logits = Gemm <transB = 1> (pf, "fc.weight", "fc.bias")
+    }""", inits, opset)
     m.producer_name = "tests"
     helper.set_model_props(m, {"author": "onnx-alds tests"})
     return m
