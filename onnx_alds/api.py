@@ -91,8 +91,14 @@ def options_for(info: ModelInfo, source: Source, emodel, cmodel, configs, *, pro
     cands = info.candidates
     configs = {l.name: [(k, s) for k, s in configs[l.name] if s in emodel.schemes(l, l.schemes)] for l in cands}
     curves = emodel.curves(source, cands, configs, progress=progress)
-    return [layer_options(l.name, curves[l.name], cmodel.dense(l), partial(cmodel.configs, l),
-                          full_rank(l.geometry, 1, "s0"),
+
+    def costs(layer):
+        extra = emodel.extra_params(layer) if cmodel.name == "params" else 0
+        if not extra:
+            return partial(cmodel.configs, layer)
+        return lambda k, s, ranks: cmodel.configs(layer, k, s, ranks) + extra  # a bias the factors add
+
+    return [layer_options(l.name, curves[l.name], cmodel.dense(l), costs(l), full_rank(l.geometry, 1, "s0"),
                           partial(admissible, l) if admissible is not None else None) for l in cands]
 
 

@@ -91,6 +91,9 @@ class WeightError:
     def schemes(self, layer, wanted):
         return wanted
 
+    def extra_params(self, layer) -> int:
+        return 0  # weight-only factors keep the layer's bias as it is
+
     def curves(self, source, layers, configs, *, progress: bool = False) -> Curves:
         weights = {l.name: source.weight4(l) for l in layers}
         spectra = compute_spectra(weights, configs, progress=progress, cache_dir=self.cache_dir)
@@ -199,6 +202,10 @@ class DataError:
 
     def schemes(self, layer, wanted):
         return [s for s in wanted if s == "s0"] if layer.spec.data_aware else []
+
+    def extra_params(self, layer) -> int:
+        """The bias correction gives a layer without bias one: f parameters more."""
+        return layer.geometry.f if self.bias_correction and not layer.has_bias and layer.bias_constant else 0
 
     def stats(self, source, layer) -> LayerStats:
         if layer.name not in self._stats:

@@ -233,3 +233,19 @@ def test_sequential_measured_error_is_the_output_error_against_the_original_laye
     plain, _ = onnx_alds.rewrite(m, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
     y2 = run(plain, {"x": x})[0].astype(np.float64)
     assert np.linalg.norm(y1 - y0) < np.linalg.norm(y2 - y0)
+
+
+def test_bias_correction_parameters_count_in_the_budget():
+    """A MatMul without bias gets one from the bias correction: the parameter
+    budget still holds."""
+    from graphs import matmul_model
+
+    model = matmul_model(f=24, c=32, lead=(6,))
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((40, 6, 3)) @ rng.standard_normal((3, 32)) + 0.5).astype(np.float32)
+    for keep in (0.8, 0.6, 0.4):
+        new, rep = onnx_alds.rewrite(model, keep_params=keep, calibration={"x": x}, validate=False,
+                                     compare=False, allow_slower=True)
+        assert rep.layers[0].status == "decomposed"
+        assert any(n.op_type == "Add" for n in new.graph.node)  # the correction is there
+        assert rep.params_after <= keep * rep.params_before
