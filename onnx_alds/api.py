@@ -185,7 +185,8 @@ def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency
     return sel.choices, plan_from_selection(sel, info, emodel.name), budget, baselines, method
 
 
-LATENCY_TOLERANCE = 0.05  # --keep-latency: a measured speed-up within 5 % of the target meets it
+LATENCY_TOLERANCE = 0.05  # --keep-latency: a measured speed-up at most 5 % short of the target meets it,
+LATENCY_OVERSHOOT = 0.15  # and one more than 15 % past it has compressed more than asked: solve again
 SEQUENTIAL_MACS = 5e11  # sequential calibration by default while its forward passes stay this cheap
 
 
@@ -308,6 +309,10 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                 raise
             log.info("a stricter selection cannot meet the budget; keeping the previous one")
             break
+        if plan is None and keep_latency is not None and lat_fraction != keep_latency:
+            # the user's budget stays what the report says; the loop's corrected one is recorded beside it
+            budget.update(solved_fraction=lat_fraction, fraction=keep_latency,
+                          target=keep_latency * budget["total_before"])
         seq = sequential if sequential is not None else _sequential_affordable(info, choices, cal_data, emodel)
         new, measured = _build(source, info, emodel, choices, used_plan, progress=progress, timings=timings,
                                sequential=(original, cal_all, provider) if seq else None)
@@ -319,18 +324,23 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                                      baselines, used_method, latency_table=latency_table, validate=validate,
                                      provider=provider, cal_data=cal_data, timings=timings)
         if budget.get("measured_speedup") is not None and plan is None:
-            # --keep-latency, measured: re-solve with the budget corrected by what the model really ran
+            # --keep-latency, measured: re-solve with the budget corrected by what the model really ran,
+            # both ways (short of the target: compress more; far past it: compress less)
             target = 1.0 / keep_latency
             got = budget["measured_speedup"]
             budget["rounds"] = rounds + 1
-            if result is None or abs(np.log(got / target)) < abs(np.log(result[1].budget["measured_speedup"]
-                                                                        / target)):
+
+            def rank(rep):  # meeting the target first, then the closest to it
+                g = rep.budget["measured_speedup"]
+                return (g < target * (1 - LATENCY_TOLERANCE), abs(np.log(g / target)))
+
+            if result is None or rank(report) < rank(result[1]):
                 result = (new, report)
-            if got >= target * (1 - LATENCY_TOLERANCE) or rounds + 1 >= max_latency_rounds or large:
+            on_target = target * (1 - LATENCY_TOLERANCE) <= got <= target * (1 + LATENCY_OVERSHOOT)
+            if on_target or rounds + 1 >= max_latency_rounds or large:
                 break
-            # the table's prediction is off by got/predicted; asking for the target corrected by it
-            next_fraction = lat_fraction * (got / target)
-            if next_fraction >= lat_fraction - 1e-3 or next_fraction <= 0.0:
+            next_fraction = min(1.0, lat_fraction * (got / target))
+            if abs(next_fraction - lat_fraction) < 1e-3:
                 break
             rounds += 1
             log.info("measured %.2fx for a target of %.2fx; solving again for keep-latency %.3f",
@@ -350,6 +360,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     new, report = result
     if guard is not None:
         report.budget["speed_guard_retries"] = attempt
+    if report.budget.get("measured_speedup") is not None:
+        report.budget["rounds_tried"] = rounds + 1  # `rounds`: the round whose model was kept
     if validate:
         from .validate import Validation, gate
 

@@ -25,7 +25,8 @@ def test_keep_latency_uses_only_table_entries(cache):
     with pytest.raises(InfeasibleBudget) as least:
         rewrite(model, keep_latency=1e-3, latency_table=table, validate=False, compare=False)
     frac = (1 + least.value.smallest_fraction) / 2
-    new, report = rewrite(model, keep_latency=frac, latency_table=table, validate=False, compare=False)
+    new, report = rewrite(model, keep_latency=frac, latency_table=table, validate=False, compare=False,
+                          max_latency_rounds=1)  # the table's own prediction, before the loop corrects it
     chosen = [l for l in report.layers if l.status == "decomposed"]
     assert chosen
     predicted = table.model_ms
@@ -58,3 +59,68 @@ def test_cache_hits_and_invalidation(cache):
     assert cache_key(layer, dims, "CUDAExecutionProvider", "1.0", 2, 17, True)[0] != base
     assert cache_key(layer, dims, "CPUExecutionProvider", "1.1", 2, 17, True)[0] != base
     assert cache_key(layer, [1, 3, 24, 24], "CPUExecutionProvider", "1.0", 2, 17, True)[0] != base
+
+
+def test_closed_loop_stays_within_its_bound_and_reports_both_speedups(cache):
+    model = cnn_model()
+    _, _, info = analyze(model)
+    table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=4)
+    from onnx_alds.errors import InfeasibleBudget
+
+    with pytest.raises(InfeasibleBudget) as least:
+        rewrite(model, keep_latency=1e-3, latency_table=table, validate=False, compare=False)
+    frac = (1 + least.value.smallest_fraction) / 2
+    for bound in (1, 2, 3):
+        _, report = rewrite(model, keep_latency=frac, latency_table=table, validate=False, compare=False,
+                            max_latency_rounds=bound)
+        b = report.budget
+        assert 1 <= b["rounds"] <= b["rounds_tried"] <= bound
+        assert b["predicted_speedup"] > 0 and b["measured_speedup"] > 0 and b["fraction"] == frac
+
+
+def test_whole_model_baseline_is_cached(cache):
+    model = cnn_model()
+    _, _, info = analyze(model)
+    first = LatencyTable.for_model(model, info, cache_dir=cache, k_max=2)
+    again = LatencyTable.for_model(model, info, cache_dir=cache, k_max=2)
+    assert again.measured == 0 and again.model_ms == first.model_ms  # the floor and target do not move
+    other = cnn_model(seed=1)  # other weights: another model, measured anew
+    _, _, info1 = analyze(other)
+    assert LatencyTable.for_model(other, info1, cache_dir=cache, k_max=2).measured >= 1
+
+
+def test_latency_budget_on_dynamic_sizes_is_one_sentence(tmp_path):
+    import onnx
+
+    from onnx_alds.errors import UsageError
+
+    model = cnn_model()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    onnx.checker.check_model(model)
+    with pytest.raises(UsageError, match="--input-shape") as e:
+        rewrite(model, keep_latency=0.8, validate=False, compare=False)
+    assert "\n" not in str(e.value)
+
+
+def test_speed_guard_choices_are_all_admissible_and_gate_refuses_slow(tmp_path):
+    import subprocess
+    import sys
+
+    import onnx
+
+    from onnx_alds.api import speed_guard
+
+    model = cnn_model()
+    guard = speed_guard("cpu")
+    _, report = rewrite(model, keep_params=0.9, validate=False, compare=False, provider="cpu")
+    _, _, info = analyze(model)
+    for l in report.layers:
+        if l.status == "decomposed":
+            assert guard.admissible(info.layer(l.name), l.k, l.scheme, [l.rank])[0]
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "o.onnx"
+    p = subprocess.run([sys.executable, "-m", "onnx_alds.cli", "rewrite", str(path), str(out), "--keep-params", "0.9",
+                        "--allow-slower", "--min-speedup", "1000", "--provider", "cpu"], capture_output=True, text=True)
+    assert p.returncode == 5 and "below --min-speedup 1000" in p.stderr and not out.exists()
