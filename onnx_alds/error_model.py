@@ -56,25 +56,28 @@ Curves = dict[str, dict[tuple[int, str], np.ndarray]]
 def _norm_curves(sv: dict, configs, kind: str) -> dict:
     out = {}
     for (k, s) in configs:
-        g = sv[(k, s)]  # (k, r) descending
+        top = float(sv[(1, s)][0, 0])
+        top = top if top > 0 else 1.0
+        g = sv[(k, s)] / top  # (k, r) descending; relative to σ₁ so that squares cannot overflow
         if kind == "paper":
-            num = np.append(g.max(axis=0), 0.0)
-            den = sv[(1, s)][0, 0]
+            out[(k, s)] = np.append(g.max(axis=0), 0.0)
         elif kind == "spectral":
-            num = np.append(np.sqrt((g ** 2).sum(axis=0)), 0.0)
-            den = sv[(1, s)][0, 0]
+            out[(k, s)] = np.append(np.sqrt((g ** 2).sum(axis=0)), 0.0)
         else:  # frobenius: tail energy of every group
             tail = np.cumsum((g ** 2)[:, ::-1], axis=1)[:, ::-1].sum(axis=0)  # Σ_{r≥j+1}, j = 0..r-1
-            num = np.sqrt(np.append(tail, 0.0))
-            den = np.sqrt((sv[(1, s)] ** 2).sum())
-        out[(k, s)] = num / (den if den > 0 else 1.0)
+            den = np.sqrt(((sv[(1, s)] / top) ** 2).sum())
+            out[(k, s)] = np.sqrt(np.append(tail, 0.0)) / (den if den > 0 else 1.0)
     return out
 
 
 def _op_norm(m: np.ndarray) -> float:
     """‖m‖₂ from the largest eigenvalue of the smaller Gram matrix (much cheaper than an SVD)."""
+    scale = float(np.abs(m).max()) if m.size else 0.0
+    if not scale > 0 or not np.isfinite(scale):
+        return 0.0 if scale == 0 else float("inf")
+    m = m / scale
     g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    return float(np.sqrt(max(np.linalg.eigvalsh(g)[-1], 0.0)))
+    return float(np.sqrt(max(np.linalg.eigvalsh(g)[-1], 0.0))) * scale
 
 
 @dataclass
@@ -108,8 +111,9 @@ class WeightError:
         w = np.asarray(source.weight4(layer), np.float64)
         e = w - reconstruct(factors, w.shape)
         if self.name == "frobenius":
-            den = np.linalg.norm(w)
-            return float(np.linalg.norm(e) / den) if den > 0 else 0.0
+            sc = float(np.abs(w).max()) or 1.0
+            den = np.linalg.norm(w / sc)
+            return float(np.linalg.norm(e / sc) / den) if den > 0 else 0.0
         fw, fe = fold(w, cfg.scheme, 1)[0], fold(e, cfg.scheme, 1)[0]
         den = _op_norm(fw)
         return float(_op_norm(fe) / den) if den > 0 else 0.0

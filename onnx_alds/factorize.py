@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .folding import as_4d, fold, to_conv_weights
+from .folding import far_from_one, as_4d, fold, to_conv_weights
 from .ops.base import Factors
 
 
@@ -28,8 +28,10 @@ def truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> tuple[n
     full = min(m.shape[1], m.shape[2])
     if not 1 <= rank <= full:
         raise ValueError(f"rank {rank} is outside 1..{full} for k={k}, scheme {scheme}")
-    u, s, vt = np.linalg.svd(m, full_matrices=False)
-    root = np.sqrt(s[:, :rank])
+    scale = float(np.abs(m).max()) if m.size else 0.0  # work near 1: weights near 1e200 do not overflow
+    scale = scale if far_from_one(scale) else 1.0
+    u, s, vt = np.linalg.svd(m / scale if scale != 1.0 else m, full_matrices=False)
+    root = np.sqrt(s[:, :rank] * scale)
     a = u[:, :, :rank] * root[:, None, :]
     b = root[:, :, None] * vt[:, :rank, :]
     return a, b

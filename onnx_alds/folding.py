@@ -58,6 +58,12 @@ def canonical_scheme(scheme: str, kernel: tuple[int, ...]) -> str:
     return scheme
 
 
+def far_from_one(scale: float) -> bool:
+    """Whether values of this magnitude risk overflow or underflow in squares:
+    then the numerical core rescales them (ordinary weights stay bit for bit)."""
+    return bool(np.isfinite(scale) and scale > 0 and not (1e-100 < scale < 1e100))
+
+
 def divisors(n: int) -> list[int]:
     small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))

@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from .cache import load_spectra, save_spectra, spectra_key
-from .folding import divisors, fold
+from .folding import far_from_one, divisors, fold
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,12 @@ def group_singular_values(w4: np.ndarray, scheme: str, k: int) -> np.ndarray:
     m = fold(np.asarray(w4, dtype=np.float64), scheme, k)
     if m.shape[-2] > m.shape[-1]:
         m = np.swapaxes(m, -1, -2)
+    scale = float(np.abs(m).max()) if m.size else 0.0  # singular values scale linearly: work near 1, so
+    scale = scale if far_from_one(scale) else 1.0  # that weights near 1e200 do not overflow
+    m = m / scale if scale != 1.0 else m
     gram = m @ np.swapaxes(m, -1, -2)
     ev = np.linalg.eigvalsh(gram)[..., ::-1]
-    return np.sqrt(np.clip(ev, 0.0, None))
+    return np.sqrt(np.clip(ev, 0.0, None)) * scale
 
 
 def candidate_ks(c: int, k_max: int | None = None, allow_groups: bool = True) -> list[int]:

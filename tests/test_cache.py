@@ -284,6 +284,7 @@ def test_corrupt_latency_cache_through_the_cli(tmp_path):
     before = snapshot(tmp_path / "c")
     rc2, _, err = cli("rewrite", src, tmp_path / "b.onnx", "--keep-latency", "0.9", "--no-validate", "--no-compare",
                       "-q", env=env)
-    assert rc2 == rc and "Traceback" not in err and "ignored" in err
+    # feasibility of 0.9 depends on the timings, which were measured anew: 0 or 4, never a crash
+    assert rc2 in (0, 4) and "Traceback" not in err and "ignored" in err
     assert snapshot(tmp_path / "c") != before  # re-measured and rewritten
     assert all(json.loads(p.read_text())["ms"] for p in entries)
