@@ -102,9 +102,7 @@ class ParamsCost(CostModel):
         return float(layer.geometry.params)
 
     def configs(self, layer, k, scheme, ranks):
-        g = layer.geometry
-        return np.asarray(ranks) * float(g.c * prod(encoder_kernel(scheme, g.kernel))
-                                         + g.f * k * prod(decoder_kernel(scheme, g.kernel)))
+        return np.asarray(ranks) * float(factorized_params(layer.geometry, k, scheme, 1))
 
     def total(self, info):
         return float(info.params_total)
@@ -119,10 +117,7 @@ class FlopsCost(CostModel):
         return float(layer.geometry.flops)
 
     def configs(self, layer, k, scheme, ranks):
-        g = layer.geometry
-        per = g.c * prod(encoder_kernel(scheme, g.kernel)) * prod(encoder_spatial(g, scheme)) \
-            + g.f * k * prod(decoder_kernel(scheme, g.kernel)) * prod(g.out_spatial)
-        return np.asarray(ranks) * float(per)
+        return np.asarray(ranks) * float(factorized_flops(layer.geometry, k, scheme, 1))
 
     def total(self, info):
         return float(info.flops_total)

@@ -115,21 +115,9 @@ class ConvSpec(OpSpec):
         owner = AXIS_OWNER[cfg.scheme]
         if layer.attrs.spatial_rank == 1:
             enc_w, dec_w, owner = enc_w[..., 0], dec_w[..., 0], owner[:1]
-        p = layer.name
-        k = cfg.k
-        z = gs.Variable(names.fresh(f"{p}/alds_encoder_output"), dtype=node.outputs[0].dtype)
-        enc = gs.Node("Conv", name=names.node(f"{p}/alds_encoder"),
-                      attrs=conv_attrs(layer.attrs, enc_w.shape[2:], owner, "enc", k),
-                      inputs=[node.inputs[0], gs.Constant(names.fresh(f"{p}/alds_encoder.weight"), enc_w)],
-                      outputs=[z])
-        dec_inputs = [z, gs.Constant(names.fresh(f"{p}/alds_decoder.weight"), dec_w)]
-        bias = corrected_bias(layer, node, factors, names)
-        if bias is not None:
-            dec_inputs.append(bias)
-        dec = gs.Node("Conv", name=names.node(f"{p}/alds_decoder"),
-                      attrs=conv_attrs(layer.attrs, dec_w.shape[2:], owner, "dec", 1),
-                      inputs=dec_inputs, outputs=list(node.outputs))
-        return [enc, dec]
+        return encoder_decoder(layer, node, factors, names, enc_w, conv_attrs(layer.attrs, enc_w.shape[2:], owner,
+                                                                              "enc", cfg.k),
+                               "Conv", dec_w, conv_attrs(layer.attrs, dec_w.shape[2:], owner, "dec", 1))
 
     def standalone(self, layer, in_dims, opset):
         a = layer.attrs
@@ -198,6 +186,22 @@ def torch_class():
             return self.decoder(self.encoder(x))
 
     return FactorizedConv
+
+
+def encoder_decoder(layer, node, factors: Factors, names, enc_w, enc_attrs: dict, dec_op: str, dec_w,
+                    dec_attrs: dict) -> list[gs.Node]:
+    """``x ─ Conv(encoder) ─ dec_op(decoder, + bias) ─ y`` in place of ``node``."""
+    p = layer.name
+    z = gs.Variable(names.fresh(f"{p}/alds_encoder_output"), dtype=node.outputs[0].dtype)
+    enc = gs.Node("Conv", name=names.node(f"{p}/alds_encoder"), attrs=enc_attrs, outputs=[z],
+                  inputs=[node.inputs[0], gs.Constant(names.fresh(f"{p}/alds_encoder.weight"), enc_w)])
+    inputs = [z, gs.Constant(names.fresh(f"{p}/alds_decoder.weight"), dec_w)]
+    bias = corrected_bias(layer, node, factors, names)
+    if bias is not None:
+        inputs.append(bias)
+    dec = gs.Node(dec_op, name=names.node(f"{p}/alds_decoder"), attrs=dec_attrs, inputs=inputs,
+                  outputs=list(node.outputs))
+    return [enc, dec]
 
 
 def corrected_bias(layer, node, factors: Factors, names):

@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 
 from ..cost import Geometry
 from .base import Classified, Factors, LayerAttrs, OpSpec, known
-from .conv import corrected_bias, standalone_model
+from .conv import encoder_decoder, standalone_model
 
 _KEEP = ("strides", "pads", "dilations", "output_padding", "output_shape", "auto_pad", "kernel_shape")
 
@@ -71,23 +71,11 @@ class ConvTransposeSpec(OpSpec):
         return np.ascontiguousarray(w.transpose(1, 0, 2, 3))  # f × c × κ1 × κ2
 
     def emit(self, layer, node, cfg, factors: Factors, names) -> list[gs.Node]:
-        p = layer.name
-        enc_w = factors.encoder  # (k·j, c/k, 1, 1)
         dec_w = np.ascontiguousarray(factors.decoder.transpose(1, 0, 2, 3))  # (k·j, f, κ1, κ2): inputs first
-        z = gs.Variable(names.fresh(f"{p}/alds_encoder_output"), dtype=node.outputs[0].dtype)
-        enc = gs.Node("Conv", name=names.node(f"{p}/alds_encoder"),
-                      attrs={"kernel_shape": [1, 1], "group": cfg.k},
-                      inputs=[node.inputs[0], gs.Constant(names.fresh(f"{p}/alds_encoder.weight"), enc_w)],
-                      outputs=[z])
-        inputs = [z, gs.Constant(names.fresh(f"{p}/alds_decoder.weight"), dec_w)]
-        bias = corrected_bias(layer, node, factors, names)
-        if bias is not None:
-            inputs.append(bias)
         attrs = {k: v for k, v in node.attrs.items() if k in _KEEP}
         attrs["kernel_shape"] = list(dec_w.shape[2:])
-        dec = gs.Node("ConvTranspose", name=names.node(f"{p}/alds_decoder"), attrs=attrs, inputs=inputs,
-                      outputs=list(node.outputs))
-        return [enc, dec]
+        return encoder_decoder(layer, node, factors, names, factors.encoder, {"kernel_shape": [1, 1], "group": cfg.k},
+                               "ConvTranspose", dec_w, attrs)
 
     def standalone(self, layer, in_dims, opset):
         a = layer.attrs  # the stored weight shape (c, f, κ1, κ2) is what ConvTranspose takes
