@@ -314,6 +314,9 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             budget.update(solved_fraction=lat_fraction, fraction=keep_latency,
                           target=keep_latency * budget["total_before"])
         seq = sequential if sequential is not None else _sequential_affordable(info, choices, cal_data, emodel)
+        if seq and large:  # it re-emits the model once per layer: not with weights detached from a >2 GB file
+            log.warning("sequential calibration is skipped for a model over 2 GB")
+            seq = False
         new, measured = _build(source, info, emodel, choices, used_plan, progress=progress, timings=timings,
                                sequential=(original, cal_all, provider) if seq else None)
         budget["sequential"] = bool(seq and emodel.name == "data")
