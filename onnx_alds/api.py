@@ -66,19 +66,10 @@ def calibrate(source: Source, info: ModelInfo, calibration, *, provider: str = "
     """Load and check the calibration data; returns the validation feeds (at
     most ``max_validation_samples``, name → array) and, with ``moments``, the
     second moments of every candidate layer's input patches."""
-    from .calibration import collect_moments, iter_batches, load_calibration, model_inputs, taps_for
+    from .calibration import collect_moments, first_samples, load_calibration, model_inputs, taps_for
 
     data = load_calibration(calibration, model_inputs(source.model))
-    if isinstance(data, dict):
-        feeds = {k: v[:max_validation_samples] for k, v in data.items()}
-    else:  # a stream: its first samples validate
-        parts, n = [], 0
-        for b in iter_batches(data, 64):
-            parts.append(b)
-            n += len(next(iter(b.values())))
-            if n >= max_validation_samples:
-                break
-        feeds = {k: np.concatenate([p[k] for p in parts])[:max_validation_samples] for k in parts[0]}
+    feeds = first_samples(data, max_validation_samples)
     if not moments:
         return feeds, None, data
     model = source.path if source.large and source.path is not None else source.model

@@ -35,6 +35,24 @@ log = logging.getLogger(__name__)
 MAX_ENTRY_BYTES = 256 << 20  # a spectra entry of a 16k × 16k layer at k = 1 is 128 KiB
 
 
+def cache_root() -> Path:
+    """``$ONNX_ALDS_CACHE``, else ``~/.cache/onnx-alds``: the default home of every measured cache."""
+    return Path(os.environ.get("ONNX_ALDS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "onnx-alds"))
+
+
+def default_dir(name: str, given=None, what: str = "the cache directory") -> Path | None:
+    """A cache directory: one given explicitly must be usable (a UsageError
+    otherwise); the default one (``cache_root() / name``), when it cannot be
+    used, is skipped with a warning and the work runs without a cache."""
+    if given is not None:
+        return usable_dir(given, what)
+    try:
+        return usable_dir(cache_root() / name, what)
+    except UsageError as e:
+        log.warning("%s; running without a cache", e)
+        return None
+
+
 def usable_dir(path, what: str = "--cache-dir") -> Path:
     """``path`` as a directory the caches can write to, created if missing;
     a UsageError (one sentence) when it is a file or cannot be written."""

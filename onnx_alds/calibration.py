@@ -298,6 +298,20 @@ def _samples(feed: Mapping[str, np.ndarray]) -> int:
     return len(next(iter(feed.values()))) if feed else 0
 
 
+def first_samples(calibration, n: int | None = None) -> dict[str, np.ndarray]:
+    """The first ``n`` samples (all with None) of checked calibration data as
+    one dict of arrays; a stream is read only as far as needed."""
+    if isinstance(calibration, dict):
+        return {k: v[:n] for k, v in calibration.items()}
+    parts, got = [], 0
+    for b in iter_batches(calibration, 64):
+        parts.append(b)
+        got += _samples(b)
+        if n is not None and got >= n:
+            break
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]} if parts else {}
+
+
 def iter_batches(calibration, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Feeds of ``batch_size`` samples (the last one may be smaller), from a
     dict of arrays (slices, no copies) or a stream (re-batched, holding at

@@ -87,6 +87,7 @@ class WeightError:
     name: str
     cache_dir: str | None = None
     bound: str = field(init=False)
+    _norms: dict = field(default_factory=dict, repr=False)  # (layer, scheme) → ‖fold W‖, from the spectra
 
     def __post_init__(self):
         self.bound = {"paper": "lower", "spectral": "upper", "frobenius": "exact"}[self.name]
@@ -100,6 +101,12 @@ class WeightError:
     def curves(self, source, layers, configs, *, progress: bool = False) -> Curves:
         weights = {l.name: source.weight4(l) for l in layers}
         spectra = compute_spectra(weights, configs, progress=progress, cache_dir=self.cache_dir)
+        for l in layers:  # the normalisers of measure(), which the spectra already hold
+            for s in {s for _, s in configs[l.name]}:
+                sv1 = spectra[l.name].sv[(1, s)]
+                top = float(sv1[0, 0])  # squares relative to σ₁: no overflow near 1e200
+                self._norms[(l.name, s)] = top * float(np.sqrt(((sv1 / top) ** 2).sum())) \
+                    if self.name == "frobenius" and top > 0 else top
         return {l.name: _norm_curves(spectra[l.name].sv, configs[l.name], self.name) for l in layers}
 
     def factors(self, source, layer, cfg) -> Factors:
@@ -110,13 +117,15 @@ class WeightError:
         (``‖E‖_F/‖W‖_F`` for frobenius)."""
         w = np.asarray(source.weight4(layer), np.float64)
         e = w - reconstruct(factors, w.shape)
+        den = self._norms.get((layer.name, cfg.scheme))
         if self.name == "frobenius":
             sc = float(np.abs(w).max()) or 1.0
-            den = np.linalg.norm(w / sc)
-            return float(np.linalg.norm(e / sc) / den) if den > 0 else 0.0
-        fw, fe = fold(w, cfg.scheme, 1)[0], fold(e, cfg.scheme, 1)[0]
-        den = _op_norm(fw)
-        return float(_op_norm(fe) / den) if den > 0 else 0.0
+            num = float(np.linalg.norm(e / sc)) * sc
+            den = den if den is not None else float(np.linalg.norm(w / sc)) * sc
+        else:
+            num = _op_norm(fold(e, cfg.scheme, 1)[0])
+            den = den if den is not None else _op_norm(fold(w, cfg.scheme, 1)[0])
+        return num / den if den > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------- data-aware

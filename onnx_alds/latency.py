@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 from tqdm.auto import tqdm
 
-from .cache import load_json_entry, save_json_entry, usable_dir
+from .cache import cache_root, default_dir, load_json_entry, save_json_entry
 from .cost import factorized_params, full_rank
 from .errors import UsageError
 from .extract import Layer, ModelInfo, extract
@@ -48,21 +47,12 @@ CACHE_VERSION = 3  # bump when what a measurement means changes
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("ONNX_ALDS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "onnx-alds")
-    return Path(base) / "latency"
+    return cache_root() / "latency"
 
 
 def _cache_dir(cache_dir) -> Path | None:
-    """The table's cache directory: one given explicitly must be usable (a
-    UsageError otherwise); the default one, when it cannot be used, is skipped
-    with a warning and the latencies are measured without a cache."""
-    if cache_dir is not None:
-        return usable_dir(cache_dir, "the latency cache directory")
-    try:
-        return usable_dir(default_cache_dir(), "the latency cache directory")
-    except UsageError as e:
-        log.warning("%s; measuring without a cache", e)
-        return None
+    """The table's cache directory (see :func:`onnx_alds.cache.default_dir`)."""
+    return default_dir("latency", cache_dir, "the latency cache directory")
 
 
 def time_session(sess, feeds, *, warmup: int = 3, repeats: int = 15) -> float:

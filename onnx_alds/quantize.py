@@ -31,7 +31,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from .errors import ModelError, UsageError
@@ -117,14 +116,10 @@ def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, sam
         n = max(1, -(-samples // bs))
         feeds = [random_inputs(sess, input_shapes, batch=bs, seed=seed + i) for i in range(n)]
         return feeds, n * bs, bs
-    from .calibration import iter_batches, load_calibration, model_inputs  # the one calibration loader
+    from .calibration import first_samples, load_calibration, model_inputs  # the one calibration loader
 
-    data = load_calibration(calibration, model_inputs(model))
-    if isinstance(data, dict):
-        arrays = data
-    else:  # a stream of feeds: int8 calibration holds them (it takes a few hundred samples)
-        parts = list(iter_batches(data, 64))
-        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    # a stream of feeds is held whole: int8 calibration takes a few hundred samples
+    arrays = first_samples(load_calibration(calibration, model_inputs(model)))
     counts = {len(a) for a in arrays.values()}
     if len(counts) > 1:
         raise UsageError(f"the calibration arrays hold different numbers of samples ({sorted(counts)}); "

@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 
 def _session(model, name, providers, threads):
     from .runtime import session
-    from .shapes import _serialized_with_outputs
+    from .shapes import serialized_with_outputs
 
-    return session(_serialized_with_outputs(model, [name]), providers, threads)
+    return session(serialized_with_outputs(model, [name]), providers, threads)
 
 
 def _moments(s_orig, s_comp, name, tap, data, batch_size):

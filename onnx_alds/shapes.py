@@ -39,7 +39,7 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
-def _serialized_with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+def serialized_with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
     """The model's bytes with ``names`` added as untyped graph outputs
     (onnxruntime infers their types).  The outputs are added to ``model``
     for the serialization only and removed again, so no second copy of the
@@ -106,10 +106,10 @@ def runtime_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: 
             path = Path(tmp) / "model.onnx"
             save_model(model, path, external_data=True)  # weights to model.onnx.data, model left as it was
             shell = onnx.load(str(path), load_external_data=False)
-            path.write_bytes(_serialized_with_outputs(shell, wanted))
+            path.write_bytes(serialized_with_outputs(shell, wanted))
             source = str(path)
         else:
-            source = _serialized_with_outputs(model, wanted)
+            source = serialized_with_outputs(model, wanted)
         try:
             sess = rt.InferenceSession(source, sess_options=so, providers=providers)
         except Exception as e:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -39,8 +38,9 @@ KS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("ONNX_ALDS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "onnx-alds")
-    return Path(base) / "speed"
+    from .cache import cache_root
+
+    return cache_root() / "speed"
 
 
 def _model(nodes, x_shape, inits, opset=17):
@@ -84,9 +84,8 @@ class SpeedModel:
     node_overhead: float = 0.0  # one more node, in dense MACs
 
     def _p(self, table: dict, k: int) -> float:
-        ks = np.array(sorted(int(x) for x in table))
-        ps = np.array([table[str(x)] if str(x) in table else table[x] for x in ks], float)
-        return float(np.interp(np.log2(k), np.log2(ks), ps))
+        ks = sorted(int(x) for x in table)
+        return float(np.interp(np.log2(k), np.log2(ks), [table[str(x)] for x in ks]))
 
     def dense(self, layer) -> float:
         g = layer.geometry
@@ -183,19 +182,18 @@ class SpeedModel:
         """Measured once and cached (keyed by provider, onnxruntime version and threads)."""
         from .runtime import ort, providers_for
 
-        prov = providers_for(provider)[0]
-        path = Path(cache_dir or default_cache_dir()) / f"{prov}-ort{ort().__version__}-t{threads}.json"
-        try:
-            if path.is_file():
-                return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:  # a corrupt entry is a miss
-            log.warning("ignoring the speed-model cache entry %s (%s)", path, e)
-        model = cls.measure(provider, threads)
-        try:
-            from .io import atomic_write_bytes
+        from .cache import default_dir, read_entry, write_entry
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, json.dumps(model.to_dict(), indent=1).encode())
-        except OSError as e:
-            log.warning("cannot cache the speed model in %s (%s)", path.parent, e)
+        prov = providers_for(provider)[0]
+        folder = default_dir("speed", cache_dir, "the speed-model cache directory")
+        path = folder / f"{prov}-ort{ort().__version__}-t{threads}.json" if folder is not None else None
+        data = read_entry(path) if path is not None else None  # untrusted: regular files only, bounded
+        if data is not None:
+            try:
+                return cls.from_dict(json.loads(data.decode("utf-8")))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # a corrupt entry is a miss
+                log.warning("cache entry %s ignored: %s", path, e)
+        model = cls.measure(provider, threads)
+        if path is not None:
+            write_entry(path, json.dumps(model.to_dict(), indent=1).encode())
         return model

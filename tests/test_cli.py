@@ -193,7 +193,8 @@ def test_shipped_model_end_to_end(tmp_path):
     src = Path(__file__).resolve().parents[1] / "models" / "resnet20_digits.onnx"
     before = digest(src)
     out, rep = tmp_path / "r20.onnx", tmp_path / "r20.json"
-    rc, so, se = cli("rewrite", src, out, "--keep-params", "0.5", "--report", rep)
+    # --allow-slower: which layers the speed guard admits depends on this machine's timings
+    rc, so, se = cli("rewrite", src, out, "--keep-params", "0.5", "--report", rep, "--allow-slower")
     assert rc == 0, se
     assert digest(src) == before
     r = json.loads(rep.read_text())
