@@ -108,9 +108,11 @@ def speed_guard(provider: str = "auto", threads: int = 2):
 
 def select(info: ModelInfo, source: Source, emodel, *, metric: str, fraction: float, method: str = "alds",
            schemes=None, k_max=None, latency_table=None, compare: bool = True, progress: bool = False,
-           timings: dict | None = None, admissible=None, fill: bool = True) -> tuple[Selection, dict]:
-    """Run the selector; returns the selection and the max error the other
-    methods reach at the same budget with the same error model."""
+           timings: dict | None = None, admissible=None, fill: bool = True,
+           objective: str = "max") -> tuple[Selection, dict]:
+    """Run the selector; returns the selection and the objective value (max
+    error, or root-sum-square error for ``objective="sum"``) the other methods
+    reach at the same budget with the same error model."""
     timings = {} if timings is None else timings
     cands = info.candidates
     if metric == "flops" and (any(l.geometry.flops is None for l in cands) or info.flops_total is None):
@@ -127,7 +129,7 @@ def select(info: ModelInfo, source: Source, emodel, *, metric: str, fraction: fl
         options = options_for(info, source, emodel, cmodel, configs, progress=progress, admissible=admissible)
     with _timed(timings, "select"):
         sel, baselines = solve(options, method=method, fraction=fraction, total=cmodel.total(info),
-                               compare=compare, fill=fill)
+                               compare=compare, fill=fill, objective=objective)
     sel.details["metric"] = metric
     if metric == "latency":
         sel.details["predicted_ms"] = latency_table.predicted_ms(sel.choices)
@@ -139,6 +141,8 @@ def plan_from_selection(sel: Selection, info: ModelInfo, error: str) -> Plan:
               for l in info.candidates if (c := sel.choices.get(l.name)) is not None]
     budget = {k: sel.details[k] for k in ("metric", "fraction") if k in sel.details}
     budget.update(method=sel.method, error_model=error, max_rel_error=sel.max_rel_error)
+    if sel.details.get("objective"):
+        budget.update(objective=sel.details["objective"], rss_error=sel.rss_error)
     return Plan(layers=layers, budget=budget)
 
 
@@ -151,7 +155,7 @@ def choices_from_plan(plan: Plan, info: ModelInfo, source: Source, emodel) -> di
 
 
 def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency, method, schemes, k_max,
-            provider, compare, latency_table, progress, timings, guard, fill=True):
+            provider, compare, latency_table, progress, timings, guard, fill=True, objective="max"):
     """Selection (or a given plan) → choices, plan, budget section, baselines."""
     if plan is not None:
         with _timed(timings, "errors"):
@@ -161,7 +165,7 @@ def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency
     try:
         sel, baselines = select(info, source, emodel, metric=metric, fraction=fraction, method=method,
                                 schemes=schemes, k_max=k_max, latency_table=latency_table, compare=compare,
-                                progress=progress, timings=timings, fill=fill,
+                                progress=progress, timings=timings, fill=fill, objective=objective,
                                 admissible=guard.admissible if guard is not None else None)
     except InfeasibleBudget as e:
         if guard is None:
@@ -170,7 +174,8 @@ def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency
                                f"{guard.provider} (--allow-slower lifts this)", e.smallest_fraction) from None
     budget = {"metric": metric, "fraction": fraction, "target": sel.details["target"],
               "predicted": sel.details["predicted"], "total_before": sel.details["total"],
-              "speed_guard": guard.summary() if guard is not None else None}
+              "speed_guard": guard.summary() if guard is not None else None,
+              "objective": objective, "rss_error": sel.rss_error}
     if metric == "latency":
         budget.update(latency_table.summary(sel.details["predicted_ms"]))
     return sel.choices, plan_from_selection(sel, info, emodel.name), budget, baselines, method
@@ -222,7 +227,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             error: str | None = None, calibration=None, bias_correction: bool = True,
             max_output_error: float | None = None, min_speedup: float | None = None,
             allow_slower: bool = False, max_speed_retries: int = 2, sequential: bool | None = None,
-            max_latency_rounds: int = 3, fill_budget: bool = True,
+            max_latency_rounds: int = 3, fill_budget: bool = True, objective: str | None = None,
             ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
@@ -235,6 +240,12 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     With data-aware errors, ``sequential`` refits each layer's factors on the
     inputs of the already-compressed prefix (:mod:`onnx_alds.sequential`);
     ``None`` turns it on while it is cheap (see :func:`_sequential_affordable`).
+
+    ``objective`` is what ``alds`` minimises: ``"max"``, the largest layer
+    error (the paper's), or ``"sum"``, the sum of squared layer errors
+    (:mod:`onnx_alds.select`); default ``"max"``: with data-aware errors
+    ``"sum"`` measures more accurate at mild budgets and less at the tightest
+    (README, Results).
 
     ``fill_budget`` spends what the min-max optimum leaves of the budget on the
     other layers (a lexicographic min-max; the max error is the same).
@@ -254,7 +265,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             method=method, schemes=schemes, k_max=k_max, input_shapes=input_shapes, provider=provider,
             compare=compare, latency_table=latency_table, progress=progress, cache_dir=cache_dir, error=error,
             calibration=calibration, bias_correction=bias_correction, min_speedup=min_speedup,
-            sequential=sequential, max_latency_rounds=max_latency_rounds, fill_budget=fill_budget))
+            sequential=sequential, max_latency_rounds=max_latency_rounds, fill_budget=fill_budget,
+            objective=objective))
     with _timed(timings, "load"):
         source = Source.load(model_or_path)
     original = source.model
@@ -271,6 +283,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     if large and source.path is not None:
         source.detach()
     emodel = error_model(error, moments=moments, cache_dir=cache_dir, bias_correction=bias_correction)
+    if objective is None:
+        objective = "max"
     guard = None
     if plan is None:
         metric, fraction = budget_of(keep_params, keep_flops, keep_latency)
@@ -294,7 +308,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                 info, source, emodel, plan, keep_params=keep_params, keep_flops=keep_flops,
                 keep_latency=lat_fraction, method=method, schemes=schemes, k_max=k_max, provider=provider,
                 compare=compare, latency_table=latency_table, progress=progress, timings=timings, guard=guard,
-                fill=fill_budget)
+                fill=fill_budget, objective=objective)
         except InfeasibleBudget:
             if result is None:
                 raise

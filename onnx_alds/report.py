@@ -97,8 +97,13 @@ class Report:
         if self.budget.get("sequential"):
             line += " after sequential calibration"
         lines.append(line)
+        measure = "max error"
+        if self.budget.get("objective") == "sum" and self.budget.get("rss_error") is not None:
+            measure = "root-sum-square error"
+            lines.append(f"objective: least sum of squared layer errors; root-sum-square "
+                         f"{self.budget['rss_error']:.4f}")
         for name, err in self.baselines.items():
-            what = f"max error {err:.4f}" if err is not None else "cannot meet the budget"
+            what = f"{measure} {err:.4f}" if err is not None else "cannot meet the budget"
             lines.append(f"  {name:<10} at the same budget: {what}")
         b = self.budget
         if b.get("metric") == "latency" and b.get("measured_ms") is not None:
@@ -128,8 +133,12 @@ def plot_notes(report: Report) -> list[str]:
     if report.flops_fraction is not None:
         lines.append(f"FLOPs {report.flops_fraction:.3f} of original")
     lines.append(f"max ε ({report.method}) {report.max_rel_error:.3f}")
+    rss = report.budget.get("objective") == "sum" and report.budget.get("rss_error") is not None
+    if rss:
+        lines.append(f"rss ε ({report.method}) {report.budget['rss_error']:.3f}")
     for name, err in report.baselines.items():
-        lines.append(f"max ε ({name}) " + (f"{err:.3f}" if err is not None else "cannot meet the budget"))
+        lines.append(f"{'rss' if rss else 'max'} ε ({name}) "
+                     + (f"{err:.3f}" if err is not None else "cannot meet the budget"))
     v = report.validation
     if v:
         lines.append(f"validation rel L2 {v['rel_l2']:.3g} on {str(v.get('provider', '?')).replace('ExecutionProvider', '')}")

@@ -151,3 +151,60 @@ def test_filling_the_budget_keeps_the_optimum_and_uses_what_is_left(seed):
         errs = lambda s: sorted((c.rel_error if c else 0.0) for c in s.choices.values())  # noqa: E731
         # lexicographically no worse: the sorted errors, largest first, never rise
         assert errs(filled)[::-1] <= errs(plain)[::-1] or errs(filled) == errs(plain)
+
+
+def brute_force_sum(options, budget):
+    best = np.inf
+    for combo in itertools.product(*[range(len(o.eps)) for o in options]):
+        cost = sum(o.cost[i] for o, i in zip(options, combo))
+        if cost <= budget + 1e-9:
+            best = min(best, sum(o.eps[i] ** 2 for o, i in zip(options, combo)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sum_objective_is_optimal_where_the_relaxation_reaches_and_never_worse_than_min_max(seed):
+    geos, spectra = random_layers(seed, n=4)
+    options = [options_of(n, geos[n], spectra[n], "params") for n in geos]
+    total = sum(o.orig_cost for o in options)
+    fronts = [o.front() for o in options]
+    rng = np.random.default_rng(seed)
+    # budgets the Lagrangian relaxation reaches exactly: the cost of each layer's argmin of ε² + λ·cost
+    budgets = []
+    for lam in 10.0 ** rng.uniform(-6, 0, 4):
+        budgets.append(float(sum(f[1][np.argmin(f[0] ** 2 + lam * f[1])] for f in fronts)))
+    for budget in budgets + [0.4 * total, 0.7 * total]:
+        try:
+            sel = select_alds(options, budget, total=total, objective="sum")
+        except InfeasibleBudget:
+            assert brute_force_sum(options, budget) == np.inf
+            continue
+        assert sel.cost <= budget + 1e-9
+        best = brute_force_sum(options, budget)
+        assert sel.rss_error ** 2 >= best - 1e-12
+        if budget in budgets:
+            assert sel.rss_error ** 2 == pytest.approx(best, abs=1e-12)
+        minmax = select_alds(options, budget, total=total)
+        assert sel.rss_error <= minmax.rss_error + 1e-12
+        assert sel.details["objective"] == "sum"
+
+
+def test_sum_objective_is_reported_on_its_own_terms(tmp_path):
+    from onnx_alds.errors import UsageError
+
+    model = cnn_model()
+    cal = {"x": np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)}
+    _, rep = rewrite(model, keep_params=0.5, calibration=cal, validate=False, allow_slower=True, objective="sum")
+    assert rep.budget["objective"] == "sum"
+    errs = [l.rel_error for l in rep.layers if l.status == "decomposed"]
+    assert rep.budget["rss_error"] == pytest.approx(float(np.sqrt(np.sum(np.square(errs)))))
+    assert "root-sum-square" in rep.summary()
+    # the baselines are on the same objective: alds-paper and uniform cannot have a smaller sum here
+    for name, value in rep.baselines.items():
+        if value is not None and name == "uniform":
+            assert value >= rep.budget["rss_error"] - 1e-12
+    _, rep_max = rewrite(model, keep_params=0.5, calibration=cal, validate=False, allow_slower=True)
+    assert rep_max.budget["objective"] == "max"  # the default: the paper's
+    assert rep_max.max_rel_error <= rep.max_rel_error + 1e-12  # min-max is optimal on its own objective
+    with pytest.raises(UsageError):
+        rewrite(model, keep_params=0.5, validate=False, objective="mean")

@@ -8,7 +8,9 @@ calibration data (data-aware error; never test images), then measure through
 onnxruntime the top-1 test accuracy and the output relative L2 on the
 held-out test images.  Prints a table, writes CSV and a plot (accuracy
 against kept parameters, one line per error model × method) to
-artifacts/oneshot/.
+artifacts/oneshot/.  For every budget it also compares alds with uniform on
+the same test images (paired): the images each gets right that the other
+gets wrong, and the exact McNemar p-value of the difference (pairs.csv).
 
     python tools/oneshot_accuracy.py [--models resnet20 vgg_small ...] [--allow-slower]
 """
@@ -50,6 +52,30 @@ def evaluate(model, x, y, ref=None):
     return acc, rel, out
 
 
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs."""
+    import math
+
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired(preds: dict, y) -> list[dict]:
+    """alds against uniform on the same images, per model, error model and budget."""
+    rows = []
+    for (name, err, method, keep), p in sorted(preds.items()):
+        other = preds.get((name, err, "uniform", keep))
+        if method != "alds" or other is None:
+            continue
+        a_right, u_right = p == y[name], other == y[name]
+        b, c = int((a_right & ~u_right).sum()), int((~a_right & u_right).sum())
+        rows.append(dict(model=name, error=err, keep=keep, alds_minus_uniform=round(100 * (b - c) / len(p), 2),
+                         only_alds_right=b, only_uniform_right=c, mcnemar_p=round(mcnemar_p(b, c), 4)))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "vgg_small", "mobilenet_small",
@@ -63,7 +89,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, preds, labels = [], {}, {}
     for name in a.models:
         path = model_path(name)
         if not path.exists():
@@ -75,6 +101,7 @@ def main(argv=None) -> int:
         x_te, y_te = x_te.numpy(), y_te.numpy()
         cal = {onnx_alds.io.load_model(path).graph.input[0].name: x_tr.numpy()[: a.calibration]}
         acc0, _, ref = evaluate(path, x_te, y_te)
+        labels[name] = y_te
         print(f"{name}: original test accuracy {100 * acc0:.2f} %", flush=True)
         for err in a.errors:
             for method in a.methods:
@@ -89,7 +116,8 @@ def main(argv=None) -> int:
                         print(f"  {err:9} {method:7} keep {keep}: {e}", flush=True)
                         continue
                     wall = time.perf_counter() - t0
-                    acc, rel, _ = evaluate(new, x_te, y_te, ref)
+                    acc, rel, out_te = evaluate(new, x_te, y_te, ref)
+                    preds[(name, err, method, keep)] = out_te.argmax(1)
                     row = dict(model=name, error=err, method=method, keep=keep,
                                params_kept=round(rep.params_fraction, 4), original=round(100 * acc0, 2),
                                one_shot=round(100 * acc, 2), test_rel_l2=round(rel, 4),
@@ -106,6 +134,16 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    pairs = paired(preds, labels)
+    if pairs:
+        print("alds against uniform on the same test images (points; images only one gets right; exact McNemar p):")
+        for r in pairs:
+            print(f"  {r['model']:18} {r['error']:9} keep {r['keep']:<4} {r['alds_minus_uniform']:+6.2f}  "
+                  f"({r['only_alds_right']} vs {r['only_uniform_right']}, p = {r['mcnemar_p']:.3g})")
+        with open(out / "pairs.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(pairs[0]))
+            w.writeheader()
+            w.writerows(pairs)
     import matplotlib
 
     matplotlib.use("Agg")
