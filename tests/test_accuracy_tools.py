@@ -146,6 +146,7 @@ def test_finetune_cli_bad_arguments(tmp_path, capsys):
         (["--model", "resnet20", "--plan", plan, "--checkpoint", vgg_ckpt], "does not hold the weights of resnet20"),
         (["--model", "vgg_small", "--plan", plan, "--checkpoint", vgg_ckpt], "the plan does not fit this model"),
         (["--model", "resnet20", "--plan", plan, "--epochs", "-1"], "--epochs must be 0 or more"),
+        (["--model", "resnet20", "--plan", plan, "--shift", "-1"], "--shift must be 0 or more"),
     ]
     for argv, message in cases:
         rc = finetune_model.main([str(a) for a in argv] + ["--out", str(tmp_path / "x.onnx")])
@@ -153,6 +154,41 @@ def test_finetune_cli_bad_arguments(tmp_path, capsys):
         assert rc == 2, argv
         assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_random_shift_translates_each_image_by_at_most_shift_pixels():
+    """Every augmented image is its original moved by some (dy, dx) in [-d, d]², blank pixels filling the
+    border; the labels stay; each offset is drawn; shift 0 gives the training split as it is."""
+    import torch.nn.functional as F
+
+    d, fill = 2, -0.8
+    x = torch.randn(40, 1, 16, 16)
+    y = torch.arange(40)
+    ds = finetune_model.RandomShift(x, y, d, fill)
+    padded = F.pad(x, (d, d, d, d), value=fill)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(4):
+        for i in range(len(ds)):
+            xi, yi = ds[i]
+            assert xi.shape == x[i].shape and int(yi) == int(y[i])
+            hits = [(dy, dx) for dy in range(-d, d + 1) for dx in range(-d, d + 1)
+                    if torch.equal(xi, padded[i, :, d + dy : d + dy + 16, d + dx : d + dx + 16])]
+            assert hits, i
+            seen.add(hits[0])
+    assert len(seen) == (2 * d + 1) ** 2
+    plain = finetune_model.train_loader(64, 0, 0)
+    x_tr, y_tr = _train_split()
+    assert torch.equal(plain.dataset.tensors[0], x_tr) and torch.equal(plain.dataset.tensors[1], y_tr)
+    shifted = finetune_model.train_loader(64, 0, d)
+    assert len(shifted) == len(plain) and isinstance(shifted.dataset, finetune_model.RandomShift)
+
+
+def _train_split():
+    from models.data import load_digits_split
+
+    x_tr, y_tr, _, _ = load_digits_split(size=16, seed=0)
+    return x_tr, y_tr
 
 
 def _test_split():

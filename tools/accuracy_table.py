@@ -16,7 +16,8 @@ the parameters and each method (alds, alds-paper, uniform):
 3. the same plan is applied to the torch model (``onnx_alds.torch.apply_plan``),
    fine-tuned on the digits training split with ``onnx_alds.torch.finetune``
    (tools/finetune_model.py's recipe: distillation from the original unless
-   ``--no-teacher``, SGD, warm-up + cosine lr, fixed seed, BatchNorm
+   ``--no-teacher``, SGD, warm-up + cosine lr, random shifts of up to 2 pixels of the
+   training images (``--shift``), fixed seed, BatchNorm
    re-inserted after each factorized conv while training and folded back at
    the end; per-epoch checkpoints under ``OUT/runs/``, so a rerun resumes) and
    exported to ``OUT/onnx/NAME-METHOD-KEEP-ft.onnx``.
@@ -91,7 +92,6 @@ def _tag(keep: float) -> str:
 
 
 def run_model(name: str, args, data, rows_out: list, counter: list) -> None:
-    from models.data import digits_loaders
     from onnx_alds import rewrite
     from onnx_alds.errors import InfeasibleBudget
     from onnx_alds.extract import count_params
@@ -140,8 +140,7 @@ def run_model(name: str, args, data, rows_out: list, counter: list) -> None:
             # fine-tune the same plan in torch, export, measure through onnxruntime
             t0 = time.perf_counter()
             compressed = ftm.compress(model, rep.plan, x_te[:8], batchnorm=False)
-            train_loader, _ = digits_loaders(batch_size=args.batch_size, size=IMAGE_SIZE, seed=0,
-                                             shuffle_seed=args.seed)
+            train_loader = ftm.train_loader(args.batch_size, args.seed, args.shift)
             ftm.seed_everything(args.seed)
             hist = ftm.finetune_compressed(compressed, train_loader, epochs=args.epochs, lr=args.lr,
                                            optimizer=args.optimizer, weight_decay=args.weight_decay,
@@ -252,6 +251,8 @@ def parse_args(argv):
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=r["optimizer"])
     p.add_argument("--weight-decay", type=float, default=r["weight_decay"])
     p.add_argument("--batch-size", type=int, default=r["batch_size"])
+    p.add_argument("--shift", type=int, default=r["shift"],
+                   help="move the training images by up to this many pixels at random (0: none)")
     p.add_argument("--no-bn", action="store_true", help="fine-tune without re-inserted BatchNorm")
     p.add_argument("--no-teacher", action="store_true", help="fine-tune on the labels only, no distillation")
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (0: plain cosine)")
@@ -314,7 +315,7 @@ def _main(args) -> int:
         print(f" and {png}", end="")
     print(f"; wall time {wall:.0f}s ({args.epochs} fine-tuning epochs, lr {args.lr:g}, {args.optimizer}, "
           f"{'no BN' if args.no_bn else 'BN re-inserted'}, {'no teacher' if args.no_teacher else 'teacher'}, "
-          f"warm-up {args.warmup:g}, seed {args.seed}, {args.threads} threads)",
+          f"warm-up {args.warmup:g}, shift {args.shift}, seed {args.seed}, {args.threads} threads)",
           flush=True)
     return 0
 
