@@ -11,8 +11,17 @@ thread count and cached on disk (about a second of timing):
 a dense one (grouped convolutions run group by group on many runtimes),
 measured for k = 1, 2, 4, … 64 on a representative conv and on the grouped
 linear subgraph the emitter writes, and interpolated in log k (held beyond
-64); ``o`` is the fixed cost of one more node, as dense MACs.  A
-configuration is admissible when ``t(config) < t(dense)``.  The whole-model
+64); ``o`` is the fixed cost of one more node, as dense MACs.
+
+Every MAC count is weighted by how efficiently a product that *thin* runs:
+a factorization's encoder has only ``j`` output channels and its decoder a
+reduction of only ``k·j``, and GEMM kernels run such thin products at a
+fraction of their peak.  ``e_out(n)`` and ``e_in(n)``, the cost per MAC of a
+1×1 conv with ``n`` output (input) channels relative to a 128 → 128 one,
+are measured for n = 4 … 128 and interpolated in log n (1 beyond 128); a
+product with reduction ``K`` and ``N`` outputs costs ``max(e_in(K), e_out(N))``
+per MAC — the dense layer too.  A configuration is admissible when
+``t(config) < t(dense)``.  The whole-model
 check after the rewrite (validation's interleaved latency) is what the user
 sees; this model only keeps the selector away from what is clearly slower.
 """
@@ -33,8 +42,9 @@ from .folding import decoder_kernel, encoder_kernel
 
 log = logging.getLogger(__name__)
 
-SPEED_VERSION = 3
+SPEED_VERSION = 4
 KS = (1, 2, 4, 8, 16, 32, 64)
+THIN = (4, 8, 16, 32, 64, 128)  # channel counts of the thin-product probes
 
 
 def default_cache_dir() -> Path:
@@ -56,6 +66,12 @@ def _grouped_conv(c: int, k: int, hw: int):
     w = np.random.default_rng(0).standard_normal((c, c // k, 3, 3)).astype(np.float32)
     return _model([helper.make_node("Conv", ["x", "w"], ["y"], group=k, pads=[1, 1, 1, 1])], [1, c, hw, hw],
                   {"w": w}), [1, c, hw, hw], c * (c // k) * 9 * hw * hw
+
+
+def _pointwise(c_in: int, c_out: int, hw: int):
+    w = np.random.default_rng(0).standard_normal((c_out, c_in, 1, 1)).astype(np.float32)
+    return _model([helper.make_node("Conv", ["x", "w"], ["y"])], [1, c_in, hw, hw], {"w": w}), \
+        [1, c_in, hw, hw], c_in * c_out * hw * hw
 
 
 def _grouped_linear(c: int, k: int, t: int):
@@ -82,14 +98,27 @@ class SpeedModel:
     conv_penalty: dict = field(default_factory=dict)  # k → time per MAC relative to the dense conv
     linear_penalty: dict = field(default_factory=dict)
     node_overhead: float = 0.0  # one more node, in dense MACs
+    thin_in: dict = field(default_factory=dict)  # n → cost per MAC of a product reducing over n, relative
+    thin_out: dict = field(default_factory=dict)  # n → the same for n outputs
 
     def _p(self, table: dict, k: int) -> float:
         ks = sorted(int(x) for x in table)
         return float(np.interp(np.log2(k), np.log2(ks), [table[str(x)] for x in ks]))
 
+    def _thin(self, table: dict, n) -> np.ndarray:
+        if not table:
+            return np.ones_like(np.asarray(n, float))
+        ns = sorted(int(x) for x in table)
+        return np.interp(np.log2(np.maximum(np.asarray(n, float), 1.0)), np.log2(ns), [table[str(x)] for x in ns])
+
+    def efficiency(self, reduce, outputs) -> np.ndarray:
+        """Cost per MAC of a product with reduction ``reduce`` and ``outputs`` outputs (module docstring)."""
+        return np.maximum(self._thin(self.thin_in, reduce), self._thin(self.thin_out, outputs))
+
     def dense(self, layer) -> float:
         g = layer.geometry
-        return float(g.params * prod(g.out_spatial)) if g.out_spatial else float(g.params)
+        macs = float(g.params * prod(g.out_spatial)) if g.out_spatial else float(g.params)
+        return macs * float(self.efficiency(g.c * prod(g.kernel), g.f))
 
     def estimate(self, layer, k: int, scheme: str, ranks) -> np.ndarray:
         """Dense-MAC-equivalent time of each rank's factorization."""
@@ -106,7 +135,11 @@ class SpeedModel:
         linear = layer.op != "Conv"
         pen = self._p(self.linear_penalty if linear else self.conv_penalty, k) if k > 1 else 1.0
         extra = 1 + (4 if linear and k > 1 else 0)
-        return pen * enc + dec + extra * self.node_overhead * self.strictness
+        enc_eff = self.efficiency(g.c // k * prod(encoder_kernel(scheme, g.kernel)), j)
+        if k > 1:  # p(k) was measured on groups of 128/k channels in and out: only thinner groups cost more
+            enc_eff = np.maximum(enc_eff / float(self.efficiency(128 // k, 128 // k)), 1.0)
+        dec_eff = self.efficiency(k * j * prod(decoder_kernel(scheme, g.kernel)), g.f)
+        return pen * enc * enc_eff + dec * dec_eff + extra * self.node_overhead * self.strictness
 
     def admissible(self, layer, k: int, scheme: str, ranks) -> np.ndarray:
         return self.estimate(layer, k, scheme, ranks) < self.dense(layer)
@@ -126,7 +159,8 @@ class SpeedModel:
         return {"version": SPEED_VERSION, "provider": self.provider, "threads": self.threads,
                 "conv_penalty": {str(k): v for k, v in self.conv_penalty.items()},
                 "linear_penalty": {str(k): v for k, v in self.linear_penalty.items()},
-                "node_overhead": self.node_overhead}
+                "node_overhead": self.node_overhead,
+                "thin_in": dict(self.thin_in), "thin_out": dict(self.thin_out)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpeedModel":
@@ -134,9 +168,12 @@ class SpeedModel:
             raise ValueError("old version")
         conv = {str(k): float(v) for k, v in d["conv_penalty"].items()}
         lin = {str(k): float(v) for k, v in d["linear_penalty"].items()}
-        if not conv or not lin or not all(np.isfinite(list(conv.values()) + list(lin.values()))):
+        t_in = {str(int(k)): float(v) for k, v in d["thin_in"].items()}
+        t_out = {str(int(k)): float(v) for k, v in d["thin_out"].items()}
+        values = list(conv.values()) + list(lin.values()) + list(t_in.values()) + list(t_out.values())
+        if not conv or not lin or not t_in or not t_out or not all(np.isfinite(values)) or min(values) <= 0:
             raise ValueError("bad entry")
-        return cls(str(d["provider"]), int(d["threads"]), conv, lin, float(d["node_overhead"]))
+        return cls(str(d["provider"]), int(d["threads"]), conv, lin, float(d["node_overhead"]), t_in, t_out)
 
     @classmethod
     def measure(cls, provider: str = "cpu", threads: int = 2, rounds: int = 3) -> "SpeedModel":
@@ -157,6 +194,9 @@ class SpeedModel:
         probes[("node", 1)] = (_model([helper.make_node("Conv", ["x", "w"], ["y"])], [1, 8, 2, 2], {"w": w}),
                                [1, 8, 2, 2], 0)
         probes[("node", 9)] = (_model(chain, [1, 8, 2, 2], {"w": w}), [1, 8, 2, 2], 0)
+        for n in THIN:  # thin products: few output channels, or a short reduction
+            probes[("out", n)] = _pointwise(128, n, 28)
+            probes[("in", n)] = _pointwise(n, 128, 28)
         sessions = {key: session(m, providers, threads) for key, (m, _, _) in probes.items()}
         feeds = {key: {"x": rng.standard_normal(shape).astype(np.float32)} for key, (_, shape, _) in probes.items()}
         best: dict = {}
@@ -173,9 +213,22 @@ class SpeedModel:
             return {str(k): float(v) for k, v in zip(KS, p)}
 
         conv, lin = penalties("conv"), penalties("linear")
+
+        fixed = best[("node", 1)]  # a run of one tiny node: the run's and the node's own fixed cost
+
+        def thin(kind):
+            def per_mac(n):
+                return max(best[(kind, n)] - fixed, 1e-9) / probes[(kind, n)][2]
+
+            ref = per_mac(128)
+            # thinner never costs less per MAC: a running maximum from the wide end irons out noise
+            e = [max(per_mac(n) / ref, 1.0) for n in THIN]
+            e = np.maximum.accumulate(e[::-1])[::-1]
+            return {str(n): float(v) for n, v in zip(THIN, e)}
+
         dense_ms, dense_macs = best[("conv", 1)], probes[("conv", 1)][2]
         overhead = max(best[("node", 9)] - best[("node", 1)], 0.0) / 8 * dense_macs / dense_ms
-        return cls(prov, threads, conv, lin, float(overhead))
+        return cls(prov, threads, conv, lin, float(overhead), thin("in"), thin("out"))
 
     @classmethod
     def for_provider(cls, provider: str = "cpu", threads: int = 2, cache_dir=None) -> "SpeedModel":

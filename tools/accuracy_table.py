@@ -124,7 +124,10 @@ def run_model(name: str, args, data, rows_out: list, counter: list) -> None:
             stem = f"{name}-{method}-{_tag(keep)}"
             t0 = time.perf_counter()
             try:
-                new, rep = rewrite(orig_path, keep_params=keep, method=method, validate=False, compare=False)
+                cal = {onnx.load(str(orig_path)).graph.input[0].name: x_tr[: args.calibration].numpy()} \
+                    if args.calibration > 0 else None
+                new, rep = rewrite(orig_path, keep_params=keep, method=method, validate=False, compare=False,
+                                   calibration=cal)
             except InfeasibleBudget as e:
                 row.update(status="infeasible", note=str(e), rewrite_s=time.perf_counter() - t0)
                 rows_out.append(row)
@@ -253,6 +256,9 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=r["batch_size"])
     p.add_argument("--shift", type=int, default=r["shift"],
                    help="move the training images by up to this many pixels at random (0: none)")
+    p.add_argument("--calibration", type=int, default=256,
+                   help="training images given to the rewrite as calibration data (data-aware errors and "
+                        "factors; 0: weight-only, the rewrite without --calibration)")
     p.add_argument("--no-bn", action="store_true", help="fine-tune without re-inserted BatchNorm")
     p.add_argument("--no-teacher", action="store_true", help="fine-tune on the labels only, no distillation")
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (0: plain cosine)")
