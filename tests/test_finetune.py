@@ -364,21 +364,24 @@ def test_early_stopping_keeps_the_best_epoch_and_stays_stopped(digits, tmp_path)
     train, test = loaders(digits, n_train=64)
     ck = tmp_path / "ck"
     m = _constant_model()
+    start = m.unused.detach().clone()
     h = finetune(m, train, epochs=10, val_loader=test, patience=2, lr=0.5, weight_decay=0.1, checkpoint_dir=ck,
                  device="cpu", progress=False)
-    assert h["epoch"] == [1, 2, 3] and h["stopped_early"] and h["best_epoch"] == 1
+    # no epoch beats the starting weights (epoch 0): stopped after `patience` epochs, the start given back
+    assert h["epoch"] == [1, 2] and h["stopped_early"] and h["best_epoch"] == 0
+    assert h["start"]["val_loss"] == pytest.approx(h["val_loss"][0])
     w1 = torch.load(ck / "epoch_0001.pt", weights_only=True)["model"]["unused"]
-    w3 = torch.load(ck / "epoch_0003.pt", weights_only=True)["model"]["unused"]
-    assert not torch.allclose(w1, w3)
-    assert torch.equal(m.unused.detach(), w1)  # the best epoch's weights, not the last's
+    w2 = torch.load(ck / "epoch_0002.pt", weights_only=True)["model"]["unused"]
+    assert not torch.allclose(w1, w2) and not torch.allclose(w1, start)
+    assert torch.equal(m.unused.detach(), start)  # the best weights (the start), not the last epoch's
     again = finetune(_constant_model(), train, epochs=10, val_loader=test, patience=2, checkpoint_dir=ck,
                      device="cpu", progress=False)
-    assert again["start_epoch"] == 3 and again["epoch"] == [1, 2, 3] and again["stopped_early"]
+    assert again["start_epoch"] == 2 and again["epoch"] == [1, 2] and again["stopped_early"]
     # without patience it runs to the end; without restore_best it keeps the last epoch's weights
     last = _constant_model()
     h = finetune(last, train, epochs=3, val_loader=test, patience=None, restore_best=False, lr=0.5,
                  weight_decay=0.1, checkpoint_dir=tmp_path / "ck2", device="cpu", progress=False)
-    assert h["epoch"] == [1, 2, 3] and not h["stopped_early"] and h["best_epoch"] == 1
+    assert h["epoch"] == [1, 2, 3] and not h["stopped_early"] and h["best_epoch"] == 0
     assert torch.equal(last.unused.detach(), torch.load(tmp_path / "ck2" / "epoch_0003.pt",
                                                         weights_only=True)["model"]["unused"])
 

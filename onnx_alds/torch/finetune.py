@@ -352,8 +352,10 @@ def finetune(
     * ``patience``: with ``val_loader``, stop after this many epochs without
       a better validation score (accuracy, then loss); None never stops.
       With ``restore_best`` (default) the best epoch's weights are restored
-      at the end; False keeps the last epoch's (for a ``val_loader`` that is
-      only reported on, such as a test split).
+      at the end, the starting weights counting as epoch 0 (so a fine-tune
+      that only hurts on the validation data gives the start back); False
+      keeps the last epoch's (for a ``val_loader`` that is only reported on,
+      such as a test split).
     * ``threads``: ``"auto"`` (:func:`auto_threads`, on the CPU only), an
       int, or None to leave torch's setting alone. Restored on return.
     * ``checkpoint_dir``, ``resume``: per-epoch checkpoints and resuming after
@@ -364,7 +366,8 @@ def finetune(
 
     History: ``epoch``, ``train_loss``, ``train_acc`` (None without class
     labels), ``lr``, ``epoch_time_s``, ``val_loss``/``val_acc`` (with
-    ``val_loader``), and ``start_epoch``, ``resumed_from``, ``best_epoch``,
+    ``val_loader``), and ``start`` (the starting weights' ``val_loss`` and
+    ``val_acc``), ``start_epoch``, ``resumed_from``, ``best_epoch`` (0: the start),
     ``stopped_early``, ``loss`` (the loss used: ``ce``, ``mse``, ``kl``,
     ``cosine``), ``batchnorm_inserted``, ``threads``, ``world_size``, ``rank``.
     """
@@ -502,6 +505,17 @@ def _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup: context
                     p.data = p.data.clone(memory_format=torch.contiguous_format)
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
+    val_start = None
+    if val_loader is not None and start_epoch == 0 and epochs > 0:
+        # the starting weights compete too: a fine-tune that only makes the model worse on the
+        # validation data gives the start back (best_epoch 0) instead of its last epoch
+        v = dist_util.all_sum(ctx, _val_sums(model, val_batches, dev, loss_fn))
+        if v[2] == 0:
+            raise UsageError("val_loader is empty")
+        vl, va = v[0] / v[2], (v[1] / v[3] if v[3] else None)
+        val_start = {"val_loss": vl, "val_acc": va}
+        best.update(score=list(_score(vl, va)), epoch=0,
+                    state={k: t.detach().clone() for k, t in model.state_dict().items()})
     for epoch in range(start_epoch, epochs):
         if best["stopped"]:
             break
@@ -580,7 +594,7 @@ def _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup: context
             log.info("restored the weights of epoch %d, the best on the validation data", best["epoch"])
     ctx.barrier()  # rank 0's last checkpoint is on disk before any rank goes on
     out = dict(history)
-    out.update(start_epoch=start_epoch, resumed_from=resumed_from, best_epoch=best["epoch"],
+    out.update(start_epoch=start_epoch, resumed_from=resumed_from, best_epoch=best["epoch"], start=val_start,
                stopped_early=bool(best["stopped"]), loss=loss_fn.chosen, batchnorm_inserted=inserted,
                threads=o.threads, world_size=ctx.world_size, rank=ctx.rank)
     return out
