@@ -124,3 +124,26 @@ def test_speed_guard_choices_are_all_admissible_and_gate_refuses_slow(tmp_path):
     p = subprocess.run([sys.executable, "-m", "onnx_alds.cli", "rewrite", str(path), str(out), "--keep-params", "0.9",
                         "--allow-slower", "--min-speedup", "1000", "--provider", "cpu"], capture_output=True, text=True)
     assert p.returncode == 5 and "below --min-speedup 1000" in p.stderr and not out.exists()
+
+
+def test_speed_model_counts_thin_products_and_round_trips(tmp_path):
+    from dataclasses import replace
+
+    from onnx_alds.api import analyze as _analyze
+    from onnx_alds.speed import THIN, SpeedModel
+
+    m = SpeedModel.for_provider("cpu", 2, cache_dir=tmp_path)
+    for table in (m.thin_in, m.thin_out):  # measured for every probe width, never cheaper when thinner
+        e = [table[str(n)] for n in THIN]
+        assert e[-1] == 1.0 and all(a >= b >= 1.0 for a, b in zip(e, e[1:]))
+    again = SpeedModel.for_provider("cpu", 2, cache_dir=tmp_path)  # from the cache, the same model
+    assert again == m
+    _, _, info = _analyze(cnn_model())
+    layer = info.candidates[0]
+    ranks = [1, 2, 4]
+    flat = replace(m, thin_in={}, thin_out={})  # the model without the thin-product costs
+    assert (m.estimate(layer, 1, "s0", ranks) >= flat.estimate(layer, 1, "s0", ranks) - 1e-9).all()
+    forged = tmp_path / next(p.name for p in tmp_path.iterdir())
+    data = forged.read_text().replace('"thin_in"', '"thin_inn"')
+    forged.write_text(data)  # a malformed entry is a miss: measured again
+    assert SpeedModel.for_provider("cpu", 2, cache_dir=tmp_path).thin_in
