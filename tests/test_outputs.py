@@ -196,9 +196,12 @@ def test_signal_mid_rewrite_cleans_up(tmp_path, sig, code):
     tmpdir.mkdir()
     out_dir.mkdir()
     env = dict(os.environ, TMPDIR=str(tmpdir))
+    # as from a shell: Ctrl-C at its default (a test runner's worker may ignore SIGINT, and a child
+    # started with SIGINT ignored rightly leaves it ignored)
     p = subprocess.Popen([sys.executable, "-m", "onnx_alds", "rewrite", str(src), str(out_dir / "o.onnx"),
                           "--no-compare", "--input-shape", "x:1,48,160,160"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert _wait_for(lambda: any(d.name.startswith("onnx-alds-") for d in tmpdir.iterdir())
                          or p.poll() is not None, 240)
