@@ -289,18 +289,21 @@ def test_batchnorm_is_inserted_for_training_and_folded_back(digits):
     x = digits[2][:64]
     with torch.no_grad():
         ref = small.eval()(x)
-    assert bn.insert(small, [digits[0][:256]], lambda m, b: m(b)) == 3
+    plain = len(bn._plain_convs(small))  # the dense convs (their folded BatchNorm is back too)
+    assert plain >= 1
+    assert bn.insert(small, [digits[0][:256]], lambda m, b: m(b)) == 3 + plain
+    assert sum(isinstance(m, bn.ConvBN) for m in small.modules()) == plain
     assert not bn.needs_batchnorm(small)
     with torch.no_grad():
         torch.testing.assert_close(small.eval()(x), ref, rtol=1e-4, atol=1e-4)  # identity in eval mode
-    assert bn.fold(small) == 3
+    assert bn.fold(small) == 3 + plain
     assert set(small.state_dict()) == keys
     with torch.no_grad():
         torch.testing.assert_close(small.eval()(x), ref, rtol=1e-4, atol=1e-4)
 
     train, _ = loaders(digits, n_train=64)
     h = finetune(small, train, epochs=1, device="cpu", progress=False)
-    assert h["batchnorm_inserted"] == 3
+    assert h["batchnorm_inserted"] == 3 + plain
     assert set(small.state_dict()) == keys  # the plan's structure again
     assert sum(isinstance(m, FactorizedConv) for m in small.modules()) == 3
     assert finetune(_compressed_vgg(digits), train, epochs=1, batchnorm=False, device="cpu",
@@ -323,6 +326,38 @@ def test_batchnorm_is_inserted_for_training_and_folded_back(digits):
     assert broken.passes == 2  # it failed in training, after BatchNorm went in
     assert set(interrupted.state_dict()) == keys  # folded back even so
     assert finetune(small_model(), train, epochs=1, device="cpu", progress=False)["batchnorm_inserted"] == 0
+
+
+def test_recalibration_gives_the_exact_statistics_of_the_final_weights(digits):
+    from onnx_alds.torch import batchnorm as bn
+
+    small = _compressed_vgg(digits)
+    cal = [digits[0][:128], digits[0][128:256]]
+    bn.insert(small, cal, lambda m, b: m(b))
+    small.train()
+    opt = torch.optim.SGD(small.parameters(), lr=0.05)
+    for _ in range(3):  # move the weights: the running averages now lag behind them
+        opt.zero_grad()
+        small(digits[0][:64]).square().mean().backward()
+        opt.step()
+    pairs = [m for m in small.modules() if isinstance(m, (bn.FactorizedConvBN, bn.ConvBN))]
+    seen = {id(p): [] for p in pairs}
+    # what each BatchNorm sees during the recalibration pass (upstream ones normalise by batch statistics,
+    # as in training)
+    hooks = [p[0].register_forward_hook(lambda mod, i, o, k=id(p): seen[k].append(o.detach())) for p in pairs]
+    small.eval()
+    assert bn.recalibrate(small, cal, lambda m, b: m(b)) == len(pairs) > 3
+    for h in hooks:
+        h.remove()
+    assert not small.training and all(p[1].momentum == 0.1 for p in pairs)  # modes and momentum restored
+    for p in pairs:
+        out = torch.cat(seen[id(p)]).double()
+        dims = [d for d in range(out.dim()) if d != 1]
+        n = out.numel() // out.shape[1]
+        torch.testing.assert_close(p[1].running_mean.double(), out.mean(dims), rtol=1e-4, atol=1e-4)
+        # BatchNorm's running variance is the unbiased one
+        torch.testing.assert_close(p[1].running_var.double(), out.var(dims, unbiased=False) * n / (n - 1),
+                                   rtol=1e-3, atol=1e-5)
 
 
 def test_feature_matching_sees_the_factorization_error(digits):

@@ -11,7 +11,8 @@
   steps, then a cosine to 0, per batch;
 * **BatchNorm**: a network whose BatchNorm was folded away (every plan-built
   one) gets an identity-initialised BatchNorm after each factorized conv for
-  the length of the fine-tune, folded back into the decoder at the end
+  the length of the fine-tune, its statistics recomputed for the final
+  weights and folded back into the decoder at the end
   (:mod:`onnx_alds.torch.batchnorm`), so the model keeps the plan's structure;
 * **validation**: with ``val_loader`` the best epoch's weights are kept and
   training stops after ``patience`` epochs without improvement;
@@ -592,6 +593,9 @@ def _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup: context
         model.load_state_dict(best["state"])
         if main:
             log.info("restored the weights of epoch %d, the best on the validation data", best["epoch"])
+    if inserted and history["epoch"]:
+        # the folded model gets the exact statistics of its final weights, not the running average
+        bn_recovery.recalibrate(model, _calibration_inputs(train_loader, dev), _forward)
     ctx.barrier()  # rank 0's last checkpoint is on disk before any rank goes on
     out = dict(history)
     out.update(start_epoch=start_epoch, resumed_from=resumed_from, best_epoch=best["epoch"], start=val_start,
