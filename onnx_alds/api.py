@@ -227,7 +227,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             error: str | None = None, calibration=None, bias_correction: bool = True,
             max_output_error: float | None = None, min_speedup: float | None = None,
             allow_slower: bool = False, max_speed_retries: int = 2, sequential: bool | None = None,
-            max_latency_rounds: int = 3, fill_budget: bool = True, objective: str | None = None,
+            max_latency_rounds: int = 3, fill_budget: bool = True, objective: str = "max",
             ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
@@ -283,8 +283,6 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     if large and source.path is not None:
         source.detach()
     emodel = error_model(error, moments=moments, cache_dir=cache_dir, bias_correction=bias_correction)
-    if objective is None:
-        objective = "max"
     guard = None
     if plan is None:
         metric, fraction = budget_of(keep_params, keep_flops, keep_latency)

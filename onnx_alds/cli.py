@@ -230,7 +230,7 @@ def cmd_rewrite(a) -> int:
                           calibration=a.calibration, bias_correction=not a.no_bias_correction,
                           max_output_error=a.max_output_error, min_speedup=a.min_speedup,
                           allow_slower=a.allow_slower, sequential=a.sequential,
-                          objective=a.objective)
+                          objective=a.objective or "max")
     report.output = str(out)
     written = save_model(new, out)
     if a.report:

@@ -182,16 +182,12 @@ def _selection(method, options, picks, **details) -> Selection:
     return Selection(method, choices, max_err, cost, dict(details))
 
 
-SUM_POWER = 2.0
-
-
-def solve_sum(options: list[Options], budget: float, power: float | None = None) -> list[int]:
+def solve_sum(options: list[Options], budget: float) -> list[int]:
     """Least ``Σ ε²`` within ``budget`` (module docstring): Lagrangian picks, then greedy upgrades."""
-    power = SUM_POWER if power is None else power
     fronts = [o.front() for o in options]
 
     def pick(lam):
-        return [int(f[2][np.argmin(f[0] ** power + lam * f[1])]) for f in fronts]
+        return [int(f[2][np.argmin(f[0] ** 2 + lam * f[1])]) for f in fronts]
 
     def cost(p):
         return float(sum(o.cost[i] for o, i in zip(options, p)))
@@ -210,12 +206,13 @@ def solve_sum(options: list[Options], budget: float, power: float | None = None)
             lo = mid
     picks = pick(hi)
     left = budget - cost(picks)
-    for _ in range(10 * len(options) + 10):  # spend the rest: the upgrade removing the most ε² per unit of cost that still fits
+    # spend the rest: each time the upgrade that removes the most ε² per unit of cost and still fits
+    for _ in range(10 * len(options) + 10):
         best = None
         for li, (o, (fe, fc, fi)) in enumerate(zip(options, fronts)):
             cur = picks[li]
             dc = fc - o.cost[cur]
-            de = o.eps[cur] ** power - fe ** power
+            de = o.eps[cur] ** 2 - fe ** 2
             ok = (dc > 0) & (dc <= left + 1e-9) & (de > 0)
             if ok.any():
                 j = int(np.argmax(np.where(ok, de / np.where(dc > 0, dc, 1.0), -np.inf)))
