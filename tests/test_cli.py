@@ -250,3 +250,19 @@ def test_spectra_cache_dir_is_reused(cnn_path, tmp_path):
     assert cli("rewrite", cnn_path, b, "--no-validate", "--cache-dir", cache)[0] == 0
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes  # read, not rewritten
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_objective_option(cnn_path, tmp_path):
+    import json
+
+    out, rep, plan = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "p.json"
+    code, stdout, err = cli("rewrite", cnn_path, out, "--keep-params", "0.5", "--objective", "sum",
+                            "--allow-slower", "--no-validate", "--report", rep, "--plan", plan)
+    assert code == 0, err
+    assert json.loads(rep.read_text())["budget"]["objective"] == "sum" and "root-sum-square" in stdout
+    code, _, err = cli("rewrite", cnn_path, tmp_path / "o2.onnx", "--keep-params", "0.5", "--no-validate",
+                       "--report", rep)
+    assert code == 0 and json.loads(rep.read_text())["budget"]["objective"] == "max", err
+    code, _, err = cli("rewrite", cnn_path, tmp_path / "o3.onnx", "--apply-plan", plan, "--objective", "sum")
+    assert code == 2 and "--objective" in err
+    assert_one_sentence(err)
