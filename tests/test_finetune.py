@@ -62,6 +62,21 @@ def test_a_few_steps_lower_the_loss(digits):
     assert hist["start_epoch"] == 0 and hist["resumed_from"] is None
     assert 0.0 <= acc_after <= 1.0
     assert hist["lr"][-1] < 1e-6  # the cosine ends at 0
+    assert not hist["kept_start"]  # it got better: the fine-tuned weights stay
+
+
+def test_a_fine_tune_that_only_hurts_gives_the_start_back(digits):
+    train, _ = loaders(digits)
+    torch.manual_seed(0)
+    model = models.transformer_small()
+    finetune(model, train, epochs=2, lr=3e-3, optimizer="adamw", device="cpu", progress=False, warmup=0.0)
+    start = {k: t.clone() for k, t in model.state_dict().items()}
+    loss_start, _ = evaluate(model, train)
+    # a learning rate far too high: training samples score worse at the end, so the start comes back
+    hist = finetune(model, train, epochs=1, lr=50.0, optimizer="sgd", device="cpu", progress=False)
+    assert hist["kept_start"]
+    assert all(torch.equal(start[k], t) for k, t in model.state_dict().items())
+    assert evaluate(model, train)[0] == pytest.approx(loss_start)
 
 
 def test_evaluate_matches_a_direct_computation(digits):

@@ -227,6 +227,31 @@ def auto_threads(model: nn.Module, example: Any) -> int:
     return max(1, min(cores, want))
 
 
+CHECK_SAMPLES = 512  # training samples that judge the fine-tuned model against its start without a val_loader
+
+
+def _check_batches(loader: Iterable, max_samples: int = CHECK_SAMPLES) -> list | None:
+    """A fixed list of up to ``max_samples`` training samples in the dataset's order (drawn once, so a
+    randomly augmented dataset scores start and end on the same images); None unless ``loader`` is a
+    DataLoader over a sized dataset (another iterable may not be read twice)."""
+    from torch.utils.data import DataLoader
+
+    if not (isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") and loader.batch_size):
+        return None
+    src = DataLoader(loader.dataset, batch_size=min(256, max_samples), shuffle=False, collate_fn=loader.collate_fn)
+    out, seen = [], 0
+    state = torch.get_rng_state()  # drawing augmented samples must not move the training run's RNG
+    try:
+        for batch in src:
+            out.append(batch)
+            seen += _n(_batch_xy(batch)[0])
+            if seen >= max_samples:
+                break
+    finally:
+        torch.set_rng_state(state)
+    return out or None
+
+
 def _calibration_inputs(loader: Iterable, device: torch.device, max_samples: int = 1024):
     """Up to ``max_samples`` inputs, in the dataset's order where the loader is a DataLoader (so that the
     training loader's shuffling generator is not advanced)."""
@@ -517,6 +542,13 @@ def _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup: context
         val_start = {"val_loss": vl, "val_acc": va}
         best.update(score=list(_score(vl, va)), epoch=0,
                     state={k: t.detach().clone() for k, t in model.state_dict().items()})
+    # without a validation loader, a fixed slice of the training data judges start against end
+    check = _check_batches(train_loader) if val_loader is None and start_epoch == 0 and epochs > 0 else None
+    start_check = None
+    if check:
+        v = _val_sums(model, check, dev, loss_fn)
+        start_check = (_score(v[0] / v[2], v[1] / v[3] if v[3] else None),
+                       {k: t.detach().clone() for k, t in model.state_dict().items()})
     for epoch in range(start_epoch, epochs):
         if best["stopped"]:
             break
@@ -593,12 +625,24 @@ def _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup: context
         model.load_state_dict(best["state"])
         if main:
             log.info("restored the weights of epoch %d, the best on the validation data", best["epoch"])
-    if inserted and history["epoch"]:
+    gave_start_back = o.restore_best and best["epoch"] == 0
+    if inserted and history["epoch"] and not gave_start_back:
         # the folded model gets the exact statistics of its final weights, not the running average
+        # (the starting weights' BatchNorms are the identity already)
         bn_recovery.recalibrate(model, _calibration_inputs(train_loader, dev), _forward)
+    kept_start = False
+    if start_check is not None:
+        v = _val_sums(model, check, dev, loss_fn)
+        if tuple(_score(v[0] / v[2], v[1] / v[3] if v[3] else None)) < tuple(start_check[0]):
+            model.load_state_dict(start_check[1])
+            kept_start = True
+            if main:
+                log.warning("the fine-tuned model scores worse than the starting one on training samples; "
+                            "the starting weights are kept (try more epochs or a lower lr)")
     ctx.barrier()  # rank 0's last checkpoint is on disk before any rank goes on
     out = dict(history)
     out.update(start_epoch=start_epoch, resumed_from=resumed_from, best_epoch=best["epoch"], start=val_start,
+               kept_start=kept_start,
                stopped_early=bool(best["stopped"]), loss=loss_fn.chosen, batchnorm_inserted=inserted,
                threads=o.threads, world_size=ctx.world_size, rank=ctx.rank)
     return out
