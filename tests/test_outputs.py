@@ -186,6 +186,13 @@ def _wait_for(cond, timeout):
     return False
 
 
+def _shell_like_signals():
+    """In the child before exec: SIGINT at its default disposition and neither signal blocked, as a
+    shell starts a command (a runner's thread may ignore or block them, and a child inherits both)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_mid_rewrite_cleans_up(tmp_path, sig, code):
     """Killed while validating (its temporary directory exists): no `onnx-alds-*`
@@ -201,7 +208,7 @@ def test_signal_mid_rewrite_cleans_up(tmp_path, sig, code):
     p = subprocess.Popen([sys.executable, "-m", "onnx_alds", "rewrite", str(src), str(out_dir / "o.onnx"),
                           "--no-compare", "--input-shape", "x:1,48,160,160"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         preexec_fn=_shell_like_signals)
     try:
         assert _wait_for(lambda: any(d.name.startswith("onnx-alds-") for d in tmpdir.iterdir())
                          or p.poll() is not None, 240)
