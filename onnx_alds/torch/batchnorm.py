@@ -45,13 +45,20 @@ class ConvBN(nn.Sequential):
     0.5 on digits: 98.9 % one-shot, 97.1 % after 5 epochs without, see README)."""
 
 
-def _bn_for(channels: int, conv: nn.Module, mean, var) -> nn.Module:
-    bn = nn.BatchNorm2d(channels) if isinstance(conv, nn.Conv2d) else nn.BatchNorm1d(channels)
+def _identity_bn(conv: nn.Module, mean, var) -> nn.Module:
+    """A BatchNorm for ``conv``'s outputs that is the identity in eval mode on outputs of that mean and variance."""
+    f = conv.out_channels
+    bn = nn.BatchNorm2d(f) if isinstance(conv, nn.Conv2d) else nn.BatchNorm1d(f)
     bn.running_mean.copy_(mean.float())
     bn.running_var.copy_(var.float())
     bn.weight.copy_(torch.sqrt(var.float() + bn.eps))
     bn.bias.copy_(mean.float())
-    return bn
+    return bn.to(conv.weight.device)
+
+
+def _last_conv(mod: nn.Module) -> nn.Module:
+    """The conv whose outputs a BatchNorm after ``mod`` normalises (and folds into)."""
+    return mod.decoder if isinstance(mod, FactorizedConv) else mod
 
 
 def _plain_convs(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -107,12 +114,8 @@ def insert(model: nn.Module, calibration: Iterable, forward) -> int:
             raise ValueError("BatchNorm calibration saw no batches")
         mean = s / n
         var = (sq / n - mean * mean).clamp_min(0.0)
-        if isinstance(mod, FactorizedConv):
-            bn = _bn_for(mod.decoder.out_channels, mod.decoder, mean, var).to(mod.decoder.weight.device)
-            model.set_submodule(name, FactorizedConvBN(mod, bn))
-        else:
-            bn = _bn_for(mod.out_channels, mod, mean, var).to(mod.weight.device)
-            model.set_submodule(name, ConvBN(mod, bn))
+        wrap = FactorizedConvBN if isinstance(mod, FactorizedConv) else ConvBN
+        model.set_submodule(name, wrap(mod, _identity_bn(_last_conv(mod), mean, var)))
     return len(targets)
 
 
@@ -149,7 +152,7 @@ def fold(model: nn.Module) -> int:
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, (FactorizedConvBN, ConvBN))]
     for name, seq in found:
         conv, bn = seq[0], seq[1]
-        dec = conv.decoder if isinstance(seq, FactorizedConvBN) else conv
+        dec = _last_conv(conv)
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         shape = (-1,) + (1,) * (dec.weight.dim() - 1)
         dec.weight.mul_(scale.reshape(shape))

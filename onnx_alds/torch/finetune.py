@@ -230,43 +230,46 @@ def auto_threads(model: nn.Module, example: Any) -> int:
 CHECK_SAMPLES = 512  # training samples that judge the fine-tuned model against its start without a val_loader
 
 
-def _check_batches(loader: Iterable, max_samples: int = CHECK_SAMPLES) -> list | None:
-    """A fixed list of up to ``max_samples`` training samples in the dataset's order (drawn once, so a
-    randomly augmented dataset scores start and end on the same images); None unless ``loader`` is a
-    DataLoader over a sized dataset (another iterable may not be read twice)."""
+def _in_order(loader: Iterable):
+    """The loader's dataset unshuffled (batches of 256), so that reading it does not advance the
+    training loader's shuffling generator; None unless ``loader`` is a DataLoader over a sized dataset."""
     from torch.utils.data import DataLoader
 
     if not (isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") and loader.batch_size):
         return None
-    src = DataLoader(loader.dataset, batch_size=min(256, max_samples), shuffle=False, collate_fn=loader.collate_fn)
-    out, seen = [], 0
+    return DataLoader(loader.dataset, batch_size=256, shuffle=False, collate_fn=loader.collate_fn)
+
+
+def _first_batches(batches: Iterable, max_samples: int):
+    """Batches until ``max_samples`` samples have been yielded."""
+    seen = 0
+    for batch in batches:
+        yield batch
+        seen += _n(_batch_xy(batch)[0])
+        if seen >= max_samples:
+            return
+
+
+def _check_batches(loader: Iterable, max_samples: int = CHECK_SAMPLES) -> list | None:
+    """A fixed list of up to ``max_samples`` training samples in the dataset's order (drawn once, so a
+    randomly augmented dataset scores start and end on the same images); None where the loader may not
+    be read twice (see :func:`_in_order`)."""
+    src = _in_order(loader)
+    if src is None:
+        return None
     state = torch.get_rng_state()  # drawing augmented samples must not move the training run's RNG
     try:
-        for batch in src:
-            out.append(batch)
-            seen += _n(_batch_xy(batch)[0])
-            if seen >= max_samples:
-                break
+        return list(_first_batches(src, max_samples)) or None
     finally:
         torch.set_rng_state(state)
-    return out or None
 
 
 def _calibration_inputs(loader: Iterable, device: torch.device, max_samples: int = 1024):
     """Up to ``max_samples`` inputs, in the dataset's order where the loader is a DataLoader (so that the
     training loader's shuffling generator is not advanced)."""
-    from torch.utils.data import DataLoader
-
-    src = loader
-    if isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") and loader.batch_size:
-        src = DataLoader(loader.dataset, batch_size=256, shuffle=False, collate_fn=loader.collate_fn)
-    seen = 0
-    for batch in src:
-        x = _to(_batch_xy(batch)[0], device)
-        yield x
-        seen += _n(x)
-        if seen >= max_samples:
-            return
+    src = _in_order(loader)
+    for batch in _first_batches(loader if src is None else src, max_samples):
+        yield _to(_batch_xy(batch)[0], device)
 
 
 class _Loss:
@@ -320,6 +323,20 @@ def _val_sums(model, loader, device, loss: _Loss) -> list[float]:
     finally:
         model.train(was_training)
     return s
+
+
+def _validate(model, batches, device, loss: "_Loss", ctx=None) -> tuple[float, float | None]:
+    """(mean loss, accuracy or None) on ``batches``, summed over the ranks with ``ctx``."""
+    v = _val_sums(model, batches, device, loss)
+    if ctx is not None:
+        v = dist_util.all_sum(ctx, v)
+    if v[2] == 0:
+        raise UsageError("val_loader is empty")
+    return v[0] / v[2], (v[1] / v[3] if v[3] else None)
+
+
+def _snapshot(model) -> dict:
+    return {k: t.detach().clone() for k, t in model.state_dict().items()}
 
 
 def _score(val_loss: float, val_acc: float | None) -> tuple:
@@ -535,20 +552,14 @@ def _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup: context
     if val_loader is not None and start_epoch == 0 and epochs > 0:
         # the starting weights compete too: a fine-tune that only makes the model worse on the
         # validation data gives the start back (best_epoch 0) instead of its last epoch
-        v = dist_util.all_sum(ctx, _val_sums(model, val_batches, dev, loss_fn))
-        if v[2] == 0:
-            raise UsageError("val_loader is empty")
-        vl, va = v[0] / v[2], (v[1] / v[3] if v[3] else None)
+        vl, va = _validate(model, val_batches, dev, loss_fn, ctx)
         val_start = {"val_loss": vl, "val_acc": va}
-        best.update(score=list(_score(vl, va)), epoch=0,
-                    state={k: t.detach().clone() for k, t in model.state_dict().items()})
+        best.update(score=list(_score(vl, va)), epoch=0, state=_snapshot(model))
     # without a validation loader, a fixed slice of the training data judges start against end
     check = _check_batches(train_loader) if val_loader is None and start_epoch == 0 and epochs > 0 else None
     start_check = None
-    if check:
-        v = _val_sums(model, check, dev, loss_fn)
-        start_check = (_score(v[0] / v[2], v[1] / v[3] if v[3] else None),
-                       {k: t.detach().clone() for k, t in model.state_dict().items()})
+    if check:  # the same samples on every rank: no sum over ranks, the same decision everywhere
+        start_check = (_score(*_validate(model, check, dev, loss_fn)), _snapshot(model))
     for epoch in range(start_epoch, epochs):
         if best["stopped"]:
             break
@@ -584,17 +595,13 @@ def _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup: context
         msg = f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / seen:.4f}"
         msg += f" acc {train_acc:.4f}" if train_acc is not None else ""
         if val_loader is not None:
-            v = dist_util.all_sum(ctx, _val_sums(model, val_batches, dev, loss_fn))
-            if v[2] == 0:
-                raise UsageError("val_loader is empty")
-            vl, va = v[0] / v[2], (v[1] / v[3] if v[3] else None)
+            vl, va = _validate(model, val_batches, dev, loss_fn, ctx)
             history["val_loss"].append(vl)
             history["val_acc"].append(va)
             msg += f", val loss {vl:.4f}" + (f" acc {va:.4f}" if va is not None else "")
             score = _score(vl, va)
             if best["score"] is None or tuple(score) > tuple(best["score"]):
-                best.update(score=list(score), epoch=epoch + 1, bad_epochs=0,
-                            state={k: t.detach().clone() for k, t in model.state_dict().items()})
+                best.update(score=list(score), epoch=epoch + 1, bad_epochs=0, state=_snapshot(model))
             else:
                 best["bad_epochs"] += 1
                 if patience is not None and best["bad_epochs"] >= patience and epoch + 1 < epochs:
@@ -632,8 +639,7 @@ def _run(model, train_loader, val_loader, teacher, o, dev, ctx, cleanup: context
         bn_recovery.recalibrate(model, _calibration_inputs(train_loader, dev), _forward)
     kept_start = False
     if start_check is not None:
-        v = _val_sums(model, check, dev, loss_fn)
-        if tuple(_score(v[0] / v[2], v[1] / v[3] if v[3] else None)) < tuple(start_check[0]):
+        if _score(*_validate(model, check, dev, loss_fn)) < start_check[0]:
             model.load_state_dict(start_check[1])
             kept_start = True
             if main:
