@@ -249,3 +249,27 @@ def test_bias_correction_parameters_count_in_the_budget():
         assert rep.layers[0].status == "decomposed"
         assert any(n.op_type == "Add" for n in new.graph.node)  # the correction is there
         assert rep.params_after <= keep * rep.params_before
+
+
+@pytest.mark.parametrize("name", ["data", "spectral"])
+def test_curves_are_computed_once_per_layer_and_configurations(name):
+    """The rewrite's retries select again on the same weights: the second call reuses the curves."""
+    from onnx_alds import api
+    from onnx_alds.error_model import error_model
+    from onnx_alds.select import layer_configs
+
+    model = conv_model(f=8, c=6, kernel=(3, 3), pads=(1, 1, 1, 1))
+    source, info = api.analyze(model)[1:]
+    cal = {"x": correlated_inputs(16, 6, (9, 11))}
+    moments = api.calibrate(source, info, cal)[1] if name == "data" else None
+    em = error_model(name, moments=moments)
+    configs = {l.name: [c for c in cs if c[1] in em.schemes(info.layer(l.name), info.layer(l.name).schemes)]
+               for l, cs in zip(info.candidates, layer_configs(info.candidates).values())}
+    first = em.curves(source, info.candidates, configs)
+    again = em.curves(source, info.candidates, configs)
+    assert all(again[n][c] is first[n][c] for n in first for c in first[n])
+    fewer = {n: cs[:1] for n, cs in configs.items()}  # other configurations: computed, and the same values
+    other = em.curves(source, info.candidates, fewer)
+    for n, cs in fewer.items():
+        assert other[n][cs[0]] is not first[n][cs[0]]
+        np.testing.assert_allclose(other[n][cs[0]], first[n][cs[0]])
