@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,7 +21,8 @@ from .emit import emit
 from .error_model import error_model
 from .errors import InfeasibleBudget, UsageError, ValidationFailed
 from .extract import ModelInfo, count_params, extract, model_flops
-from .io import EXTERNAL_DATA_THRESHOLD, Source, check_model_file, check_rewritten, proto_size, save_model, trim_memory
+from .io import (EXTERNAL_DATA_THRESHOLD, Source, check_model_file, check_rewritten, proto_size, save_model, temp_dir,
+                 trim_memory)
 from .plan import LayerPlan, Plan, resolve
 from .report import Report, build_report
 from .select import Config, Selection, layer_configs, layer_options, solve
@@ -415,7 +415,7 @@ def _fastest_within(model_or_path, fraction: float, max_error: float, kw: dict, 
 
 def _check_and_validate(source, original, new, info, choices, measured, emodel, plan, budget, baselines, method, *,
                         latency_table, validate, provider, cal_data, timings) -> Report:
-    with tempfile.TemporaryDirectory(prefix="onnx-alds-") as tmp:
+    with temp_dir("onnx-alds-") as tmp:
         # onnxruntime and the checker take models over 2 GB only as files with external data
         orig_ref, new_ref = original, new
         if source.large or proto_size(new) > EXTERNAL_DATA_THRESHOLD:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from math import prod
@@ -35,7 +34,7 @@ import numpy as np
 import onnx
 
 from .errors import UsageError
-from .io import EXTERNAL_DATA_THRESHOLD, proto_size, save_model
+from .io import EXTERNAL_DATA_THRESHOLD, proto_size, save_model, temp_dir
 from .runtime import providers_for, session, used_provider
 
 log = logging.getLogger(__name__)
@@ -602,7 +601,7 @@ def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16
     providers = providers_for(provider)
     result: dict[str, Moments | None] = {t.name: None for t in taps}
     limits = threadpool_limits(threads) if threads else contextlib.nullcontext()
-    with tempfile.TemporaryDirectory(prefix="onnx-alds-calib-") as tmp, limits:
+    with temp_dir("onnx-alds-calib-") as tmp, limits:
         capture = _Capture(model, providers, threads, elem_types, Path(tmp)) if captured else None
         unknown = [n for n in captured if sizes[n] is None]
         if unknown:  # shape inference could not tell: measure on one sample, scale to the batch

@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 from . import __version__
@@ -294,7 +293,9 @@ def cmd_bench(a) -> int:
         for m in a.models:
             check_outputs(m, [("--json", a.json)])
     shapes = _shapes(a.input_shape, batch=max(batches))
-    with tempfile.TemporaryDirectory(prefix="onnx-alds-bench-") as tmp:
+    from .io import temp_dir
+
+    with temp_dir("onnx-alds-bench-") as tmp:
         paths, labels = a.models, None
         if a.int8:
             from .bench import with_int8

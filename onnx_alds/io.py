@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import stat
 import tempfile
 from pathlib import Path
@@ -317,6 +318,22 @@ def _write_error(path, e: OSError) -> OutputError:
 
 
 TMP_PREFIX = ".oa-"  # short: a legal 250-character name plus the temporary suffix stays under 255
+
+
+def temp_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    """A ``TemporaryDirectory`` (use it in ``with``) whose creation a Ctrl-C or
+    SIGTERM cannot split from the registration of its cleanup: the signals are
+    held back while the directory is made, and delivered once the object that
+    removes it exists (a signal between ``mkdtemp`` and that moment would leave
+    the directory behind)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    mask = getattr(signal, "pthread_sigmask", None)
+    old = mask(signal.SIG_BLOCK, held) if mask is not None else None
+    try:
+        return tempfile.TemporaryDirectory(prefix=prefix)
+    finally:
+        if mask is not None:
+            mask(signal.SIG_SETMASK, old)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

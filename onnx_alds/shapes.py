@@ -14,14 +14,13 @@ that was fed.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .errors import ModelError, UsageError
-from .io import EXTERNAL_DATA_THRESHOLD, proto_size, save_model
+from .io import EXTERNAL_DATA_THRESHOLD, proto_size, save_model, temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ def runtime_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: 
     # no fusion: every tensor asked for is computed by the node that produces it in the file
     so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = providers_for(provider)
-    with tempfile.TemporaryDirectory(prefix="onnx-alds-shapes-") as tmp:
+    with temp_dir("onnx-alds-shapes-") as tmp:
         if proto_size(model) > EXTERNAL_DATA_THRESHOLD:
             path = Path(tmp) / "model.onnx"
             save_model(model, path, external_data=True)  # weights to model.onnx.data, model left as it was

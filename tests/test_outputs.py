@@ -379,3 +379,33 @@ def test_errors_in_the_users_factory_module_are_one_sentence(tmp_path, source, f
     assert_one_sentence(err)
     assert "usermod" in err and ("no_such_dependency_xyz" in err or "boom at import" in err)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_ctrl_c_while_a_temporary_directory_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """A Ctrl-C landing right after mkdtemp, before the directory's cleanup is registered: held back,
+    delivered once the TemporaryDirectory exists, and the directory is removed."""
+    import tempfile
+
+    from onnx_alds.io import temp_dir
+
+    real = tempfile.mkdtemp
+
+    def mkdtemp_then_ctrl_c(*a, **k):
+        name = real(*a, **k)
+        os.kill(os.getpid(), signal.SIGINT)  # pending while held; would interrupt here otherwise
+        for _ in range(1000):  # bytecode runs here: an undelivered-yet signal would raise now
+            pass
+        return name
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_ctrl_c)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with temp_dir("onnx-alds-") as d:
+                for _ in range(1000):
+                    pass
+                raise AssertionError(f"the body ran: {d}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert list(tmp_path.iterdir()) == []
