@@ -322,18 +322,34 @@ TMP_PREFIX = ".oa-"  # short: a legal 250-character name plus the temporary suff
 
 def temp_dir(prefix: str) -> tempfile.TemporaryDirectory:
     """A ``TemporaryDirectory`` (use it in ``with``) whose creation a Ctrl-C or
-    SIGTERM cannot split from the registration of its cleanup: the signals are
-    held back while the directory is made, and delivered once the object that
-    removes it exists (a signal between ``mkdtemp`` and that moment would leave
-    the directory behind)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    mask = getattr(signal, "pthread_sigmask", None)
-    old = mask(signal.SIG_BLOCK, held) if mask is not None else None
-    try:
+    SIGTERM cannot split from the registration of its cleanup: while it is
+    made, the two signals are only recorded, then handed to the handlers that
+    were installed, once the object that removes the directory exists (a
+    signal between ``mkdtemp`` and that moment would leave the directory
+    behind). Outside the main thread, where handlers cannot change, a plain one."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
         return tempfile.TemporaryDirectory(prefix=prefix)
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        made = tempfile.TemporaryDirectory(prefix=prefix)
     finally:
-        if mask is not None:
-            mask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    try:
+        for sig in held:
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(sig)
+    except BaseException:
+        made.cleanup()
+        raise
+    return made
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

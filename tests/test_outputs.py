@@ -381,31 +381,33 @@ def test_errors_in_the_users_factory_module_are_one_sentence(tmp_path, source, f
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_ctrl_c_while_a_temporary_directory_is_made_leaves_nothing(tmp_path, monkeypatch):
-    """A Ctrl-C landing right after mkdtemp, before the directory's cleanup is registered: held back,
-    delivered once the TemporaryDirectory exists, and the directory is removed."""
-    import tempfile
-
-    from onnx_alds.io import temp_dir
-
-    real = tempfile.mkdtemp
-
-    def mkdtemp_then_ctrl_c(*a, **k):
-        name = real(*a, **k)
-        os.kill(os.getpid(), signal.SIGINT)  # pending while held; would interrupt here otherwise
-        for _ in range(1000):  # bytecode runs here: an undelivered-yet signal would raise now
+_CTRL_C_AFTER_MKDTEMP = """
+import os, signal, sys, tempfile
+from pathlib import Path
+from onnx_alds.io import temp_dir
+tempfile.tempdir = sys.argv[1]
+real = tempfile.mkdtemp
+def mkdtemp_then_ctrl_c(*a, **k):
+    name = real(*a, **k)
+    os.kill(os.getpid(), signal.SIGINT)  # lands between mkdtemp and the cleanup's registration
+    for _ in range(1000):
+        pass
+    return name
+tempfile.mkdtemp = mkdtemp_then_ctrl_c
+try:
+    with temp_dir("onnx-alds-") as d:
+        for _ in range(1000):
             pass
-        return name
+        print("body ran")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
 
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_ctrl_c)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with temp_dir("onnx-alds-") as d:
-                for _ in range(1000):
-                    pass
-                raise AssertionError(f"the body ran: {d}")
-    finally:
-        signal.signal(signal.SIGINT, previous)
+
+def test_ctrl_c_while_a_temporary_directory_is_made_leaves_nothing(tmp_path):
+    """A Ctrl-C right after mkdtemp is recorded until the directory's cleanup is registered (a plain
+    TemporaryDirectory leaves the directory behind there). In its own process: the signal is real."""
+    p = subprocess.run([sys.executable, "-c", _CTRL_C_AFTER_MKDTEMP, str(tmp_path)], capture_output=True,
+                       text=True, timeout=120, preexec_fn=_shell_like_signals)
+    assert p.stdout.strip() == "interrupted", p.stdout + p.stderr
     assert list(tmp_path.iterdir()) == []
