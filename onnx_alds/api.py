@@ -26,6 +26,7 @@ from .io import (EXTERNAL_DATA_THRESHOLD, Source, check_model_file, check_rewrit
 from .plan import LayerPlan, Plan, resolve
 from .report import Report, build_report
 from .select import Config, Selection, layer_configs, layer_options, solve
+from .validate import WARN_OUTPUT_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,30 @@ def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency
 
 LATENCY_TOLERANCE = 0.05  # --keep-latency: a measured speed-up at most 5 % short of the target meets it,
 LATENCY_OVERSHOOT = 0.15  # and one more than 15 % past it has compressed more than asked: solve again
-SEQUENTIAL_MACS = 5e11  # sequential calibration by default while its forward passes stay this cheap
+SEQUENTIAL_MACS = 5e11
+DEFAULT_FRACTION = 0.5  # the default budget: keep-params 0.5, ...
+DEFAULT_RELAXED = (0.75, 0.9)  # ... then these where 0.5 is slower, then no layer decomposed
+
+
+def _err(report) -> float:
+    return float((report.validation or {}).get("rel_l2") or 0.0)
+
+
+def _why(e: InfeasibleBudget) -> str:
+    return f"needs slower factorizations ({e})" if e.smallest_fraction < 1.0 else "cannot be met"
+
+
+def _unchanged(info, guard):
+    """The default budget's last resort: no factorization measured or predicted faster than its layer
+    on this provider, so the model is written with no layer decomposed (and says so)."""
+    log.info("no factorization at the default budget runs faster than its layer on %s: the model is written "
+                "with no layer decomposed (give --keep-params to compress anyway, or --allow-slower)",
+                guard.provider)
+    budget = {"metric": "params", "fraction": 1.0, "unchanged": True, "speed_guard": guard.summary(),
+              "warnings": [f"no layer was decomposed: every rewrite at the default budget tried here was slower "
+                           f"than the input on {guard.provider}; --keep-params F compresses anyway"]}
+    plan = Plan(layers=[], budget={"metric": "params", "fraction": 1.0, "method": "none"})
+    return {l.name: None for l in info.candidates}, plan, budget, {}, "alds"  # sequential calibration by default while its forward passes stay this cheap
 
 
 def _sequential_affordable(info, choices, cal_data, emodel) -> bool:
@@ -298,25 +322,41 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         if metric != "latency" and not allow_slower:
             with _timed(timings, "speed_model"):
                 guard = speed_guard(provider)
-    attempt, rounds, result = 0, 0, None
-    lat_fraction = keep_latency
+    # the default budget (none given) is never slower than the input: where the speed guard or the
+    # measured model says keep-params 0.5 is slower, it compresses less, down to nothing
+    default_budget = plan is None and keep_params is None and keep_flops is None and keep_latency is None
+    relax = list(DEFAULT_RELAXED) if default_budget and guard is not None else []
+    attempt, rounds, result, first = 0, 0, None, None
+    lat_fraction, kept_fraction = keep_latency, keep_params
     while True:
         try:
+            if kept_fraction == 1.0 and default_budget:
+                raise InfeasibleBudget("nothing left to relax", 1.0)
             choices, used_plan, budget, baselines, used_method = _choose(
-                info, source, emodel, plan, keep_params=keep_params, keep_flops=keep_flops,
+                info, source, emodel, plan, keep_params=kept_fraction, keep_flops=keep_flops,
                 keep_latency=lat_fraction, method=method, schemes=schemes, k_max=k_max, provider=provider,
                 compare=compare, latency_table=latency_table, progress=progress, timings=timings, guard=guard,
                 fill=fill_budget, objective=objective)
-        except InfeasibleBudget:
-            if result is None:
+        except InfeasibleBudget as e:
+            if relax and (result is None or (result[1].speedup or 0) < 1.0):
+                kept_fraction = relax.pop(0)
+                log.info("the default budget %s; trying keep-params %g", _why(e), kept_fraction)
+                continue
+            if default_budget and guard is not None and (result is None or (result[1].speedup or 0) < 1.0):
+                choices, used_plan, budget, baselines, used_method = _unchanged(info, guard)
+            elif result is None:
                 raise
-            log.info("a stricter selection cannot meet the budget; keeping the previous one")
-            break
+            else:
+                log.info("a stricter selection cannot meet the budget; keeping the previous one")
+                break
+        if default_budget and kept_fraction is not None:
+            budget["default_relaxed"] = {"requested": DEFAULT_FRACTION, "kept": kept_fraction}
         if plan is None and keep_latency is not None and lat_fraction != keep_latency:
             # the user's budget stays what the report says; the loop's corrected one is recorded beside it
             budget.update(solved_fraction=lat_fraction, fraction=keep_latency,
                           target=keep_latency * budget["total_before"])
         seq = sequential if sequential is not None else _sequential_affordable(info, choices, cal_data, emodel)
+        seq = seq and any(c is not None for c in choices.values())
         if seq and large:  # it re-emits the model once per layer: not with weights detached from a >2 GB file
             log.warning("sequential calibration is skipped for a model over 2 GB")
             seq = False
@@ -354,18 +394,38 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             lat_fraction = next_fraction
             source = Source.load(original)
             continue
-        if result is None or (report.speedup or 0) >= 1.0:  # a retry counts only when it is not slower
+        if budget.get("unchanged"):
             result = (new, report)
-        sp = report.speedup
-        if guard is None or sp is None or sp >= 1.0 or attempt >= max_speed_retries or large:
             break
-        attempt += 1
-        log.info("the rewritten model measured %.2fx; redoing the selection with a stricter speed guard", sp)
-        guard = guard.stricter()
+        # a retry counts only when it is not slower, and not much less accurate than the first attempt
+        # (near its floor a stricter guard can meet a budget only with a few layers at tiny ranks)
+        if result is None or ((report.speedup or 0) >= 1.0 and _err(report) <= max(_err(first), WARN_OUTPUT_ERROR)):
+            result = (new, report)
+        first = first if first is not None else report
+        sp = report.speedup
+        if guard is None or sp is None or large or (sp >= 1.0 and result[1] is report):
+            break
+        if attempt < max_speed_retries:
+            attempt += 1
+            log.info("the rewritten model measured %.2fx; redoing the selection with a stricter speed guard", sp)
+            guard = guard.stricter()
+        elif relax:
+            kept_fraction = relax.pop(0)
+            log.info("the rewritten model measured %.2fx at the default budget; trying keep-params %g",
+                     sp, kept_fraction)
+        elif default_budget:
+            kept_fraction = 1.0  # nothing is faster here: write the model with no layer decomposed
+        else:
+            break
         source = Source.load(original)  # emission edited the graph: start from the input again
     new, report = result
     if guard is not None:
         report.budget["speed_guard_retries"] = attempt
+    relaxed = report.budget.get("default_relaxed")
+    if relaxed and not report.budget.get("unchanged"):
+        report.budget.setdefault("warnings", []).append(
+            f"the default budget keep-params {relaxed['requested']:g} ran slower than the input on "
+            f"{guard.provider}; kept {relaxed['kept']:g} of the parameters instead (--keep-params F to insist)")
     if report.budget.get("measured_speedup") is not None:
         report.budget["rounds_tried"] = rounds + 1  # `rounds`: the round whose model was kept
     if validate:
@@ -373,7 +433,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
 
         v = Validation(**report.validation)
         report.budget.setdefault("warnings", []).extend(gate(v, max_output_error=max_output_error,
-                                                             min_speedup=min_speedup))
+                                                             min_speedup=min_speedup,
+                                                             unchanged=bool(report.budget.get("unchanged"))))
     return new, report
 
 

@@ -37,17 +37,19 @@ def _same_feeds(a: dict, b: dict) -> bool:
 
 def bench(paths, *, provider: str = "cpu", batches=(1,), repeats: int = 30, warmup: int = 5,
           threads: int = 2, input_shapes=None, seed: int = 0, order_log: list | None = None,
-          labels: list[str] | None = None) -> list[dict]:
+          labels: list[str] | None = None, spinning: bool = False) -> list[dict]:
     """One row per model and batch: median and p10/p90 ms, speed-up over the
     first model, and ``rel_l2_vs_first`` (None where the models take
     different inputs or give outputs of other shapes).  ``labels`` name the
-    models in the rows (default: their paths)."""
+    models in the rows (default: their paths).  ``spinning`` lets onnxruntime's
+    idle threads spin (:func:`onnx_alds.runtime.session`: faster runs, but
+    interleaved sessions then take each other's cores)."""
     providers = providers_for(provider)
     labels = [str(p) for p in paths] if labels is None else [str(x) for x in labels]
     sessions = []
     for p in paths:
         load_model(p)  # a clear error for a bad file before onnxruntime's own
-        sessions.append(session(str(p), providers, threads))
+        sessions.append(session(str(p), providers, threads, spinning=spinning))
     rows = []
     for batch in batches:
         feeds = [random_inputs(s, input_shapes, batch=batch, seed=seed) for s in sessions]
@@ -59,6 +61,7 @@ def bench(paths, *, provider: str = "cpu", batches=(1,), repeats: int = 30, warm
         for label, s, t, err in zip(labels, sessions, times, errors):
             med = float(np.median(t))
             rows.append({"model": label, "provider": used_provider(s), "batch": batch, "threads": threads,
+                         "spinning": spinning,
                          "repeats": repeats, "warmup": warmup, "median_ms": med,
                          "p10_ms": float(np.percentile(t, 10)), "p90_ms": float(np.percentile(t, 90)),
                          "speedup": base / med if med > 0 else float("nan"), "rel_l2_vs_first": err})

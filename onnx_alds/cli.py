@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=30)
     be.add_argument("--warmup", type=int, default=5)
     be.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    be.add_argument("--spinning", action="store_true",
+                    help="let onnxruntime's idle threads spin (faster runs, but interleaved models then take "
+                         "each other's cores: ratios become noisy)")
     be.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
     be.add_argument("--json", metavar="OUT.json", help="also write the table as JSON")
     be.add_argument("--int8", action="store_true",
@@ -305,7 +308,7 @@ def cmd_bench(a) -> int:
             for m, r in zip(a.models, done):
                 print(f"{m}: {r.summary()}")
         rows = bench(paths, provider=a.provider, batches=batches, repeats=a.repeats, warmup=a.warmup,
-                     threads=a.threads, input_shapes=shapes, labels=labels)
+                     threads=a.threads, input_shapes=shapes, labels=labels, spinning=a.spinning)
     print(format_table(rows))
     if a.json:
         from .io import atomic_write_bytes

@@ -147,3 +147,54 @@ def test_speed_model_counts_thin_products_and_round_trips(tmp_path):
     data = forged.read_text().replace('"thin_in"', '"thin_inn"')
     forged.write_text(data)  # a malformed entry is a miss: measured again
     assert SpeedModel.for_provider("cpu", 2, cache_dir=tmp_path).thin_in
+
+
+def test_default_budget_is_never_slower_explicit_budget_says_why(tmp_path):
+    """A speed model under which no factorization is faster than its layer (every extra node costs
+    more than any layer): the default budget writes the model with no layer decomposed and says so;
+    an explicit --keep-params is exit 4 naming --allow-slower; --min-speedup 1 passes the unchanged model."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import onnx
+
+    from onnx_alds.speed import SpeedModel
+
+    root = tmp_path / "cache"
+    SpeedModel.for_provider("cpu", 2, cache_dir=root / "speed")
+    entry = next((root / "speed").iterdir())
+    d = json.loads(entry.read_text())
+    d["node_overhead"] = 1e15
+    entry.write_text(json.dumps(d))
+    path, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(cnn_model(), str(path))
+    env = dict(os.environ, ONNX_ALDS_CACHE=str(root))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "onnx_alds.cli", "rewrite", str(path), str(out), "--provider",
+                               "cpu", *args], capture_output=True, text=True, env=env)
+
+    p = cli("--report", str(rep), "--min-speedup", "1")
+    assert p.returncode == 0, p.stderr
+    assert "no layer was decomposed" in p.stderr and out.exists()
+    r = json.loads(rep.read_text())
+    assert r["params_after"] == r["params_before"] and r["budget"]["unchanged"]
+    assert all(l["status"] != "decomposed" for l in r["layers"])
+    out.unlink()
+    p = cli("--keep-params", "0.5")
+    assert p.returncode == 4 and "--allow-slower" in p.stderr and not out.exists()
+    assert "Traceback" not in p.stderr
+
+
+def test_timing_sessions_do_not_spin():
+    """Interleaved timing with spinning thread pools measures the pools fighting (runtime.session)."""
+    from onnx_alds.runtime import session
+
+    model = cnn_model()
+    s = session(model, ["CPUExecutionProvider"], 2)
+    assert s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    s = session(model, ["CPUExecutionProvider"], 2, spinning=True)
+    with pytest.raises(Exception):  # not set: onnxruntime's default (spinning)
+        s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
