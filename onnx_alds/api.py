@@ -189,6 +189,18 @@ DEFAULT_FRACTION = 0.5  # the default budget: keep-params 0.5, ...
 DEFAULT_RELAXED = (0.75, 0.9)  # ... then these where 0.5 is slower, then no layer decomposed
 
 
+def _objective_for(objective, method, emodel, cal_data, keep_latency, large) -> str:
+    """``None`` → ``"best"`` (measured candidates) where the calibration data can judge them: alds with
+    data-aware errors under a parameter or FLOP budget, on a model under 2 GB; ``"max"`` otherwise."""
+    if objective not in (None, "best"):
+        return objective
+    measurable = method == "alds" and emodel.name == "data" and cal_data and keep_latency is None and not large
+    if objective == "best" and not measurable:
+        raise UsageError("objective 'best' measures candidate plans on the calibration data: it needs "
+                         "--calibration with the data error model, --method alds and a parameter or FLOP budget")
+    return "best" if measurable else "max"
+
+
 def _err(report) -> float:
     return float((report.validation or {}).get("rel_l2") or 0.0)
 
@@ -208,6 +220,51 @@ def _unchanged(info, guard):
                            f"than the input on {guard.provider}; --keep-params F compresses anyway"]}
     plan = Plan(layers=[], budget={"metric": "params", "fraction": 1.0, "method": "none"})
     return {l.name: None for l in info.candidates}, plan, budget, {}, "alds"  # sequential calibration by default while its forward passes stay this cheap
+
+
+MEASURED_CANDIDATES = (("alds", "max"), ("alds", "sum"), ("uniform", "max"))
+
+
+def _output_error(original, info, emodel, choices, provider, cal_data, cal_all, sequential) -> float:
+    """Worst output relative L2 of a candidate selection on the calibration inputs, built as the
+    rewrite would build it (with the sequential refit where it is on); nothing is timed."""
+    from .validate import validate as run_validation
+
+    src = Source.load(original)
+    seq = _sequential_affordable(info, choices, cal_data, emodel) if sequential is None else sequential
+    new, _ = _build(src, info, emodel, choices, Plan(), progress=False, timings={},
+                    sequential=(original, cal_all, provider) if seq else None)
+    return run_validation(original, new, provider=provider, input_shapes=info.input_shapes, feeds=cal_data,
+                          repeats=0).rel_l2
+
+
+def _choose_measured(original, info, source, emodel, cal_data, cal_all, sequential, *, provider, timings, **kw):
+    """``objective="best"``: the min-max plan, the min-sum plan and the uniform plan at the same budget
+    (same error model, same speed guard), each emitted and run on the calibration inputs; the one with
+    the lowest output error is kept.  The exact solvers optimise a proxy (each layer's error, its max or
+    its sum); this measures what the user sees.  The baselines are the min-max solve's."""
+    tried, best, baselines = [], None, None
+    for method, objective in MEASURED_CANDIDATES:
+        try:
+            got = _choose(info, source, emodel, None, method=method, objective=objective, timings=timings,
+                          provider=provider, **dict(kw, compare=kw["compare"] and baselines is None))
+        except InfeasibleBudget:
+            if (method, objective) == MEASURED_CANDIDATES[0]:
+                raise  # the min-max plan is the most permissive: nothing else can meet the budget
+            continue
+        baselines = got[3] if baselines is None else baselines
+        with _timed(timings, "candidates"):
+            err = _output_error(original, info, emodel, got[0], provider, cal_data, cal_all, sequential)
+        tried.append({"method": method, "objective": objective, "rel_l2": err})
+        if best is None or err < best[0]:
+            best = (err, got, method, objective)
+    _, (choices, used_plan, budget, _, _), method, objective = best
+    picked = {"method": method, "objective": objective}
+    budget.update(objective="best", picked=picked, candidates=tried)
+    used_plan.budget.update(objective="best", picked=picked)
+    log.info("candidate plans on the calibration data: %s; kept %s/%s",
+             ", ".join(f"{t['method']}/{t['objective']} {t['rel_l2']:.4g}" for t in tried), method, objective)
+    return choices, used_plan, budget, baselines, "alds"
 
 
 def _sequential_affordable(info, choices, cal_data, emodel) -> bool:
@@ -251,7 +308,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             error: str | None = None, calibration=None, bias_correction: bool = True,
             max_output_error: float | None = None, min_speedup: float | None = None,
             allow_slower: bool = False, max_speed_retries: int = 2, sequential: bool | None = None,
-            max_latency_rounds: int = 3, fill_budget: bool = True, objective: str = "max",
+            max_latency_rounds: int = 3, fill_budget: bool = True, objective: str | None = None,
             ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
@@ -267,9 +324,11 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
 
     ``objective`` is what ``alds`` minimises: ``"max"``, the largest layer
     error (the paper's), or ``"sum"``, the sum of squared layer errors
-    (:mod:`onnx_alds.select`); default ``"max"``: with data-aware errors
-    ``"sum"`` measures more accurate at mild budgets and less at the tightest
-    (README, Results).
+    (:mod:`onnx_alds.select`), or ``"best"``: the min-max, min-sum and
+    uniform plans are each emitted and run on the calibration inputs and the
+    lowest output error is kept (:func:`_choose_measured`).  Default
+    (``None``): ``"best"`` with data-aware errors under a parameter or FLOP
+    budget, ``"max"`` otherwise.
 
     ``fill_budget`` spends what the min-max optimum leaves of the budget on the
     other layers (a lexicographic min-max; the max error is the same).
@@ -324,6 +383,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                 guard = speed_guard(provider)
     # the default budget (none given) is never slower than the input: where the speed guard or the
     # measured model says keep-params 0.5 is slower, it compresses less, down to nothing
+    used_objective = _objective_for(objective, method, emodel, cal_data, keep_latency, large)
     default_budget = plan is None and keep_params is None and keep_flops is None and keep_latency is None
     relax = list(DEFAULT_RELAXED) if default_budget and guard is not None else []
     attempt, rounds, result, first = 0, 0, None, None
@@ -332,11 +392,17 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         try:
             if kept_fraction == 1.0 and default_budget:
                 raise InfeasibleBudget("nothing left to relax", 1.0)
-            choices, used_plan, budget, baselines, used_method = _choose(
-                info, source, emodel, plan, keep_params=kept_fraction, keep_flops=keep_flops,
-                keep_latency=lat_fraction, method=method, schemes=schemes, k_max=k_max, provider=provider,
-                compare=compare, latency_table=latency_table, progress=progress, timings=timings, guard=guard,
-                fill=fill_budget, objective=objective)
+            pick = dict(keep_params=kept_fraction, keep_flops=keep_flops, keep_latency=lat_fraction,
+                        schemes=schemes, k_max=k_max, compare=compare, latency_table=latency_table,
+                        progress=progress, guard=guard, fill=fill_budget)
+            if used_objective == "best" and plan is None:
+                choices, used_plan, budget, baselines, used_method = _choose_measured(
+                    original, info, source, emodel, cal_data, cal_all, sequential, provider=provider,
+                    timings=timings, **pick)
+            else:
+                choices, used_plan, budget, baselines, used_method = _choose(
+                    info, source, emodel, plan, method=method, provider=provider, timings=timings,
+                    objective=used_objective, **pick)
         except InfeasibleBudget as e:
             if relax and (result is None or (result[1].speedup or 0) < 1.0):
                 kept_fraction = relax.pop(0)

@@ -56,10 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--method", choices=["alds", "alds-paper", "uniform"], default=None,
                    help="alds: exact min-max solver (default); alds-paper: the paper's heuristic; "
                         "uniform: same rank fraction everywhere, k=1")
-    r.add_argument("--objective", choices=["max", "sum"], default=None,
-                   help="what alds minimises: max, the largest layer error (the paper's), or sum, the sum of "
-                        "squared layer errors (default: max; with --calibration, sum measures more "
-                        "accurate at mild budgets and less at the tightest)")
+    r.add_argument("--objective", choices=["max", "sum", "best"], default=None,
+                   help="what alds minimises: max, the largest layer error (the paper's); sum, the sum of "
+                        "squared layer errors; best, the min-max, min-sum and uniform plans each run on the "
+                        "calibration data and the lowest output error kept (default: best with --calibration "
+                        "under a parameter or FLOP budget, else max)")
     r.add_argument("--schemes", default=None, metavar="S,...",
                    help="folding schemes to consider (default all: s0,s1,s2,s3; s0 alone is the paper's ALDS)")
     r.add_argument("--k-max", type=int, default=None, metavar="K", help="largest number of channel groups")
@@ -232,7 +233,7 @@ def cmd_rewrite(a) -> int:
                           calibration=a.calibration, bias_correction=not a.no_bias_correction,
                           max_output_error=a.max_output_error, min_speedup=a.min_speedup,
                           allow_slower=a.allow_slower, sequential=a.sequential,
-                          objective=a.objective or "max")
+                          objective=a.objective)
     report.output = str(out)
     written = save_model(new, out)
     if a.report:

@@ -102,6 +102,12 @@ class Report:
             measure = "root-sum-square error"
             lines.append(f"objective: least sum of squared layer errors; root-sum-square "
                          f"{self.budget['rss_error']:.4f}")
+        if self.budget.get("objective") == "best" and self.budget.get("candidates"):
+            tried = ", ".join(f"{'uniform' if t['method'] == 'uniform' else 'min-' + t['objective']} "
+                              f"{t['rel_l2']:.4f}" for t in self.budget["candidates"])
+            p = self.budget["picked"]
+            kept = "uniform" if p["method"] == "uniform" else f"min-{p['objective']}"
+            lines.append(f"candidate plans, output rel L2 on the calibration data: {tried}; kept {kept}")
         for name, err in self.baselines.items():
             what = f"{measure} {err:.4f}" if err is not None else "cannot meet the budget"
             lines.append(f"  {name:<10} at the same budget: {what}")

@@ -273,3 +273,31 @@ def test_curves_are_computed_once_per_layer_and_configurations(name):
     for n, cs in fewer.items():
         assert other[n][cs[0]] is not first[n][cs[0]]
         np.testing.assert_allclose(other[n][cs[0]], first[n][cs[0]])
+
+
+def test_best_objective_keeps_the_candidate_with_the_lowest_measured_output_error():
+    """With calibration data the default objective is 'best': the min-max, min-sum and uniform plans
+    are each built and run on the calibration inputs, and the kept one is the lowest of those
+    errors; the final validation (same inputs, same build) measures that error again."""
+    from models.data import load_digits_split
+
+    x = load_digits_split(16)[0][:64].numpy()
+    new, rep = onnx_alds.rewrite(SHIPPED, keep_params=0.5, calibration={"input": x}, provider="cpu",
+                                 allow_slower=True)
+    b = rep.budget
+    assert b["objective"] == "best" and len(b["candidates"]) == 3
+    assert {(c["method"], c["objective"]) for c in b["candidates"]} == {("alds", "max"), ("alds", "sum"),
+                                                                          ("uniform", "max")}
+    best = min(b["candidates"], key=lambda c: c["rel_l2"])
+    assert (best["method"], best["objective"]) == (b["picked"]["method"], b["picked"]["objective"])
+    assert rep.validation["rel_l2"] == pytest.approx(best["rel_l2"], rel=1e-4)
+    assert rep.params_after <= 0.5 * rep.params_before + 1
+    assert rep.plan.budget["picked"] == b["picked"]
+    _, plain = onnx_alds.rewrite(SHIPPED, keep_params=0.5, provider="cpu", validate=False, compare=False,
+                                 allow_slower=True)
+    assert plain.budget["objective"] == "max"  # no calibration data to judge candidates by
+
+
+def test_best_objective_needs_calibration_data():
+    with pytest.raises(UsageError, match="calibration"):
+        onnx_alds.rewrite(SHIPPED, keep_params=0.5, objective="best", validate=False)
