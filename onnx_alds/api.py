@@ -386,7 +386,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     used_objective = _objective_for(objective, method, emodel, cal_data, keep_latency, large)
     default_budget = plan is None and keep_params is None and keep_flops is None and keep_latency is None
     relax = list(DEFAULT_RELAXED) if default_budget and guard is not None else []
-    attempt, rounds, result, first = 0, 0, None, None
+    attempt, rounds, result, first, learned = 0, 0, None, None, None
     lat_fraction, kept_fraction = keep_latency, keep_params
     while True:
         try:
@@ -417,10 +417,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                 break
         if default_budget and kept_fraction is not None:
             budget["default_relaxed"] = {"requested": DEFAULT_FRACTION, "kept": kept_fraction}
-        if plan is None and keep_latency is not None and lat_fraction != keep_latency:
-            # the user's budget stays what the report says; the loop's corrected one is recorded beside it
-            budget.update(solved_fraction=lat_fraction, fraction=keep_latency,
-                          target=keep_latency * budget["total_before"])
+        if plan is None and keep_latency is not None:
+            budget["beta"] = latency_table.beta
         seq = sequential if sequential is not None else _sequential_affordable(info, choices, cal_data, emodel)
         seq = seq and any(c is not None for c in choices.values())
         if seq and large:  # it re-emits the model once per layer: not with weights detached from a >2 GB file
@@ -449,15 +447,16 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             if result is None or rank(report) < rank(result[1]):
                 result = (new, report)
             on_target = target * (1 - LATENCY_TOLERANCE) <= got <= target * (1 + LATENCY_OVERSHOOT)
-            if on_target or rounds + 1 >= max_latency_rounds or large:
-                break
-            next_fraction = min(1.0, lat_fraction * (got / target))
-            if abs(next_fraction - lat_fraction) < 1e-3:
+            # layers timed alone do not add up to the model: correct the table by what this
+            # selection saved inside the whole model against what the table predicted it would save
+            learned = latency_table.corrected(budget["predicted_ms"], budget["measured_ms_before"],
+                                              budget["measured_ms"])
+            if on_target or rounds + 1 >= max_latency_rounds or large or abs(learned.beta - latency_table.beta) < 1e-3:
                 break
             rounds += 1
-            log.info("measured %.2fx for a target of %.2fx; solving again for keep-latency %.3f",
-                     got, target, next_fraction)
-            lat_fraction = next_fraction
+            log.info("measured %.2fx for a target of %.2fx (predicted %.2fx); solving again with the table's "
+                     "savings scaled by %.3f", got, target, budget["predicted_speedup"], learned.beta)
+            latency_table = learned
             source = Source.load(original)
             continue
         if budget.get("unchanged"):
@@ -494,6 +493,14 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             f"{guard.provider}; kept {relaxed['kept']:g} of the parameters instead (--keep-params F to insist)")
     if report.budget.get("measured_speedup") is not None:
         report.budget["rounds_tried"] = rounds + 1  # `rounds`: the round whose model was kept
+        if learned is not None:
+            learned.remember()  # the next run on this model starts from the measured correction
+            report.budget["beta_learned"] = learned.beta
+        target, got = 1.0 / keep_latency, report.budget["measured_speedup"]
+        if got < target * (1 - LATENCY_TOLERANCE):
+            report.budget.setdefault("warnings", []).append(
+                f"--keep-latency {keep_latency:g} asks for {target:.2f}x; the closest measured rewrite runs "
+                f"{got:.2f}x (the table predicted {report.budget['predicted_speedup']:.2f}x)")
     if validate:
         from .validate import Validation, gate
 

@@ -166,6 +166,9 @@ class LayerLatency:
         return np.where(r <= rs[-1], np.interp(r, rs, ms), np.inf)
 
 
+BETA_RANGE = (0.1, 1.5)  # the in-context correction is kept within this range
+
+
 @dataclass
 class LatencyTable:
     provider: str
@@ -174,6 +177,42 @@ class LatencyTable:
     measured: int = 0  # measurements taken (not from the cache) when the table was built
     cached: int = 0
     threads: int = 2
+    # layers timed alone do not add up to the model: a factorization saves, inside the whole model,
+    # ``beta`` times what it saves alone.  1 until the closed loop has measured the model
+    # (:meth:`corrected`); cached with the whole-model baseline, so a rerun starts from it
+    beta: float = 1.0
+    entry_path: Path | None = field(default=None, repr=False, compare=False)
+    entry: dict | None = field(default=None, repr=False, compare=False)
+    raw: dict | None = field(default=None, repr=False, compare=False)  # the layers as measured alone
+
+    def with_beta(self, beta: float) -> "LatencyTable":
+        """The same table with every factorization's saving (or loss) against its layer times ``beta``."""
+        from dataclasses import replace
+
+        beta = float(np.clip(beta, *BETA_RANGE))
+        raw = self.raw if self.raw is not None else self.layers
+        layers = {}
+        for name, lt in raw.items():
+            grid = {key: (rs, np.maximum(lt.orig_ms + beta * (ms - lt.orig_ms), 0.0))
+                    for key, (rs, ms) in lt.grid.items()}
+            layers[name] = LayerLatency(lt.orig_ms, grid)
+        return replace(self, layers=layers, beta=beta, raw=raw)
+
+    def corrected(self, predicted_ms: float, before_ms: float, after_ms: float) -> "LatencyTable":
+        """The table corrected by one whole-model measurement of a selection it predicted at
+        ``predicted_ms``: measured relative saving ``1 − after/before`` over predicted
+        ``1 − predicted/model_ms`` scales ``beta``."""
+        predicted = 1.0 - predicted_ms / self.model_ms
+        measured = 1.0 - after_ms / before_ms
+        if abs(predicted) < 1e-3:
+            return self
+        return self.with_beta(self.beta * max(measured, 0.0) / predicted)
+
+    def remember(self) -> None:
+        """Cache ``beta`` with the whole-model baseline, for the next run on this model."""
+        if self.entry_path is not None and self.entry is not None:
+            self.entry["beta"] = self.beta
+            save_json_entry(self.entry_path, self.entry)
 
     def configs(self, name: str) -> list[tuple[int, str]]:
         return sorted(self.layers[name].grid)
@@ -259,7 +298,12 @@ class LatencyTable:
             measured += 1
             if mpath is not None:
                 save_json_entry(mpath, mentry)
-        return cls(prov_used or used_provider(sess), layers, model_ms, measured, cached, threads)
+        table = cls(prov_used or used_provider(sess), layers, model_ms, measured, cached, threads,
+                    entry_path=mpath, entry=mentry)
+        beta = mentry.get("beta")
+        if isinstance(beta, (int, float)) and not isinstance(beta, bool) and np.isfinite(beta):
+            table = table.with_beta(float(beta))
+        return table
 
 
 def measure_speedup(model, new, table, info) -> dict:

@@ -198,3 +198,37 @@ def test_timing_sessions_do_not_spin():
     s = session(model, ["CPUExecutionProvider"], 2, spinning=True)
     with pytest.raises(Exception):  # not set: onnxruntime's default (spinning)
         s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_in_context_correction_scales_savings_and_is_cached(cache):
+    """The closed loop's correction: a factorization saves ``beta`` times what the table measured
+    alone; one whole-model measurement sets beta; it is cached with the model's baseline."""
+    import json
+
+    from onnx_alds.latency import BETA_RANGE
+
+    model = cnn_model()
+    _, _, info = analyze(model)
+    table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=2)
+    assert table.beta == 1.0
+    half = table.with_beta(0.5)
+    for name, lt in table.layers.items():
+        for key, (rs, ms) in lt.grid.items():
+            got = half.layers[name].grid[key][1]
+            assert np.allclose(got, np.maximum(lt.orig_ms + 0.5 * (ms - lt.orig_ms), 0.0))
+    assert table.with_beta(100.0).beta == BETA_RANGE[1] and table.with_beta(0.0).beta == BETA_RANGE[0]
+    back = half.with_beta(1.0)  # from the raw table, not compounded
+    assert all(np.allclose(back.layers[n].grid[key][1], lt.grid[key][1])
+               for n, lt in table.layers.items() for key in lt.grid)
+    # predicted a 40 % saving, measured 10 %: savings count a quarter as much
+    fixed = table.corrected(0.6 * table.model_ms, before_ms=2.0, after_ms=1.8)
+    assert fixed.beta == pytest.approx(0.25)
+    fixed.remember()
+    again = LatencyTable.for_model(model, info, cache_dir=cache, k_max=2)
+    assert again.beta == pytest.approx(0.25) and again.measured == 0
+    entry = next(p for p in cache.iterdir() if p.name.startswith("model-"))
+    for bad in ("0.3", True, None):  # not a number: ignored, the table starts from 1
+        d = json.loads(entry.read_text())
+        d["beta"] = bad
+        entry.write_text(json.dumps(d))
+        assert LatencyTable.for_model(model, info, cache_dir=cache, k_max=2).beta == 1.0
