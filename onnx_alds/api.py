@@ -26,6 +26,7 @@ from .io import (EXTERNAL_DATA_THRESHOLD, Source, check_model_file, check_rewrit
 from .plan import LayerPlan, Plan, resolve
 from .report import Report, build_report
 from .select import Config, Selection, layer_configs, layer_options, solve
+from .latency import BETA_RANGE
 from .validate import WARN_OUTPUT_ERROR
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency
 
 LATENCY_TOLERANCE = 0.05  # --keep-latency: a measured speed-up at most 5 % short of the target meets it,
 LATENCY_OVERSHOOT = 0.15  # and one more than 15 % past it has compressed more than asked: solve again
-SEQUENTIAL_MACS = 5e11
+SEQUENTIAL_MACS = 5e11  # sequential calibration by default while its forward passes stay this cheap
 DEFAULT_FRACTION = 0.5  # the default budget: keep-params 0.5, ...
 DEFAULT_RELAXED = (0.75, 0.9)  # ... then these where 0.5 is slower, then no layer decomposed
 
@@ -219,7 +220,7 @@ def _unchanged(info, guard):
               "warnings": [f"no layer was decomposed: every rewrite at the default budget tried here was slower "
                            f"than the input on {guard.provider}; --keep-params F compresses anyway"]}
     plan = Plan(layers=[], budget={"metric": "params", "fraction": 1.0, "method": "none"})
-    return {l.name: None for l in info.candidates}, plan, budget, {}, "alds"  # sequential calibration by default while its forward passes stay this cheap
+    return {l.name: None for l in info.candidates}, plan, budget, {}, "alds"
 
 
 MEASURED_CANDIDATES = (("alds", "max"), ("alds", "sum"), ("uniform", "max"))
@@ -386,7 +387,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     used_objective = _objective_for(objective, method, emodel, cal_data, keep_latency, large)
     default_budget = plan is None and keep_params is None and keep_flops is None and keep_latency is None
     relax = list(DEFAULT_RELAXED) if default_budget and guard is not None else []
-    attempt, rounds, result, first, learned = 0, 0, None, None, None
+    attempt, rounds, result, first = 0, 0, None, None
     lat_fraction, kept_fraction = keep_latency, keep_params
     while True:
         try:
@@ -419,6 +420,9 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             budget["default_relaxed"] = {"requested": DEFAULT_FRACTION, "kept": kept_fraction}
         if plan is None and keep_latency is not None:
             budget["beta"] = latency_table.beta
+            if lat_fraction != keep_latency:  # the user's budget stays what the report says
+                budget.update(solved_fraction=lat_fraction, fraction=keep_latency,
+                              target=keep_latency * budget["total_before"])
         seq = sequential if sequential is not None else _sequential_affordable(info, choices, cal_data, emodel)
         seq = seq and any(c is not None for c in choices.values())
         if seq and large:  # it re-emits the model once per layer: not with weights detached from a >2 GB file
@@ -434,8 +438,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                                      baselines, used_method, latency_table=latency_table, validate=validate,
                                      provider=provider, cal_data=cal_data, timings=timings)
         if budget.get("measured_speedup") is not None and plan is None:
-            # --keep-latency, measured: re-solve with the budget corrected by what the model really ran,
-            # both ways (short of the target: compress more; far past it: compress less)
+            # --keep-latency, measured: re-solve the same budget with the table corrected by what the
+            # model really ran, both ways (short of the target: compress more; far past it: less)
             target = 1.0 / keep_latency
             got = budget["measured_speedup"]
             budget["rounds"] = rounds + 1
@@ -447,16 +451,23 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             if result is None or rank(report) < rank(result[1]):
                 result = (new, report)
             on_target = target * (1 - LATENCY_TOLERANCE) <= got <= target * (1 + LATENCY_OVERSHOOT)
+            if on_target or rounds + 1 >= max_latency_rounds or large:
+                break
             # layers timed alone do not add up to the model: correct the table by what this
-            # selection saved inside the whole model against what the table predicted it would save
+            # selection saved inside the whole model against what the table predicted it would save;
+            # where it saved nothing (every extra node cost more than its layer saved), no scaling of
+            # the savings can say how much more to compress: ask the table for the missing ratio instead
             learned = latency_table.corrected(budget["predicted_ms"], budget["measured_ms_before"],
                                               budget["measured_ms"])
-            if on_target or rounds + 1 >= max_latency_rounds or large or abs(learned.beta - latency_table.beta) < 1e-3:
-                break
             rounds += 1
-            log.info("measured %.2fx for a target of %.2fx (predicted %.2fx); solving again with the table's "
-                     "savings scaled by %.3f", got, target, budget["predicted_speedup"], learned.beta)
-            latency_table = learned
+            if got > 1.0 and learned.beta > BETA_RANGE[0]:
+                log.info("measured %.2fx for a target of %.2fx (predicted %.2fx); solving again with the "
+                         "table's savings scaled by %.3f", got, target, budget["predicted_speedup"], learned.beta)
+                latency_table = learned
+            else:
+                lat_fraction = min(1.0, lat_fraction * got / target)
+                log.info("measured %.2fx for a target of %.2fx; solving again for keep-latency %.3f",
+                         got, target, lat_fraction)
             source = Source.load(original)
             continue
         if budget.get("unchanged"):
@@ -464,7 +475,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             break
         # a retry counts only when it is not slower, and not much less accurate than the first attempt
         # (near its floor a stricter guard can meet a budget only with a few layers at tiny ranks)
-        if result is None or ((report.speedup or 0) >= 1.0 and _err(report) <= max(_err(first), WARN_OUTPUT_ERROR)):
+        accurate = first is None or _err(report) <= max(_err(first), WARN_OUTPUT_ERROR)
+        if result is None or ((report.speedup or 0) >= 1.0 and accurate):
             result = (new, report)
         first = first if first is not None else report
         sp = report.speedup
@@ -493,9 +505,9 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             f"{guard.provider}; kept {relaxed['kept']:g} of the parameters instead (--keep-params F to insist)")
     if report.budget.get("measured_speedup") is not None:
         report.budget["rounds_tried"] = rounds + 1  # `rounds`: the round whose model was kept
-        if learned is not None:
-            learned.remember()  # the next run on this model starts from the measured correction
-            report.budget["beta_learned"] = learned.beta
+        if latency_table is not None and plan is None:
+            # the next run on this model starts from the correction its kept plan was solved with
+            latency_table.with_beta(report.budget.get("beta", 1.0)).remember()
         target, got = 1.0 / keep_latency, report.budget["measured_speedup"]
         if got < target * (1 - LATENCY_TOLERANCE):
             report.budget.setdefault("warnings", []).append(

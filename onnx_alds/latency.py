@@ -313,7 +313,7 @@ def measure_speedup(model, new, table, info) -> dict:
     providers = providers_for("cuda" if table.provider == "CUDAExecutionProvider" else "cpu")
     s0, s1 = session(model, providers, table.threads), session(new, providers, table.threads)
     feeds = random_inputs(s0, info.input_shapes, batch=1)
-    t0, t1 = interleaved_latency([s0, s1], [feeds, feeds], warmup=5, repeats=30)
+    t0, t1 = interleaved_latency([s0, s1], [feeds, feeds], warmup=5, repeats=30, min_seconds=0.25)
     before, after = float(np.median(t0)), float(np.median(t1))
     return {"threads": table.threads, "measured_ms_before": before, "measured_ms": after,
             "measured_speedup": before / after if after > 0 else float("nan")}
