@@ -260,7 +260,7 @@ def _choose_measured(original, info, source, emodel, cal_data, cal_all, sequenti
         if best is None or err < best[0]:
             best = (err, got, method, objective)
     _, (choices, used_plan, budget, _, _), method, objective = best
-    picked = {"method": method, "objective": objective}
+    picked = f"{method}/{objective}"
     budget.update(objective="best", picked=picked, candidates=tried)
     used_plan.budget.update(objective="best", picked=picked)
     log.info("candidate plans on the calibration data: %s; kept %s/%s",
@@ -310,7 +310,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             max_output_error: float | None = None, min_speedup: float | None = None,
             allow_slower: bool = False, max_speed_retries: int = 2, sequential: bool | None = None,
             max_latency_rounds: int = 3, fill_budget: bool = True, objective: str | None = None,
-            ) -> tuple[onnx.ModelProto, Report]:
+            int8: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
     With ``plan`` the given plan is applied as is; otherwise ``method`` selects
@@ -342,6 +342,9 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     validation inputs) or below ``min_speedup`` the rewrite raises
     :class:`ValidationFailed`."""
     timings: dict = {}
+    if int8 and (keep_latency is None or plan is not None):
+        raise UsageError("--int8 times the int8 models for --keep-latency; give --keep-latency F with it "
+                         "(a parameter or FLOP budget, or a plan, does not time anything)")
     if not validate and (max_output_error is not None or min_speedup is not None):
         raise UsageError("--max-output-error and --min-speedup need validation (drop --no-validate)")
     if keep_latency is not None and max_output_error is not None and plan is None:
@@ -350,7 +353,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             compare=compare, latency_table=latency_table, progress=progress, cache_dir=cache_dir, error=error,
             calibration=calibration, bias_correction=bias_correction, min_speedup=min_speedup,
             sequential=sequential, max_latency_rounds=max_latency_rounds, fill_budget=fill_budget,
-            objective=objective))
+            objective=objective, int8=int8))
     with _timed(timings, "load"):
         source = Source.load(model_or_path)
     original = source.model
@@ -377,8 +380,11 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             from .latency import LatencyTable  # measured per provider, cached
 
             with _timed(timings, "latency_table"):
-                latency_table = LatencyTable.for_model(source.model, info, provider=provider, k_max=k_max or 16,
-                                                       schemes=schemes, progress=progress)
+                from .latency import INT8_K_MAX
+
+                latency_table = LatencyTable.for_model(source.model, info, provider=provider,
+                                                       k_max=k_max or (INT8_K_MAX if int8 else 16),
+                                                       schemes=schemes, progress=progress, int8=int8)
         if metric != "latency" and not allow_slower:
             with _timed(timings, "speed_model"):
                 guard = speed_guard(provider)
@@ -517,9 +523,11 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         from .validate import Validation, gate
 
         v = Validation(**report.validation)
+        int8_speedup = report.budget.get("measured_speedup") if int8 else None
         report.budget.setdefault("warnings", []).extend(gate(v, max_output_error=max_output_error,
                                                              min_speedup=min_speedup,
-                                                             unchanged=bool(report.budget.get("unchanged"))))
+                                                             unchanged=bool(report.budget.get("unchanged")),
+                                                             speedup=int8_speedup))
     return new, report
 
 

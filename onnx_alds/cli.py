@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="exit 5 and write nothing when an output's relative L2 error exceeds X")
     r.add_argument("--min-speedup", type=float, metavar="X",
                    help="exit 5 and write nothing when the rewritten model is not X times as fast")
+    r.add_argument("--int8", action="store_true",
+                   help="with --keep-latency: time the int8 QDQ models that 'onnx-alds quantize' makes (the "
+                        "latency table and the closed loop), for a pipeline that quantizes the rewrite")
     r.add_argument("--allow-slower", action="store_true",
                    help="let the selector pick factorizations that the latency model says are slower "
                         "than the dense layer")
@@ -232,7 +235,7 @@ def cmd_rewrite(a) -> int:
                           progress=sys.stderr.isatty(), cache_dir=a.cache_dir, error=a.error,
                           calibration=a.calibration, bias_correction=not a.no_bias_correction,
                           max_output_error=a.max_output_error, min_speedup=a.min_speedup,
-                          allow_slower=a.allow_slower, sequential=a.sequential,
+                          allow_slower=a.allow_slower, sequential=a.sequential, int8=a.int8,
                           objective=a.objective)
     report.output = str(out)
     written = save_model(new, out)

@@ -21,7 +21,8 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,11 @@ from .cost import factorized_params, full_rank
 from .errors import UsageError
 from .extract import Layer, ModelInfo, extract
 from .folding import decoder_kernel, encoder_kernel
-from .io import Source
+from .io import Source, temp_dir
 from .ops import Factors, known as _known
 from .select import Config
-from .runtime import ort, providers_for, session, used_provider
+from .runtime import CPU, ort, providers_for, session, used_provider
+from .speed import CHANNEL_ALIGN
 
 log = logging.getLogger(__name__)
 
@@ -110,25 +112,39 @@ def _factorized_model(base: onnx.ModelProto, k: int, scheme: str, rank: int) -> 
     return out
 
 
+INT8_K_MAX = 1  # --int8: default --k-max; onnxruntime runs grouped int8 convs slowly (README, int8)
+
+
+def int8_copy(model, folder, name: str, calibration=None, preprocess: bool = False) -> Path:
+    """``model`` quantized as ``onnx-alds quantize`` does (static QDQ, per-channel weights, U8S8),
+    written into ``folder``; seeded random calibration unless given.  Probes skip onnxruntime's
+    pre-processing (symbolic shape inference: seconds per probe, nothing to infer in one layer)."""
+    from .quantize import quantize
+
+    out = Path(folder) / f"{name}.int8.onnx"
+    quantize(model, out, calibration, samples=8, batch=8, preprocess=preprocess)
+    return out
+
+
 def cache_key(layer: Layer, in_dims, provider: str, ort_version: str, threads: int, opset: int,
-              bias: bool) -> tuple[str, dict]:
+              bias: bool, int8: bool = False) -> tuple[str, dict]:
     """What a layer's latency depends on, and its hash (the cache file name)."""
     a = layer.attrs
-    src = {"version": CACHE_VERSION, "op": layer.op, "w": list(layer.weight_shape), "dtype": layer.dtype, "in": list(in_dims),
-           "strides": list(a.strides), "dil": list(a.dilations), "pads": list(a.pads),
+    src = {"version": CACHE_VERSION, "op": layer.op, "w": list(layer.weight_shape), "dtype": layer.dtype,
+           "in": list(in_dims), "strides": list(a.strides), "dil": list(a.dilations), "pads": list(a.pads),
            "transB": a.trans_b, "bias": bias, "provider": provider, "ort": ort_version,
-           "threads": threads, "opset": opset}
+           "threads": threads, "opset": opset, "int8": int8}
     return hashlib.sha1(json.dumps(src, sort_keys=True).encode()).hexdigest(), src
 
 
 def model_cache_key(model: onnx.ModelProto, info: ModelInfo, provider: str, ort_version: str,
-                    threads: int) -> tuple[str | None, dict]:
+                    threads: int, int8: bool = False) -> tuple[str | None, dict]:
     """Key of a whole model's baseline latency: its bytes, input shapes and the
     settings (None for a model too large to hash from memory)."""
     from .io import EXTERNAL_DATA_THRESHOLD, proto_size
 
     src = {"version": CACHE_VERSION, "inputs": {k: list(v) for k, v in info.input_shapes.items()},
-           "provider": provider, "ort": ort_version, "threads": threads}
+           "provider": provider, "ort": ort_version, "threads": threads, "int8": int8}
     if proto_size(model) > EXTERNAL_DATA_THRESHOLD or not model.graph.node:
         return None, src
     src["model"] = hashlib.sha1(model.SerializeToString()).hexdigest()
@@ -144,26 +160,32 @@ def grid_ks(c: int, k_max: int | None) -> list[int]:
     return ks
 
 
-def grid_ranks(layer: Layer, k: int, scheme: str, points: int) -> list[int]:
+def grid_ranks(layer: Layer, k: int, scheme: str, points: int, align: int = 1) -> list[int]:
+    """A few ranks from the least to the largest that still saves parameters, all multiples of
+    ``align`` (none where no multiple saves anything)."""
     g = layer.geometry
     r = full_rank(g, k, scheme)
     per = factorized_params(g, k, scheme, 1)
     useful = min(r, max(1, (g.params - 1) // per))  # beyond this rank nothing is saved
-    return sorted({int(round(v)) for v in np.geomspace(1, useful, points)} | {1, useful})
+    top = useful // align * align
+    if top < align:
+        return []
+    return sorted({max(align, int(round(v / align)) * align) for v in np.geomspace(align, top, points)} | {align, top})
 
 
 @dataclass
 class LayerLatency:
     orig_ms: float
     grid: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    align: int = 1  # only ranks that are multiples of this (speed.layout_ok)
 
     def cost(self, k, scheme, ranks):
         if k is None:
             return self.orig_ms
         rs, ms = self.grid[(k, scheme)]
         r = np.asarray(ranks, dtype=float)
-        # only ranks inside the measured grid: no extrapolation
-        return np.where(r <= rs[-1], np.interp(r, rs, ms), np.inf)
+        # only ranks inside the measured grid (no extrapolation) and in the layout's steps
+        return np.where((r <= rs[-1]) & (r % self.align == 0), np.interp(r, rs, ms), np.inf)
 
 
 BETA_RANGE = (0.1, 1.5)  # the in-context correction is kept within this range
@@ -181,21 +203,20 @@ class LatencyTable:
     # ``beta`` times what it saves alone.  1 until the closed loop has measured the model
     # (:meth:`corrected`); cached with the whole-model baseline, so a rerun starts from it
     beta: float = 1.0
+    int8: bool = False  # timed as int8 QDQ models (``onnx-alds quantize``)
     entry_path: Path | None = field(default=None, repr=False, compare=False)
     entry: dict | None = field(default=None, repr=False, compare=False)
     raw: dict | None = field(default=None, repr=False, compare=False)  # the layers as measured alone
 
     def with_beta(self, beta: float) -> "LatencyTable":
         """The same table with every factorization's saving (or loss) against its layer times ``beta``."""
-        from dataclasses import replace
-
         beta = float(np.clip(beta, *BETA_RANGE))
         raw = self.raw if self.raw is not None else self.layers
         layers = {}
         for name, lt in raw.items():
             grid = {key: (rs, np.maximum(lt.orig_ms + beta * (ms - lt.orig_ms), 0.0))
                     for key, (rs, ms) in lt.grid.items()}
-            layers[name] = LayerLatency(lt.orig_ms, grid)
+            layers[name] = LayerLatency(lt.orig_ms, grid, lt.align)
         return replace(self, layers=layers, beta=beta, raw=raw)
 
     def corrected(self, predicted_ms: float, before_ms: float, after_ms: float) -> "LatencyTable":
@@ -221,7 +242,7 @@ class LatencyTable:
         """What the report's budget section says of the table and a prediction."""
         return dict(provider=self.provider, model_ms=self.model_ms, predicted_ms=predicted_ms,
                     predicted_speedup=self.model_ms / predicted_ms if predicted_ms > 0 else float("nan"),
-                    measurements=self.measured, cached=self.cached)
+                    measurements=self.measured, cached=self.cached, int8=self.int8)
 
     def predicted_ms(self, choices: dict) -> float:
         t = self.model_ms
@@ -234,7 +255,17 @@ class LatencyTable:
     @classmethod
     def for_model(cls, model: onnx.ModelProto, info: ModelInfo, *, provider: str = "auto", threads: int = 2,
                   k_max: int | None = 16, schemes=None, points: int = 4, cache_dir=None,
-                  progress: bool = False) -> "LatencyTable":
+                  progress: bool = False, int8: bool = False) -> "LatencyTable":
+        """``int8``: every layer, candidate and the whole model are timed as the int8 QDQ
+        models that ``onnx-alds quantize`` makes of them (random calibration: timing only)."""
+        with temp_dir("onnx-alds-int8-") if int8 else nullcontext() as tmp:
+            return cls._for_model(model, info, provider=provider, threads=threads, k_max=k_max, schemes=schemes,
+                                  points=points, cache_dir=cache_dir, progress=progress, int8_dir=tmp)
+
+    @classmethod
+    def _for_model(cls, model, info, *, provider, threads, k_max, schemes, points, cache_dir, progress,
+                   int8_dir) -> "LatencyTable":
+        int8 = int8_dir is not None
         providers = providers_for(provider)
         cache = _cache_dir(cache_dir)
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
@@ -250,19 +281,26 @@ class LatencyTable:
             base = layer.spec.standalone(layer, list(in_dims), opset)
             mini_layer = extract(base, gs.import_onnx(base)).layers[0]
             allowed = [s for s in mini_layer.schemes if schemes is None or s in schemes] or ["s0"]
-            ks = grid_ks(layer.geometry.c, k_max) if mini_layer.allow_groups else [1]
+            # on the CPU provider a conv's factorization stays in onnxruntime's blocked layout:
+            # k = 1 and ranks in steps of CHANNEL_ALIGN (speed.layout_ok)
+            blocked = providers[0] == CPU and layer.op in ("Conv", "ConvTranspose")
+            align = CHANNEL_ALIGN if blocked else 1
+            ks = [1] if blocked or not mini_layer.allow_groups else grid_ks(layer.geometry.c, k_max)
             key, key_src = cache_key(layer, in_dims, providers[0], version, threads, opset,
-                                     bias=len(base.graph.initializer) > 1)
+                                     bias=len(base.graph.initializer) > 1, int8=int8)
             path = cache / f"{key}.json" if cache is not None else None
             entry = (load_json_entry(path, key_src) if path is not None else None) or {"key": key_src, "ms": {}}
             feeds = {"x": np.random.default_rng(0).standard_normal(in_dims).astype(np.dtype(layer.dtype))}
 
-            def measure(tag, make):
+            def measure(tag, make, quantized=True):
                 nonlocal measured, cached, prov_used
                 if tag in entry["ms"]:
                     cached += 1
                     return entry["ms"][tag]
-                sess = session(make(), providers, threads)
+                m = make()
+                if int8 and quantized:
+                    m = int8_copy(m, int8_dir, "probe")
+                sess = session(m, providers, threads)
                 prov_used = used_provider(sess)
                 entry["ms"][tag] = time_session(sess, feeds)
                 measured += 1
@@ -270,25 +308,27 @@ class LatencyTable:
 
             # a run's fixed cost (feeding the input, fetching the output) is not the layer's:
             # subtract what a run that computes nothing costs at the same input shape
-            overhead = measure("overhead", lambda: _overhead_model(base))
-            lt = LayerLatency(max(measure("orig", lambda: base) - overhead, 0.0))
+            overhead = measure("overhead", lambda: _overhead_model(base), quantized=False)
+            lt = LayerLatency(max(measure("orig", lambda: base) - overhead, 0.0), align=align)
             for k in ks:
                 for s in allowed:
-                    rs = grid_ranks(mini_layer, k, s, points)
+                    rs = grid_ranks(mini_layer, k, s, points, align)
+                    if not rs:
+                        continue
                     ms = [max(measure(f"{k}|{s}|{r}", lambda k=k, s=s, r=r: _factorized_model(base, k, s, r))
                               - overhead, 0.0) for r in rs]
                     lt.grid[(k, s)] = (np.asarray(rs, float), np.asarray(ms, float))
             layers[layer.name] = lt
             if measured and path is not None:
                 save_json_entry(path, entry)
-        sess = session(model, providers, threads)
         from .validate import random_inputs
 
         # the whole-model baseline is cached like the layers, so the budget's floor and
         # target do not move with the machine's load from one run to the next
-        mkey, msrc = model_cache_key(model, info, providers[0], version, threads)
+        mkey, msrc = model_cache_key(model, info, providers[0], version, threads, int8=int8)
         mpath = cache / f"model-{mkey}.json" if cache is not None and mkey else None
         mentry = (load_json_entry(mpath, msrc) if mpath is not None else None) or {"key": msrc, "ms": {}}
+        sess = session(int8_copy(model, int8_dir, "model", preprocess=True) if int8 else model, providers, threads)
         if "model" in mentry["ms"]:
             model_ms = mentry["ms"]["model"]
             cached += 1
@@ -299,7 +339,7 @@ class LatencyTable:
             if mpath is not None:
                 save_json_entry(mpath, mentry)
         table = cls(prov_used or used_provider(sess), layers, model_ms, measured, cached, threads,
-                    entry_path=mpath, entry=mentry)
+                    entry_path=mpath, entry=mentry, int8=int8)
         beta = mentry.get("beta")
         if isinstance(beta, (int, float)) and not isinstance(beta, bool) and np.isfinite(beta):
             table = table.with_beta(float(beta))
@@ -311,6 +351,10 @@ def measure_speedup(model, new, table, info) -> dict:
     from .validate import interleaved_latency, random_inputs
 
     providers = providers_for("cuda" if table.provider == "CUDAExecutionProvider" else "cpu")
+    if table.int8:  # what the table timed: the int8 models of both
+        with temp_dir("onnx-alds-int8-") as tmp:
+            return measure_speedup(int8_copy(model, tmp, "original", preprocess=True),
+                                   int8_copy(new, tmp, "rewritten", preprocess=True), replace(table, int8=False), info)
     s0, s1 = session(model, providers, table.threads), session(new, providers, table.threads)
     feeds = random_inputs(s0, info.input_shapes, batch=1)
     t0, t1 = interleaved_latency([s0, s1], [feeds, feeds], warmup=5, repeats=30, min_seconds=0.25)

@@ -105,8 +105,8 @@ class Report:
         if self.budget.get("objective") == "best" and self.budget.get("candidates"):
             tried = ", ".join(f"{'uniform' if t['method'] == 'uniform' else 'min-' + t['objective']} "
                               f"{t['rel_l2']:.4f}" for t in self.budget["candidates"])
-            p = self.budget["picked"]
-            kept = "uniform" if p["method"] == "uniform" else f"min-{p['objective']}"
+            method, objective = self.budget["picked"].split("/")
+            kept = "uniform" if method == "uniform" else f"min-{objective}"
             lines.append(f"candidate plans, output rel L2 on the calibration data: {tried}; kept {kept}")
         for name, err in self.baselines.items():
             what = f"{measure} {err:.4f}" if err is not None else "cannot meet the budget"
@@ -115,7 +115,8 @@ class Report:
         if b.get("metric") == "latency" and b.get("measured_ms") is not None:
             predicted = (f"predicted speed-up {b['model_ms'] / b['predicted_ms']:.2f}x, "
                          if b.get("model_ms") and b.get("predicted_ms") else "")
-            lines.append(f"latency on {b.get('provider', '?')} (batch 1, {b.get('threads', '?')} threads): "
+            int8 = ", int8 models" if b.get("int8") else ""
+            lines.append(f"latency on {b.get('provider', '?')} (batch 1, {b.get('threads', '?')} threads{int8}): "
                          f"{predicted}measured {b['measured_speedup']:.2f}x "
                          f"({b['measured_ms_before']:.3f} ms -> {b['measured_ms']:.3f} ms)")
         v = self.validation

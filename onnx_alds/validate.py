@@ -194,7 +194,7 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
         batch = int(next(iter(feeds.values())).shape[0]) if feeds else batch
     else:
         feeds = random_inputs(s0, input_shapes, batch=batch, seed=seed)
-    timing_feeds = {k: v[:1] for k, v in feeds.items()}  # latency at batch 1, like --keep-latency's
+    timing_feeds = {k: v[:1] for k, v in feeds.items()} if data == "calibration" else feeds
     names = [o.name for o in s0.get_outputs()]
     try:
         before = s0.run(None, feeds)
@@ -237,16 +237,18 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
 
 
 def gate(v: Validation, *, max_output_error: float | None = None, min_speedup: float | None = None,
-         unchanged: bool = False) -> list[str]:
+         unchanged: bool = False, speedup: float | None = None) -> list[str]:
     """Raise :class:`ValidationFailed` past a limit; return the warnings otherwise.  ``unchanged``: no
     layer was decomposed, so the two models are the same graph and their speed-up is 1 (not the noise
-    the timing measured)."""
+    the timing measured).  ``speedup``: the one to judge instead of validation's (``--int8``: the
+    int8 models' speed-up that the closed loop measured)."""
     if max_output_error is not None and v.rel_l2 > max_output_error:
         raise ValidationFailed(f"the rewritten model's output error (relative L2 {v.rel_l2:.3g} on {v.data} "
                                f"inputs) exceeds --max-output-error {max_output_error:g}; nothing was written")
-    sp = 1.0 if unchanged else v.speedup
+    sp = 1.0 if unchanged else speedup if speedup is not None else v.speedup
+    what = "the int8 rewritten model" if speedup is not None else "the rewritten model"
     if min_speedup is not None and sp is not None and sp < min_speedup:
-        raise ValidationFailed(f"the rewritten model runs {sp:.2f}x as fast as the input on {v.provider}, "
+        raise ValidationFailed(f"{what} runs {sp:.2f}x as fast as the input on {v.provider}, "
                                f"below --min-speedup {min_speedup:g}; nothing was written")
     warnings = []
     if max_output_error is None and v.rel_l2 > WARN_OUTPUT_ERROR:
@@ -256,6 +258,9 @@ def gate(v: Validation, *, max_output_error: float | None = None, min_speedup: f
         warnings.append(f"the outputs changed a lot ({what} on {v.data} inputs); check accuracy on your data, "
                         f"or bound it with --max-output-error")
     if min_speedup is None and sp is not None and sp < 1.0:
-        warnings.append(f"the rewritten model is slower than the input on {v.provider} "
-                        f"({v.latency_ms_before:.3f} ms -> {v.latency_ms_after:.3f} ms, {sp:.2f}x)")
+        if speedup is not None:
+            warnings.append(f"the int8 rewritten model is slower than the int8 input on {v.provider} ({sp:.2f}x)")
+        else:
+            warnings.append(f"the rewritten model is slower than the input on {v.provider} "
+                            f"({v.latency_ms_before:.3f} ms -> {v.latency_ms_after:.3f} ms, {sp:.2f}x)")
     return warnings

@@ -34,15 +34,15 @@ def test_rewrite_model_with_external_data(tmp_path):
     save_external(cnn_model(), src)
     data_before = (tmp_path / "ext.onnx.data").read_bytes()
     out = tmp_path / "out.onnx"
-    p = subprocess.run([sys.executable, "-m", "onnx_alds", "rewrite", str(src), str(out), "--keep-params", "0.6"],
-                       capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "onnx_alds", "rewrite", str(src), str(out), "--keep-params", "0.6",
+                        "--allow-slower"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "ext.onnx.data").read_bytes() == data_before
     # the same model stored inline gives the same rewrite: external data changes nothing
     inline, out_inline = tmp_path / "inline.onnx", tmp_path / "out_inline.onnx"
     onnx.save(cnn_model(), str(inline))
     p = subprocess.run([sys.executable, "-m", "onnx_alds", "rewrite", str(inline), str(out_inline),
-                        "--keep-params", "0.6"], capture_output=True, text=True)
+                        "--keep-params", "0.6", "--allow-slower"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
     y0 = run(load_model(src), {"x": x})[0]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from graphs import cnn_model
+from graphs import cnn_model, conv_model
 from onnx_alds import rewrite
 from onnx_alds.api import analyze
 from onnx_alds.latency import LatencyTable, cache_key
@@ -14,8 +14,14 @@ def cache(tmp_path):
     return tmp_path / "cache"
 
 
+def wide_conv():
+    """One 64 → 64 3×3 conv at 32×32: its rank-8 factorization does a seventh of its work, so it is
+    faster on any machine (the tiny layers of cnn_model can measure either way)."""
+    return conv_model(f=64, c=64, in_hw=(32, 32), pads=(1, 1, 1, 1), spectrum_decay=0.9)
+
+
 def test_keep_latency_uses_only_table_entries(cache):
-    model = cnn_model()
+    model = wide_conv()
     _, _, info = analyze(model)
     table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=4)
     assert table.measured > 0 and table.provider == "CPUExecutionProvider"
@@ -62,7 +68,7 @@ def test_cache_hits_and_invalidation(cache):
 
 
 def test_closed_loop_stays_within_its_bound_and_reports_both_speedups(cache):
-    model = cnn_model()
+    model = wide_conv()
     _, _, info = analyze(model)
     table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=4)
     from onnx_alds.errors import InfeasibleBudget
@@ -111,13 +117,21 @@ def test_speed_guard_choices_are_all_admissible_and_gate_refuses_slow(tmp_path):
 
     from onnx_alds.api import speed_guard
 
-    model = cnn_model()
+    from pathlib import Path
+
+    from onnx_alds.speed import CHANNEL_ALIGN
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "resnet20_digits.onnx"
     guard = speed_guard("cpu")
-    _, report = rewrite(model, keep_params=0.9, validate=False, compare=False, provider="cpu")
-    _, _, info = analyze(model)
-    for l in report.layers:
-        if l.status == "decomposed":
-            assert guard.admissible(info.layer(l.name), l.k, l.scheme, [l.rank])[0]
+    _, report = rewrite(shipped, keep_params=0.9, validate=False, compare=False, provider="cpu")
+    _, _, info = analyze(shipped)
+    chosen = [l for l in report.layers if l.status == "decomposed"]
+    assert chosen
+    for l in chosen:
+        assert guard.admissible(info.layer(l.name), l.k, l.scheme, [l.rank])[0]
+        if l.op == "Conv":  # onnxruntime's blocked layout on the CPU (speed.layout_ok)
+            assert l.k == 1 and l.rank % CHANNEL_ALIGN == 0
+    model = cnn_model()
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     out = tmp_path / "o.onnx"
@@ -232,3 +246,35 @@ def test_in_context_correction_scales_savings_and_is_cached(cache):
         d["beta"] = bad
         entry.write_text(json.dumps(d))
         assert LatencyTable.for_model(model, info, cache_dir=cache, k_max=2).beta == 1.0
+
+
+def test_int8_latency_table_and_closed_loop_time_the_int8_models(cache, tmp_path):
+    """--int8: the table's probes and the whole model are timed as int8 QDQ models (their own cache
+    entries), the loop measures the int8 models, and the rewrite quantizes and runs."""
+    import subprocess
+    import sys
+
+    import onnx
+
+    model = wide_conv()
+    _, _, info = analyze(model)
+    table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1, schemes=["s0"], int8=True)
+    fp32 = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1, schemes=["s0"])
+    assert table.int8 and not fp32.int8 and fp32.measured > 0  # separate entries, nothing shared
+    assert set(table.layers) == set(fp32.layers)
+    again = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1, schemes=["s0"], int8=True)
+    assert again.measured == 0 and again.model_ms == table.model_ms
+    from onnx_alds.errors import InfeasibleBudget
+
+    with pytest.raises(InfeasibleBudget) as least:
+        rewrite(model, keep_latency=1e-3, latency_table=table, validate=False, compare=False)
+    frac = (1 + least.value.smallest_fraction) / 2
+    new, report = rewrite(model, keep_latency=frac, latency_table=table, compare=False, max_latency_rounds=1,
+                          int8=True)
+    b = report.budget
+    assert b["int8"] and b["measured_speedup"] > 0 and b["predicted_speedup"] > 0
+    path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, str(path))
+    p = subprocess.run([sys.executable, "-m", "onnx_alds.cli", "rewrite", str(path), str(out), "--int8",
+                        "--keep-params", "0.5"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--keep-latency" in p.stderr and not out.exists()
