@@ -91,7 +91,7 @@ def _grouped_linear(c: int, k: int, t: int):
     return _model(nodes, [1, t, c], inits), [1, t, c], t * c * cg
 
 
-CHANNEL_ALIGN = 8  # a factorized conv's inner channel count is a multiple of this on the CPU provider
+CHANNEL_ALIGN = 4  # a factorized conv's inner channel count is a multiple of this on the CPU provider
 
 
 def layout_ok(layer, provider: str, k: int, ranks) -> np.ndarray:
@@ -103,7 +103,8 @@ def layout_ok(layer, provider: str, k: int, ranks) -> np.ndarray:
     on resnet18 (2-core AVX-512 CPU): a ``--keep-latency 0.8`` rewrite with odd ranks and two k = 2
     layers had 29 reorder nodes after onnxruntime's optimizer and ran 1.03x (batch 1) / 1.16x
     (batch 8); the same plan with k = 1 and ranks rounded up to multiples of 8 had 1, the original's
-    count, and ran 1.38x / 1.56x with more parameters.  Timed alone, a layer has the reorders at
+    count, and ran 1.38x / 1.56x with more parameters; with ranks rounded to multiples of 4 (or 16)
+    the count was 1 as well, with even ranks 20.  Timed alone, a layer has the reorders at
     its ends either way, so neither the speed guard's probes nor the latency table see this: on the
     CPU provider a conv's factorization is kept to ``k = 1`` and ranks that are multiples of
     :data:`CHANNEL_ALIGN`.  Other operators and providers are unconstrained."""
