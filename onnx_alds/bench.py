@@ -37,13 +37,14 @@ def _same_feeds(a: dict, b: dict) -> bool:
 
 def bench(paths, *, provider: str = "cpu", batches=(1,), repeats: int = 30, warmup: int = 5,
           threads: int = 2, input_shapes=None, seed: int = 0, order_log: list | None = None,
-          labels: list[str] | None = None, spinning: bool = False) -> list[dict]:
+          labels: list[str] | None = None, spinning: bool = False, min_seconds: float = 0.5) -> list[dict]:
     """One row per model and batch: median and p10/p90 ms, speed-up over the
     first model, and ``rel_l2_vs_first`` (None where the models take
     different inputs or give outputs of other shapes).  ``labels`` name the
     models in the rows (default: their paths).  ``spinning`` lets onnxruntime's
     idle threads spin (:func:`onnx_alds.runtime.session`: faster runs, but
-    interleaved sessions then take each other's cores)."""
+    interleaved sessions then take each other's cores).  Each model runs at least ``repeats`` times
+    and, for small models, until it has run for ``min_seconds`` (at most 2000 times)."""
     providers = providers_for(provider)
     labels = [str(p) for p in paths] if labels is None else [str(x) for x in labels]
     sessions = []
@@ -56,13 +57,14 @@ def bench(paths, *, provider: str = "cpu", batches=(1,), repeats: int = 30, warm
         ref = sessions[0].run(None, feeds[0])
         errors = [rel_l2(ref, s.run(None, f)) if _same_feeds(feeds[0], f) else None
                   for s, f in zip(sessions, feeds)]
-        times = interleaved_latency(sessions, feeds, warmup=warmup, repeats=repeats, order_log=order_log)
+        times = interleaved_latency(sessions, feeds, warmup=warmup, repeats=repeats, order_log=order_log,
+                                    min_seconds=min_seconds)
         base = float(np.median(times[0]))
         for label, s, t, err in zip(labels, sessions, times, errors):
             med = float(np.median(t))
             rows.append({"model": label, "provider": used_provider(s), "batch": batch, "threads": threads,
                          "spinning": spinning,
-                         "repeats": repeats, "warmup": warmup, "median_ms": med,
+                         "repeats": len(t), "warmup": warmup, "median_ms": med,
                          "p10_ms": float(np.percentile(t, 10)), "p90_ms": float(np.percentile(t, 90)),
                          "speedup": base / med if med > 0 else float("nan"), "rel_l2_vs_first": err})
     return rows

@@ -1,5 +1,6 @@
 """Validation and benchmarking through onnxruntime (real sessions, CPU here)."""
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -55,7 +56,7 @@ def test_bench_interleaves_after_warmup(tmp_path):
     onnx.save(cnn_model(seed=0), str(a))
     onnx.save(cnn_model(seed=1), str(b))
     log = []
-    rows = bench([a, b], batches=[1, 3], repeats=4, warmup=2, order_log=log)
+    rows = bench([a, b], batches=[1, 3], repeats=4, warmup=2, order_log=log, min_seconds=0)
     assert [r["batch"] for r in rows] == [1, 1, 3, 3]
     for r in rows:
         assert {"model", "provider", "batch", "threads", "median_ms", "p10_ms", "p90_ms", "speedup"} <= set(r)
@@ -70,6 +71,20 @@ def test_bench_interleaves_after_warmup(tmp_path):
     assert len(timed) == 8
     # interleaved: the models alternate, never two timed runs of one model in a row within a round
     assert all(sorted(timed[j:j + 2]) == [0, 1] for j in range(0, 8, 2))
+
+
+def test_small_models_are_timed_for_at_least_min_seconds():
+    """20 runs of a tiny model are a few milliseconds of samples: the loop goes on until every
+    session has run for min_seconds (or max_repeats)."""
+    from onnx_alds.runtime import session
+    from onnx_alds.validate import interleaved_latency
+
+    s = session(cnn_model(), [CPU], 1)
+    feeds = {"x": np.zeros((1, 3, 16, 16), np.float32)}
+    a, b = interleaved_latency([s, s], [feeds, feeds], repeats=3, min_seconds=0.05, max_repeats=10**6)
+    assert len(a) == len(b) >= 3 and min(sum(a), sum(b)) >= 50.0
+    capped = interleaved_latency([s], [feeds], repeats=3, min_seconds=100.0, max_repeats=7)[0]
+    assert len(capped) == 7
 
 
 def test_bench_measures_real_work(tmp_path):

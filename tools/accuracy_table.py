@@ -127,7 +127,7 @@ def run_model(name: str, args, data, rows_out: list, counter: list) -> None:
                 cal = {onnx.load(str(orig_path)).graph.input[0].name: x_tr[: args.calibration].numpy()} \
                     if args.calibration > 0 else None
                 new, rep = rewrite(orig_path, keep_params=keep, method=method, validate=False, compare=False,
-                                   calibration=cal)
+                                   calibration=cal, allow_slower=args.allow_slower)
             except InfeasibleBudget as e:
                 row.update(status="infeasible", note=str(e), rewrite_s=time.perf_counter() - t0)
                 rows_out.append(row)
@@ -248,6 +248,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=sorted(models.MODELS))
     p.add_argument("--keeps", nargs="+", type=float, default=DEFAULT_KEEPS, help="kept fractions of the params")
+    p.add_argument("--allow-slower", action="store_true",
+                   help="rewrite without the speed guard (budgets it cannot meet are rows marked infeasible)")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--epochs", type=int, default=r["epochs"], help="fine-tuning epochs")
     p.add_argument("--lr", type=float, default=r["lr"])
