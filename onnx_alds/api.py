@@ -515,6 +515,12 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             # the next run on this model starts from the correction its kept plan was solved with
             latency_table.with_beta(report.budget.get("beta", 1.0)).remember()
         target, got = 1.0 / keep_latency, report.budget["measured_speedup"]
+        if got < 1.0:  # a latency budget is never met by a slower model
+            raise InfeasibleBudget(
+                f"--keep-latency {keep_latency:g}: no rewrite tried ran faster than the input on "
+                f"{report.budget.get('provider', provider)} (the fastest measured {got:.2f}x in "
+                f"{report.budget['rounds_tried']} rounds, the table predicted "
+                f"{report.budget['predicted_speedup']:.2f}x); nothing was written", 1.0)
         if got < target * (1 - LATENCY_TOLERANCE):
             report.budget.setdefault("warnings", []).append(
                 f"--keep-latency {keep_latency:g} asks for {target:.2f}x; the closest measured rewrite runs "
