@@ -411,6 +411,14 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                     info, source, emodel, plan, method=method, provider=provider, timings=timings,
                     objective=used_objective, **pick)
         except InfeasibleBudget as e:
+            if result is None and latency_table is not None and keep_latency is not None \
+                    and latency_table.beta != 1.0:
+                # a correction cached by an earlier run (at another budget, on another day's load) is a
+                # starting point, not a verdict: solve the raw table before calling the budget infeasible
+                log.info("keep-latency %g is past the floor with the cached correction %.3f; solving the "
+                         "table as measured", keep_latency, latency_table.beta)
+                latency_table = latency_table.with_beta(1.0)
+                continue
             if relax and (result is None or (result[1].speedup or 0) < 1.0):
                 kept_fraction = relax.pop(0)
                 log.info("the default budget %s; trying keep-params %g", _why(e), kept_fraction)

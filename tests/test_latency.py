@@ -278,3 +278,29 @@ def test_int8_latency_table_and_closed_loop_time_the_int8_models(cache, tmp_path
     p = subprocess.run([sys.executable, "-m", "onnx_alds.cli", "rewrite", str(path), str(out), "--int8",
                         "--keep-params", "0.5"], capture_output=True, text=True)
     assert p.returncode == 2 and "--keep-latency" in p.stderr and not out.exists()
+
+
+def test_a_cached_correction_never_makes_a_budget_infeasible(cache):
+    """beta cached by an earlier run that pushes the table's floor past the budget: the budget is
+    solved on the table as measured instead of refused."""
+    model = wide_conv()
+    _, _, info = analyze(model)
+    table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1)
+    frac = near_floor(model, table)
+    pessimistic = table.with_beta(0.1)  # savings counted a tenth: the floor is far above frac
+    from onnx_alds.errors import InfeasibleBudget
+
+    with pytest.raises(InfeasibleBudget):  # the selector alone, on the corrected table
+        _solve_only(model, frac, pessimistic)
+    _, report = rewrite(model, keep_latency=frac, latency_table=pessimistic, validate=False, compare=False,
+                        max_latency_rounds=1)
+    assert report.budget["beta"] == 1.0 and report.budget["predicted_ms"] <= frac * table.model_ms + 1e-9
+
+
+def _solve_only(model, frac, table):
+    from onnx_alds.api import analyze as _analyze, select
+    from onnx_alds.error_model import error_model
+
+    _, source, info = _analyze(model)
+    select(info, source, error_model("spectral"), metric="latency", fraction=frac, latency_table=table,
+           compare=False)
