@@ -214,8 +214,7 @@ def _unchanged(info, guard):
     """The default budget's last resort: no factorization measured or predicted faster than its layer
     on this provider, so the model is written with no layer decomposed (and says so)."""
     log.info("no factorization at the default budget runs faster than its layer on %s: the model is written "
-                "with no layer decomposed (give --keep-params to compress anyway, or --allow-slower)",
-                guard.provider)
+             "with no layer decomposed (give --keep-params to compress anyway, or --allow-slower)", guard.provider)
     budget = {"metric": "params", "fraction": 1.0, "unchanged": True, "speed_guard": guard.summary(),
               "warnings": [f"no layer was decomposed: every rewrite at the default budget tried here was slower "
                            f"than the input on {guard.provider}; --keep-params F compresses anyway"]}
@@ -226,24 +225,26 @@ def _unchanged(info, guard):
 MEASURED_CANDIDATES = (("alds", "max"), ("alds", "sum"), ("uniform", "max"))
 
 
-def _output_error(original, info, emodel, choices, provider, cal_data, cal_all, sequential) -> float:
-    """Worst output relative L2 of a candidate selection on the calibration inputs, built as the
-    rewrite would build it (with the sequential refit where it is on); nothing is timed."""
+def _build_and_score(original, info, emodel, choices, plan, provider, cal_data, cal_all, sequential):
+    """A candidate selection built as the rewrite builds it (with the sequential refit where it is on)
+    and its worst output relative L2 on the calibration inputs (nothing is timed); returns
+    ``(error, (new model, measured layer errors))``, so that the kept candidate is not built again."""
     from .validate import validate as run_validation
 
-    src = Source.load(original)
-    seq = _sequential_affordable(info, choices, cal_data, emodel) if sequential is None else sequential
-    new, _ = _build(src, info, emodel, choices, Plan(), progress=False, timings={},
-                    sequential=(original, cal_all, provider) if seq else None)
-    return run_validation(original, new, provider=provider, input_shapes=info.input_shapes, feeds=cal_data,
-                          repeats=0).rel_l2
+    seq = _use_sequential(sequential, info, choices, cal_data, emodel, large=False)
+    built = _build(Source.load(original), info, emodel, choices, plan, progress=False, timings={},
+                   sequential=(original, cal_all, provider) if seq else None)
+    err = run_validation(original, built[0], provider=provider, input_shapes=info.input_shapes, feeds=cal_data,
+                         repeats=0).rel_l2
+    return err, built
 
 
 def _choose_measured(original, info, source, emodel, cal_data, cal_all, sequential, *, provider, timings, **kw):
     """``objective="best"``: the min-max plan, the min-sum plan and the uniform plan at the same budget
     (same error model, same speed guard), each emitted and run on the calibration inputs; the one with
     the lowest output error is kept.  The exact solvers optimise a proxy (each layer's error, its max or
-    its sum); this measures what the user sees.  The baselines are the min-max solve's."""
+    its sum); this measures what the user sees.  The baselines are the min-max solve's.  Returns what
+    :func:`_choose` returns and the kept candidate's build (:func:`_build`)."""
     tried, best, baselines = [], None, None
     for method, objective in MEASURED_CANDIDATES:
         try:
@@ -255,17 +256,29 @@ def _choose_measured(original, info, source, emodel, cal_data, cal_all, sequenti
             continue
         baselines = got[3] if baselines is None else baselines
         with _timed(timings, "candidates"):
-            err = _output_error(original, info, emodel, got[0], provider, cal_data, cal_all, sequential)
+            err, built = _build_and_score(original, info, emodel, got[0], got[1], provider, cal_data, cal_all,
+                                          sequential)
         tried.append({"method": method, "objective": objective, "rel_l2": err})
         if best is None or err < best[0]:
-            best = (err, got, method, objective)
-    _, (choices, used_plan, budget, _, _), method, objective = best
+            best = (err, got, method, objective, built)
+    _, (choices, used_plan, budget, _, _), method, objective, built = best
     picked = f"{method}/{objective}"
     budget.update(objective="best", picked=picked, candidates=tried)
     used_plan.budget.update(objective="best", picked=picked)
     log.info("candidate plans on the calibration data: %s; kept %s/%s",
              ", ".join(f"{t['method']}/{t['objective']} {t['rel_l2']:.4g}" for t in tried), method, objective)
-    return choices, used_plan, budget, baselines, "alds"
+    return choices, used_plan, budget, baselines, "alds", built
+
+
+def _use_sequential(sequential, info, choices, cal_data, emodel, large) -> bool:
+    """Whether this build refits sequentially: as asked, else while it is cheap; never without a
+    decomposed layer, nor for a model over 2 GB (it re-emits the model once per layer)."""
+    seq = sequential if sequential is not None else _sequential_affordable(info, choices, cal_data, emodel)
+    seq = seq and any(c is not None for c in choices.values())
+    if seq and large:
+        log.warning("sequential calibration is skipped for a model over 2 GB")
+        return False
+    return bool(seq)
 
 
 def _sequential_affordable(info, choices, cal_data, emodel) -> bool:
@@ -396,6 +409,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     attempt, rounds, result, first = 0, 0, None, None
     lat_fraction, kept_fraction = keep_latency, keep_params
     while True:
+        built = None  # a candidate that objective "best" has already built
         try:
             if kept_fraction == 1.0 and default_budget:
                 raise InfeasibleBudget("nothing left to relax", 1.0)
@@ -403,7 +417,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                         schemes=schemes, k_max=k_max, compare=compare, latency_table=latency_table,
                         progress=progress, guard=guard, fill=fill_budget)
             if used_objective == "best" and plan is None:
-                choices, used_plan, budget, baselines, used_method = _choose_measured(
+                choices, used_plan, budget, baselines, used_method, built = _choose_measured(
                     original, info, source, emodel, cal_data, cal_all, sequential, provider=provider,
                     timings=timings, **pick)
             else:
@@ -437,13 +451,9 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             if lat_fraction != keep_latency:  # the user's budget stays what the report says
                 budget.update(solved_fraction=lat_fraction, fraction=keep_latency,
                               target=keep_latency * budget["total_before"])
-        seq = sequential if sequential is not None else _sequential_affordable(info, choices, cal_data, emodel)
-        seq = seq and any(c is not None for c in choices.values())
-        if seq and large:  # it re-emits the model once per layer: not with weights detached from a >2 GB file
-            log.warning("sequential calibration is skipped for a model over 2 GB")
-            seq = False
-        new, measured = _build(source, info, emodel, choices, used_plan, progress=progress, timings=timings,
-                               sequential=(original, cal_all, provider) if seq else None)
+        seq = _use_sequential(sequential, info, choices, cal_data, emodel, large)
+        new, measured = built or _build(source, info, emodel, choices, used_plan, progress=progress,
+                                        timings=timings, sequential=(original, cal_all, provider) if seq else None)
         budget["sequential"] = bool(seq and emodel.name == "data")
         source.graph = None  # the numpy weights are no longer needed: free them before onnxruntime loads
         if large:

@@ -41,8 +41,8 @@ from .folding import decoder_kernel, encoder_kernel
 from .io import Source, temp_dir
 from .ops import Factors, known as _known
 from .select import Config
-from .runtime import CPU, ort, providers_for, session, used_provider
-from .speed import CHANNEL_ALIGN
+from .runtime import ort, providers_for, session, used_provider
+from .speed import CHANNEL_ALIGN, blocked_layout
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,10 @@ class LayerLatency:
         # only ranks inside the measured grid (no extrapolation) and in the layout's steps
         return np.where((r <= rs[-1]) & (r % self.align == 0), np.interp(r, rs, ms), np.inf)
 
+    def mapped(self, f) -> "LayerLatency":
+        """The same layer with ``f(ms)`` for its own time and every grid time."""
+        return LayerLatency(f(self.orig_ms), {key: (rs, f(ms)) for key, (rs, ms) in self.grid.items()}, self.align)
+
 
 BETA_RANGE = (0.1, 1.5)  # the in-context correction is kept within this range
 LAYER_SHARE = 0.95  # the compressible layers take at most this share of the whole model's time
@@ -218,11 +222,8 @@ class LatencyTable:
         """The same table with every factorization's saving (or loss) against its layer times ``beta``."""
         beta = float(np.clip(beta, *BETA_RANGE))
         raw = self.raw if self.raw is not None else self.layers
-        layers = {}
-        for name, lt in raw.items():
-            grid = {key: (rs, np.maximum(lt.orig_ms + beta * (ms - lt.orig_ms), 0.0))
-                    for key, (rs, ms) in lt.grid.items()}
-            layers[name] = LayerLatency(lt.orig_ms, grid, lt.align)
+        layers = {name: lt.mapped(lambda ms, o=lt.orig_ms: np.maximum(o + beta * (ms - o), 0.0))
+                  for name, lt in raw.items()}
         return replace(self, layers=layers, beta=beta, raw=raw)
 
     def corrected(self, predicted_ms: float, before_ms: float, after_ms: float) -> "LatencyTable":
@@ -289,7 +290,7 @@ class LatencyTable:
             allowed = [s for s in mini_layer.schemes if schemes is None or s in schemes] or ["s0"]
             # on the CPU provider a conv's factorization stays in onnxruntime's blocked layout:
             # k = 1 and ranks in steps of CHANNEL_ALIGN (speed.layout_ok)
-            blocked = providers[0] == CPU and layer.op in ("Conv", "ConvTranspose")
+            blocked = blocked_layout(layer, providers[0])
             align = CHANNEL_ALIGN if blocked else 1
             ks = [1] if blocked or not mini_layer.allow_groups else grid_ks(layer.geometry.c, k_max)
             key, key_src = cache_key(layer, in_dims, providers[0], version, threads, opset,
@@ -350,8 +351,7 @@ class LatencyTable:
         alone = sum(lt.orig_ms for lt in layers.values())
         if alone > LAYER_SHARE * model_ms > 0:
             f = LAYER_SHARE * model_ms / alone
-            layers = {n: LayerLatency(lt.orig_ms * f, {key: (rs, ms * f) for key, (rs, ms) in lt.grid.items()},
-                                      lt.align) for n, lt in layers.items()}
+            layers = {n: lt.mapped(lambda ms: ms * f) for n, lt in layers.items()}
         table = cls(prov_used or used_provider(sess), layers, model_ms, measured, cached, threads,
                     entry_path=mpath, entry=mentry, int8=int8)
         beta = mentry.get("beta")

@@ -109,9 +109,14 @@ def layout_ok(layer, provider: str, k: int, ranks) -> np.ndarray:
     CPU provider a conv's factorization is kept to ``k = 1`` and ranks that are multiples of
     :data:`CHANNEL_ALIGN`.  Other operators and providers are unconstrained."""
     j = np.asarray(ranks)
-    if provider != "CPUExecutionProvider" or layer.op not in ("Conv", "ConvTranspose"):
+    if not blocked_layout(layer, provider):
         return np.ones(j.shape, dtype=bool)
     return (k == 1) & (j % CHANNEL_ALIGN == 0)
+
+
+def blocked_layout(layer, provider: str) -> bool:
+    """Whether :func:`layout_ok` constrains this layer's factorizations on ``provider``."""
+    return provider == "CPUExecutionProvider" and layer.op in ("Conv", "ConvTranspose")
 
 
 @dataclass
