@@ -426,12 +426,14 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                     objective=used_objective, **pick)
         except InfeasibleBudget as e:
             if result is None and latency_table is not None and keep_latency is not None \
-                    and latency_table.beta != 1.0:
+                    and (latency_table.beta != 1.0 or latency_table.penalty):
                 # a correction cached by an earlier run (at another budget, on another day's load) is a
-                # starting point, not a verdict: solve the raw table before calling the budget infeasible
-                log.info("keep-latency %g is past the floor with the cached correction %.3f; solving the "
-                         "table as measured", keep_latency, latency_table.beta)
-                latency_table = latency_table.with_beta(1.0)
+                # starting point, not a verdict: solve the table as measured before calling the budget
+                # infeasible (the same answer on a first run and a rerun)
+                log.info("keep-latency %g is past the floor with the corrections learned so far (savings "
+                         "scaled by %.3f, %d layers' costs); solving the table as measured", keep_latency,
+                         latency_table.beta, len(latency_table.penalty))
+                latency_table = latency_table.with_context(latency_table.context, {}).with_beta(1.0)
                 continue
             if relax and (result is None or (result[1].speedup or 0) < 1.0):
                 kept_fraction = relax.pop(0)
@@ -481,13 +483,22 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             # selection saved inside the whole model against what the table predicted it would save;
             # where it saved nothing (every extra node cost more than its layer saved), no scaling of
             # the savings can say how much more to compress: ask the table for the missing ratio instead
-            learned = latency_table.corrected(budget["predicted_ms"], budget["measured_ms_before"],
+            if latency_table.context:
+                # layer by layer first: the profiler times each factorized layer inside the model
+                from .latency import profile_pair
+
+                with _timed(timings, "profile"):
+                    latency_table = latency_table.learned(choices, *profile_pair(original, new, latency_table, info))
+            learned = latency_table.corrected(latency_table.predicted_ms(choices), budget["measured_ms_before"],
                                               budget["measured_ms"])
             rounds += 1
             if got > 1.0 and learned.beta > BETA_RANGE[0]:
                 log.info("measured %.2fx for a target of %.2fx (predicted %.2fx); solving again with the "
                          "table's savings scaled by %.3f", got, target, budget["predicted_speedup"], learned.beta)
                 latency_table = learned
+            elif latency_table.context:
+                log.info("measured %.2fx for a target of %.2fx (predicted %.2fx); solving again with the "
+                         "layers' costs measured inside the model", got, target, budget["predicted_speedup"])
             else:
                 lat_fraction = min(1.0, lat_fraction * got / target)
                 log.info("measured %.2fx for a target of %.2fx; solving again for keep-latency %.3f",

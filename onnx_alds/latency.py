@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 
 CACHE_VERSION = 4  # 4: timed without thread-pool spinning; bump when what a measurement means changes
+MODEL_ENTRY_VERSION = 2  # the whole model's entry; 2: in-context layer times, beta on top of them
 
 
 def default_cache_dir() -> Path:
@@ -148,7 +149,8 @@ def model_cache_key(model: onnx.ModelProto, info: ModelInfo, provider: str, ort_
     settings (None for a model too large to hash from memory)."""
     from .io import EXTERNAL_DATA_THRESHOLD, proto_size
 
-    src = {"version": CACHE_VERSION, "inputs": {k: list(v) for k, v in info.input_shapes.items()},
+    src = {"version": CACHE_VERSION, "model_version": MODEL_ENTRY_VERSION,
+           "inputs": {k: list(v) for k, v in info.input_shapes.items()},
            "provider": provider, "ort": ort_version, "threads": threads, "int8": int8}
     if proto_size(model) > EXTERNAL_DATA_THRESHOLD or not model.graph.node:
         return None, src
@@ -192,6 +194,15 @@ class LayerLatency:
         # only ranks inside the measured grid (no extrapolation) and in the layout's steps
         return np.where((r <= rs[-1]) & (r % self.align == 0), np.interp(r, rs, ms), np.inf)
 
+    def in_context(self, ctx_ms: float, penalty: float = 0.0) -> "LayerLatency":
+        """The layer as it runs inside the whole model: ``ctx_ms`` (its time there, from the
+        profiler) for itself, every factorization scaled by the same in-context/alone ratio,
+        plus ``penalty`` (what the closed loop measured its factorization to cost in the model
+        beyond that, :meth:`LatencyTable.learned`)."""
+        rho = ctx_ms / self.orig_ms if self.orig_ms > 0 else 1.0
+        return LayerLatency(ctx_ms, {key: (rs, np.maximum(ms * rho + penalty, 0.0)) for key, (rs, ms) in
+                                     self.grid.items()}, self.align)
+
     def mapped(self, f) -> "LayerLatency":
         """The same layer with ``f(ms)`` for its own time and every grid time."""
         return LayerLatency(f(self.orig_ms), {key: (rs, f(ms)) for key, (rs, ms) in self.grid.items()}, self.align)
@@ -216,7 +227,12 @@ class LatencyTable:
     int8: bool = False  # timed as int8 QDQ models (``onnx-alds quantize``)
     entry_path: Path | None = field(default=None, repr=False, compare=False)
     entry: dict | None = field(default=None, repr=False, compare=False)
-    raw: dict | None = field(default=None, repr=False, compare=False)  # the layers as measured alone
+    raw: dict | None = field(default=None, repr=False, compare=False)  # the layers before ``beta``
+    # in-context calibration (CPU provider, :mod:`onnx_alds.profile`): each layer's time inside the
+    # whole model, and per layer what its factorization measured to cost there beyond the table
+    alone: dict | None = field(default=None, repr=False, compare=False)  # the layers as timed alone
+    context: dict = field(default_factory=dict, repr=False, compare=False)
+    penalty: dict = field(default_factory=dict, repr=False, compare=False)
 
     def with_beta(self, beta: float) -> "LatencyTable":
         """The same table with every factorization's saving (or loss) against its layer times ``beta``."""
@@ -225,6 +241,34 @@ class LatencyTable:
         layers = {name: lt.mapped(lambda ms, o=lt.orig_ms: np.maximum(o + beta * (ms - o), 0.0))
                   for name, lt in raw.items()}
         return replace(self, layers=layers, beta=beta, raw=raw)
+
+    def with_context(self, context: dict, penalty: dict) -> "LatencyTable":
+        """The table with the layers' in-context times and learned penalties (ms), ``beta`` kept."""
+        alone = self.alone if self.alone is not None else self.raw if self.raw is not None else self.layers
+        raw = {n: lt.in_context(context[n], penalty.get(n, 0.0)) if context.get(n, 0) > 0 else lt
+               for n, lt in alone.items()}
+        return replace(self, raw=raw, layers=raw, alone=alone, context=dict(context), penalty=dict(penalty),
+                       beta=1.0).with_beta(self.beta)
+
+    def learned(self, choices: dict, before: dict, after: dict) -> "LatencyTable":
+        """The table corrected layer by layer by one profile of the original (``before``) and of
+        the rewrite of ``choices`` (``after``), run in turn (:func:`onnx_alds.profile.layer_times`):
+        where a factorized layer's measured change inside the model differs from what the table
+        predicts for it, the difference is added to every factorization of that layer."""
+        if not self.context or not before.get("wall"):
+            return self
+        kappa = self.model_ms / before["wall"]  # the profile's load, in the table's units
+        penalty = dict(self.penalty)
+        for name, c in choices.items():
+            if c is None or name not in self.context or name not in before["layers"]:
+                continue
+            lt = self.layers[name]
+            predicted = float(lt.cost(c.k, c.scheme, [c.rank])[0]) - lt.orig_ms
+            if not np.isfinite(predicted):
+                continue
+            measured = kappa * (after["layers"].get(name, 0.0) - before["layers"][name])
+            penalty[name] = penalty.get(name, 0.0) + (measured - predicted) / max(self.beta, BETA_RANGE[0])
+        return self.with_context(self.context, penalty)
 
     def corrected(self, predicted_ms: float, before_ms: float, after_ms: float) -> "LatencyTable":
         """The table corrected by one whole-model measurement of a selection it predicted at
@@ -237,9 +281,12 @@ class LatencyTable:
         return self.with_beta(self.beta * max(measured, 0.0) / predicted)
 
     def remember(self) -> None:
-        """Cache ``beta`` with the whole-model baseline, for the next run on this model."""
+        """Cache ``beta`` and the learned penalties with the whole-model baseline, for the next
+        run on this model."""
         if self.entry_path is not None and self.entry is not None:
             self.entry["beta"] = self.beta
+            if self.context:
+                self.entry["penalty"] = {n: float(v) for n, v in self.penalty.items()}
             save_json_entry(self.entry_path, self.entry)
 
     def configs(self, name: str) -> list[tuple[int, str]]:
@@ -249,7 +296,8 @@ class LatencyTable:
         """What the report's budget section says of the table and a prediction."""
         return dict(provider=self.provider, model_ms=self.model_ms, predicted_ms=predicted_ms,
                     predicted_speedup=self.model_ms / predicted_ms if predicted_ms > 0 else float("nan"),
-                    measurements=self.measured, cached=self.cached, int8=self.int8)
+                    measurements=self.measured, cached=self.cached, int8=self.int8,
+                    in_context=len(self.context), penalized=sum(1 for v in self.penalty.values() if v > 0))
 
     def predicted_ms(self, choices: dict) -> float:
         t = self.model_ms
@@ -352,12 +400,63 @@ class LatencyTable:
         if alone > LAYER_SHARE * model_ms > 0:
             f = LAYER_SHARE * model_ms / alone
             layers = {n: lt.mapped(lambda ms: ms * f) for n, lt in layers.items()}
-        table = cls(prov_used or used_provider(sess), layers, model_ms, measured, cached, threads,
-                    entry_path=mpath, entry=mentry, int8=int8)
+        prov = prov_used or used_provider(sess)
+        context = mentry.get("context")
+        if isinstance(context, dict):
+            cached += 1
+        elif mkey and in_context_ok(prov, int8):
+            context = _context(model, info, providers, threads, model_ms)
+            measured += 1
+            mentry["context"] = context  # empty where the profile cannot be attributed: not tried again
+            if mpath is not None:
+                save_json_entry(mpath, mentry)
+        table = cls(prov, layers, model_ms, measured, cached, threads, entry_path=mpath, entry=mentry, int8=int8)
+        if isinstance(context, dict) and context:
+            penalty = mentry.get("penalty") if isinstance(mentry.get("penalty"), dict) else {}
+            table = table.with_context({n: float(v) for n, v in context.items() if n in layers},
+                                       {n: float(v) for n, v in penalty.items() if n in layers})
         beta = mentry.get("beta")
         if isinstance(beta, (int, float)) and not isinstance(beta, bool) and np.isfinite(beta):
             table = table.with_beta(float(beta))
         return table
+
+
+def in_context_ok(provider: str, int8: bool) -> bool:
+    """Whether onnxruntime's profiler times this provider's layers in context: on the CPU provider
+    a node's kernel time is its computation; on CUDA it is mostly the launch (kernels run
+    asynchronously), and int8 models run fused QLinear nodes the attribution does not follow."""
+    return provider == "CPUExecutionProvider" and not int8
+
+
+def profile_pair(model, new, table, info) -> tuple[dict, dict]:
+    """Per-layer times inside the original and the rewritten model, profiled in turn."""
+    from .profile import layer_times
+    from .runtime import CPU
+    from .validate import random_inputs
+
+    s0 = session(model, [CPU], table.threads)
+    feeds = random_inputs(s0, info.input_shapes, batch=1)
+    before, after = layer_times([model, new], list(table.layers), [CPU], table.threads, feeds)
+    return before, after
+
+
+def _context(model, info, providers, threads, model_ms) -> dict:
+    """Each compressible layer's time inside the whole model (ms, in the units of ``model_ms``),
+    from onnxruntime's profiler; empty where the profile cannot be attributed."""
+    from .profile import layer_times
+    from .validate import random_inputs
+
+    try:
+        s0 = session(model, providers, threads)
+        feeds = random_inputs(s0, info.input_shapes, batch=1)
+        prof = layer_times([model], [l.name for l in info.candidates], providers, threads, feeds)[0]
+    except Exception as e:  # the table stays as timed alone
+        log.info("profiling the whole model failed (%s); the latency table stays as timed alone", e)
+        return {}
+    if not prof["layers"] or not prof["wall"] > 0:
+        return {}
+    kappa = model_ms / prof["wall"]
+    return {n: ms * kappa for n, ms in prof["layers"].items()}
 
 
 def measure_speedup(model, new, table, info) -> dict:

@@ -57,7 +57,7 @@ def providers_for(choice: str = "auto") -> list[str]:
 
 
 def session(model, providers: list[str], threads: int | None = None, low_memory: bool = False,
-            spinning: bool = False):
+            spinning: bool = False, profile_prefix: str | None = None):
     """An InferenceSession on ``model`` (a path, bytes or a ModelProto).
     ``low_memory`` turns off weight pre-packing, which would hold a second
     copy of the weights (for models over 2 GB).
@@ -66,9 +66,15 @@ def session(model, providers: list[str], threads: int | None = None, low_memory:
     here interleaves sessions, and a session whose idle threads spin takes
     the cores the next session's run needs.  Measured on 2 cores with the
     shipped ResNet20 against an identical copy, interleaved: 0.55–1.50× with
-    spinning, 0.97–1.04× without (runs take longer without it, for both)."""
+    spinning, 0.97–1.04× without (runs take longer without it, for both).
+
+    ``profile_prefix``: onnxruntime's profiler writes every run's node times
+    to a file that starts so (:mod:`onnx_alds.profile`)."""
     rt = ort()
     so = rt.SessionOptions()
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if low_memory:

@@ -304,3 +304,57 @@ def _solve_only(model, frac, table):
     _, source, info = _analyze(model)
     select(info, source, error_model("spectral"), metric="latency", fraction=frac, latency_table=table,
            compare=False)
+
+
+def test_profiler_attributes_each_layer_inside_the_model():
+    """onnxruntime's profile of the whole model, node by node after its fusions, is attributed to the
+    layers: an original layer (fused with its Relu) and the encoder and decoder emitted for it."""
+    from onnx_alds.profile import layer_times
+    from onnx_alds.runtime import CPU
+
+    model = cnn_model()
+    _, _, info = analyze(model)
+    names = [l.name for l in info.candidates]
+    new, report = rewrite(model, keep_params=0.4, allow_slower=True, validate=False, compare=False)
+    decomposed = [l.name for l in report.layers if l.status == "decomposed"]
+    assert decomposed
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    before, after = layer_times([model, new], names, [CPU], 2, feeds, runs=5, min_seconds=0.0)
+    assert set(before["layers"]) == set(names) and all(before["nodes"][n] == 1 for n in names)
+    assert all(after["nodes"][n] == 2 for n in decomposed)  # the encoder and the decoder
+    assert before["rest_nodes"] >= 2  # the depthwise conv and the pooling are nobody's layer
+    assert before["wall"] > 0 and all(v > 0 for v in before["layers"].values())
+
+
+def test_in_context_table_learns_each_layers_cost_and_caches_it(cache):
+    """The table in context: a layer's time inside the model replaces its time alone (its
+    factorizations scaled alike); where the profile of a rewrite measures a factorized layer
+    changing by other than the table predicted, the table afterwards predicts what was measured;
+    the learned costs are cached with the model's baseline."""
+    from onnx_alds.select import Config
+
+    model = cnn_model()
+    _, _, info = analyze(model)
+    table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1)
+    assert set(table.context) == set(table.layers)  # profiled: every layer found inside the model
+    alone = table.alone
+    ctx = {n: 2.0 * lt.orig_ms for n, lt in alone.items()}
+    doubled = table.with_context(ctx, {})
+    for n, lt in alone.items():
+        assert doubled.layers[n].orig_ms == pytest.approx(ctx[n])
+        for key, (rs, ms) in lt.grid.items():
+            assert np.allclose(doubled.layers[n].grid[key][1], 2.0 * ms)
+    name = "c2"
+    (k, scheme), (rs, _) = next(iter(doubled.layers[name].grid.items()))
+    choice = {name: Config(k, scheme, int(rs[0]), 0.0)}
+    predicted = doubled.predicted_ms(choice)
+    # the profile saw the layer take 0.01 ms more in the rewrite than in the original
+    before = {"layers": {name: 0.05}, "wall": doubled.model_ms}
+    after = {"layers": {name: 0.06}, "wall": doubled.model_ms}
+    learned = doubled.learned(choice, before, after)
+    assert learned.predicted_ms(choice) == pytest.approx(doubled.model_ms + 0.01)
+    assert learned.penalty[name] == pytest.approx(doubled.model_ms + 0.01 - predicted)
+    assert all(learned.layers[n].orig_ms == doubled.layers[n].orig_ms for n in alone)  # dense layers unchanged
+    learned.remember()
+    again = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1)
+    assert again.measured == 0 and again.penalty == pytest.approx(learned.penalty)

@@ -1,0 +1,141 @@
+"""In-context layer times: onnxruntime's profiler on the whole model.
+
+Layers timed alone do not add up to the model (fusions, the blocked layout's
+reorders, caches).  The profiler times every node of the graph onnxruntime
+really runs, after its fusions; :func:`layer_times` attributes each node to the
+compressible layer it computes (an original layer, or the encoder and decoder
+the rewrite emitted for it) and gives the rest of the graph as ``None``.
+
+onnxruntime names a fused node after the tensor or node it ends with
+(``hardtanh_2_nchwc`` for a Conv fused with the Clip that writes ``hardtanh_2``);
+attribution walks back from that name through the element-wise nodes fused into
+a layer until it reaches the layer's Conv, Gemm or MatMul.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+import onnx
+
+from .io import temp_dir
+
+# what onnxruntime fuses into the Conv/Gemm/MatMul before it: walking back through these finds the layer
+_FUSED = {"Relu", "Clip", "Add", "Sum", "Sigmoid", "Mul", "BatchNormalization", "LeakyRelu", "HardSigmoid",
+          "HardSwish", "Tanh", "Identity", "Cast"}
+_LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
+_SUFFIXES = ("_nchwc", "_token", "_fused")
+
+
+def _owner(node: onnx.NodeProto, layers: set[str]) -> str | None:
+    """The layer a Conv/Gemm/MatMul node computes: the layer itself, or a node the rewrite emitted for it."""
+    if node.name in layers:
+        return node.name
+    head, sep, tail = node.name.rpartition("/")
+    if sep and tail.startswith("alds_") and head in layers:
+        return head
+    return None
+
+
+class Attribution:
+    """Maps the names in onnxruntime's profile to layers of ``model``."""
+
+    def __init__(self, model: onnx.ModelProto, layers):
+        self.layers = set(layers)
+        self.by_name = {n.name: n for n in model.graph.node if n.name}
+        self.producer = {o: n for n in model.graph.node for o in n.output if o}
+        self._memo: dict[str, str | None] = {}
+
+    def _walk(self, node: onnx.NodeProto | None, depth: int = 0) -> str | None:
+        while node is not None and depth < 6:
+            if node.op_type in _LAYER_OPS:
+                return _owner(node, self.layers)
+            if node.op_type not in _FUSED:
+                return None
+            found = None
+            for i in node.input:  # Add of a residual: the side a layer produced
+                found = self._walk(self.producer.get(i), depth + 1) if i in self.producer else None
+                if found is not None:
+                    break
+            return found
+        return None
+
+    def __call__(self, name: str) -> str | None:
+        if name in self._memo:
+            return self._memo[name]
+        found = None
+        stems = [name] + [name[: -len(s)] for s in _SUFFIXES if name.endswith(s)]
+        for stem in stems:
+            node = self.by_name.get(stem) or self.producer.get(stem)
+            if node is not None:
+                found = self._walk(node)
+                if found is not None:
+                    break
+        self._memo[name] = found
+        return found
+
+
+def layer_times(models, layers, providers, threads: int, feeds: dict, *, runs: int = 20, warmup: int = 5,
+                min_seconds: float = 0.25, max_runs: int = 200) -> list[dict]:
+    """Per-run milliseconds of each layer inside each whole model (ModelProtos), from onnxruntime's profiler.
+
+    The models run in turn, one run each (as :func:`onnx_alds.validate.interleaved_latency`
+    does), so that the machine's load falls on all of them alike: at least ``runs``
+    runs each, more (up to ``max_runs``) until the first has run ``min_seconds``.
+    Sessions are made as every timing session is (:func:`onnx_alds.runtime.session`).
+
+    Returns, per model, ``{"layers": {name: ms}, "nodes": {name: n}, "rest": ms,
+    "rest_nodes": n, "wall": ms}``: kernel time attributed to each layer and the
+    number of kernels it ran, the same for every other node, and the median wall
+    time of a run as the profiler saw it (all per run)."""
+    import time
+
+    from .runtime import session
+
+    with temp_dir("onnx-alds-profile-") as tmp:
+        sessions = [session(m, providers, threads, profile_prefix=os.path.join(str(tmp), f"profile{i}"))
+                    for i, m in enumerate(models)]
+        for _ in range(warmup):
+            for sess in sessions:
+                sess.run(None, feeds)
+        n, spent = 0, 0.0
+        while n < runs or (n < max_runs and spent < min_seconds):
+            for j, sess in enumerate(sessions):
+                t0 = time.perf_counter()
+                sess.run(None, feeds)
+                if j == 0:
+                    spent += time.perf_counter() - t0
+            n += 1
+        events = []
+        for sess in sessions:
+            with open(sess.end_profiling()) as f:
+                events.append(json.load(f))
+    return [_summarize(ev, Attribution(m, layers), warmup) for m, ev in zip(models, events)]
+
+
+def _summarize(events, attribute: Attribution, warmup: int) -> dict:
+    # the warm-up runs are profiled too: count only what starts after the last of them ends
+    runs_ev = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                     key=lambda e: e["ts"])
+    start = runs_ev[warmup - 1]["ts"] + runs_ev[warmup - 1]["dur"] if 0 < warmup <= len(runs_ev) else 0
+    per_layer, nodes, rest, rest_nodes, walls = defaultdict(float), defaultdict(int), 0.0, 0, []
+    for e in events:
+        if e.get("ts", 0) < start:
+            continue
+        if e.get("cat") == "Session" and e.get("name") == "model_run":
+            walls.append(e["dur"])
+        elif e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            owner = attribute(e["name"][: -len("_kernel_time")])
+            if owner is None:
+                rest += e["dur"]
+                rest_nodes += 1
+            else:
+                per_layer[owner] += e["dur"]
+                nodes[owner] += 1
+    n = max(len(walls), 1) * 1e3  # µs per run → ms
+    return {"layers": {k: v / n for k, v in per_layer.items()}, "nodes": {k: v * 1e3 / n for k, v in nodes.items()},
+            "rest": rest / n, "rest_nodes": rest_nodes * 1e3 / n,
+            "wall": float(np.median(walls)) / 1e3 if walls else float("nan")}
