@@ -185,6 +185,7 @@ def _choose(info, source, emodel, plan, *, keep_params, keep_flops, keep_latency
 
 LATENCY_TOLERANCE = 0.05  # --keep-latency: a measured speed-up at most 5 % short of the target meets it,
 LATENCY_OVERSHOOT = 0.15  # and one more than 15 % past it has compressed more than asked: solve again
+LATENCY_REFUSE = 0.85  # a rewrite measured more than 15 % short of 1/F is refused (exit 4), not written
 SEQUENTIAL_MACS = 5e11  # sequential calibration by default while its forward passes stay this cheap
 DEFAULT_FRACTION = 0.5  # the default budget: keep-params 0.5, ...
 DEFAULT_RELAXED = (0.75, 0.9)  # ... then these where 0.5 is slower, then no layer decomposed
@@ -543,17 +544,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         if latency_table is not None and plan is None:
             # the next run on this model starts from the correction its kept plan was solved with
             latency_table.with_beta(report.budget.get("beta", 1.0)).remember()
-        target, got = 1.0 / keep_latency, report.budget["measured_speedup"]
-        if got < 1.0:  # a latency budget is never met by a slower model
-            raise InfeasibleBudget(
-                f"--keep-latency {keep_latency:g}: no rewrite tried ran faster than the input on "
-                f"{report.budget.get('provider', provider)} (the fastest measured {got:.2f}x in "
-                f"{report.budget['rounds_tried']} rounds, the table predicted "
-                f"{report.budget['predicted_speedup']:.2f}x); nothing was written", 1.0)
-        if got < target * (1 - LATENCY_TOLERANCE):
-            report.budget.setdefault("warnings", []).append(
-                f"--keep-latency {keep_latency:g} asks for {target:.2f}x; the closest measured rewrite runs "
-                f"{got:.2f}x (the table predicted {report.budget['predicted_speedup']:.2f}x)")
+        latency_verdict(report.budget, keep_latency, latency_table)
     if validate:
         from .validate import Validation, gate
 
@@ -564,6 +555,29 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                                                              unchanged=bool(report.budget.get("unchanged")),
                                                              speedup=int8_speedup))
     return new, report
+
+
+def latency_verdict(budget: dict, keep_latency: float, table) -> None:
+    """What ``--keep-latency F`` does with its kept rewrite, measured at ``budget["measured_speedup"]``
+    against the target ``1/F``: a slower one, or one more than 15 % short (:data:`LATENCY_REFUSE`), is
+    refused (:class:`InfeasibleBudget`: nothing is written, and the message gives the fraction that
+    the table corrected inside the model can reach); one more than 5 % short is kept with a warning."""
+    target, got = 1.0 / keep_latency, budget["measured_speedup"]
+    where = f"in {budget.get('rounds_tried', 1)} rounds on {budget.get('provider', 'the provider')}"
+    if got < 1.0:  # a latency budget is never met by a slower model
+        raise InfeasibleBudget(
+            f"--keep-latency {keep_latency:g}: no rewrite tried ran faster than the input (the fastest measured "
+            f"{got:.2f}x {where}, the table predicted {budget['predicted_speedup']:.2f}x); nothing was written", 1.0)
+    if got < target * LATENCY_REFUSE:
+        floor = table.floor() if table is not None else 1.0 / got
+        raise InfeasibleBudget(
+            f"--keep-latency {keep_latency:g} asks for {target:.2f}x; the fastest rewrite measured {got:.2f}x {where}"
+            f", and with each layer timed inside the model the smallest reachable fraction is {floor:.3f} "
+            f"(measured: {1.0 / got:.3f}); nothing was written", max(floor, 1.0 / got))
+    if got < target * (1 - LATENCY_TOLERANCE):
+        budget.setdefault("warnings", []).append(
+            f"--keep-latency {keep_latency:g} asks for {target:.2f}x; the closest measured rewrite runs "
+            f"{got:.2f}x (the table predicted {budget['predicted_speedup']:.2f}x)")
 
 
 def _fastest_within(model_or_path, fraction: float, max_error: float, kw: dict, probes: int = 5):

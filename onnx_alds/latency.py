@@ -289,6 +289,15 @@ class LatencyTable:
                 self.entry["penalty"] = {n: float(v) for n, v in self.penalty.items()}
             save_json_entry(self.entry_path, self.entry)
 
+    def floor(self) -> float:
+        """The smallest fraction of the whole model's latency the table can reach: every layer at
+        its fastest factorization, or dense where none is faster."""
+        t = self.model_ms
+        for lt in self.layers.values():
+            fastest = min([lt.orig_ms] + [float(np.min(ms)) for _, ms in lt.grid.values() if len(ms)])
+            t += fastest - lt.orig_ms
+        return t / self.model_ms if self.model_ms > 0 else 1.0
+
     def configs(self, name: str) -> list[tuple[int, str]]:
         return sorted(self.layers[name].grid)
 
@@ -383,7 +392,8 @@ class LatencyTable:
         mkey, msrc = model_cache_key(model, info, providers[0], version, threads, int8=int8)
         mpath = cache / f"model-{mkey}.json" if cache is not None and mkey else None
         mentry = (load_json_entry(mpath, msrc) if mpath is not None else None) or {"key": msrc, "ms": {}}
-        sess = session(int8_copy(model, int8_dir, "model", preprocess=True) if int8 else model, providers, threads)
+        timed = onnx.load(str(int8_copy(model, int8_dir, "model", preprocess=True))) if int8 else model
+        sess = session(timed, providers, threads)
         if "model" in mentry["ms"]:
             model_ms = mentry["ms"]["model"]
             cached += 1
@@ -404,8 +414,8 @@ class LatencyTable:
         context = mentry.get("context")
         if isinstance(context, dict):
             cached += 1
-        elif mkey and in_context_ok(prov, int8):
-            context = _context(model, info, providers, threads, model_ms)
+        elif mkey and in_context_ok(prov):
+            context = _context(timed, info, providers, threads, model_ms)
             measured += 1
             mentry["context"] = context  # empty where the profile cannot be attributed: not tried again
             if mpath is not None:
@@ -421,19 +431,25 @@ class LatencyTable:
         return table
 
 
-def in_context_ok(provider: str, int8: bool) -> bool:
+def in_context_ok(provider: str) -> bool:
     """Whether onnxruntime's profiler times this provider's layers in context: on the CPU provider
     a node's kernel time is its computation; on CUDA it is mostly the launch (kernels run
-    asynchronously), and int8 models run fused QLinear nodes the attribution does not follow."""
-    return provider == "CPUExecutionProvider" and not int8
+    asynchronously), so a CUDA table stays as timed alone, corrected by ``beta``."""
+    return provider == "CPUExecutionProvider"
 
 
 def profile_pair(model, new, table, info) -> tuple[dict, dict]:
-    """Per-layer times inside the original and the rewritten model, profiled in turn."""
+    """Per-layer times inside the original and the rewritten model, profiled in turn (their int8
+    QDQ models for an int8 table)."""
     from .profile import layer_times
     from .runtime import CPU
     from .validate import random_inputs
 
+    if table.int8:
+        with temp_dir("onnx-alds-int8-") as tmp:
+            return profile_pair(onnx.load(str(int8_copy(model, tmp, "original", preprocess=True))),
+                                onnx.load(str(int8_copy(new, tmp, "rewritten", preprocess=True))),
+                                replace(table, int8=False), info)
     s0 = session(model, [CPU], table.threads)
     feeds = random_inputs(s0, info.input_shapes, batch=1)
     before, after = layer_times([model, new], list(table.layers), [CPU], table.threads, feeds)

@@ -7,7 +7,8 @@ compressible layer it computes (an original layer, or the encoder and decoder
 the rewrite emitted for it) and gives the rest of the graph as ``None``.
 
 onnxruntime names a fused node after the tensor or node it ends with
-(``hardtanh_2_nchwc`` for a Conv fused with the Clip that writes ``hardtanh_2``);
+(``hardtanh_2_nchwc`` for a Conv fused with the Clip that writes ``hardtanh_2``,
+``conv1_token_1`` for the QLinearConv made of the int8 QDQ group around ``conv1``);
 attribution walks back from that name through the element-wise nodes fused into
 a layer until it reaches the layer's Conv, Gemm or MatMul.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -27,7 +29,9 @@ from .io import temp_dir
 _FUSED = {"Relu", "Clip", "Add", "Sum", "Sigmoid", "Mul", "BatchNormalization", "LeakyRelu", "HardSigmoid",
           "HardSwish", "Tanh", "Identity", "Cast"}
 _LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
-_SUFFIXES = ("_nchwc", "_token", "_fused")
+# what onnxruntime appends to the name of a node it made from others: the blocked-layout conv
+# (``_nchwc``), a node of a QDQ group fused into a QLinear one (``_token_5``)
+_SUFFIX = re.compile(r"(_nchwc|_token_\d+|_fused)$")
 
 
 def _owner(node: onnx.NodeProto, layers: set[str]) -> str | None:
@@ -67,7 +71,9 @@ class Attribution:
         if name in self._memo:
             return self._memo[name]
         found = None
-        stems = [name] + [name[: -len(s)] for s in _SUFFIXES if name.endswith(s)]
+        stems = [name]
+        while _SUFFIX.search(stems[-1]):
+            stems.append(_SUFFIX.sub("", stems[-1]))
         for stem in stems:
             node = self.by_name.get(stem) or self.producer.get(stem)
             if node is not None:

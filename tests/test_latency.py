@@ -358,3 +358,32 @@ def test_in_context_table_learns_each_layers_cost_and_caches_it(cache):
     learned.remember()
     again = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1)
     assert again.measured == 0 and again.penalty == pytest.approx(learned.penalty)
+
+
+def test_latency_verdict_refuses_far_short_and_warns_near(cache):
+    """The kept rewrite of --keep-latency F against its target 1/F: slower than the input or more than
+    15 % short is refused (exit 4) with the fraction the corrected table can reach; 5–15 % short is
+    kept with a warning; on target says nothing."""
+    from onnx_alds.api import latency_verdict
+    from onnx_alds.errors import InfeasibleBudget
+
+    model = wide_conv()
+    _, _, info = analyze(model)
+    table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1)
+    floor = table.floor()
+    assert 0 < floor < 1  # the conv has faster factorizations
+    with pytest.raises(InfeasibleBudget) as least:  # the selector's own floor on the same table
+        rewrite(model, keep_latency=1e-3, latency_table=table, validate=False, compare=False)
+    assert floor == pytest.approx(least.value.smallest_fraction, rel=1e-3)
+    base = {"predicted_speedup": 2.0, "provider": "CPUExecutionProvider", "rounds_tried": 3}
+    for got in (0.9, 1.5):  # slower; 25 % short of 2x
+        with pytest.raises(InfeasibleBudget) as e:
+            latency_verdict(dict(base, measured_speedup=got), 0.5, table)
+        assert "nothing was written" in str(e.value) and e.value.exit_code == 4
+        assert e.value.smallest_fraction >= (1.0 if got < 1 else max(floor, 1 / got))
+    near = dict(base, measured_speedup=1.8)  # 10 % short
+    latency_verdict(near, 0.5, table)
+    assert len(near["warnings"]) == 1 and "1.80x" in near["warnings"][0]
+    met = dict(base, measured_speedup=1.95)
+    latency_verdict(met, 0.5, table)
+    assert "warnings" not in met
