@@ -306,7 +306,7 @@ class LatencyTable:
         return dict(provider=self.provider, model_ms=self.model_ms, predicted_ms=predicted_ms,
                     predicted_speedup=self.model_ms / predicted_ms if predicted_ms > 0 else float("nan"),
                     measurements=self.measured, cached=self.cached, int8=self.int8,
-                    in_context=len(self.context), penalized=sum(1 for v in self.penalty.values() if v > 0))
+                    in_context=len(self.context), corrected=len(self.penalty))
 
     def predicted_ms(self, choices: dict) -> float:
         t = self.model_ms
