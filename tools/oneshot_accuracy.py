@@ -13,6 +13,11 @@ the same test images (paired): the images each gets right that the other
 gets wrong, and the exact McNemar p-value of the difference (pairs.csv).
 
     python tools/oneshot_accuracy.py [--models resnet20 vgg_small ...] [--allow-slower]
+    python tools/oneshot_accuracy.py --metric latency --budgets 0.9 0.8 0.7 --errors data --methods alds
+
+``--metric latency`` reads the budgets as ``--keep-latency`` fractions: each
+row then also has the rewrite's measured and predicted speed-up (batch 1,
+its own closed loop), and the plot is accuracy against measured speed-up.
 """
 
 from __future__ import annotations
@@ -85,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["alds", "uniform"])
     p.add_argument("--calibration", type=int, default=256, help="training images used as calibration data")
     p.add_argument("--allow-slower", action="store_true", help="rewrite without the speed guard")
+    p.add_argument("--metric", choices=["params", "latency"], default="params",
+                   help="what the budgets keep: parameters (--keep-params) or latency (--keep-latency)")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "oneshot"))
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -108,7 +115,8 @@ def main(argv=None) -> int:
                 for keep in a.budgets:
                     t0 = time.perf_counter()
                     try:
-                        new, rep = onnx_alds.rewrite(path, keep_params=keep, method=method, error=err,
+                        budget = {f"keep_{a.metric}": keep}
+                        new, rep = onnx_alds.rewrite(path, **budget, method=method, error=err,
                                                      calibration=cal if err == "data" else None,
                                                      validate=False, compare=False, provider="cpu",
                                                      allow_slower=a.allow_slower)
@@ -123,11 +131,16 @@ def main(argv=None) -> int:
                                one_shot=round(100 * acc, 2), test_rel_l2=round(rel, 4),
                                max_predicted=round(rep.max_rel_error, 4),
                                max_measured=round(rep.max_measured_error or 0.0, 4),
-                               calibration_s=round(rep.timings_s.get("calibrate", 0.0), 2), wall_s=round(wall, 2))
+                               calibration_s=round(rep.timings_s.get("calibrate", 0.0), 2), wall_s=round(wall, 2),
+                               metric=a.metric, measured_speedup=rep.budget.get("measured_speedup"),
+                               predicted_speedup=rep.budget.get("predicted_speedup"))
                     rows.append(row)
+                    speed = (f"  measured {row['measured_speedup']:.2f}x (predicted {row['predicted_speedup']:.2f}x)"
+                             if a.metric == "latency" else "")
                     print(f"  {err:9} {method:7} keep {keep:<4} params {row['params_kept']:.3f}  one-shot "
                           f"{row['one_shot']:6.2f} %  test rel L2 {rel:.3f}  max ε {row['max_predicted']:.3f} "
-                          f"(measured {row['max_measured']:.3f})  calibration {row['calibration_s']} s", flush=True)
+                          f"(measured {row['max_measured']:.3f})  calibration {row['calibration_s']} s{speed}",
+                          flush=True)
     if not rows:
         return 1
     with open(out / "oneshot.csv", "w", newline="") as f:
@@ -154,13 +167,14 @@ def main(argv=None) -> int:
     for ax, name in zip(axes[0], names):
         for err in a.errors:
             for method in a.methods:
-                pts = sorted((r["params_kept"], r["one_shot"]) for r in rows
+                x = "measured_speedup" if a.metric == "latency" else "params_kept"
+                pts = sorted((r[x], r["one_shot"]) for r in rows
                              if r["model"] == name and r["error"] == err and r["method"] == method)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", ls="-" if method == "alds" else "--", label=f"{err} / {method}")
         ax.axhline(next(r["original"] for r in rows if r["model"] == name), color="k", lw=0.8, label="original")
         ax.set_title(name)
-        ax.set_xlabel("parameters kept")
+        ax.set_xlabel("measured speed-up (batch 1)" if a.metric == "latency" else "parameters kept")
         ax.set_ylabel("one-shot test accuracy (%)")
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
