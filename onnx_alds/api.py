@@ -324,7 +324,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             max_output_error: float | None = None, min_speedup: float | None = None,
             allow_slower: bool = False, max_speed_retries: int = 2, sequential: bool | None = None,
             max_latency_rounds: int = 3, fill_budget: bool = True, objective: str | None = None,
-            int8: bool = False) -> tuple[onnx.ModelProto, Report]:
+            int8: bool = False, best_effort: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
     With ``plan`` the given plan is applied as is; otherwise ``method`` selects
@@ -367,7 +367,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             compare=compare, latency_table=latency_table, progress=progress, cache_dir=cache_dir, error=error,
             calibration=calibration, bias_correction=bias_correction, min_speedup=min_speedup,
             sequential=sequential, max_latency_rounds=max_latency_rounds, fill_budget=fill_budget,
-            objective=objective, int8=int8))
+            objective=objective, int8=int8, best_effort=best_effort))
     with _timed(timings, "load"):
         source = Source.load(model_or_path)
     original = source.model
@@ -408,6 +408,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     default_budget = plan is None and keep_params is None and keep_flops is None and keep_latency is None
     relax = list(DEFAULT_RELAXED) if default_budget and guard is not None else []
     attempt, rounds, result, first = 0, 0, None, None
+    learned_floor = None  # the corrected table's floor, where a cached correction was dropped
     lat_fraction, kept_fraction = keep_latency, keep_params
     while True:
         built = None  # a candidate that objective "best" has already built
@@ -434,8 +435,16 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                 log.info("keep-latency %g is past the floor with the corrections learned so far (savings "
                          "scaled by %.3f, %d layers' costs); solving the table as measured", keep_latency,
                          latency_table.beta, len(latency_table.penalty))
+                learned_floor = latency_table.floor()
                 latency_table = latency_table.with_context(latency_table.context, {}).with_beta(1.0)
                 continue
+            if result is None and learned_floor is not None:
+                # infeasible as measured too: the floor to ask for is the one measured inside the model
+                raise InfeasibleBudget(
+                    f"the budget cannot be met: the smallest reachable fraction is "
+                    f"{max(learned_floor, e.smallest_fraction):.4f} with each layer's cost measured inside the "
+                    f"model by earlier runs ({e.smallest_fraction:.4f} as the table timed it)",
+                    max(learned_floor, e.smallest_fraction)) from None
             if relax and (result is None or (result[1].speedup or 0) < 1.0):
                 kept_fraction = relax.pop(0)
                 log.info("the default budget %s; trying keep-params %g", _why(e), kept_fraction)
@@ -544,7 +553,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         if latency_table is not None and plan is None:
             # the next run on this model starts from the correction its kept plan was solved with
             latency_table.with_beta(report.budget.get("beta", 1.0)).remember()
-        latency_verdict(report.budget, keep_latency, latency_table)
+        latency_verdict(report.budget, keep_latency, latency_table, best_effort=best_effort)
     if validate:
         from .validate import Validation, gate
 
@@ -557,23 +566,24 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     return new, report
 
 
-def latency_verdict(budget: dict, keep_latency: float, table) -> None:
+def latency_verdict(budget: dict, keep_latency: float, table, best_effort: bool = False) -> None:
     """What ``--keep-latency F`` does with its kept rewrite, measured at ``budget["measured_speedup"]``
-    against the target ``1/F``: a slower one, or one more than 15 % short (:data:`LATENCY_REFUSE`), is
-    refused (:class:`InfeasibleBudget`: nothing is written, and the message gives the fraction that
-    the table corrected inside the model can reach); one more than 5 % short is kept with a warning."""
+    against the target ``1/F``: a slower one, or one more than 15 % short (:data:`LATENCY_REFUSE`,
+    unless ``best_effort``), is refused (:class:`InfeasibleBudget`: nothing is written, and the message
+    gives the fraction that the table corrected inside the model can reach); one more than 5 % short
+    is kept with a warning."""
     target, got = 1.0 / keep_latency, budget["measured_speedup"]
     where = f"in {budget.get('rounds_tried', 1)} rounds on {budget.get('provider', 'the provider')}"
     if got < 1.0:  # a latency budget is never met by a slower model
         raise InfeasibleBudget(
             f"--keep-latency {keep_latency:g}: no rewrite tried ran faster than the input (the fastest measured "
             f"{got:.2f}x {where}, the table predicted {budget['predicted_speedup']:.2f}x); nothing was written", 1.0)
-    if got < target * LATENCY_REFUSE:
+    if got < target * LATENCY_REFUSE and not best_effort:
         floor = table.floor() if table is not None else 1.0 / got
         raise InfeasibleBudget(
             f"--keep-latency {keep_latency:g} asks for {target:.2f}x; the fastest rewrite measured {got:.2f}x {where}"
             f", and with each layer timed inside the model the smallest reachable fraction is {floor:.3f} "
-            f"(measured: {1.0 / got:.3f}); nothing was written", max(floor, 1.0 / got))
+            f"(measured: {1.0 / got:.3f}); nothing was written (--best-effort writes it)", max(floor, 1.0 / got))
     if got < target * (1 - LATENCY_TOLERANCE):
         budget.setdefault("warnings", []).append(
             f"--keep-latency {keep_latency:g} asks for {target:.2f}x; the closest measured rewrite runs "

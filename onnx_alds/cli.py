@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--int8", action="store_true",
                    help="with --keep-latency: time the int8 QDQ models that 'onnx-alds quantize' makes (the "
                         "latency table and the closed loop), for a pipeline that quantizes the rewrite")
+    r.add_argument("--best-effort", action="store_true",
+                   help="with --keep-latency: write the rewrite measured closest to 1/F even when it is more "
+                        "than 15 %% short of it (with a warning) instead of exit 4")
     r.add_argument("--allow-slower", action="store_true",
                    help="let the selector pick factorizations that the latency model says are slower "
                         "than the dense layer")
@@ -236,7 +239,7 @@ def cmd_rewrite(a) -> int:
                           calibration=a.calibration, bias_correction=not a.no_bias_correction,
                           max_output_error=a.max_output_error, min_speedup=a.min_speedup,
                           allow_slower=a.allow_slower, sequential=a.sequential, int8=a.int8,
-                          objective=a.objective)
+                          objective=a.objective, best_effort=a.best_effort)
     report.output = str(out)
     written = save_model(new, out)
     if a.report:

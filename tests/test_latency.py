@@ -15,9 +15,11 @@ def cache(tmp_path):
 
 
 def near_floor(model, table) -> float:
-    """A kept-latency fraction just above the table's floor (found without timing anything): the
-    cheapest factorizations, a few times faster than the layer, so that the measured model is faster
-    than the input however noisy the machine (--keep-latency refuses a slower one)."""
+    """A kept-latency fraction above the table's floor (found without timing anything): cheap
+    factorizations, a few times faster than the layer, so that the measured model is faster than the
+    input however noisy the machine (--keep-latency refuses a slower one).  Tests of the loop's
+    mechanics pass best_effort: measured next to another test worker, a near-floor target can be
+    missed by more than the 15 % that --keep-latency otherwise refuses."""
     from onnx_alds.errors import InfeasibleBudget
 
     with pytest.raises(InfeasibleBudget) as least:
@@ -39,7 +41,7 @@ def test_keep_latency_uses_only_table_entries(cache):
     assert table.measured > 0 and table.provider == "CPUExecutionProvider"
     frac = near_floor(model, table)
     new, report = rewrite(model, keep_latency=frac, latency_table=table, validate=False, compare=False,
-                          max_latency_rounds=1)  # the table's own prediction, before the loop corrects it
+                          max_latency_rounds=1, best_effort=True)  # the table's own prediction, uncorrected
     chosen = [l for l in report.layers if l.status == "decomposed"]
     assert chosen
     predicted = table.model_ms
@@ -81,7 +83,7 @@ def test_closed_loop_stays_within_its_bound_and_reports_both_speedups(cache):
     frac = near_floor(model, table)
     for bound in (1, 2, 3):
         _, report = rewrite(model, keep_latency=frac, latency_table=table, validate=False, compare=False,
-                            max_latency_rounds=bound)
+                            max_latency_rounds=bound, best_effort=True)
         b = report.budget
         assert 1 <= b["rounds"] <= b["rounds_tried"] <= bound
         assert b["predicted_speedup"] > 0 and b["measured_speedup"] > 0 and b["fraction"] == frac
@@ -270,7 +272,7 @@ def test_int8_latency_table_and_closed_loop_time_the_int8_models(cache, tmp_path
     assert again.measured == 0 and again.model_ms == table.model_ms
     frac = near_floor(model, table)
     new, report = rewrite(model, keep_latency=frac, latency_table=table, compare=False, max_latency_rounds=1,
-                          int8=True)
+                          int8=True, best_effort=True)
     b = report.budget
     assert b["int8"] and b["measured_speedup"] > 0 and b["predicted_speedup"] > 0
     path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
@@ -293,7 +295,7 @@ def test_a_cached_correction_never_makes_a_budget_infeasible(cache):
     with pytest.raises(InfeasibleBudget):  # the selector alone, on the corrected table
         _solve_only(model, frac, pessimistic)
     _, report = rewrite(model, keep_latency=frac, latency_table=pessimistic, validate=False, compare=False,
-                        max_latency_rounds=1)
+                        max_latency_rounds=1, best_effort=True)
     assert report.budget["beta"] == 1.0 and report.budget["predicted_ms"] <= frac * table.model_ms + 1e-9
 
 
@@ -323,7 +325,10 @@ def test_profiler_attributes_each_layer_inside_the_model():
     assert set(before["layers"]) == set(names) and all(before["nodes"][n] == 1 for n in names)
     assert all(after["nodes"][n] == 2 for n in decomposed)  # the encoder and the decoder
     assert before["rest_nodes"] >= 2  # the depthwise conv and the pooling are nobody's layer
-    assert before["wall"] > 0 and all(v > 0 for v in before["layers"].values())
+    # times after the profiler's own cost per kernel is taken off (a tiny layer can come to 0)
+    assert before["wall"] > 0 and sum(before["layers"].values()) > 0
+    assert all(v >= 0 for r in (before, after) for v in r["layers"].values())
+    assert before["overhead"] >= 0 and after["overhead"] >= 0  # the profiler's own cost per kernel, taken off
 
 
 def test_in_context_table_learns_each_layers_cost_and_caches_it(cache):
@@ -384,6 +389,30 @@ def test_latency_verdict_refuses_far_short_and_warns_near(cache):
     near = dict(base, measured_speedup=1.8)  # 10 % short
     latency_verdict(near, 0.5, table)
     assert len(near["warnings"]) == 1 and "1.80x" in near["warnings"][0]
+    far = dict(base, measured_speedup=1.5)  # --best-effort: written, with the warning
+    latency_verdict(far, 0.5, table, best_effort=True)
+    assert len(far["warnings"]) == 1 and "1.50x" in far["warnings"][0]
     met = dict(base, measured_speedup=1.95)
     latency_verdict(met, 0.5, table)
     assert "warnings" not in met
+
+
+def test_unmeasured_layers_take_the_median_measured_cost(cache):
+    """Layers whose factorization the loop never measured inside the model get the median penalty of
+    those it did (relative to their in-context time), and never a negative one."""
+    model = cnn_model()
+    _, _, info = analyze(model)
+    table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1)
+    names = list(table.layers)
+    ctx = {n: 1.0 for n in names}
+    measured = {names[0]: 0.5, names[1]: 0.3, names[2]: 0.7}  # the other layer was never factorized
+    t = table.with_context(ctx, measured)
+    rest = names[3]
+    key = next(iter(t.layers[rest].grid))
+    plain = table.with_context(ctx, {})
+    assert np.allclose(t.layers[rest].grid[key][1], plain.layers[rest].grid[key][1] + 0.5)
+    assert t.layers[rest].orig_ms == plain.layers[rest].orig_ms == 1.0
+    cheaper = table.with_context(ctx, {n: -v for n, v in measured.items()})
+    assert np.allclose(cheaper.layers[rest].grid[key][1], plain.layers[rest].grid[key][1])
+    two = table.with_context(ctx, dict(list(measured.items())[:2]))  # too few to say anything of the rest
+    assert np.allclose(two.layers[rest].grid[key][1], plain.layers[rest].grid[key][1])
