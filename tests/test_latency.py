@@ -416,3 +416,21 @@ def test_unmeasured_layers_take_the_median_measured_cost(cache):
     assert np.allclose(cheaper.layers[rest].grid[key][1], plain.layers[rest].grid[key][1])
     two = table.with_context(ctx, dict(list(measured.items())[:2]))  # too few to say anything of the rest
     assert np.allclose(two.layers[rest].grid[key][1], plain.layers[rest].grid[key][1])
+
+
+def test_past_both_floors_the_refusal_gives_the_learned_floor(cache):
+    """A budget past the floor of the table as measured and of the table with the learned costs: exit 4
+    with the learned floor (the one to ask for), and the other named."""
+    from onnx_alds.errors import InfeasibleBudget
+
+    model = wide_conv()
+    _, _, info = analyze(model)
+    table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1)
+    assert table.context
+    name = next(iter(table.layers))
+    costly = table.with_context(table.context, {name: 0.5 * table.context[name]})  # factorizing costs more
+    assert costly.floor() > table.with_context(table.context, {}).floor()
+    with pytest.raises(InfeasibleBudget) as e:
+        rewrite(model, keep_latency=1e-3, latency_table=costly, validate=False, compare=False)
+    assert e.value.smallest_fraction == pytest.approx(costly.floor(), rel=1e-3)
+    assert "measured inside the model" in str(e.value)
