@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -114,7 +116,9 @@ class Report:
         b = self.budget
         if b.get("metric") == "latency" and b.get("measured_ms") is not None:
             predicted = (f"predicted speed-up {b['model_ms'] / b['predicted_ms']:.2f}x, "
-                         if b.get("model_ms") and b.get("predicted_ms") else "")
+                         if b.get("model_ms") and b.get("predicted_ms") and math.isfinite(b["predicted_ms"]) else "")
+            if b.get("route"):
+                predicted = f"the {b['route']} plan (the table's fell short), {predicted}"
             int8 = ", int8 models" if b.get("int8") else ""
             lines.append(f"latency on {b.get('provider', '?')} (batch 1, {b.get('threads', '?')} threads{int8}): "
                          f"{predicted}measured {b['measured_speedup']:.2f}x "

@@ -434,3 +434,27 @@ def test_past_both_floors_the_refusal_gives_the_learned_floor(cache):
         rewrite(model, keep_latency=1e-3, latency_table=costly, validate=False, compare=False)
     assert e.value.smallest_fraction == pytest.approx(costly.floor(), rel=1e-3)
     assert "measured inside the model" in str(e.value)
+
+
+def test_speed_guard_route_when_the_table_falls_short(cache):
+    """--keep-latency's second route: the speed guard's keep-params plans, each built and measured
+    against the original; the one kept is reported as latency budget with its route, and nothing
+    is returned where none beats what the table's plans measured."""
+    from onnx_alds.api import GUARDED_FRACTIONS, _guarded_alternative
+    from onnx_alds.error_model import error_model
+
+    model = wide_conv()
+    _, _, info = analyze(model)
+    table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1)
+    kw = dict(provider="cpu", keep_latency=0.5, table=table, schemes=None, k_max=None, progress=False,
+              timings={}, validate=False)
+    got = _guarded_alternative(model, info, error_model("spectral"), None, None, None, beat=0.0, **kw)
+    assert got is not None
+    new, report = got
+    b = report.budget
+    assert b["metric"] == "latency" and b["fraction"] == 0.5 and b["measured_speedup"] > 0
+    kept = float(b["route"].split("keep-params ")[1])
+    assert kept in GUARDED_FRACTIONS and report.params_fraction <= kept + 1e-9
+    assert any(l.status == "decomposed" for l in report.layers)
+    assert _guarded_alternative(model, info, error_model("spectral"), None, None, None, beat=float("inf"),
+                                **kw) is None
