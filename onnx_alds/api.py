@@ -440,11 +440,11 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                 continue
             if result is None and learned_floor is not None:
                 # infeasible as measured too: the floor to ask for is the one measured inside the model
+                floor = max(learned_floor, e.smallest_fraction)
+                timed = f" ({e.smallest_fraction:.4f} as the table timed it)" if floor > e.smallest_fraction + 5e-5 else ""
                 raise InfeasibleBudget(
-                    f"the budget cannot be met: the smallest reachable fraction is "
-                    f"{max(learned_floor, e.smallest_fraction):.4f} with each layer's cost measured inside the "
-                    f"model by earlier runs ({e.smallest_fraction:.4f} as the table timed it)",
-                    max(learned_floor, e.smallest_fraction)) from None
+                    f"the budget cannot be met: the smallest reachable fraction is {floor:.4f} with each layer's "
+                    f"cost measured inside the model by earlier runs{timed}", floor) from None
             if relax and (result is None or (result[1].speedup or 0) < 1.0):
                 kept_fraction = relax.pop(0)
                 log.info("the default budget %s; trying keep-params %g", _why(e), kept_fraction)
