@@ -441,7 +441,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             if result is None and learned_floor is not None:
                 # infeasible as measured too: the floor to ask for is the one measured inside the model
                 floor = max(learned_floor, e.smallest_fraction)
-                timed = f" ({e.smallest_fraction:.4f} as the table timed it)" if floor > e.smallest_fraction + 5e-5 else ""
+                timed = (f" ({e.smallest_fraction:.4f} as the table timed it)"
+                         if floor > e.smallest_fraction + 5e-5 else "")
                 raise InfeasibleBudget(
                     f"the budget cannot be met: the smallest reachable fraction is {floor:.4f} with each layer's "
                     f"cost measured inside the model by earlier runs{timed}", floor) from None
@@ -546,7 +547,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         # the table's plans fell short (on small models a layer's time is a few µs, and timed alone it
         # says little of the layer inside the model): try the speed guard's plans, measured
         better = _guarded_alternative(original, info, emodel, cal_data, cal_all, sequential, provider=provider,
-                                      keep_latency=keep_latency, table=latency_table, schemes=schemes,
+                                      method=method, keep_latency=keep_latency, table=latency_table, schemes=schemes,
                                       k_max=k_max, progress=progress, timings=timings,
                                       beat=report.budget["measured_speedup"], validate=validate)
         if better is not None:
@@ -580,7 +581,7 @@ GUARDED_FRACTIONS = (0.9, 0.7, 0.5, 0.3)  # --keep-latency's second route: these
 
 
 def _guarded_alternative(original, info, emodel, cal_data, cal_all, sequential, *, provider, keep_latency, table,
-                         schemes, k_max, progress, timings, beat, validate):
+                         schemes, k_max, progress, timings, beat, validate, method="alds"):
     """``--keep-latency F`` where the latency table's plans measured short of ``1/F``: the plans the
     speed guard admits at keep-params 0.9, 0.7, 0.5 and 0.3 (its per-MAC and per-node model is
     measured on this provider, and keeps the default rewrite faster than its input), each built and
@@ -599,7 +600,7 @@ def _guarded_alternative(original, info, emodel, cal_data, cal_all, sequential, 
         source = Source.load(original)
         try:
             choices, used_plan, budget, baselines, method = _choose(
-                info, source, emodel, None, keep_params=kp, keep_flops=None, keep_latency=None, method="alds",
+                info, source, emodel, None, keep_params=kp, keep_flops=None, keep_latency=None, method=method,
                 schemes=schemes, k_max=k_max, provider=provider, compare=False, latency_table=None,
                 progress=progress, timings=timings, guard=guard)
         except InfeasibleBudget:
