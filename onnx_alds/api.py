@@ -625,7 +625,7 @@ def _guarded_alternative(original, info, emodel, cal_data, cal_all, sequential, 
     predicted_ms = predicted_ms if np.isfinite(predicted_ms) else float("nan")  # a rank the table did not time
     budget.update(metric="latency", fraction=keep_latency, target=keep_latency * table.model_ms,
                   predicted=predicted_ms, total_before=table.model_ms, route=f"speed guard, keep-params {kp:g}",
-                  beta=table.beta, rounds=1, rounds_tried=1)
+                  beta=table.beta, rounds=1)
     budget.update(table.summary(predicted_ms))
     report = _check_and_validate(source, original, new, info, choices, measured, emodel, used_plan, budget,
                                  baselines, method, latency_table=table, validate=validate, provider=provider,

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -219,7 +219,7 @@ def _prior(context: dict, penalty: dict) -> float:
     """What a factorization costs inside the model beyond the table, as a fraction of its layer's
     in-context time, for a layer whose factorization was never measured there: the median of the
     measured ones, and never below 0 (an unmeasured layer is not assumed to save more than the table
-    says).  On the shipped ResNet20 every measured factorization cost 6–9 µs more inside the model
+    says).  On the shipped ResNet20 every measured factorization cost 5–17 µs more inside the model
     than the table predicted, about its layer's whole time: a node's fixed cost."""
     rel = [v / context[n] for n, v in penalty.items() if context.get(n, 0) > 0]
     return max(0.0, float(np.median(rel))) if len(rel) >= PRIOR_MIN_LAYERS else 0.0
@@ -410,11 +410,12 @@ class LatencyTable:
         mentry = (load_json_entry(mpath, msrc) if mpath is not None else None) or {"key": msrc, "ms": {}}
         timed = onnx.load(str(int8_copy(model, int8_dir, "model", preprocess=True))) if int8 else model
         sess = session(timed, providers, threads)
+        feeds = random_inputs(sess, info.input_shapes, batch=1)
         if "model" in mentry["ms"]:
             model_ms = mentry["ms"]["model"]
             cached += 1
         else:
-            model_ms = time_session(sess, random_inputs(sess, info.input_shapes, batch=1), warmup=5, repeats=30)
+            model_ms = time_session(sess, feeds, warmup=5, repeats=30)
             mentry["ms"]["model"] = model_ms
             measured += 1
             if mpath is not None:
@@ -431,7 +432,7 @@ class LatencyTable:
         if isinstance(context, dict):
             cached += 1
         elif mkey and in_context_ok(prov):
-            context = _context(timed, info, providers, threads, model_ms)
+            context = _context(timed, info, providers, threads, model_ms, feeds)
             measured += 1
             mentry["context"] = context  # empty where the profile cannot be attributed: not tried again
             if mpath is not None:
@@ -454,33 +455,35 @@ def in_context_ok(provider: str) -> bool:
     return provider == "CPUExecutionProvider"
 
 
+@contextmanager
+def _as_timed(table, model, new):
+    """The original and the rewrite as ``table`` times them: as they are, or (files) their int8 QDQ
+    models (``onnx-alds quantize``) for an int8 table."""
+    if not table.int8:
+        yield model, new
+        return
+    with temp_dir("onnx-alds-int8-") as tmp:
+        yield (int8_copy(model, tmp, "original", preprocess=True), int8_copy(new, tmp, "rewritten", preprocess=True))
+
+
 def profile_pair(model, new, table, info) -> tuple[dict, dict]:
-    """Per-layer times inside the original and the rewritten model, profiled in turn (their int8
-    QDQ models for an int8 table)."""
+    """Per-layer times inside the original and the rewritten model, profiled in turn."""
     from .profile import layer_times
     from .runtime import CPU
-    from .validate import random_inputs
 
-    if table.int8:
-        with temp_dir("onnx-alds-int8-") as tmp:
-            return profile_pair(onnx.load(str(int8_copy(model, tmp, "original", preprocess=True))),
-                                onnx.load(str(int8_copy(new, tmp, "rewritten", preprocess=True))),
-                                replace(table, int8=False), info)
-    s0 = session(model, [CPU], table.threads)
-    feeds = random_inputs(s0, info.input_shapes, batch=1)
-    before, after = layer_times([model, new], list(table.layers), [CPU], table.threads, feeds)
+    with _as_timed(table, model, new) as pair:
+        m0, m1 = (onnx.load(str(m)) if isinstance(m, Path) else m for m in pair)
+        before, after = layer_times([m0, m1], list(table.layers), [CPU], table.threads,
+                                    input_shapes=info.input_shapes)
     return before, after
 
 
-def _context(model, info, providers, threads, model_ms) -> dict:
+def _context(model, info, providers, threads, model_ms, feeds) -> dict:
     """Each compressible layer's time inside the whole model (ms, in the units of ``model_ms``),
     from onnxruntime's profiler; empty where the profile cannot be attributed."""
     from .profile import layer_times
-    from .validate import random_inputs
 
     try:
-        s0 = session(model, providers, threads)
-        feeds = random_inputs(s0, info.input_shapes, batch=1)
         prof = layer_times([model], [l.name for l in info.candidates], providers, threads, feeds)[0]
     except Exception as e:  # the table stays as timed alone
         log.info("profiling the whole model failed (%s); the latency table stays as timed alone", e)
@@ -496,11 +499,8 @@ def measure_speedup(model, new, table, info) -> dict:
     from .validate import interleaved_latency, random_inputs
 
     providers = providers_for("cuda" if table.provider == "CUDAExecutionProvider" else "cpu")
-    if table.int8:  # what the table timed: the int8 models of both
-        with temp_dir("onnx-alds-int8-") as tmp:
-            return measure_speedup(int8_copy(model, tmp, "original", preprocess=True),
-                                   int8_copy(new, tmp, "rewritten", preprocess=True), replace(table, int8=False), info)
-    s0, s1 = session(model, providers, table.threads), session(new, providers, table.threads)
+    with _as_timed(table, model, new) as (m0, m1):
+        s0, s1 = session(m0, providers, table.threads), session(m1, providers, table.threads)
     feeds = random_inputs(s0, info.input_shapes, batch=1)
     t0, t1 = interleaved_latency([s0, s1], [feeds, feeds], warmup=5, repeats=30, min_seconds=0.25)
     before, after = float(np.median(t0)), float(np.median(t1))

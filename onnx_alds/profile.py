@@ -54,17 +54,16 @@ class Attribution:
         self._memo: dict[str, str | None] = {}
 
     def _walk(self, node: onnx.NodeProto | None, depth: int = 0) -> str | None:
-        while node is not None and depth < 6:
-            if node.op_type in _LAYER_OPS:
-                return _owner(node, self.layers)
-            if node.op_type not in _FUSED:
-                return None
-            found = None
-            for i in node.input:  # Add of a residual: the side a layer produced
-                found = self._walk(self.producer.get(i), depth + 1) if i in self.producer else None
-                if found is not None:
-                    break
-            return found
+        if node is None or depth >= 6:
+            return None
+        if node.op_type in _LAYER_OPS:
+            return _owner(node, self.layers)
+        if node.op_type not in _FUSED:
+            return None
+        for i in node.input:  # Add of a residual: the side a layer produced
+            found = self._walk(self.producer.get(i), depth + 1)
+            if found is not None:
+                return found
         return None
 
     def __call__(self, name: str) -> str | None:
@@ -84,8 +83,8 @@ class Attribution:
         return found
 
 
-def layer_times(models, layers, providers, threads: int, feeds: dict, *, runs: int = 20, warmup: int = 5,
-                min_seconds: float = 0.25, max_runs: int = 1000) -> list[dict]:
+def layer_times(models, layers, providers, threads: int, feeds: dict | None = None, *, input_shapes=None,
+                runs: int = 20, warmup: int = 5, min_seconds: float = 0.25, max_runs: int = 1000) -> list[dict]:
     """Per-run milliseconds of each layer inside each whole model (ModelProtos), from onnxruntime's profiler.
 
     Every model runs twice over, profiled and not, and all the sessions run in
@@ -93,6 +92,7 @@ def layer_times(models, layers, providers, threads: int, feeds: dict, *, runs: i
     that the machine's load falls on all of them alike: at least ``runs`` runs
     each, more (up to ``max_runs``) until the first has run ``min_seconds``.
     Sessions are made as every timing session is (:func:`onnx_alds.runtime.session`).
+    Without ``feeds``, seeded inputs at ``input_shapes`` (batch 1) are drawn for them.
 
     The profiler costs about the same for every node it times (about 5 µs on
     this 2-core machine: the shipped ResNet20, 0.18 ms a run, takes 0.36 ms
@@ -112,6 +112,10 @@ def layer_times(models, layers, providers, threads: int, feeds: dict, *, runs: i
         profiled = [session(m, providers, threads, profile_prefix=os.path.join(str(tmp), f"profile{i}"))
                     for i, m in enumerate(models)]
         plain = [session(m, providers, threads) for m in models]
+        if feeds is None:
+            from .validate import random_inputs
+
+            feeds = random_inputs(plain[0], input_shapes, batch=1)
         for _ in range(warmup):
             for sess in profiled + plain:
                 sess.run(None, feeds)
@@ -161,6 +165,6 @@ def _summarize(events, attribute: Attribution, warmup: int) -> dict:
             else:
                 per_layer[owner] += e["dur"]
                 nodes[owner] += 1
-    n = max(n_runs, 1) * 1e3  # µs per run → ms
-    return {"layers": {k: v / n for k, v in per_layer.items()}, "nodes": {k: v * 1e3 / n for k, v in nodes.items()},
-            "rest": rest / n, "rest_nodes": rest_nodes * 1e3 / n}
+    n = max(n_runs, 1)
+    return {"layers": {k: v / n / 1e3 for k, v in per_layer.items()}, "nodes": {k: v / n for k, v in nodes.items()},
+            "rest": rest / n / 1e3, "rest_nodes": rest_nodes / n}  # per run; µs → ms
