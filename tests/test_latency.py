@@ -458,3 +458,27 @@ def test_speed_guard_route_when_the_table_falls_short(cache):
     assert any(l.status == "decomposed" for l in report.layers)
     assert _guarded_alternative(model, info, error_model("spectral"), None, None, None, beat=float("inf"),
                                 **kw) is None
+
+
+def test_a_rerun_solves_the_kept_plan_first(cache):
+    """The closed loop caches the table that solved the plan it kept, not the one it ended with: a
+    rerun of the same command solves that same plan in its first round (same layers, schemes and
+    ranks), so a rerun that measures it on target again keeps it."""
+    model = wide_conv()
+    _, _, info = analyze(model)
+    table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=2)
+    # savings understated: the first round compresses more than 0.8 needs, and the loop corrects it
+    skewed = table.with_beta(0.3)
+    _, first = rewrite(model, keep_latency=0.8, latency_table=skewed, validate=False, compare=False,
+                       max_latency_rounds=3, best_effort=True)
+    assert "route" not in first.budget  # one wide conv: the table's own plans are faster than the input
+    again = LatencyTable.for_model(model, info, cache_dir=cache, k_max=2)
+    assert again.measured == 0 and again.beta == pytest.approx(first.budget["beta"])
+    _, rerun = rewrite(model, keep_latency=0.8, latency_table=again, validate=False, compare=False,
+                       max_latency_rounds=1, best_effort=True)
+
+    def plan(rep):
+        return [(l.name, l.status, l.k, l.scheme, l.rank) for l in rep.layers]
+
+    assert plan(rerun) == plan(first)
+    assert rerun.budget["predicted_ms"] == pytest.approx(first.budget["predicted_ms"])
