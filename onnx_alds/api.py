@@ -357,9 +357,6 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     validation inputs) or below ``min_speedup`` the rewrite raises
     :class:`ValidationFailed`."""
     timings: dict = {}
-    if int8 and (keep_latency is None or plan is not None):
-        raise UsageError("--int8 times the int8 models for --keep-latency; give --keep-latency F with it "
-                         "(a parameter or FLOP budget, or a plan, does not time anything)")
     if not validate and (max_output_error is not None or min_speedup is not None):
         raise UsageError("--max-output-error and --min-speedup need validation (drop --no-validate)")
     if keep_latency is not None and max_output_error is not None and plan is None:
@@ -382,6 +379,9 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             cal_data, moments, cal_all = calibrate(source, info, calibration, provider=provider, progress=progress,
                                                    moments=error in (None, "data") and not (plan and plan.factors))
     large = source.large
+    if large and int8:
+        raise UsageError("--int8 times int8 copies of the models in memory, and this model is over 2 GB; "
+                         "drop --int8 and quantize the rewrite with 'onnx-alds quantize'")
     if large and source.path is not None:
         source.detach()
     emodel = error_model(error, moments=moments, cache_dir=cache_dir, bias_correction=bias_correction)
@@ -475,7 +475,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             trim_memory()
         report = _check_and_validate(source, original, new, info, choices, measured, emodel, used_plan, budget,
                                      baselines, used_method, latency_table=latency_table, validate=validate,
-                                     provider=provider, cal_data=cal_data, timings=timings)
+                                     provider=provider, cal_data=cal_data, timings=timings, int8=int8)
         if budget.get("measured_speedup") is not None and plan is None:
             # --keep-latency, measured: re-solve the same budget with the table corrected by what the
             # model really ran, both ways (short of the target: compress more; far past it: less)
@@ -575,7 +575,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     if relaxed and not report.budget.get("unchanged"):
         report.budget.setdefault("warnings", []).append(
             f"the default budget keep-params {relaxed['requested']:g} ran slower than the input on "
-            f"{guard.provider}; kept {relaxed['kept']:g} of the parameters instead (--keep-params F to insist)")
+            f"{guard.provider}{' as int8' if int8 else ''}; kept {relaxed['kept']:g} of the parameters instead (--keep-params F to insist)")
     if report.budget.get("measured_speedup") is not None:
         report.budget["rounds_tried"] = rounds + 1  # `rounds`: the round whose model was kept
         if latency_table is not None and plan is None:
@@ -713,7 +713,7 @@ def _fastest_within(model_or_path, fraction: float, max_error: float, kw: dict, 
 
 
 def _check_and_validate(source, original, new, info, choices, measured, emodel, plan, budget, baselines, method, *,
-                        latency_table, validate, provider, cal_data, timings) -> Report:
+                        latency_table, validate, provider, cal_data, timings, int8=False) -> Report:
     with temp_dir("onnx-alds-") as tmp:
         # onnxruntime and the checker take models over 2 GB only as files with external data
         orig_ref, new_ref = original, new
@@ -749,7 +749,7 @@ def _check_and_validate(source, original, new, info, choices, measured, emodel, 
 
             with _timed(timings, "validate"):
                 v = run_validation(orig_ref, new_ref, provider=provider, input_shapes=info.input_shapes,
-                                   feeds=cal_data, low_memory=isinstance(new_ref, Path))
+                                   feeds=cal_data, low_memory=isinstance(new_ref, Path), int8=int8)
             report.validation = v.to_dict()
     return report
 

@@ -94,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--min-speedup", type=float, metavar="X",
                    help="exit 5 and write nothing when the rewritten model is not X times as fast")
     r.add_argument("--int8", action="store_true",
-                   help="with --keep-latency: time the int8 QDQ models that 'onnx-alds quantize' makes (the "
-                        "latency table and the closed loop), for a pipeline that quantizes the rewrite")
+                   help="for a pipeline that quantizes the rewrite: time the int8 QDQ models that 'onnx-alds "
+                        "quantize' makes (validation's latency, the speed guard's retries and the default "
+                        "budget's relaxation; with --keep-latency also its table and closed loop)")
     r.add_argument("--best-effort", action="store_true",
                    help="with --keep-latency: write the rewrite measured closest to 1/F even when it is more "
                         "than 15 %% short of it (with a warning) instead of exit 4")

@@ -133,7 +133,8 @@ class Report:
             lines.append(f"validation on {v['provider']}: max |diff| {v['max_abs_diff']:.3g}, "
                          f"rel L2 {v['rel_l2']:.3g}")
             if v.get("latency_ms_before") is not None:
-                lines.append(f"latency {v['latency_ms_before']:.3f} ms -> {v['latency_ms_after']:.3f} ms "
+                lines.append(f"latency{' of the int8 copies' if v.get('int8') else ''} "
+                             f"{v['latency_ms_before']:.3f} ms -> {v['latency_ms_after']:.3f} ms "
                              f"({v['latency_ms_before'] / max(v['latency_ms_after'], 1e-9):.2f}x)")
         return "\n".join(lines)
 

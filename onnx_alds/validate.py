@@ -49,6 +49,7 @@ class Validation:
     interleaved: bool = True  # latency of both models timed in alternation
     data: str = "random"  # "calibration" when the user's data fed both models
     top1_agreement: float | None = None  # worst over class-score outputs
+    int8: bool = False  # latency timed on the int8 QDQ copies of both models (``--int8``)
 
     @property
     def speedup(self) -> float | None:
@@ -174,13 +175,18 @@ def _first(e: BaseException) -> str:
 
 def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, batch: int = 2,
              seed: int = 0, repeats: int = 20, threads: int | None = None, low_memory: bool = False,
-             feeds: dict | None = None, max_samples: int = 256) -> Validation:
+             feeds: dict | None = None, max_samples: int = 256, int8: bool = False) -> Validation:
     """Compare ``original`` and ``rewritten`` (paths, bytes or ModelProtos) on
     ``feeds`` (calibration data: name → array, samples first; at most
     ``max_samples`` of them) or on seeded random inputs.
 
     ``low_memory`` (models over 2 GB) holds one session at a time, so latency
-    is then timed model after model rather than interleaved."""
+    is then timed model after model rather than interleaved.
+
+    ``int8``: the latency is that of the int8 QDQ copies that ``onnx-alds
+    quantize`` makes of both models (seeded random calibration: timing only),
+    for a pipeline that quantizes the rewrite next; the outputs compared are
+    still the fp32 models'."""
     providers = providers_for(provider)
     try:
         s0 = session(original, providers, threads, low_memory)
@@ -222,6 +228,14 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
         lat = None
     elif low_memory:
         lat = [lat0, interleaved_latency([s1], [timing_feeds], repeats=repeats, min_seconds=TIMING_SECONDS)[0]]
+    elif int8:
+        from .io import temp_dir
+        from .latency import int8_copy
+
+        with temp_dir("onnx-alds-int8-") as tmp:
+            q = [session(int8_copy(m, tmp, name, preprocess=True), providers, threads)
+                 for m, name in ((original, "original"), (rewritten, "rewritten"))]
+        lat = interleaved_latency(q, [timing_feeds, timing_feeds], repeats=repeats, min_seconds=TIMING_SECONDS)
     else:
         lat = interleaved_latency([s0, s1], [timing_feeds, timing_feeds], repeats=repeats,
                                   min_seconds=TIMING_SECONDS)
@@ -232,7 +246,7 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
         latency_ms_before=float(np.median(lat[0])) if lat else None,
         latency_ms_after=float(np.median(lat[1])) if lat else None,
         batch=batch, seed=seed, interleaved=not low_memory, data=data,
-        top1_agreement=min(top1) if top1 else None,
+        top1_agreement=min(top1) if top1 else None, int8=bool(int8 and lat),
     )
 
 
@@ -240,13 +254,14 @@ def gate(v: Validation, *, max_output_error: float | None = None, min_speedup: f
          unchanged: bool = False, speedup: float | None = None) -> list[str]:
     """Raise :class:`ValidationFailed` past a limit; return the warnings otherwise.  ``unchanged``: no
     layer was decomposed, so the two models are the same graph and their speed-up is 1 (not the noise
-    the timing measured).  ``speedup``: the one to judge instead of validation's (``--int8``: the
-    int8 models' speed-up that the closed loop measured)."""
+    the timing measured).  ``speedup``: the one to judge instead of validation's (``--keep-latency
+    --int8``: the int8 models' speed-up that the closed loop measured)."""
     if max_output_error is not None and v.rel_l2 > max_output_error:
         raise ValidationFailed(f"the rewritten model's output error (relative L2 {v.rel_l2:.3g} on {v.data} "
                                f"inputs) exceeds --max-output-error {max_output_error:g}; nothing was written")
     sp = 1.0 if unchanged else speedup if speedup is not None else v.speedup
-    what = "the int8 rewritten model" if speedup is not None else "the rewritten model"
+    int8 = speedup is not None or v.int8
+    what = "the int8 rewritten model" if int8 else "the rewritten model"
     if min_speedup is not None and sp is not None and sp < min_speedup:
         raise ValidationFailed(f"{what} runs {sp:.2f}x as fast as the input on {v.provider}, "
                                f"below --min-speedup {min_speedup:g}; nothing was written")
@@ -258,7 +273,7 @@ def gate(v: Validation, *, max_output_error: float | None = None, min_speedup: f
         warnings.append(f"the outputs changed a lot ({what} on {v.data} inputs); check accuracy on your data, "
                         f"or bound it with --max-output-error")
     if min_speedup is None and sp is not None and sp < 1.0:
-        if speedup is not None:
+        if int8:
             warnings.append(f"the int8 rewritten model is slower than the int8 input on {v.provider} ({sp:.2f}x)")
         else:
             warnings.append(f"the rewritten model is slower than the input on {v.provider} "

@@ -255,7 +255,9 @@ def test_in_context_correction_scales_savings_and_is_cached(cache):
 
 def test_int8_latency_table_and_closed_loop_time_the_int8_models(cache, tmp_path):
     """--int8: the table's probes and the whole model are timed as int8 QDQ models (their own cache
-    entries), the loop measures the int8 models, and the rewrite quantizes and runs."""
+    entries), the loop measures the int8 models, and the rewrite quantizes and runs; under a
+    parameter budget --int8 times validation's int8 copies, and --min-speedup judges them."""
+    import json
     import subprocess
     import sys
 
@@ -275,11 +277,19 @@ def test_int8_latency_table_and_closed_loop_time_the_int8_models(cache, tmp_path
                           int8=True, best_effort=True)
     b = report.budget
     assert b["int8"] and b["measured_speedup"] > 0 and b["predicted_speedup"] > 0
-    path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    assert report.validation["int8"]  # validation timed the int8 copies too
+    # under a parameter budget, --int8 times validation's int8 copies: the gate judges their speed-up
+    path, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
     onnx.save(model, str(path))
-    p = subprocess.run([sys.executable, "-m", "onnx_alds.cli", "rewrite", str(path), str(out), "--int8",
-                        "--keep-params", "0.5"], capture_output=True, text=True)
-    assert p.returncode == 2 and "--keep-latency" in p.stderr and not out.exists()
+    cmd = [sys.executable, "-m", "onnx_alds.cli", "rewrite", str(path), str(out), "--int8", "--keep-params", "0.5"]
+    p = subprocess.run(cmd + ["--report", str(rep)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    v = json.loads(rep.read_text())["validation"]
+    assert v["int8"] and v["latency_ms_before"] > 0 and v["latency_ms_after"] > 0
+    assert "latency of the int8 copies" in p.stdout
+    out.unlink()
+    p = subprocess.run(cmd + ["--min-speedup", "1000"], capture_output=True, text=True)
+    assert p.returncode == 5 and "the int8 rewritten model runs" in p.stderr and not out.exists()
 
 
 def test_a_cached_correction_never_makes_a_budget_infeasible(cache):
