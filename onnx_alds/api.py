@@ -212,14 +212,15 @@ def _why(e: InfeasibleBudget) -> str:
     return f"needs slower factorizations ({e})" if e.smallest_fraction < 1.0 else "cannot be met"
 
 
-def _unchanged(info, guard):
+def _unchanged(info, guard, int8: bool = False):
     """The default budget's last resort: no factorization measured or predicted faster than its layer
     on this provider, so the model is written with no layer decomposed (and says so)."""
     log.info("no factorization at the default budget runs faster than its layer on %s: the model is written "
              "with no layer decomposed (give --keep-params to compress anyway, or --allow-slower)", guard.provider)
     budget = {"metric": "params", "fraction": 1.0, "unchanged": True, "speed_guard": guard.summary(),
               "warnings": [f"no layer was decomposed: every rewrite at the default budget tried here was slower "
-                           f"than the input on {guard.provider}; --keep-params F compresses anyway"]}
+                           f"than the input on {guard.provider}{' as int8' if int8 else ''}; --keep-params F "
+                           f"compresses anyway"]}
     plan = Plan(layers=[], budget={"metric": "params", "fraction": 1.0, "method": "none"})
     return {l.name: None for l in info.candidates}, plan, budget, {}, "alds"
 
@@ -453,7 +454,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                 log.info("the default budget %s; trying keep-params %g", _why(e), kept_fraction)
                 continue
             if default_budget and guard is not None and (result is None or (result[1].speedup or 0) < 1.0):
-                choices, used_plan, budget, baselines, used_method = _unchanged(info, guard)
+                choices, used_plan, budget, baselines, used_method = _unchanged(info, guard, int8)
             elif result is None:
                 raise
             else:
