@@ -123,7 +123,7 @@ class Report:
             lines.append(f"latency on {b.get('provider', '?')} (batch 1, {b.get('threads', '?')} threads{int8}): "
                          f"{predicted}measured {b['measured_speedup']:.2f}x "
                          f"({b['measured_ms_before']:.3f} ms -> {b['measured_ms']:.3f} ms"
-                         f"{', the faster of 2 measurements' if b.get('remeasured') else ''})"
+                         f"{', the ' + str(b['remeasured']) + ' of 2 measurements' if b.get('remeasured') else ''})"
                          f"{', round ' + str(b['rounds']) + ' of ' + str(b['rounds_tried']) if b.get('rounds_tried') else ''}")
             if b.get("in_context"):
                 lines.append(f"  the table: {b['in_context']} layers timed inside the model by onnxruntime's profiler, "
