@@ -358,6 +358,9 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     validation inputs) or below ``min_speedup`` the rewrite raises
     :class:`ValidationFailed`."""
     timings: dict = {}
+    if int8 and not validate and (keep_latency is None or plan is not None):
+        raise UsageError("--int8 times the int8 models in validation (and for --keep-latency); with "
+                         "--no-validate there is nothing for it to time")
     if not validate and (max_output_error is not None or min_speedup is not None):
         raise UsageError("--max-output-error and --min-speedup need validation (drop --no-validate)")
     if keep_latency is not None and max_output_error is not None and plan is None:

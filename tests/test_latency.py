@@ -290,6 +290,8 @@ def test_int8_latency_table_and_closed_loop_time_the_int8_models(cache, tmp_path
     out.unlink()
     p = subprocess.run(cmd + ["--min-speedup", "1000"], capture_output=True, text=True)
     assert p.returncode == 5 and "the int8 rewritten model runs" in p.stderr and not out.exists()
+    p = subprocess.run(cmd + ["--no-validate"], capture_output=True, text=True)
+    assert p.returncode == 2 and "nothing for it to time" in p.stderr and not out.exists()
 
 
 def test_a_cached_correction_never_makes_a_budget_infeasible(cache):
