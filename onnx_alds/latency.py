@@ -496,13 +496,14 @@ def _context(model, info, providers, threads, model_ms, feeds) -> dict:
 
 def measure_speedup(model, new, table, info) -> dict:
     """Whole-model latency before and after, interleaved, with the table's settings."""
-    from .validate import interleaved_latency, random_inputs
+    from .validate import TIMING_BLOCKS, interleaved_latency, random_inputs
 
     providers = providers_for("cuda" if table.provider == "CUDAExecutionProvider" else "cpu")
     with _as_timed(table, model, new) as (m0, m1):
         s0, s1 = session(m0, providers, table.threads), session(m1, providers, table.threads)
     feeds = random_inputs(s0, info.input_shapes, batch=1)
-    t0, t1 = interleaved_latency([s0, s1], [feeds, feeds], warmup=5, repeats=30, min_seconds=0.25)
+    t0, t1 = interleaved_latency([s0, s1], [feeds, feeds], warmup=5, repeats=30, min_seconds=0.3,
+                                 blocks=TIMING_BLOCKS)
     before, after = float(np.median(t0)), float(np.median(t1))
     return {"threads": table.threads, "measured_ms_before": before, "measured_ms": after,
             "measured_speedup": before / after if after > 0 else float("nan")}

@@ -85,6 +85,12 @@ def test_small_models_are_timed_for_at_least_min_seconds():
     assert len(a) == len(b) >= 3 and min(sum(a), sum(b)) >= 50.0
     capped = interleaved_latency([s], [feeds], repeats=3, min_seconds=100.0, max_repeats=7)[0]
     assert len(capped) == 7
+    # in blocks: the repeats are shared among them, and each session keeps one block's times
+    log: list = []
+    a, b = interleaved_latency([s, s], [feeds, feeds], warmup=2, repeats=6, blocks=3, order_log=log)
+    assert len(a) == len(b) == 2
+    assert sum(1 for k, _ in log if k == "timed") == 3 * 2 * 2
+    assert sum(1 for k, _ in log if k == "warmup") == (2 + 1 + 1) * 2
 
 
 def test_bench_measures_real_work(tmp_path):
