@@ -580,7 +580,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     if relaxed and not report.budget.get("unchanged"):
         report.budget.setdefault("warnings", []).append(
             f"the default budget keep-params {relaxed['requested']:g} ran slower than the input on "
-            f"{guard.provider}{' as int8' if int8 else ''}; kept {relaxed['kept']:g} of the parameters instead (--keep-params F to insist)")
+            f"{guard.provider}{' as int8' if int8 else ''}; kept {relaxed['kept']:g} of the parameters instead "
+            f"(--keep-params F to insist)")
     if report.budget.get("measured_speedup") is not None:
         report.budget["rounds_tried"] = rounds + 1  # `rounds`: the round whose model was kept
         if latency_table is not None and plan is None:
