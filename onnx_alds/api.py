@@ -652,6 +652,8 @@ def _guarded_alternative(original, info, emodel, cal_data, cal_all, sequential, 
                   predicted=predicted_ms, total_before=table.model_ms, route=f"speed guard, keep-params {kp:g}",
                   beta=table.beta, rounds=1)
     budget.update(table.summary(predicted_ms))
+    # measured once more there, on purpose: the plan kept is the one that measured well, and a fresh
+    # measurement of it is what the report and the verdict judge
     report = _check_and_validate(source, original, new, info, choices, measured, emodel, used_plan, budget,
                                  baselines, method, latency_table=table, validate=validate, provider=provider,
                                  cal_data=cal_data, timings=timings)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -121,14 +122,34 @@ def _factorized_model(base: onnx.ModelProto, k: int, scheme: str, rank: int) -> 
 INT8_K_MAX = 1  # --int8: default --k-max; onnxruntime runs grouped int8 convs slowly (README, int8)
 
 
+_INT8_COPIES: OrderedDict = OrderedDict()  # a whole model's bytes' hash → its int8 copy's bytes
+INT8_COPIES_KEPT = 2  # the original and the latest rewrite
+
+
 def int8_copy(model, folder, name: str, calibration=None, preprocess: bool = False) -> Path:
     """``model`` quantized as ``onnx-alds quantize`` does (static QDQ, per-channel weights, U8S8),
     written into ``folder``; seeded random calibration unless given.  Probes skip onnxruntime's
-    pre-processing (symbolic shape inference: seconds per probe, nothing to infer in one layer)."""
+    pre-processing (symbolic shape inference: seconds per probe, nothing to infer in one layer).
+
+    A whole model (``preprocess``, a ModelProto, seeded calibration) is quantized once per process:
+    the table, every round of the closed loop and validation time the same original against each
+    rewrite, and its copy is the same every time (quantizing resnet18 takes about 5 s, hashing it
+    0.1 s)."""
     from .quantize import quantize
 
     out = Path(folder) / f"{name}.int8.onnx"
+    key = None
+    if preprocess and calibration is None and isinstance(model, onnx.ModelProto):
+        key = hashlib.sha256(model.SerializeToString()).hexdigest()
+        if key in _INT8_COPIES:
+            _INT8_COPIES.move_to_end(key)
+            out.write_bytes(_INT8_COPIES[key])
+            return out
     quantize(model, out, calibration, samples=8, batch=8, preprocess=preprocess)
+    if key is not None:
+        _INT8_COPIES[key] = out.read_bytes()
+        while len(_INT8_COPIES) > INT8_COPIES_KEPT:
+            _INT8_COPIES.popitem(last=False)
     return out
 
 
@@ -456,10 +477,10 @@ def in_context_ok(provider: str) -> bool:
 
 
 @contextmanager
-def _as_timed(table, model, new):
-    """The original and the rewrite as ``table`` times them: as they are, or (files) their int8 QDQ
-    models (``onnx-alds quantize``) for an int8 table."""
-    if not table.int8:
+def timed_pair(int8: bool, model, new):
+    """The original and the rewrite as they are timed: as they are, or (``int8``: files) their int8
+    QDQ models (``onnx-alds quantize``), for an int8 table or ``--int8`` validation."""
+    if not int8:
         yield model, new
         return
     with temp_dir("onnx-alds-int8-") as tmp:
@@ -471,7 +492,7 @@ def profile_pair(model, new, table, info) -> tuple[dict, dict]:
     from .profile import layer_times
     from .runtime import CPU
 
-    with _as_timed(table, model, new) as pair:
+    with timed_pair(table.int8, model, new) as pair:
         m0, m1 = (onnx.load(str(m)) if isinstance(m, Path) else m for m in pair)
         before, after = layer_times([m0, m1], list(table.layers), [CPU], table.threads,
                                     input_shapes=info.input_shapes)
@@ -499,7 +520,7 @@ def measure_speedup(model, new, table, info) -> dict:
     from .validate import TIMING_BLOCKS, interleaved_latency, random_inputs
 
     providers = providers_for("cuda" if table.provider == "CUDAExecutionProvider" else "cpu")
-    with _as_timed(table, model, new) as (m0, m1):
+    with timed_pair(table.int8, model, new) as (m0, m1):
         s0, s1 = session(m0, providers, table.threads), session(m1, providers, table.threads)
     feeds = random_inputs(s0, info.input_shapes, batch=1)
     t0, t1 = interleaved_latency([s0, s1], [feeds, feeds], warmup=5, repeats=30, min_seconds=0.3,

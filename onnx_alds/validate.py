@@ -242,12 +242,10 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
     elif low_memory:
         lat = [lat0, interleaved_latency([s1], [timing_feeds], repeats=repeats, min_seconds=TIMING_SECONDS)[0]]
     elif int8:
-        from .io import temp_dir
-        from .latency import int8_copy
+        from .latency import timed_pair
 
-        with temp_dir("onnx-alds-int8-") as tmp:
-            q = [session(int8_copy(m, tmp, name, preprocess=True), providers, threads)
-                 for m, name in ((original, "original"), (rewritten, "rewritten"))]
+        with timed_pair(True, original, rewritten) as pair:
+            q = [session(m, providers, threads) for m in pair]
         lat = interleaved_latency(q, [timing_feeds, timing_feeds], repeats=repeats, min_seconds=TIMING_SECONDS,
                                   blocks=TIMING_BLOCKS)
     else:
