@@ -354,7 +354,10 @@ def test_in_context_table_learns_each_layers_cost_and_caches_it(cache):
     _, _, info = analyze(model)
     table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1)
     assert set(table.context) == set(table.layers)  # profiled: every layer found inside the model
-    alone = table.alone
+    # a tiny layer timed alone next to another test worker can measure no more than a run's fixed cost
+    # (0 ms): it has no in-context ratio to scale by, and is left as timed
+    alone = {n: lt for n, lt in table.alone.items() if lt.orig_ms > 0}
+    assert alone
     ctx = {n: 2.0 * lt.orig_ms for n, lt in alone.items()}
     doubled = table.with_context(ctx, {})
     for n, lt in alone.items():
@@ -476,6 +479,9 @@ def test_a_rerun_solves_the_kept_plan_first(cache):
     """The closed loop caches the table that solved the plan it kept, not the one it ended with: a
     rerun of the same command solves that same plan in its first round (same layers, schemes and
     ranks), so a rerun that measures it on target again keeps it."""
+    from onnx_alds.api import select
+    from onnx_alds.error_model import error_model
+    from onnx_alds.io import Source
     model = wide_conv()
     _, _, info = analyze(model)
     table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=2)
@@ -486,11 +492,10 @@ def test_a_rerun_solves_the_kept_plan_first(cache):
     assert "route" not in first.budget  # one wide conv: the table's own plans are faster than the input
     again = LatencyTable.for_model(model, info, cache_dir=cache, k_max=2)
     assert again.measured == 0 and again.beta == pytest.approx(first.budget["beta"])
-    _, rerun = rewrite(model, keep_latency=0.8, latency_table=again, validate=False, compare=False,
-                       max_latency_rounds=1, best_effort=True)
-
-    def plan(rep):
-        return [(l.name, l.status, l.k, l.scheme, l.rank) for l in rep.layers]
-
-    assert plan(rerun) == plan(first)
-    assert rerun.budget["predicted_ms"] == pytest.approx(first.budget["predicted_ms"])
+    # the rerun's first round, solved as the rewrite solves it (nothing timed: what a rerun then keeps
+    # depends on how its own measurement falls, next to another test worker)
+    sel, _ = select(info, Source.load(model), error_model("spectral"), metric="latency", fraction=0.8,
+                    latency_table=again, compare=False)
+    rerun = {(n, c.k, c.scheme, c.rank) for n, c in sel.choices.items() if c is not None}
+    assert rerun == {(l.name, l.k, l.scheme, l.rank) for l in first.layers if l.status == "decomposed"}
+    assert again.predicted_ms(sel.choices) == pytest.approx(first.budget["predicted_ms"])
