@@ -194,7 +194,7 @@ def test_one_shot_iterator_cannot_make_several_passes(cnn):
 def test_external_data_path_gives_the_same_moments(cnn, monkeypatch):
     """Models over the protobuf limit are saved with external data; force that path on a small model."""
     model, x, ref = cnn
-    monkeypatch.setattr(cal, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(cal.moments, "EXTERNAL_DATA_THRESHOLD", 0)
     got = collect_moments(model, CNN_TAPS, {"x": x}, batch_size=5, provider="cpu", threads=1, max_bytes=40_000)
     for t in CNN_TAPS:
         assert_moments_equal(got[t.name], ref[t.name])

@@ -1,0 +1,233 @@
+"""Calibration data: loading and checking.
+
+Calibration data is one array per graph input name, first axis = samples:
+an ``.npz`` file, a dict of arrays, or an iterable of feed dicts (streamed,
+each feed checked as it arrives).  Every problem is a ``UsageError`` of one
+sentence; arrays are cast to the inputs' dtypes where that is safe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import UsageError
+
+InputSpec = Mapping[str, tuple]  # input name → (numpy dtype, dims: ints, or str/None when dynamic)
+
+
+def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, list]]:
+    """The graph inputs that are fed (not initializers): name → (dtype, dims)."""
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        t = inp.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type) if t.elem_type else np.dtype(np.float32)
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim] \
+            if t.HasField("shape") else None
+        out[inp.name] = (np.dtype(dtype), dims)
+    return out
+
+
+def _dims_text(dims) -> str:
+    return "×".join(str(d) if isinstance(d, int) else (d or "?") for d in dims)
+
+
+def _check_array(name: str, value, spec, where: str) -> np.ndarray:
+    """``value`` as an array of the input's dtype, or UsageError naming ``where``."""
+    dtype, dims = spec
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):
+        raise UsageError(f"{where} is not a numeric array") from None
+    if arr.dtype == object:
+        raise UsageError(f"{where} holds Python objects, not numbers")
+    if arr.dtype.kind not in "biuf" or not np.can_cast(arr.dtype, dtype, "same_kind"):
+        raise UsageError(f"{where} has dtype {arr.dtype}, which cannot be cast safely to the "
+                         f"{np.dtype(dtype)} of input {name!r}")
+    if arr.ndim == 0:
+        raise UsageError(f"{where} is a scalar, but its first axis must count the samples")
+    if dims is not None:
+        if arr.ndim != len(dims):
+            raise UsageError(f"{where} has shape {tuple(arr.shape)}, but input {name!r} has rank {len(dims)} "
+                             f"({_dims_text(dims)}, first axis = samples)")
+        for axis in range(1, len(dims)):
+            if isinstance(dims[axis], int) and dims[axis] > 0 and arr.shape[axis] != dims[axis]:
+                raise UsageError(f"{where} has size {arr.shape[axis]} on axis {axis}, but input {name!r} "
+                                 f"needs {dims[axis]} there ({_dims_text(dims)})")
+    if len(arr) == 0:
+        raise UsageError(f"{where} has no samples")
+    if arr.dtype != dtype:
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = arr.astype(dtype)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise UsageError(f"{where} contains NaN or Inf" + (" (after the cast to float32)" if np.isfinite(
+            np.asarray(value)).all() else ""))
+    return np.ascontiguousarray(arr)
+
+
+def _check_feed(feed: Mapping, inputs: InputSpec, what: str) -> dict[str, np.ndarray]:
+    """Every input present, none unknown, all with the same number of samples."""
+    unknown = [k for k in feed if k not in inputs]
+    if unknown:
+        raise UsageError(f"{what} has an array {unknown[0]!r}, which is not an input of the model "
+                         f"(its inputs are {', '.join(map(repr, inputs))})")
+    missing = [k for k in inputs if k not in feed]
+    if missing:
+        raise UsageError(f"{what} has no array for input {missing[0]!r}")
+    arrays = {k: _check_array(k, feed[k], inputs[k], f"array {k!r} of {what}") for k in inputs}
+    counts = {k: len(a) for k, a in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise UsageError(f"the arrays of {what} have different numbers of samples ("
+                         + ", ".join(f"{k}: {n}" for k, n in counts.items()) + ")")
+    return arrays
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise UsageError(f"calibration file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise UsageError(f"calibration file {str(path)!r} is not a file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:  # np.load raises assorted errors on a file that is not a .npy/.npz
+        raise UsageError(f"calibration file {str(path)!r} could not be read as an .npz archive "
+                         f"({type(e).__name__})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UsageError(f"calibration file {str(path)!r} is a single .npy array, not an .npz archive "
+                         "of one array per input name")
+    out = {}
+    with data:
+        for key in data.files:
+            try:
+                out[key] = data[key]
+            except ValueError as e:
+                if "allow_pickle" in str(e):
+                    raise UsageError(f"array {key!r} of calibration file {str(path)!r} holds pickled Python "
+                                     "objects, which are not loaded; save numeric arrays") from None
+                raise UsageError(f"array {key!r} of calibration file {str(path)!r} could not be read") from None
+            except Exception:
+                raise UsageError(f"array {key!r} of calibration file {str(path)!r} could not be read") from None
+    return out
+
+
+class CalibrationStream:
+    """Calibration feeds from an iterable of feed dicts (or a callable that
+    returns one), each checked as it arrives.  Iterating it yields checked
+    feeds; a plain iterator (a generator) can be read only once."""
+
+    def __init__(self, source: Iterable[Mapping] | Callable[[], Iterable[Mapping]], inputs: InputSpec):
+        self._source = source
+        self.inputs = dict(inputs)
+        self.reiterable = callable(source) or iter(source) is not source
+        self.samples: int | None = None  # known after one complete pass
+        self._passes = 0
+        self._first: dict[str, np.ndarray] | None = None
+        self._resume = None  # (first feed, the rest) of an iterator that first() began
+
+    def first(self) -> dict[str, np.ndarray]:
+        """The first checked feed (an iterator's next pass starts with it again)."""
+        if self._first is None:
+            it = iter(self)
+            self._first = next(it)  # an empty source raises "no samples" here
+            if not self.reiterable:
+                self._resume = (self._first, it)
+        return self._first
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self._resume is not None:
+            first, rest = self._resume
+            self._resume = None
+            yield first
+            yield from rest
+            return
+        if self._passes and not self.reiterable:
+            raise UsageError("the calibration feeds come from an iterator, which can be read only once")
+        self._passes += 1
+        feeds = self._source() if callable(self._source) else self._source
+        total = 0
+        for i, feed in enumerate(feeds):
+            what = f"calibration feed {i}"
+            if not isinstance(feed, Mapping):
+                raise UsageError(f"{what} is a {type(feed).__name__}, not a dict of input name to array")
+            arrays = _check_feed(feed, self.inputs, what)
+            total += _samples(arrays)
+            yield arrays
+        if total == 0:
+            raise UsageError("the calibration feeds hold no samples")
+        self.samples = total
+
+
+def load_calibration(source, inputs: InputSpec) -> dict[str, np.ndarray] | CalibrationStream:
+    """Checked calibration data for a model with ``inputs`` (see ``model_inputs``).
+
+    ``source`` is a path to an ``.npz`` (one array per graph input name, first
+    axis = samples), a dict name → array, or an iterable of feed dicts (or a
+    callable returning one), which is streamed: the result is then a
+    ``CalibrationStream`` that checks each feed as it comes.  Arrays are cast
+    to the input dtypes where that is safe (float64 → float32 is).  Every
+    problem is a ``UsageError`` of one sentence."""
+    if isinstance(source, CalibrationStream):
+        return source if source.inputs == dict(inputs) else CalibrationStream(source._source, inputs)
+    if isinstance(source, (str, os.PathLike)):
+        arrays, what = _read_npz(Path(source)), f"calibration file {str(source)!r}"
+    elif isinstance(source, Mapping):
+        arrays, what = source, "the calibration data"
+    elif callable(source) or isinstance(source, Iterable):
+        return CalibrationStream(source, inputs)
+    else:
+        raise UsageError(f"calibration data of type {type(source).__name__} is neither an .npz path, "
+                         "a dict of arrays nor an iterable of feeds")
+    return _check_feed(arrays, inputs, what)
+
+
+def _samples(feed: Mapping[str, np.ndarray]) -> int:
+    return len(next(iter(feed.values()))) if feed else 0
+
+
+def first_samples(calibration, n: int | None = None) -> dict[str, np.ndarray]:
+    """The first ``n`` samples (all with None) of checked calibration data as
+    one dict of arrays; a stream is read only as far as needed."""
+    if isinstance(calibration, dict):
+        return {k: v[:n] for k, v in calibration.items()}
+    parts, got = [], 0
+    for b in iter_batches(calibration, 64):
+        parts.append(b)
+        got += _samples(b)
+        if n is not None and got >= n:
+            break
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]} if parts else {}
+
+
+def iter_batches(calibration, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Feeds of ``batch_size`` samples (the last one may be smaller), from a
+    dict of arrays (slices, no copies) or a stream (re-batched, holding at
+    most one batch plus one feed)."""
+    if batch_size < 1:
+        raise UsageError(f"the batch size must be at least 1, not {batch_size}")
+    if isinstance(calibration, Mapping):
+        n = _samples(calibration)
+        for i in range(0, n, batch_size):
+            yield {k: v[i : i + batch_size] for k, v in calibration.items()}
+        return
+    buf: list[dict[str, np.ndarray]] = []
+    have = 0
+    for feed in calibration:
+        n = _samples(feed)
+        if n == 0:
+            continue
+        buf.append(feed)
+        have += n
+        while have >= batch_size:
+            joined = buf[0] if len(buf) == 1 else {k: np.concatenate([f[k] for f in buf]) for k in buf[0]}
+            yield {k: v[:batch_size] for k, v in joined.items()}
+            have -= batch_size
+            buf = [{k: v[batch_size:] for k, v in joined.items()}] if have else []
+    if have:
+        yield buf[0] if len(buf) == 1 else {k: np.concatenate([f[k] for f in buf]) for k in buf[0]}

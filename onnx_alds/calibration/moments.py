@@ -1,0 +1,336 @@
+"""Second moments of each layer's input patches on calibration data.
+
+With the patches ``x`` of a layer (the columns of X, see ``patches``), the
+data-aware error of DESIGN.md ("The math" 6) needs only
+
+    G = Σ_patches x xᵀ  (d × d),   since   ‖(W − Ŵ) X‖_F² = tr(E G Eᵀ),  E = Wm − Ŵm,
+
+and ``Σ x`` for the mean output shift (bias correction).
+
+The capture adds every tap's input tensor as a graph output, runs
+onnxruntime batch by batch and adds each batch's patches to G in float64, so
+memory does not grow with the number of samples.  When the captured
+activations of one batch would exceed ``max_bytes``, the taps are split into
+groups, one pass over the data (and one session) per group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import UsageError
+from ..io import EXTERNAL_DATA_THRESHOLD, proto_size, save_model, temp_dir
+from ..runtime import providers_for, session, used_provider
+from .data import CalibrationStream, InputSpec, _samples, iter_batches, load_calibration, model_inputs
+from .patches import Tap, iter_patches
+
+log = logging.getLogger(__name__)
+
+
+def tap_for_layer(layer) -> Tap:
+    """The tap of an extracted layer (``onnx_alds.extract.Layer``, read by its
+    fields only: extract's pads, strides and dilations are already in the
+    2-axis form a Tap uses)."""
+    g, a = layer.geometry, layer.attrs
+    common = dict(name=layer.name, input=layer.input_name, channels=int(g.c))
+    if a.spatial_rank:
+        return Tap(kind="conv", kernel=tuple(g.kernel), strides=tuple(a.strides),
+                   dilations=tuple(a.dilations), pads=tuple(a.pads), auto_pad=a.auto_pad,
+                   spatial_rank=a.spatial_rank, **common)
+    return Tap(kind="linear", spatial_rank=0, **common)
+
+
+def taps_for(layers) -> list[Tap]:
+    """Taps of the layers whose specs take data-aware errors."""
+    return [tap_for_layer(l) for l in layers if l.spec.data_aware]
+
+
+@dataclass
+class Moments:
+    gram: np.ndarray  # (d, d) float64: Σ over all patches of x xᵀ
+    sum: np.ndarray  # (d,) float64: Σ x
+    count: int  # number of patches (rows)
+
+    @classmethod
+    def zeros(cls, d: int) -> Moments:
+        return cls(np.zeros((d, d)), np.zeros(d), 0)
+
+    @property
+    def d(self) -> int:
+        return len(self.sum)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+    def covariance(self, centered: bool = True) -> np.ndarray:
+        """``gram/count − mean meanᵀ`` (or ``gram/count`` when not centered)."""
+        second = self.gram / max(self.count, 1)
+        if not centered:
+            return second
+        m = self.mean
+        return second - np.outer(m, m)
+
+    def add(self, patches: np.ndarray) -> None:
+        """Add the rows of ``patches`` (rows × d) in place."""
+        x = np.asarray(patches, dtype=np.float64)
+        self.gram += x.T @ x  # numpy takes x.T @ x to BLAS syrk
+        self.sum += x.sum(axis=0)
+        self.count += len(x)
+
+    def merge(self, other: Moments) -> Moments:
+        if other.d != self.d:
+            raise ValueError(f"cannot merge moments of patch length {self.d} and {other.d}")
+        return Moments(self.gram + other.gram, self.sum + other.sum, self.count + other.count)
+
+
+def accumulate(moments: Moments | None, x: np.ndarray, tap: Tap) -> Moments:
+    """``moments`` (new ones when None) plus the patches of activation ``x``."""
+    for block in iter_patches(x, tap):
+        if moments is None:
+            moments = Moments.zeros(block.shape[1])
+        moments.add(block)
+    if moments is not None and not np.isfinite(moments.sum).all():
+        raise UsageError(f"the input of layer {tap.name!r} contains NaN or Inf on the calibration data")
+    return moments
+
+
+def _check_taps(model: onnx.ModelProto, taps: list[Tap]) -> None:
+    names = [t.name for t in taps]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"two taps are named {dup!r}")
+    g = model.graph
+    produced = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    inits = {t.name for t in g.initializer}
+    for t in taps:
+        if t.kind not in ("conv", "linear"):
+            raise ValueError(f"tap {t.name!r} has kind {t.kind!r} (conv or linear)")
+        if t.kind == "conv" and t.spatial_rank not in (1, 2):
+            raise ValueError(f"tap {t.name!r} is a conv of spatial rank {t.spatial_rank} (1 or 2)")
+        if t.input in inits or t.input not in produced:
+            raise ValueError(f"tap {t.name!r}: {t.input!r} is not an activation of the main graph")
+
+
+def _shape_model(model: onnx.ModelProto, input_shapes: dict[str, list]) -> onnx.ModelProto:
+    """A copy for shape inference: inputs fixed to ``input_shapes``, large
+    initializers as typed inputs (no weight is copied)."""
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    g, src = m.graph, model.graph
+    g.node.extend(src.node)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    for inp in src.input:
+        vi = g.input.add()
+        vi.CopyFrom(inp)
+        if inp.name in input_shapes:
+            shape = vi.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in input_shapes[inp.name]:
+                shape.dim.add().dim_value = int(d)
+    inputs = {i.name for i in src.input}
+    for t in src.initializer:
+        if prod(t.dims) <= 4096 and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return m
+
+
+def _tensor_info(model: onnx.ModelProto, names: list[str], input_shapes: dict[str, list]):
+    """name → (elem_type or 0, bytes at ``input_shapes`` or None) by onnx shape inference."""
+    try:
+        m = onnx.shape_inference.infer_shapes(_shape_model(model, input_shapes), data_prop=True)
+    except Exception as e:  # best effort: unknown sizes are measured on one sample instead
+        log.info("shape inference failed (%s); activation sizes are measured", e)
+        m = model
+    vis = {vi.name: vi for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)}
+    out = {}
+    for n in names:
+        t = vis[n].type.tensor_type if n in vis else None
+        elem = t.elem_type if t is not None else 0
+        size = None
+        if t is not None and elem and t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).itemsize
+            size = itemsize * prod(d.dim_value for d in t.shape.dim)
+        out[n] = (elem, size)
+    return out
+
+
+@dataclass
+class Pass:
+    """One run over the calibration data: the tensors it captures, at a batch size."""
+
+    tensors: list[str]
+    batch_size: int
+    bytes: int  # estimated bytes of the captured activations of one batch
+
+
+def plan_passes(sizes: dict[str, int], batch_size: int, max_bytes: int, *,
+                fixed_batch: bool = False) -> list[Pass]:
+    """Group tensors (name → bytes of one batch of ``batch_size``) into passes
+    of at most ``max_bytes`` each, in order.  A tensor larger than the budget
+    on its own gets a pass at a smaller batch (unless the batch is fixed)."""
+    passes: list[Pass] = []
+    current = Pass([], batch_size, 0)
+    for name, size in sizes.items():
+        if size > max_bytes:
+            b = batch_size if fixed_batch else max(1, batch_size * max_bytes // size)
+            if size * b // batch_size > max_bytes:
+                log.warning("activation %r takes %.1f MiB at batch %d, over max_bytes=%d", name,
+                            size * b / batch_size / 2**20, b, max_bytes)
+            passes.append(Pass([name], b, size * b // batch_size))
+            continue
+        if current.tensors and current.bytes + size > max_bytes:
+            passes.append(current)
+            current = Pass([], batch_size, 0)
+        current.tensors.append(name)
+        current.bytes += size
+    if current.tensors:
+        passes.append(current)
+    return passes
+
+
+class _Capture:
+    """Sessions on the model with chosen tensors as extra outputs.  Models over
+    the protobuf limit go to a temporary directory once, with external data;
+    each pass then writes only a small graph file beside that data."""
+
+    def __init__(self, model: onnx.ModelProto, providers, threads, elem_types: dict[str, int], tmp: Path):
+        self.providers, self.threads, self.elem_types = providers, threads, elem_types
+        self.large = proto_size(model) > EXTERNAL_DATA_THRESHOLD
+        if self.large:
+            self.path = tmp / "model.onnx"
+            save_model(model, self.path, external_data=True)
+            self.base = onnx.load(str(self.path), load_external_data=False)
+        else:
+            self.base = onnx.ModelProto()
+            self.base.CopyFrom(model)
+        self.n_outputs = len(self.base.graph.output)
+        self.existing = {o.name for o in self.base.graph.output}
+
+    def session(self, tensors: list[str]):
+        g = self.base.graph
+        del g.output[self.n_outputs :]
+        for name in tensors:
+            if name in self.existing:
+                continue
+            vi = g.output.add()
+            vi.name = name
+            if self.elem_types.get(name):  # onnxruntime takes an output without a type as well
+                vi.type.tensor_type.elem_type = self.elem_types[name]
+        if self.large:
+            onnx.save_model(self.base, str(self.path))  # the graph only; the weights stay in model.onnx.data
+            return session(str(self.path), self.providers, self.threads, low_memory=True)
+        return session(self.base, self.providers, self.threads)
+
+
+def _fixed_batch(inputs: InputSpec) -> int | None:
+    sizes = {dims[0] for _, dims in inputs.values() if dims and isinstance(dims[0], int) and dims[0] > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16, provider: str = "auto",
+                    threads: int | None = None, max_bytes: int = 2 << 30,
+                    progress: bool = False) -> dict[str, Moments]:
+    """Moments of every tap's patches over all calibration samples.
+
+    ``model`` is a ModelProto or a path; ``calibration`` anything
+    ``load_calibration`` takes.  The activations captured in one batch stay
+    under ``max_bytes`` (as estimated by shape inference, or measured on one
+    sample where it cannot tell): taps are split into several passes over the
+    data when they do not fit together, and a single activation over the budget
+    is captured at a smaller batch.  ``threads`` bounds onnxruntime's and BLAS's
+    threads."""
+    from threadpoolctl import threadpool_limits
+    from tqdm import tqdm
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model))
+    _check_taps(model, taps)
+    if not taps:
+        return {}
+    inputs = model_inputs(model)
+    calibration = load_calibration(calibration, inputs)
+    fixed = _fixed_batch(inputs)
+    if fixed is not None and fixed != batch_size:
+        log.info("the model's batch size is fixed at %d; calibrating in batches of %d", fixed, fixed)
+        batch_size = fixed
+    first = calibration.first() if isinstance(calibration, CalibrationStream) else calibration
+    one = {k: v[: fixed or 1] for k, v in first.items()}  # one batch-1 feed, for shapes and measurements
+    if _samples(one) < (fixed or 1):
+        raise UsageError(f"the model's batch size is fixed at {fixed}, but the first calibration feed holds "
+                         f"only {_samples(one)} samples")
+
+    graph_inputs = set(inputs)
+    captured = list(dict.fromkeys(t.input for t in taps if t.input not in graph_inputs))
+    info = _tensor_info(model, captured, {k: [batch_size, *v.shape[1:]] for k, v in first.items()})
+    elem_types = {n: e for n, (e, _) in info.items()}
+    sizes = {n: s for n, (_, s) in info.items()}
+    providers = providers_for(provider)
+    result: dict[str, Moments | None] = {t.name: None for t in taps}
+    limits = threadpool_limits(threads) if threads else contextlib.nullcontext()
+    with temp_dir("onnx-alds-calib-") as tmp, limits:
+        capture = _Capture(model, providers, threads, elem_types, Path(tmp)) if captured else None
+        unknown = [n for n in captured if sizes[n] is None]
+        if unknown:  # shape inference could not tell: measure on one sample, scale to the batch
+            for n, a in zip(unknown, capture.session(unknown).run(unknown, one)):
+                sizes[n] = a.nbytes * batch_size // _samples(one)
+                elem_types[n] = elem_types[n] or onnx.helper.np_dtype_to_tensor_dtype(a.dtype)
+        passes = plan_passes(sizes, batch_size, max_bytes, fixed_batch=fixed is not None)
+        input_taps = [t for t in taps if t.input in graph_inputs]
+        if not passes:
+            passes = [Pass([], batch_size, 0)]
+        if fixed is not None:
+            for p in passes:
+                p.batch_size = fixed
+        if len(passes) > 1 and isinstance(calibration, CalibrationStream) and not calibration.reiterable:
+            raise UsageError(f"the taps need {len(passes)} passes over the calibration data within max_bytes="
+                             f"{max_bytes}, but its feeds come from an iterator that can be read only once")
+        log.info("capturing %d taps (%d activations) in %d pass(es) of at most %.1f MiB",
+                 len(taps), len(captured), len(passes), max(p.bytes for p in passes) / 2**20)
+        total = calibration.samples if isinstance(calibration, CalibrationStream) else _samples(calibration)
+        with tqdm(total=total * len(passes) if total else None, unit="sample", desc="calibration",
+                  disable=not progress) as bar:
+            for i, p in enumerate(passes):
+                wanted = set(p.tensors)
+                pass_taps = [t for t in taps if t.input in wanted] + (input_taps if i == 0 else [])
+                log.debug("pass %d of %d: %d activations (%.1f MiB) at batch %d", i + 1, len(passes),
+                          len(p.tensors), p.bytes / 2**20, p.batch_size)
+                sess = capture.session(p.tensors) if p.tensors else None
+                if sess is not None and i == 0:
+                    log.info("calibration runs on %s", used_provider(sess))
+                seen = 0
+                for feed in iter_batches(calibration, p.batch_size):
+                    n = _samples(feed)
+                    if fixed is not None and n < fixed:
+                        log.warning("the last %d calibration samples are left out: the model's batch size "
+                                    "is fixed at %d", n, fixed)
+                        break
+                    acts = dict(zip(p.tensors, sess.run(p.tensors, feed))) if sess is not None else {}
+                    acts.update(feed)
+                    for t in pass_taps:
+                        result[t.name] = accumulate(result[t.name], acts[t.input], t)
+                    del acts
+                    seen += n
+                    bar.update(n)
+                del sess
+                if i == 0 and total is None:
+                    bar.total = seen * len(passes)
+                    bar.refresh()
+    empty = [name for name, m in result.items() if m is None]
+    if empty:
+        raise UsageError(f"the model's batch size is fixed at {fixed}, but the calibration data holds fewer "
+                         "samples than that")
+    return result

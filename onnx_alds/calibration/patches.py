@@ -1,0 +1,110 @@
+"""Patch arithmetic: the columns X that a layer's folded weight multiplies.
+
+For a Conv with weight ``W`` (``f × c × κ1 × κ2``) folded as ``Wm = W.reshape(f, d)``
+(scheme s0, ``d = c·κ1·κ2``), a patch ``x`` is the zero-padded input window of
+one output position, taken with the Conv's strides and dilations and
+flattened in the order (channel, kernel row, kernel col), so that the conv
+output there is ``Wm @ x`` and channel group i of k owns the columns
+``[i·d/k, (i+1)·d/k)``.  A Gemm/MatMul patch is one row of its input reshaped
+to ``(-1, c)``.  Patches come in float64 row blocks of bounded size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+# rows of float64 patches per chunk: no temporary of the accumulation exceeds this
+CHUNK_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class Tap:
+    """What the capture needs to know of one layer."""
+
+    name: str  # layer name (key of the result)
+    input: str  # name of the tensor that is the layer's activation input in the graph
+    kind: str  # "conv" or "linear"
+    kernel: tuple[int, int] = (1, 1)  # κ1, κ2 (a 1-D conv has κ2 = 1)
+    strides: tuple[int, int] = (1, 1)
+    dilations: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # (begin1, begin2, end1, end2)
+    auto_pad: str = "NOTSET"  # SAME_UPPER / SAME_LOWER: pads are computed from the actual input size
+    spatial_rank: int = 2  # 1 or 2 for conv (input N×C×L or N×C×H×W), 0 for linear
+    channels: int = 0  # c (input channels / in_features)
+
+    @property
+    def d(self) -> int:
+        """Length of one patch (0 while ``channels`` is unknown)."""
+        return self.channels * self.kernel[0] * self.kernel[1] if self.kind == "conv" else self.channels
+
+
+def conv_pads(tap: Tap, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(begin1, begin2, end1, end2) for an input of spatial ``size`` (auto_pad as in ONNX Conv)."""
+    if tap.auto_pad == "VALID":
+        return (0, 0, 0, 0)
+    if tap.auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        return tuple(tap.pads)
+    begin, end = [], []
+    for a in range(2):
+        k, s, dil = tap.kernel[a], tap.strides[a], tap.dilations[a]
+        out = -(-size[a] // s)
+        total = max((out - 1) * s + (k - 1) * dil + 1 - size[a], 0)
+        small, big = total // 2, total - total // 2
+        b, e = (small, big) if tap.auto_pad == "SAME_UPPER" else (big, small)
+        begin.append(b)
+        end.append(e)
+    return (begin[0], begin[1], end[0], end[1])
+
+
+def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+    """The patches of activation ``x`` as float64 row blocks (rows × d), each at
+    most ``chunk_bytes`` (or one output line); rows in the order of the output
+    positions (sample, then output row, then output col)."""
+    if tap.kind == "linear":
+        c = x.shape[-1]
+        if tap.channels and c != tap.channels:
+            raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has {c} features, not {tap.channels}")
+        rows = x.reshape(-1, c)
+        step = max(1, chunk_bytes // (8 * c))
+        for i in range(0, len(rows), step):
+            yield rows[i : i + step].astype(np.float64)
+        return
+    if tap.kind != "conv":
+        raise ValueError(f"tap {tap.name!r} has kind {tap.kind!r} (conv or linear)")
+    if x.ndim != 2 + tap.spatial_rank:
+        raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has rank {x.ndim}, "
+                         f"not {2 + tap.spatial_rank} for a {tap.spatial_rank}-D conv")
+    if tap.spatial_rank == 1:
+        x = x[..., None]
+    n, c, h, w = x.shape
+    if tap.channels and c != tap.channels:
+        raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has {c} channels, not {tap.channels}")
+    (k1, k2), (s1, s2), (d1, d2) = tap.kernel, tap.strides, tap.dilations
+    b1, b2, e1, e2 = conv_pads(tap, (h, w))
+    span1, span2 = (k1 - 1) * d1 + 1, (k2 - 1) * d2 + 1
+    ho, wo = (h + b1 + e1 - span1) // s1 + 1, (w + b2 + e2 - span2) // s2 + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"tap {tap.name!r}: input {h}×{w} is smaller than the padded kernel")
+    d = c * k1 * k2
+    max_rows = max(1, chunk_bytes // (8 * d))
+    if ho * wo <= max_rows:  # several samples per chunk
+        samples, lines = max_rows // (ho * wo), ho
+    else:  # one sample, a few output lines per chunk
+        samples, lines = 1, max(1, max_rows // wo)
+    for i in range(0, n, samples):
+        xp = x[i : i + samples]
+        if b1 or b2 or e1 or e2:
+            xp = np.pad(xp, ((0, 0), (0, 0), (b1, e1), (b2, e2)))
+        # (n', c, ho, wo, κ1, κ2), a view: window (p, q) of output (i, j) starts at (i·s1, j·s2)
+        win = np.lib.stride_tricks.sliding_window_view(xp, (span1, span2), axis=(2, 3))
+        win = win[:, :, ::s1, ::s2, ::d1, ::d2][:, :, :ho, :wo].transpose(0, 2, 3, 1, 4, 5)
+        for r in range(0, ho, lines):
+            yield np.ascontiguousarray(win[:, r : r + lines], dtype=np.float64).reshape(-1, d)
+
+
+def patches(x: np.ndarray, tap: Tap) -> np.ndarray:
+    """All patches of ``x`` as one float64 matrix (rows × d): conv output = patches @ Wmᵀ."""
+    return np.concatenate(list(iter_patches(x, tap)), axis=0)
