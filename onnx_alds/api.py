@@ -26,8 +26,8 @@ from .io import (EXTERNAL_DATA_THRESHOLD, Source, check_model_file, check_rewrit
 from .plan import LayerPlan, Plan, resolve
 from .report import Report, build_report
 from .select import Config, Selection, layer_configs, layer_options, solve
-from .latency import BETA_RANGE
-from .validate import WARN_OUTPUT_ERROR
+from .compare import WARN_OUTPUT_ERROR
+from .measure.latency_table import BETA_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def speed_guard(provider: str = "auto", threads: int = 2):
     (:mod:`onnx_alds.speed`); None, with a warning, without onnxruntime."""
     import importlib.util
 
-    from .speed import SpeedModel
+    from .measure.speed import SpeedModel
 
     if importlib.util.find_spec("onnxruntime") is None:
         log.warning("no speed guard: onnxruntime is not installed")
@@ -396,10 +396,10 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             raise InfeasibleBudget("the model has no compressible layer, so the smallest reachable "
                                    "fraction is 1.0", 1.0)
         if metric == "latency" and latency_table is None:
-            from .latency import LatencyTable  # measured per provider, cached
+            from .measure.latency_table import LatencyTable  # measured per provider, cached
 
             with _timed(timings, "latency_table"):
-                from .latency import INT8_K_MAX
+                from .measure.int8 import INT8_K_MAX
 
                 latency_table = LatencyTable.for_model(source.model, info, provider=provider,
                                                        k_max=k_max or (INT8_K_MAX if int8 else 16),
@@ -498,7 +498,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
                 # only when a second interleaved measurement says so too (a rerun of a plan that met its
                 # target keeps it): short, the faster of the two counts (load only ever adds time); past
                 # it, the slower
-                from .latency import measure_speedup
+                from .measure.latency_table import measure_speedup
 
                 with _timed(timings, "latency"):
                     again = measure_speedup(original, new, latency_table, info)
@@ -518,7 +518,7 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
             # the savings can say how much more to compress: ask the table for the missing ratio instead
             if latency_table.context:
                 # layer by layer first: the profiler times each factorized layer inside the model
-                from .latency import profile_pair
+                from .measure.latency_table import profile_pair
 
                 with _timed(timings, "profile"):
                     latency_table = latency_table.learned(choices, *profile_pair(original, new, latency_table, info))
@@ -614,7 +614,7 @@ def _guarded_alternative(original, info, emodel, cal_data, cal_all, sequential, 
     parameters kept, so the least error) that meets the target or, where none does, that runs within
     5 % of the fastest of them (closer is this machine's noise), if it beats ``beat`` (the table's
     best); else None."""
-    from .latency import measure_speedup
+    from .measure.latency_table import measure_speedup
 
     guard = speed_guard(provider)
     if guard is None:
@@ -737,7 +737,7 @@ def _check_and_validate(source, original, new, info, choices, measured, emodel, 
             else:
                 check_rewritten(original, new)
         if budget.get("metric") == "latency" and latency_table is not None:  # not for an applied plan
-            from .latency import measure_speedup
+            from .measure.latency_table import measure_speedup
 
             with _timed(timings, "latency"):
                 budget.update(measure_speedup(orig_ref, new_ref, latency_table, info))
@@ -757,7 +757,8 @@ def _check_and_validate(source, original, new, info, choices, measured, emodel, 
 
             with _timed(timings, "validate"):
                 v = run_validation(orig_ref, new_ref, provider=provider, input_shapes=info.input_shapes,
-                                   feeds=cal_data, low_memory=isinstance(new_ref, Path), int8=int8)
+                                   feeds=cal_data, low_memory=isinstance(new_ref, Path), int8=int8,
+                                   int8_copies=getattr(latency_table, "int8_copies", None))
             report.validation = v.to_dict()
     return report
 

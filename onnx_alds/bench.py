@@ -9,26 +9,23 @@ from pathlib import Path
 
 import numpy as np
 
+from .compare import rel_l2 as output_rel_l2
 from .io import load_model
+from .measure.inputs import random_inputs
+from .measure.timing import interleaved_latency
+from .quantize import quantize
 from .runtime import providers_for, session, used_provider
-from .validate import interleaved_latency, random_inputs
 
 
 def rel_l2(reference: list, outputs: list) -> float | None:
-    """Worst relative L2 error over the float outputs, or None when the two
-    models' outputs are not comparable (count, shape or kind differ)."""
+    """Worst relative L2 error over the float outputs (:func:`onnx_alds.compare.rel_l2`), or None when
+    the two models' outputs are not comparable (count, shape or kind differ)."""
     if len(reference) != len(outputs):
         return None
-    worst = 0.0
-    for a, b in zip(reference, outputs):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
-            return None
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
-        norm = float(np.linalg.norm(a64))
-        err = float(np.linalg.norm(a64 - b64))
-        worst = max(worst, err / norm if norm > 0 else err)
-    return worst
+    pairs = [(np.asarray(a), np.asarray(b)) for a, b in zip(reference, outputs)]
+    if any(a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f" for a, b in pairs):
+        return None
+    return max((output_rel_l2(a, b) for a, b in pairs), default=0.0)
 
 
 def _same_feeds(a: dict, b: dict) -> bool:
@@ -74,8 +71,6 @@ def with_int8(paths, workdir, calibration=None, *, per_channel: bool = True, inp
               seed: int = 0) -> tuple[list[Path], list[str], list]:
     """Each model followed by its int8 QDQ copy (``onnx_alds.quantize``)
     written into ``workdir``; returns ``(paths, labels, quantize results)``."""
-    from .quantize import quantize
-
     out_paths, labels, results = [], [], []
     for i, p in enumerate(paths):
         q = Path(workdir) / f"{i}_{Path(p).stem}.int8.onnx"

@@ -4,7 +4,10 @@ The counts match the emitted graph: the encoder is a grouped conv with
 ``k·j`` outputs and kernel ``e`` (``j·c·|e|`` weights), the decoder a dense
 conv with kernel ``d`` over ``k·j`` channels (``f·k·j·|d|`` weights).  The
 encoder of s0 runs at the output resolution, s1 at (H_in, W_out), s2 at
-(H_out, W_in) and s3 at the input resolution.  Biases are unchanged and are
+(H_out, W_in) and s3 at the input resolution; the decoder at the output
+resolution, except where ``decoder_spatial`` says otherwise (a transposed
+conv counts its MACs per input position, but its s0 decoder, a 1×1 conv
+after the transposed encoder, runs at the upsampled output).  Biases are unchanged and are
 not part of a layer's cost.  The cost models at the end give the selector
 the cost of every configuration under one budget metric.  Pure numpy.
 """
@@ -28,6 +31,7 @@ class Geometry:
     kernel: tuple[int, int]
     in_spatial: tuple[int, int] | None  # (H_in, W_in); for linear layers (tokens, 1)
     out_spatial: tuple[int, int] | None  # (H_out, W_out)
+    decoder_spatial: tuple[int, int] | None = None  # where a 1×1 (s0) decoder runs, when not out_spatial
 
     @property
     def params(self) -> int:
@@ -56,7 +60,8 @@ def factorized_flops(g: Geometry, k: int, scheme: str, rank: int) -> int | None:
         return None
     e = prod(encoder_kernel(scheme, g.kernel))
     d = prod(decoder_kernel(scheme, g.kernel))
-    return rank * (g.c * e * prod(encoder_spatial(g, scheme)) + g.f * k * d * prod(g.out_spatial))
+    dec = g.decoder_spatial if scheme == "s0" and g.decoder_spatial is not None else g.out_spatial
+    return rank * (g.c * e * prod(encoder_spatial(g, scheme)) + g.f * k * d * prod(dec))
 
 
 def full_rank(g: Geometry, k: int, scheme: str) -> int:

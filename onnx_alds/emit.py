@@ -15,6 +15,7 @@ import logging
 import onnx
 import onnx_graphsurgeon as gs
 
+from .graph import names_read_inside, subgraph_bodies, subgraphs
 from .io import Source, copy_model_fields
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Names:
                 nodes.add(item.name)
                 taken.update(item.input)
                 taken.update(item.output)
-                stack.extend(_subgraphs(item))
+                stack.extend(subgraphs(item))
         if graph is not None:  # a detached large model: its tensors live in the graph only
             taken.update(graph.tensors().keys())
             nodes.update(n.name for n in graph.nodes)
@@ -94,7 +95,7 @@ def emit(source: Source, info, choices: dict, factors: dict, *, progress: bool =
         source.release(l)
     apply_replacements(source.graph, replaced)
     new = gs.export_onnx(source.graph, do_type_check=False)
-    restore_subgraphs(source.model, new)
+    restoresubgraphs(source.model, new)
     copy_model_fields(source.model, new)
     if not new.functions and source.model.functions:
         new.functions.extend(source.model.functions)
@@ -159,32 +160,7 @@ def apply_replacements(graph: gs.Graph, replaced: dict[int, list[gs.Node]]) -> N
     graph.nodes = [n for n in new_nodes if not (n.op == "Constant" and not n.outputs)]
 
 
-def _subgraphs(node: onnx.NodeProto):
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            yield from a.graphs
-
-
-def subgraph_bodies(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The If/Loop/Scan nodes of ``graph``."""
-    return [n for n in graph.node if any(_subgraphs(n))]
-
-
-def names_read_inside(nodes) -> set[str]:
-    """Every tensor name read anywhere inside the bodies of ``nodes`` (nested ones too)."""
-    read: set[str] = set()
-    stack = [g for n in nodes for g in _subgraphs(n)]
-    while stack:
-        g = stack.pop()
-        for n in g.node:
-            read.update(n.input)
-            stack.extend(_subgraphs(n))
-    return read
-
-
-def restore_subgraphs(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
+def restoresubgraphs(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
     """Give the If/Loop/Scan nodes of ``new`` (exported by graphsurgeon from
     ``original`` after main-graph replacements) their original bodies back.
 
@@ -199,7 +175,7 @@ def restore_subgraphs(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
     restored = []
     for node in new.graph.node:
         orig = by_outputs.get(tuple(node.output))
-        if orig is None or not any(_subgraphs(node)):
+        if orig is None or not any(subgraphs(node)):
             continue
         del node.attribute[:]
         node.attribute.extend(orig.attribute)

@@ -34,3 +34,9 @@ class InfeasibleBudget(AldsError):
 
 class ValidationFailed(AldsError):
     exit_code = EXIT_VALIDATION
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text (its type's name when it has none), for a one-sentence
+    error that names what a library said."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

@@ -23,6 +23,8 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, Message
 
 from .errors import ModelError, UsageError
+from .graph import names_read_inside, subgraph_bodies
+from .ops import constant_value, has_bias
 
 # protobuf cannot serialise a single message over 2 GiB; stay clear of it
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -453,14 +455,10 @@ class Source:
 
     def weight4(self, layer) -> np.ndarray:
         """The layer's weight as ``f × c × κ1 × κ2`` in its stored dtype."""
-        from .ops import constant_value
-
         w = np.asarray(constant_value(self.node(layer).inputs[1]))
         return layer.spec.weight4(w, layer.attrs)
 
     def bias(self, layer) -> np.ndarray | None:
-        from .ops import constant_value, has_bias
-
         node = self.node(layer)
         return np.asarray(constant_value(node.inputs[2])) if has_bias(node) and layer.bias_constant else None
 
@@ -476,8 +474,6 @@ class Source:
         opsets, metadata, If/Loop/Scan bodies and the outer weights they read),
         so that the protobuf that held the original bytes is freed.  Peak memory
         then stays near two copies of the weights, not three."""
-        from .emit import names_read_inside, subgraph_bodies
-
         graph, model = self.graph, self.model
         for g in [graph] + [sg for n in graph.nodes for sg in n.subgraphs(recursive=True)]:
             for t in list(g.tensors().values()) + [v for n in g.nodes for v in n.attrs.values()]:

@@ -33,7 +33,11 @@ from pathlib import Path
 
 import onnx
 
-from .errors import ModelError, UsageError
+from .calibration import first_samples, load_calibration, model_inputs  # the one calibration loader
+from .compare import compare_outputs
+from .errors import ModelError, UsageError, ValidationFailed, first_line
+from .measure.inputs import random_inputs
+from .runtime import CPU, session, used_provider
 from .io import EXTERNAL_DATA_THRESHOLD, check_output_path, load_model, proto_size, save_model
 
 log = logging.getLogger(__name__)
@@ -77,10 +81,6 @@ class QuantizeResult:
                 f"on {self.provider}")
 
 
-def _first(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inits = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits]
@@ -89,10 +89,6 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 def _input_dims(vi: onnx.ValueInfoProto) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
             for d in vi.type.tensor_type.shape.dim]
-
-
-def _np_dtype(vi: onnx.ValueInfoProto):
-    return onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
 
 
 def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, samples: int = 32, batch: int = 8,
@@ -109,15 +105,10 @@ def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, sam
     # a fixed first axis is the batch the model takes; otherwise ours
     bs = next(iter(fixed_batch.values()), None) or batch
     if calibration is None:
-        from .runtime import CPU, session
-        from .validate import random_inputs
-
         sess = session(model, [CPU], threads=2)
         n = max(1, -(-samples // bs))
         feeds = [random_inputs(sess, input_shapes, batch=bs, seed=seed + i) for i in range(n)]
         return feeds, n * bs, bs
-    from .calibration import first_samples, load_calibration, model_inputs  # the one calibration loader
-
     # a stream of feeds is held whole: int8 calibration takes a few hundred samples
     arrays = first_samples(load_calibration(calibration, model_inputs(model)))
     counts = {len(a) for a in arrays.values()}
@@ -182,7 +173,7 @@ def _preprocess(src: Path, dst: Path, large: bool) -> str:
             quant_pre_process(str(src), str(dst), **kw, **ext)
             return what
         except Exception as e:
-            log.info("%s failed on %s: %s", what, src.name, _first(e))
+            log.info("%s failed on %s: %s", what, src.name, first_line(e))
     log.warning("onnxruntime's pre-processing failed on %s; quantizing it as it is", src.name)
     return "none"
 
@@ -208,9 +199,6 @@ def quantize(model_path, out_path, calibration=None, *, per_channel: bool = True
     batch against the fp32 model (NaN/Inf it does not produce, a changed
     shape or a load failure is a :class:`ValidationFailed`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
-
-    from .runtime import CPU, session, used_provider
-    from .validate import compare_outputs
 
     act_t, w_t = _quant_type(activation_type, "activation_type"), _quant_type(weight_type, "weight_type")
     if method not in CALIBRATION_METHODS:
@@ -259,7 +247,7 @@ def quantize(model_path, out_path, calibration=None, *, per_channel: bool = True
         except (UsageError, ModelError):
             raise
         except Exception as e:
-            raise ModelError(f"onnxruntime cannot quantize the model: {_first(e)}") from None
+            raise ModelError(f"onnxruntime cannot quantize the model: {first_line(e)}") from None
         qmodel = onnx.load(str(q_path))  # external data, if any, comes along
         int8 = {t.name for t in qmodel.graph.initializer
                 if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}  # not the int32 biases
@@ -275,18 +263,15 @@ def quantize(model_path, out_path, calibration=None, *, per_channel: bool = True
 
 
 def _check(fp32, int8, feeds, session, used_provider, compare_outputs):
-    from .errors import ValidationFailed
-    from .runtime import CPU
-
     s32 = session(fp32, [CPU], threads=2)
     try:
         s8 = session(int8, [CPU], threads=2)
     except Exception as e:
-        raise ValidationFailed(f"onnxruntime cannot load the quantized model: {_first(e)}") from None
+        raise ValidationFailed(f"onnxruntime cannot load the quantized model: {first_line(e)}") from None
     names = [o.name for o in s32.get_outputs()]
     try:
         y8 = s8.run(names, feeds)
     except Exception as e:
-        raise ValidationFailed(f"the quantized model fails to run in onnxruntime: {_first(e)}") from None
+        raise ValidationFailed(f"the quantized model fails to run in onnxruntime: {first_line(e)}") from None
     per, _, worst_rel = compare_outputs(names, s32.run(names, feeds), y8)
     return per, worst_rel, used_provider(s8)

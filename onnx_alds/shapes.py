@@ -19,18 +19,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, first_line
 from .io import EXTERNAL_DATA_THRESHOLD, proto_size, save_model, temp_dir
+from .runtime import ort, providers_for
 
 log = logging.getLogger(__name__)
 
 # element types whose shapes are returned (onnxruntime's type strings)
 _NUMERIC = {f"tensor({t})" for t in ("float", "float16", "double", "bfloat16", "int8", "int16", "int32", "int64",
                                      "uint8", "uint16", "uint32", "uint64")}
-
-
-def _first(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -64,8 +61,6 @@ def runtime_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: 
     tensor of another type (bool, string, sequence) or one the graph does not
     have is a :class:`UsageError`.  Models over 1.8 GB run from a temporary
     file with external data."""
-    from .runtime import providers_for, ort
-
     produced = [o for n in model.graph.node for o in n.output if o]
     inputs = {i.name for i in _graph_inputs(model)}
     init_dims = {t.name: list(t.dims) for t in model.graph.initializer}
@@ -112,7 +107,7 @@ def runtime_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: 
         try:
             sess = rt.InferenceSession(source, sess_options=so, providers=providers)
         except Exception as e:
-            raise ModelError(f"onnxruntime cannot load the model: {_first(e)}") from None
+            raise ModelError(f"onnxruntime cannot load the model: {first_line(e)}") from None
         types = {o.name: o.type for o in sess.get_outputs()}
         if names is not None:
             bad = [n for n in wanted if types.get(n) not in _NUMERIC]
@@ -122,7 +117,7 @@ def runtime_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: 
         try:
             values = sess.run(run, {k: np.asarray(v) for k, v in feeds.items()})
         except Exception as e:
-            raise ModelError(f"onnxruntime cannot run the model on the given inputs: {_first(e)}") from None
+            raise ModelError(f"onnxruntime cannot run the model on the given inputs: {first_line(e)}") from None
     for name, v in zip(run, values):
         out[name] = [int(d) for d in np.shape(v)]
     return out

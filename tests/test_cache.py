@@ -207,7 +207,7 @@ def test_read_only_cache_dir_is_a_usage_error(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def latency_setup(tmp_path_factory):
     from onnx_alds.api import analyze
-    from onnx_alds.latency import LatencyTable
+    from onnx_alds.measure.latency_table import LatencyTable
 
     model = cnn_model()
     _, _, info = analyze(model)
@@ -219,7 +219,7 @@ def latency_setup(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["not_json", "truncated", "nan", "other_key", "negative_ms", "fifo", "list"])
 def test_bad_latency_entries_are_remeasured(latency_setup, tmp_path, kind, caplog):
-    from onnx_alds.latency import LatencyTable
+    from onnx_alds.measure.latency_table import LatencyTable
 
     model, info, good, entries = latency_setup
     cache = tmp_path / "cache"
@@ -257,7 +257,7 @@ def test_bad_latency_entries_are_remeasured(latency_setup, tmp_path, kind, caplo
 
 
 def test_unusable_default_latency_cache_warns_and_measures(latency_setup, tmp_path, monkeypatch, caplog):
-    from onnx_alds.latency import LatencyTable
+    from onnx_alds.measure.latency_table import LatencyTable
 
     model, info, _, _ = latency_setup
     afile = tmp_path / "afile"

@@ -6,7 +6,7 @@ import pytest
 from graphs import cnn_model, conv_model
 from onnx_alds import rewrite
 from onnx_alds.api import analyze
-from onnx_alds.latency import LatencyTable, cache_key
+from onnx_alds.measure.latency_table import LatencyTable, cache_key
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def test_speed_guard_choices_are_all_admissible_and_gate_refuses_slow(tmp_path):
 
     from pathlib import Path
 
-    from onnx_alds.speed import CHANNEL_ALIGN
+    from onnx_alds.measure.speed import CHANNEL_ALIGN
 
     shipped = Path(__file__).resolve().parents[1] / "models" / "resnet20_digits.onnx"
     guard = speed_guard("cpu")
@@ -149,7 +149,7 @@ def test_speed_model_counts_thin_products_and_round_trips(tmp_path):
     from dataclasses import replace
 
     from onnx_alds.api import analyze as _analyze
-    from onnx_alds.speed import THIN, SpeedModel
+    from onnx_alds.measure.speed import THIN, SpeedModel
 
     m = SpeedModel.for_provider("cpu", 2, cache_dir=tmp_path)
     for table in (m.thin_in, m.thin_out):  # measured for every probe width, never cheaper when thinner
@@ -179,7 +179,7 @@ def test_default_budget_is_never_slower_explicit_budget_says_why(tmp_path):
 
     import onnx
 
-    from onnx_alds.speed import SpeedModel
+    from onnx_alds.measure.speed import SpeedModel
 
     root = tmp_path / "cache"
     SpeedModel.for_provider("cpu", 2, cache_dir=root / "speed")
@@ -224,7 +224,7 @@ def test_in_context_correction_scales_savings_and_is_cached(cache):
     alone; one whole-model measurement sets beta; it is cached with the model's baseline."""
     import json
 
-    from onnx_alds.latency import BETA_RANGE
+    from onnx_alds.measure.latency_table import BETA_RANGE
 
     model = cnn_model()
     _, _, info = analyze(model)
@@ -323,7 +323,7 @@ def _solve_only(model, frac, table):
 def test_profiler_attributes_each_layer_inside_the_model():
     """onnxruntime's profile of the whole model, node by node after its fusions, is attributed to the
     layers: an original layer (fused with its Relu) and the encoder and decoder emitted for it."""
-    from onnx_alds.profile import layer_times
+    from onnx_alds.measure.profile import layer_times
     from onnx_alds.runtime import CPU
 
     model = cnn_model()

@@ -77,7 +77,7 @@ def test_small_models_are_timed_for_at_least_min_seconds():
     """20 runs of a tiny model are a few milliseconds of samples: the loop goes on until every
     session has run for min_seconds (or max_repeats)."""
     from onnx_alds.runtime import session
-    from onnx_alds.validate import interleaved_latency
+    from onnx_alds.measure.timing import interleaved_latency
 
     s = session(cnn_model(), [CPU], 1)
     feeds = {"x": np.zeros((1, 3, 16, 16), np.float32)}

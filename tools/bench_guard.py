@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 import onnx_alds  # noqa: E402
 from onnx_alds import api  # noqa: E402
 from onnx_alds.runtime import session  # noqa: E402
-from onnx_alds.speed import SpeedModel  # noqa: E402
-from onnx_alds.validate import interleaved_latency, random_inputs  # noqa: E402
+from onnx_alds.measure.speed import SpeedModel  # noqa: E402
+from onnx_alds.measure.inputs import random_inputs
+from onnx_alds.measure.timing import interleaved_latency  # noqa: E402
 
 
 def one_round(paths, threads: int, repeats: int) -> list[dict]:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from onnx_alds import rewrite  # noqa: E402
 from onnx_alds.api import analyze  # noqa: E402
 from onnx_alds.bench import bench  # noqa: E402
-from onnx_alds.latency import LatencyTable  # noqa: E402
+from onnx_alds.measure.latency_table import LatencyTable  # noqa: E402
 
 METRICS = ("params", "flops", "latency")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a model's time goes, inside the model: the share of its compressible layers (what
 ``--keep-latency`` can make faster), of grouped and depthwise convs (not compressible), and of
-everything else, from onnxruntime's profiler (``onnx_alds.profile.layer_times``, each node that
+everything else, from onnxruntime's profiler (``onnx_alds.measure.profile.layer_times``, each node that
 onnxruntime runs after its fusions given to the conv or matmul it computes).  A floor that
 ``--keep-latency`` refuses at is often explained here.  Never run in CI.
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import onnx  # noqa: E402
 
 from onnx_alds.api import analyze  # noqa: E402
-from onnx_alds.profile import layer_times  # noqa: E402
+from onnx_alds.measure.profile import layer_times  # noqa: E402
 from onnx_alds.runtime import CPU  # noqa: E402
 
 

@@ -35,22 +35,15 @@ from .patches import Tap, iter_patches
 log = logging.getLogger(__name__)
 
 
-def tap_for_layer(layer) -> Tap:
-    """The tap of an extracted layer (``onnx_alds.extract.Layer``, read by its
-    fields only: extract's pads, strides and dilations are already in the
-    2-axis form a Tap uses)."""
-    g, a = layer.geometry, layer.attrs
-    common = dict(name=layer.name, input=layer.input_name, channels=int(g.c))
-    if a.spatial_rank:
-        return Tap(kind="conv", kernel=tuple(g.kernel), strides=tuple(a.strides),
-                   dilations=tuple(a.dilations), pads=tuple(a.pads), auto_pad=a.auto_pad,
-                   spatial_rank=a.spatial_rank, **common)
-    return Tap(kind="linear", spatial_rank=0, **common)
+def tap_for_layer(layer) -> Tap | None:
+    """The tap of an extracted layer, as its operator spec gives it
+    (``OpSpec.calibration_tap``); None where data-aware errors do not apply."""
+    return layer.spec.calibration_tap(layer)
 
 
 def taps_for(layers) -> list[Tap]:
-    """Taps of the layers whose specs take data-aware errors."""
-    return [tap_for_layer(l) for l in layers if l.spec.data_aware]
+    """Taps of the layers whose specs give one."""
+    return [t for t in map(tap_for_layer, layers) if t is not None]
 
 
 @dataclass
@@ -112,8 +105,10 @@ def _check_taps(model: onnx.ModelProto, taps: list[Tap]) -> None:
     produced = {o for n in g.node for o in n.output} | {i.name for i in g.input}
     inits = {t.name for t in g.initializer}
     for t in taps:
-        if t.kind not in ("conv", "linear"):
-            raise ValueError(f"tap {t.name!r} has kind {t.kind!r} (conv or linear)")
+        if t.kind not in ("conv", "convtranspose", "linear"):
+            raise ValueError(f"tap {t.name!r} has kind {t.kind!r} (conv, convtranspose or linear)")
+        if t.kind == "convtranspose" and t.spatial_rank != 2:
+            raise ValueError(f"tap {t.name!r} is a ConvTranspose of spatial rank {t.spatial_rank} (2)")
         if t.kind == "conv" and t.spatial_rank not in (1, 2):
             raise ValueError(f"tap {t.name!r} is a conv of spatial rank {t.spatial_rank} (1 or 2)")
         if t.input in inits or t.input not in produced:

@@ -6,39 +6,32 @@ one output position, taken with the Conv's strides and dilations and
 flattened in the order (channel, kernel row, kernel col), so that the conv
 output there is ``Wm @ x`` and channel group i of k owns the columns
 ``[i·d/k, (i+1)·d/k)``.  A Gemm/MatMul patch is one row of its input reshaped
-to ``(-1, c)``.  Patches come in float64 row blocks of bounded size.
+to ``(-1, c)``.
+
+A ConvTranspose (weight stored ``c × f × κ1 × κ2``, ``weight4 = Wᵀ`` is
+``f × c × κ1 × κ2``) is the adjoint of a conv: per axis,
+``y[o] = Σ_{i,κ} x[i]·W[κ]`` over ``o = i·s + κ·dil − p_begin``.  With ``u`` the
+input with ``s − 1`` zeros inserted between samples (``u[i·s] = x[i]``), padded
+by ``(κ−1)·dil − p_begin`` before and ``(κ−1)·dil − p_end + output_padding``
+after (a negative pad crops), this is ``y[o] = Σ_κ W[κ]·u[o + (κ_max − κ)·dil]``:
+a stride-1 conv over ``u`` with the kernel reversed.  Its patch is therefore
+the window of ``u`` at ``o`` with the kernel axes reversed, and the output is
+``fold_s0(weight4) @ x`` again, exactly.
+
+Patches come in float64 row blocks of bounded size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 
+from ..ops.base import Tap
+
 # rows of float64 patches per chunk: no temporary of the accumulation exceeds this
 CHUNK_BYTES = 128 << 20
-
-
-@dataclass(frozen=True)
-class Tap:
-    """What the capture needs to know of one layer."""
-
-    name: str  # layer name (key of the result)
-    input: str  # name of the tensor that is the layer's activation input in the graph
-    kind: str  # "conv" or "linear"
-    kernel: tuple[int, int] = (1, 1)  # κ1, κ2 (a 1-D conv has κ2 = 1)
-    strides: tuple[int, int] = (1, 1)
-    dilations: tuple[int, int] = (1, 1)
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # (begin1, begin2, end1, end2)
-    auto_pad: str = "NOTSET"  # SAME_UPPER / SAME_LOWER: pads are computed from the actual input size
-    spatial_rank: int = 2  # 1 or 2 for conv (input N×C×L or N×C×H×W), 0 for linear
-    channels: int = 0  # c (input channels / in_features)
-
-    @property
-    def d(self) -> int:
-        """Length of one patch (0 while ``channels`` is unknown)."""
-        return self.channels * self.kernel[0] * self.kernel[1] if self.kind == "conv" else self.channels
 
 
 def conv_pads(tap: Tap, size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -72,8 +65,11 @@ def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES) -> Ite
         for i in range(0, len(rows), step):
             yield rows[i : i + step].astype(np.float64)
         return
+    if tap.kind == "convtranspose":
+        yield from _transposed_patches(x, tap, chunk_bytes)
+        return
     if tap.kind != "conv":
-        raise ValueError(f"tap {tap.name!r} has kind {tap.kind!r} (conv or linear)")
+        raise ValueError(f"tap {tap.name!r} has kind {tap.kind!r} (conv, convtranspose or linear)")
     if x.ndim != 2 + tap.spatial_rank:
         raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has rank {x.ndim}, "
                          f"not {2 + tap.spatial_rank} for a {tap.spatial_rank}-D conv")
@@ -105,6 +101,42 @@ def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES) -> Ite
             yield np.ascontiguousarray(win[:, r : r + lines], dtype=np.float64).reshape(-1, d)
 
 
+def upsampled(x: np.ndarray, tap: Tap) -> np.ndarray:
+    """The input ``u`` of the stride-1 conv that a ConvTranspose is (module
+    docstring): zeros inserted at the strides, then padded or cropped."""
+    (k1, k2), (s1, s2), (d1, d2) = tap.kernel, tap.strides, tap.dilations
+    b1, b2, e1, e2 = tap.pads
+    o1, o2 = tap.output_padding
+    n, c, h, w = x.shape
+    before = ((k1 - 1) * d1 - b1, (k2 - 1) * d2 - b2)
+    after = ((k1 - 1) * d1 - e1 + o1, (k2 - 1) * d2 - e2 + o2)
+    size = [(h - 1) * s1 + 1, (w - 1) * s2 + 1]
+    full = [max(before[a], 0) + size[a] + max(after[a], 0) for a in range(2)]
+    u = np.zeros((n, c, full[0], full[1]), dtype=x.dtype)
+    u[:, :, max(before[0], 0) : max(before[0], 0) + size[0] : s1,
+      max(before[1], 0) : max(before[1], 0) + size[1] : s2] = x
+    return u[:, :, max(-before[0], 0) : full[0] - max(-after[0], 0),
+             max(-before[1], 0) : full[1] - max(-after[1], 0)]
+
+
+def _transposed_patches(x: np.ndarray, tap: Tap, chunk_bytes: int) -> Iterator[np.ndarray]:
+    """ConvTranspose patches: windows of ``upsampled(x)`` (stride 1, no pads),
+    kernel axes reversed (module docstring)."""
+    if tap.auto_pad != "NOTSET":
+        raise ValueError(f"tap {tap.name!r}: a ConvTranspose tap takes explicit pads, not auto_pad={tap.auto_pad}")
+    if x.ndim != 4:
+        raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has rank {x.ndim}, not 4 for a 2-D ConvTranspose")
+    if tap.channels and x.shape[1] != tap.channels:
+        raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has {x.shape[1]} channels, not {tap.channels}")
+    k1, k2 = tap.kernel
+    conv = replace(tap, kind="conv", strides=(1, 1), pads=(0, 0, 0, 0), output_padding=(0, 0), spatial_rank=2)
+    per_sample = max(1, x[:1].nbytes * tap.strides[0] * tap.strides[1])
+    step = max(1, chunk_bytes // (8 * per_sample))  # bounds the upsampled copy as well
+    for i in range(0, len(x), step):
+        for block in iter_patches(upsampled(x[i : i + step], tap), conv, chunk_bytes):
+            yield np.ascontiguousarray(block.reshape(-1, x.shape[1], k1, k2)[:, :, ::-1, ::-1]).reshape(len(block), -1)
+
+
 def patches(x: np.ndarray, tap: Tap) -> np.ndarray:
-    """All patches of ``x`` as one float64 matrix (rows × d): conv output = patches @ Wmᵀ."""
+    """All patches of ``x`` as one float64 matrix (rows × d): layer output = patches @ Wmᵀ."""
     return np.concatenate(list(iter_patches(x, tap)), axis=0)

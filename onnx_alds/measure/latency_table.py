@@ -23,8 +23,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,16 +33,21 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 from tqdm.auto import tqdm
 
-from .cache import cache_root, default_dir, load_json_entry, save_json_entry
-from .cost import factorized_params, full_rank
-from .errors import UsageError
-from .extract import Layer, ModelInfo, extract
-from .folding import decoder_kernel, encoder_kernel
-from .io import Source, temp_dir
-from .ops import Factors, known as _known
-from .select import Config
-from .runtime import ort, providers_for, session, used_provider
+from ..cache import default_dir, load_json_entry, save_json_entry
+from ..cost import factorized_params, full_rank
+from ..emit import emit
+from ..errors import UsageError
+from ..extract import Layer, ModelInfo, extract
+from ..folding import decoder_kernel, encoder_kernel
+from ..io import EXTERNAL_DATA_THRESHOLD, Source, proto_size, temp_dir
+from ..ops import Factors, known as _known
+from ..runtime import CPU, ort, providers_for, session, used_provider
+from ..select import Config
+from .inputs import random_inputs
+from .int8 import Int8Copies, timed_pair
+from .profile import layer_times
 from .speed import CHANNEL_ALIGN, blocked_layout
+from .timing import TIMING_BLOCKS, interleaved_latency, time_session
 
 log = logging.getLogger(__name__)
 
@@ -52,37 +56,9 @@ CACHE_VERSION = 4  # 4: timed without thread-pool spinning; bump when what a mea
 MODEL_ENTRY_VERSION = 2  # the whole model's entry; 2: in-context layer times, beta on top of them
 
 
-def default_cache_dir() -> Path:
-    return cache_root() / "latency"
-
-
 def _cache_dir(cache_dir) -> Path | None:
     """The table's cache directory (see :func:`onnx_alds.cache.default_dir`)."""
     return default_dir("latency", cache_dir, "the latency cache directory")
-
-
-def time_session(sess, feeds, *, warmup: int = 3, repeats: int = 15, min_seconds: float = 0.02,
-                 max_repeats: int = 1000) -> float:
-    """Median ms of a run with inputs and outputs bound on the session's device
-    (IOBinding), so that copying inputs in and outputs out to numpy, which
-    a layer inside a model never does, is not timed.  At least ``repeats``
-    runs, and more (up to ``max_repeats``) until they add up to
-    ``min_seconds``: 15 runs of a 0.1 ms layer are 1.5 ms of samples."""
-    rt = ort()
-    device = "cuda" if sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-    binding = sess.io_binding()
-    for name, arr in feeds.items():
-        binding.bind_ortvalue_input(name, rt.OrtValue.ortvalue_from_numpy(arr, device, 0))
-    for out in sess.get_outputs():
-        binding.bind_output(out.name, device)
-    for _ in range(warmup):
-        sess.run_with_iobinding(binding)
-    ts = []
-    while len(ts) < repeats or (len(ts) < max_repeats and sum(ts) < min_seconds):
-        t0 = time.perf_counter()
-        sess.run_with_iobinding(binding)
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts) * 1e3)
 
 
 def _overhead_model(base: onnx.ModelProto) -> onnx.ModelProto:
@@ -107,8 +83,6 @@ def _random_factors(layer, k: int, scheme: str, rank: int, dtype) -> Factors:
 
 def _factorized_model(base: onnx.ModelProto, k: int, scheme: str, rank: int) -> onnx.ModelProto:
     """The standalone layer ``base`` with its node replaced by the emitted subgraph."""
-    from .emit import emit
-
     source = Source.load(base)
     info = extract(base, source.graph)
     layer = info.layers[0]
@@ -116,40 +90,6 @@ def _factorized_model(base: onnx.ModelProto, k: int, scheme: str, rank: int) -> 
     out = emit(source, info, {layer.name: cfg},
                {layer.name: _random_factors(layer, k, scheme, rank, np.dtype(layer.dtype))})
     out.ir_version = base.ir_version
-    return out
-
-
-INT8_K_MAX = 1  # --int8: default --k-max; onnxruntime runs grouped int8 convs slowly (README, int8)
-
-
-_INT8_COPIES: OrderedDict = OrderedDict()  # a whole model's bytes' hash → its int8 copy's bytes
-INT8_COPIES_KEPT = 2  # the original and the latest rewrite
-
-
-def int8_copy(model, folder, name: str, calibration=None, preprocess: bool = False) -> Path:
-    """``model`` quantized as ``onnx-alds quantize`` does (static QDQ, per-channel weights, U8S8),
-    written into ``folder``; seeded random calibration unless given.  Probes skip onnxruntime's
-    pre-processing (symbolic shape inference: seconds per probe, nothing to infer in one layer).
-
-    A whole model (``preprocess``, a ModelProto, seeded calibration) is quantized once per process:
-    the table, every round of the closed loop and validation time the same original against each
-    rewrite, and its copy is the same every time (quantizing resnet18 takes about 5 s, hashing it
-    0.1 s)."""
-    from .quantize import quantize
-
-    out = Path(folder) / f"{name}.int8.onnx"
-    key = None
-    if preprocess and calibration is None and isinstance(model, onnx.ModelProto):
-        key = hashlib.sha256(model.SerializeToString()).hexdigest()
-        if key in _INT8_COPIES:
-            _INT8_COPIES.move_to_end(key)
-            out.write_bytes(_INT8_COPIES[key])
-            return out
-    quantize(model, out, calibration, samples=8, batch=8, preprocess=preprocess)
-    if key is not None:
-        _INT8_COPIES[key] = out.read_bytes()
-        while len(_INT8_COPIES) > INT8_COPIES_KEPT:
-            _INT8_COPIES.popitem(last=False)
     return out
 
 
@@ -168,8 +108,6 @@ def model_cache_key(model: onnx.ModelProto, info: ModelInfo, provider: str, ort_
                     threads: int, int8: bool = False) -> tuple[str | None, dict]:
     """Key of a whole model's baseline latency: its bytes, input shapes and the
     settings (None for a model too large to hash from memory)."""
-    from .io import EXTERNAL_DATA_THRESHOLD, proto_size
-
     src = {"version": CACHE_VERSION, "model_version": MODEL_ENTRY_VERSION,
            "inputs": {k: list(v) for k, v in info.input_shapes.items()},
            "provider": provider, "ort": ort_version, "threads": threads, "int8": int8}
@@ -259,6 +197,7 @@ class LatencyTable:
     # (:meth:`corrected`); cached with the whole-model baseline, so a rerun starts from it
     beta: float = 1.0
     int8: bool = False  # timed as int8 QDQ models (``onnx-alds quantize``)
+    int8_copies: Int8Copies | None = field(default=None, repr=False, compare=False)  # made with these
     entry_path: Path | None = field(default=None, repr=False, compare=False)
     entry: dict | None = field(default=None, repr=False, compare=False)
     raw: dict | None = field(default=None, repr=False, compare=False)  # the layers before ``beta``
@@ -356,16 +295,18 @@ class LatencyTable:
     @classmethod
     def for_model(cls, model: onnx.ModelProto, info: ModelInfo, *, provider: str = "auto", threads: int = 2,
                   k_max: int | None = 16, schemes=None, points: int = 4, cache_dir=None,
-                  progress: bool = False, int8: bool = False) -> "LatencyTable":
+                  progress: bool = False, int8: bool = False,
+                  int8_copies: Int8Copies | None = None) -> "LatencyTable":
         """``int8``: every layer, candidate and the whole model are timed as the int8 QDQ
         models that ``onnx-alds quantize`` makes of them (random calibration: timing only)."""
         with temp_dir("onnx-alds-int8-") if int8 else nullcontext() as tmp:
             return cls._for_model(model, info, provider=provider, threads=threads, k_max=k_max, schemes=schemes,
-                                  points=points, cache_dir=cache_dir, progress=progress, int8_dir=tmp)
+                                  points=points, cache_dir=cache_dir, progress=progress, int8_dir=tmp,
+                                  copies=(int8_copies or Int8Copies()) if int8 else None)
 
     @classmethod
     def _for_model(cls, model, info, *, provider, threads, k_max, schemes, points, cache_dir, progress,
-                   int8_dir) -> "LatencyTable":
+                   int8_dir, copies) -> "LatencyTable":
         int8 = int8_dir is not None
         providers = providers_for(provider)
         cache = _cache_dir(cache_dir)
@@ -400,7 +341,7 @@ class LatencyTable:
                     return entry["ms"][tag]
                 m = make()
                 if int8 and quantized:
-                    m = int8_copy(m, int8_dir, "probe")
+                    m = copies.copy(m, int8_dir, "probe")
                 sess = session(m, providers, threads)
                 prov_used = used_provider(sess)
                 entry["ms"][tag] = time_session(sess, feeds)
@@ -422,14 +363,12 @@ class LatencyTable:
             layers[layer.name] = lt
             if measured and path is not None:
                 save_json_entry(path, entry)
-        from .validate import random_inputs
-
         # the whole-model baseline is cached like the layers, so the budget's floor and
         # target do not move with the machine's load from one run to the next
         mkey, msrc = model_cache_key(model, info, providers[0], version, threads, int8=int8)
         mpath = cache / f"model-{mkey}.json" if cache is not None and mkey else None
         mentry = (load_json_entry(mpath, msrc) if mpath is not None else None) or {"key": msrc, "ms": {}}
-        timed = onnx.load(str(int8_copy(model, int8_dir, "model", preprocess=True))) if int8 else model
+        timed = onnx.load(str(copies.copy(model, int8_dir, "model", preprocess=True))) if int8 else model
         sess = session(timed, providers, threads)
         feeds = random_inputs(sess, info.input_shapes, batch=1)
         if "model" in mentry["ms"]:
@@ -458,7 +397,8 @@ class LatencyTable:
             mentry["context"] = context  # empty where the profile cannot be attributed: not tried again
             if mpath is not None:
                 save_json_entry(mpath, mentry)
-        table = cls(prov, layers, model_ms, measured, cached, threads, entry_path=mpath, entry=mentry, int8=int8)
+        table = cls(prov, layers, model_ms, measured, cached, threads, entry_path=mpath, entry=mentry, int8=int8,
+                    int8_copies=copies)
         if isinstance(context, dict) and context:
             penalty = mentry.get("penalty") if isinstance(mentry.get("penalty"), dict) else {}
             table = table.with_context({n: float(v) for n, v in context.items() if n in layers},
@@ -476,23 +416,9 @@ def in_context_ok(provider: str) -> bool:
     return provider == "CPUExecutionProvider"
 
 
-@contextmanager
-def timed_pair(int8: bool, model, new):
-    """The original and the rewrite as they are timed: as they are, or (``int8``: files) their int8
-    QDQ models (``onnx-alds quantize``), for an int8 table or ``--int8`` validation."""
-    if not int8:
-        yield model, new
-        return
-    with temp_dir("onnx-alds-int8-") as tmp:
-        yield (int8_copy(model, tmp, "original", preprocess=True), int8_copy(new, tmp, "rewritten", preprocess=True))
-
-
 def profile_pair(model, new, table, info) -> tuple[dict, dict]:
     """Per-layer times inside the original and the rewritten model, profiled in turn."""
-    from .profile import layer_times
-    from .runtime import CPU
-
-    with timed_pair(table.int8, model, new) as pair:
+    with timed_pair(table.int8_copies, model, new) as pair:
         m0, m1 = (onnx.load(str(m)) if isinstance(m, Path) else m for m in pair)
         before, after = layer_times([m0, m1], list(table.layers), [CPU], table.threads,
                                     input_shapes=info.input_shapes)
@@ -502,8 +428,6 @@ def profile_pair(model, new, table, info) -> tuple[dict, dict]:
 def _context(model, info, providers, threads, model_ms, feeds) -> dict:
     """Each compressible layer's time inside the whole model (ms, in the units of ``model_ms``),
     from onnxruntime's profiler; empty where the profile cannot be attributed."""
-    from .profile import layer_times
-
     try:
         prof = layer_times([model], [l.name for l in info.candidates], providers, threads, feeds)[0]
     except Exception as e:  # the table stays as timed alone
@@ -517,10 +441,8 @@ def _context(model, info, providers, threads, model_ms, feeds) -> dict:
 
 def measure_speedup(model, new, table, info) -> dict:
     """Whole-model latency before and after, interleaved, with the table's settings."""
-    from .validate import TIMING_BLOCKS, interleaved_latency, random_inputs
-
     providers = providers_for("cuda" if table.provider == "CUDAExecutionProvider" else "cpu")
-    with timed_pair(table.int8, model, new) as (m0, m1):
+    with timed_pair(table.int8_copies, model, new) as (m0, m1):
         s0, s1 = session(m0, providers, table.threads), session(m1, providers, table.threads)
     feeds = random_inputs(s0, info.input_shapes, batch=1)
     t0, t1 = interleaved_latency([s0, s1], [feeds, feeds], warmup=5, repeats=30, min_seconds=0.3,

@@ -23,7 +23,10 @@ from collections import defaultdict
 import numpy as np
 import onnx
 
-from .io import temp_dir
+from ..io import temp_dir
+from ..runtime import session
+from .inputs import random_inputs
+from .timing import plain_run, timed_runs
 
 # what onnxruntime fuses into the Conv/Gemm/MatMul before it: walking back through these finds the layer
 _FUSED = {"Relu", "Clip", "Add", "Sum", "Sigmoid", "Mul", "BatchNormalization", "LeakyRelu", "HardSigmoid",
@@ -88,7 +91,7 @@ def layer_times(models, layers, providers, threads: int, feeds: dict | None = No
     """Per-run milliseconds of each layer inside each whole model (ModelProtos), from onnxruntime's profiler.
 
     Every model runs twice over, profiled and not, and all the sessions run in
-    turn, one run each (as :func:`onnx_alds.validate.interleaved_latency` does), so
+    turn, one run each (as :func:`onnx_alds.measure.timing.timed_runs` does), so
     that the machine's load falls on all of them alike: at least ``runs`` runs
     each, more (up to ``max_runs``) until the first has run ``min_seconds``.
     Sessions are made as every timing session is (:func:`onnx_alds.runtime.session`).
@@ -104,31 +107,16 @@ def layer_times(models, layers, providers, threads: int, feeds: dict | None = No
     "rest_nodes": n, "wall": ms, "overhead": ms}``: time attributed to each layer
     and the number of kernels it ran, the same for every other node, the median
     wall time of an unprofiled run, and the profiler's cost per kernel (all per run)."""
-    import time
-
-    from .runtime import session
-
     with temp_dir("onnx-alds-profile-") as tmp:
         profiled = [session(m, providers, threads, profile_prefix=os.path.join(str(tmp), f"profile{i}"))
                     for i, m in enumerate(models)]
         plain = [session(m, providers, threads) for m in models]
         if feeds is None:
-            from .validate import random_inputs
-
             feeds = random_inputs(plain[0], input_shapes, batch=1)
-        for _ in range(warmup):
-            for sess in profiled + plain:
-                sess.run(None, feeds)
-        n, spent, walls = 0, 0.0, [[] for _ in models]
-        while n < runs or (n < max_runs and spent < min_seconds):
-            for sess in profiled:
-                sess.run(None, feeds)
-            for j, sess in enumerate(plain):
-                t0 = time.perf_counter()
-                sess.run(None, feeds)
-                walls[j].append(time.perf_counter() - t0)
-            spent += walls[0][-1]
-            n += 1
+        # the profiled sessions run in the same alternation, untimed in effect: their times are not used
+        times = timed_runs([plain_run(s, feeds) for s in profiled + plain], warmup=warmup, repeats=runs,
+                           min_seconds=min_seconds, max_repeats=max_runs)
+        walls = times[len(profiled):]
         events = []
         for sess in profiled:
             with open(sess.end_profiling()) as f:
@@ -136,7 +124,7 @@ def layer_times(models, layers, providers, threads: int, feeds: dict | None = No
     out = []
     for m, ev, w in zip(models, events, walls):
         r = _summarize(ev, Attribution(m, layers), warmup)
-        r["wall"] = float(np.median(w)) * 1e3
+        r["wall"] = float(np.median(w))
         kernels = sum(r["nodes"].values()) + r["rest_nodes"]
         total = sum(r["layers"].values()) + r["rest"]
         r["overhead"] = o = max(0.0, (total - r["wall"]) / kernels) if kernels else 0.0

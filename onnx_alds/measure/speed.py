@@ -30,27 +30,23 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .folding import decoder_kernel, encoder_kernel
+from ..cache import default_dir, read_entry, write_entry
+from ..folding import decoder_kernel, encoder_kernel
+from ..runtime import ort, providers_for, session, used_provider
+from .timing import time_session
 
 log = logging.getLogger(__name__)
 
 SPEED_VERSION = 5  # 5: timed without thread-pool spinning
 KS = (1, 2, 4, 8, 16, 32, 64)
 THIN = (4, 8, 16, 32, 64, 128)  # channel counts of the thin-product probes
-
-
-def default_cache_dir() -> Path:
-    from .cache import cache_root
-
-    return cache_root() / "speed"
 
 
 def _model(nodes, x_shape, inits, opset=17):
@@ -176,8 +172,6 @@ class SpeedModel:
 
     def stricter(self, factor: float = 2.0) -> "SpeedModel":
         """The same model with every extra node counted ``factor`` times more."""
-        from dataclasses import replace
-
         return replace(self, strictness=self.strictness * factor)
 
     def summary(self) -> dict:
@@ -208,9 +202,6 @@ class SpeedModel:
         """Time the probes in ``rounds`` interleaved rounds and keep each one's
         fastest round: load on a shared machine only ever adds time, so the
         minimum is the stable figure."""
-        from .latency import time_session
-        from .runtime import providers_for, session, used_provider
-
         providers = providers_for(provider)
         rng = np.random.default_rng(0)
         w = rng.standard_normal((8, 8, 1, 1)).astype(np.float32)
@@ -261,10 +252,6 @@ class SpeedModel:
     @classmethod
     def for_provider(cls, provider: str = "cpu", threads: int = 2, cache_dir=None) -> "SpeedModel":
         """Measured once and cached (keyed by provider, onnxruntime version and threads)."""
-        from .runtime import ort, providers_for
-
-        from .cache import default_dir, read_entry, write_entry
-
         prov = providers_for(provider)[0]
         folder = default_dir("speed", cache_dir, "the speed-model cache directory")
         path = folder / f"{prov}-ort{ort().__version__}-t{threads}.json" if folder is not None else None

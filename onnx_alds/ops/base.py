@@ -1,21 +1,32 @@
 """What every operator spec provides, and the helpers they share.
 
 A spec knows everything about one ONNX operator kind that the pass touches
-(onnxscript's rewriter keeps one rule per object in the same way):
+(onnxscript's rewriter keeps one rule per object in the same way).  Every
+stage asks the spec; none of them knows an operator:
 
-* ``classify(node, ctx)`` — may this node be compressed?  Returns a
-  :class:`Classified` with the layer's geometry and emission attributes, or
-  the reason it stays as it is (a sentence that travels to the report);
+* ``classify(node, w, in_dims, out_dims)`` — may this node be compressed?
+  Returns a :class:`Classified` with the layer's geometry and emission
+  attributes, or the reason it stays as it is (a sentence for the report);
 * ``weight4(w, attrs)`` — the stored weight viewed as ``f × c × κ1 × κ2``;
+* ``schemes(kernel)`` — the foldings that give distinct factorizations;
+  ``allow_groups(attrs)`` — whether channel groups (k > 1) may be used;
+* ``node_flops(node, shapes)`` — multiply-accumulates of the dense node;
+* ``calibration_tap(layer)`` — which tensor calibration captures and how it
+  unfolds into the patches X that ``fold_s0(weight4)`` multiplies (see the
+  method for the contract); data-aware errors, factors, bias correction and
+  the sequential refit all read these patches;
 * ``emit(layer, node, cfg, factors, names)`` — the nodes that replace it
   (``cfg`` has ``k``, ``scheme``, ``rank``; ``names`` makes fresh names);
 * ``standalone(layer, in_dims, opset)`` — the layer alone as a model, for
   latency timing (``emit`` on it gives the factorized twin);
-* ``torch_module(module, factors)`` — the factorized ``nn.Module`` that
-  computes what ``emit`` computes (``torch_types`` are the modules it takes).
+* ``torch_types()`` — the ``nn.Module`` classes it takes;
+  ``torch_weight4(module)`` — a module's weight as ``f × c × κ1 × κ2``;
+  ``torch_scheme(scheme)`` — the scheme the torch twin factorizes with;
+  ``torch_module(module, layer_plan, factors)`` — the factorized
+  ``nn.Module`` that computes what ``emit`` computes.
 
 Adding an operator is one new file in this package plus its entry in
-``ops.SPECS``.
+``ops.SPECS``; ``tests/test_matrix.py`` then needs a small test graph for it.
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ class LayerAttrs:
     alpha: float = 1.0
     beta: float = 1.0
     trans_b: int = 0
+    output_padding: tuple[int, int] = (0, 0)  # ConvTranspose
+    output_shape: tuple[int, ...] | None = None  # ConvTranspose: pads then follow from it
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,29 @@ class Factors:
     encoder: np.ndarray
     decoder: np.ndarray
     bias_delta: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Tap:
+    """What calibration captures of one layer, and how it unfolds (see
+    :meth:`OpSpec.calibration_tap`; ``calibration.patches`` does the unfolding)."""
+
+    name: str  # layer name (key of the result)
+    input: str  # name of the tensor that is the layer's activation input in the graph
+    kind: str  # "conv", "convtranspose" or "linear"
+    kernel: tuple[int, int] = (1, 1)  # κ1, κ2 (a 1-D conv has κ2 = 1)
+    strides: tuple[int, int] = (1, 1)
+    dilations: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # (begin1, begin2, end1, end2)
+    auto_pad: str = "NOTSET"  # SAME_UPPER / SAME_LOWER: pads are computed from the actual input size
+    spatial_rank: int = 2  # 1 or 2 for conv (input N×C×L or N×C×H×W), 0 for linear
+    channels: int = 0  # c (input channels / in_features)
+    output_padding: tuple[int, int] = (0, 0)  # convtranspose: extra output rows/cols at the end
+
+    @property
+    def d(self) -> int:
+        """Length of one patch (0 while ``channels`` is unknown)."""
+        return self.channels * self.kernel[0] * self.kernel[1] if self.kind != "linear" else self.channels
 
 
 def constant_value(t: gs.Tensor):
@@ -91,7 +127,6 @@ class OpSpec:
     op: str = ""
     torch_types: Callable[[], tuple] = staticmethod(lambda: ())
     bias_input: bool = False  # input 2 is a bias that the decoder takes over
-    data_aware: bool = True  # input patches fold like scheme s0 (calibration taps apply)
 
     def node_flops(self, node: gs.Node, shapes) -> int | None:
         """Multiply-accumulates of the node at the analysed shapes (None when unknown)."""
@@ -118,6 +153,32 @@ class OpSpec:
         from ..folding import distinct_schemes
 
         return distinct_schemes(kernel)
+
+    def calibration_tap(self, layer) -> Tap | None:
+        """What calibration captures for ``layer`` and how it unfolds, or None
+        when data-aware errors do not apply (the layer then keeps its weight
+        under ``--error data``).
+
+        The contract every spec keeps: with ``Wm = weight4(w).reshape(f, d)``
+        (fold s0, ``d = c·κ1·κ2``, column order channel, kernel row, kernel
+        col) and X the patches of the captured tensor (one column per output
+        position), the layer's output without bias is ``Wm X``.  Then the
+        data-aware error ``‖(W − Ŵ) X‖_F / ‖W X‖_F`` is the relative output
+        error of the emitted layer, exactly, and it needs only ``G = X Xᵀ``.
+
+        * Conv: x is the zero-padded input window of one output position,
+          with the conv's strides and dilations.
+        * Gemm/MatMul: x is one row of the input reshaped to ``(-1, c)``.
+
+        This base implementation covers those two (``attrs.spatial_rank``
+        tells them apart); other operators override it."""
+        g, a = layer.geometry, layer.attrs
+        common = dict(name=layer.name, input=layer.input_name, channels=int(g.c))
+        if a.spatial_rank:
+            return Tap(kind="conv", kernel=tuple(g.kernel), strides=tuple(a.strides),
+                       dilations=tuple(a.dilations), pads=tuple(a.pads), auto_pad=a.auto_pad,
+                       spatial_rank=a.spatial_rank, **common)
+        return Tap(kind="linear", spatial_rank=0, **common)
 
     def classify(self, node: gs.Node, w: np.ndarray, in_dims, out_dims) -> Classified:
         raise NotImplementedError

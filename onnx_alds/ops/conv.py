@@ -189,11 +189,11 @@ def torch_class():
 
 
 def encoder_decoder(layer, node, factors: Factors, names, enc_w, enc_attrs: dict, dec_op: str, dec_w,
-                    dec_attrs: dict) -> list[gs.Node]:
-    """``x ─ Conv(encoder) ─ dec_op(decoder, + bias) ─ y`` in place of ``node``."""
+                    dec_attrs: dict, enc_op: str = "Conv") -> list[gs.Node]:
+    """``x ─ enc_op(encoder) ─ dec_op(decoder, + bias) ─ y`` in place of ``node``."""
     p = layer.name
     z = gs.Variable(names.fresh(f"{p}/alds_encoder_output"), dtype=node.outputs[0].dtype)
-    enc = gs.Node("Conv", name=names.node(f"{p}/alds_encoder"), attrs=enc_attrs, outputs=[z],
+    enc = gs.Node(enc_op, name=names.node(f"{p}/alds_encoder"), attrs=enc_attrs, outputs=[z],
                   inputs=[node.inputs[0], gs.Constant(names.fresh(f"{p}/alds_encoder.weight"), enc_w)])
     inputs = [z, gs.Constant(names.fresh(f"{p}/alds_decoder.weight"), dec_w)]
     bias = corrected_bias(layer, node, factors, names)

@@ -1,19 +1,26 @@
 """ConvTranspose (``group=1``, 2-D): the adjoint of a convolution.
 
 Its weight is stored ``c × f × κ1 × κ2`` (inputs first); viewed as
-``W' = Wᵀ`` (``f × c × κ1 × κ2``) it folds like a conv.  Only the folding
-that keeps the whole kernel in the decoder (s3) gives a transposed conv
-again:
+``W' = Wᵀ`` (``f × c × κ1 × κ2``, ``weight4``) it folds like a conv.  Two
+foldings give a transposed conv again, because a 1×1 conv commutes with the
+transposed conv's striding and padding:
 
-    W[c, f, κ] ≈ Σ_r E[r, c] · D[f, r, κ]
-    x ─ Conv(encoder, 1×1, group=k, k·j outputs) ─ ConvTranspose(decoder, D, + bias) ─ y
+    s3  W[c, f, κ] ≈ Σ_r E[r, c] · D[f, r, κ]
+        x ─ Conv(E, 1×1, group=k, k·j outputs) ─ ConvTranspose(D, + bias) ─ y
+    s0  W[c, f, κ] ≈ Σ_r E[r, c, κ] · D[f, r]
+        x ─ ConvTranspose(E, group=k, k·j outputs) ─ Conv(D, 1×1, + bias) ─ y
 
-The 1×1 encoder commutes with the transposed conv's striding and padding, so
-every ConvTranspose attribute (strides, pads, dilations, output_padding,
-output_shape, auto_pad) stays on the decoder and the rewrite is exact at
+Every ConvTranspose attribute (strides, pads, dilations, output_padding,
+output_shape, auto_pad) stays on the transposed conv, so both are exact at
 full rank.  MACs are counted per *input* position (``c·f·κ1·κ2`` each), so
-the geometry's spatial sizes are the input's.  Data-aware errors do not
-apply (the patches of a transposed conv are not its input windows).
+the geometry's spatial sizes are the input's; the s0 decoder runs at the
+output size (``Geometry.decoder_spatial``).
+
+Calibration (``calibration_tap``): s0 is the folding whose data-aware error is
+exact.  A ConvTranspose is a stride-1 conv, with the kernel reversed, over its
+input upsampled by zeros and padded (``calibration.patches``), so its output
+is ``fold_s0(W') x`` for those patches x.  Layers with ``auto_pad`` or
+``output_shape`` (pads that depend on the output size) get no tap.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import Geometry
-from .base import Classified, Factors, LayerAttrs, OpSpec, known
+from .base import Classified, Factors, LayerAttrs, OpSpec, Tap, known
 from .conv import encoder_decoder, standalone_model
 
 _KEEP = ("strides", "pads", "dilations", "output_padding", "output_shape", "auto_pad", "kernel_shape")
@@ -34,7 +41,6 @@ _KEEP = ("strides", "pads", "dilations", "output_padding", "output_shape", "auto
 class ConvTransposeSpec(OpSpec):
     op = "ConvTranspose"
     bias_input = True
-    data_aware = False
 
     @staticmethod
     def torch_types():
@@ -43,7 +49,7 @@ class ConvTransposeSpec(OpSpec):
         return (nn.ConvTranspose2d,)
 
     def schemes(self, kernel):
-        return ("s0",) if tuple(kernel) == (1, 1) else ("s3",)  # s3 folds like s0 for a 1×1 kernel
+        return ("s0",) if tuple(kernel) == (1, 1) else ("s0", "s3")  # s3 folds like s0 for a 1×1 kernel
 
     def node_flops(self, node, shapes):
         a = shapes.get(node.inputs[0].name)
@@ -58,11 +64,29 @@ class ConvTransposeSpec(OpSpec):
         if w.ndim != 4:
             return Classified(f"{w.ndim - 2}-D ConvTranspose is not supported (2-D is)")
         sp = tuple(in_dims[2:4]) if known(in_dims) and len(in_dims) == 4 else None
+        up = tuple(out_dims[2:4]) if known(out_dims) and len(out_dims) == 4 else None
+        shape = node.attrs.get("output_shape")
         attrs = LayerAttrs(spatial_rank=2, strides=tuple(node.attrs.get("strides", [1, 1])),
                            dilations=tuple(node.attrs.get("dilations", [1, 1])),
-                           pads=tuple(node.attrs.get("pads", [0, 0, 0, 0])))
-        # encoder and decoder both count per input position
-        return Classified(None, Geometry(int(w.shape[1]), int(w.shape[0]), tuple(w.shape[2:]), sp, sp), attrs)
+                           pads=tuple(node.attrs.get("pads", [0, 0, 0, 0])),
+                           auto_pad=str(node.attrs.get("auto_pad", "NOTSET")),
+                           output_padding=tuple(node.attrs.get("output_padding", [0, 0])),
+                           output_shape=tuple(shape) if shape else None)
+        # MACs per input position; the s0 decoder (1×1 after the transposed encoder) runs at the output size
+        geo = Geometry(int(w.shape[1]), int(w.shape[0]), tuple(w.shape[2:]), sp, sp, decoder_spatial=up)
+        return Classified(None, geo, attrs)
+
+    def calibration_tap(self, layer) -> Tap | None:
+        """The input, unfolded as the stride-1 conv with reversed kernel over
+        the zero-upsampled, padded input that a ConvTranspose is (module
+        docstring); then ``output = fold_s0(weight4) @ patch`` at every output
+        position.  None where pads follow from ``auto_pad``/``output_shape``."""
+        a = layer.attrs
+        if a.auto_pad not in ("NOTSET", "") or a.output_shape is not None:
+            return None
+        return Tap(layer.name, layer.input_name, "convtranspose", kernel=tuple(layer.geometry.kernel),
+                   strides=tuple(a.strides), dilations=tuple(a.dilations), pads=tuple(a.pads), spatial_rank=2,
+                   channels=int(layer.geometry.c), output_padding=tuple(a.output_padding))
 
     def torch_weight4(self, module):
         return self.weight4(module.weight.detach().cpu().numpy(), None)
@@ -71,8 +95,13 @@ class ConvTransposeSpec(OpSpec):
         return np.ascontiguousarray(w.transpose(1, 0, 2, 3))  # f × c × κ1 × κ2
 
     def emit(self, layer, node, cfg, factors: Factors, names) -> list[gs.Node]:
-        dec_w = np.ascontiguousarray(factors.decoder.transpose(1, 0, 2, 3))  # (k·j, f, κ1, κ2): inputs first
         attrs = {k: v for k, v in node.attrs.items() if k in _KEEP}
+        if cfg.scheme == "s0":  # transposed encoder (group k), 1×1 decoder
+            enc_w = transposed_groups(factors.encoder, cfg.k)
+            attrs.update(kernel_shape=list(enc_w.shape[2:]), group=cfg.k)
+            return encoder_decoder(layer, node, factors, names, enc_w, attrs, "Conv", factors.decoder,
+                                   {"kernel_shape": [1, 1]}, enc_op="ConvTranspose")
+        dec_w = np.ascontiguousarray(factors.decoder.transpose(1, 0, 2, 3))  # (k·j, f, κ1, κ2): inputs first
         attrs["kernel_shape"] = list(dec_w.shape[2:])
         return encoder_decoder(layer, node, factors, names, factors.encoder, {"kernel_shape": [1, 1], "group": cfg.k},
                                "ConvTranspose", dec_w, attrs)
@@ -84,6 +113,15 @@ class ConvTransposeSpec(OpSpec):
 
     def torch_module(self, module, entry, factors: Factors):
         return torch_class()(module, entry.k, entry.rank, factors)
+
+
+def transposed_groups(enc: np.ndarray, k: int) -> np.ndarray:
+    """A conv encoder ``(k·j, c/k, κ1, κ2)`` as the weight of a ConvTranspose with
+    ``group=k`` (``c × j × κ1 × κ2``: input channel g·c/k + a, output g·j + r)."""
+    kj, cg = enc.shape[:2]
+    j = kj // k
+    return np.ascontiguousarray(enc.reshape(k, j, cg, *enc.shape[2:]).transpose(0, 2, 1, 3, 4)
+                                .reshape(k * cg, j, *enc.shape[2:]))
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,10 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
+from .finetune_config import LOSSES
 
 __all__ = ["as_teacher", "distillation_loss", "OnnxTeacher", "LOSSES"]
-
-LOSSES = ("kl", "mse", "cosine")
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
