@@ -233,7 +233,8 @@ class DataError:
     _memo: dict = field(default_factory=dict, repr=False)  # see memoized_curves
 
     def schemes(self, layer, wanted):
-        return [s for s in wanted if s == "s0"] if layer.spec.data_aware else []
+        """s0, for the layers whose spec gives a calibration tap (``OpSpec.calibration_tap``)."""
+        return [s for s in wanted if s == "s0"] if layer.spec.calibration_tap(layer) is not None else []
 
     def extra_params(self, layer) -> int:
         """The bias correction gives a layer without bias one: f parameters more."""
@@ -250,7 +251,9 @@ class DataError:
                                lambda ls, cs: self._curves(source, ls, cs, progress=progress))
 
     def _curves(self, source, layers, configs, *, progress: bool = False) -> Curves:
-        missing = [l.name for l in layers if configs.get(l.name) and l.name not in self.moments]
+        out: Curves = {l.name: {} for l in layers}  # a layer with no s0 candidate has no curve
+        layers = [l for l in layers if configs.get(l.name)]
+        missing = [l.name for l in layers if l.name not in self.moments]
         if missing:
             raise UsageError(f"the calibration run captured no inputs for layer {missing[0]!r}")
         tasks = [(l, k) for l in layers for k in sorted({k for k, s in configs[l.name] if s == "s0"})]
@@ -262,7 +265,6 @@ class DataError:
             with threadpool_limits(1):
                 return task, data_curve(w2s[l.name], stats[l.name], k)
 
-        out: Curves = {l.name: {} for l in layers}
         tasks.sort(key=lambda t: -w2s[t[0].name].size * w2s[t[0].name].shape[1])
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             for (l, k), (eps, chol) in tqdm(pool.map(work, tasks), total=len(tasks), desc="data-aware errors",

@@ -40,13 +40,16 @@ def test_full_rank_reproduces_the_transposed_conv(k, case):
     model = deconv_model(**case)
     _, _, info = analyze(model)
     (layer,) = info.candidates
-    assert layer.op == "ConvTranspose" and layer.schemes == (("s0",) if case.get("kernel") == (1, 1) else ("s3",))
-    s = layer.schemes[0]
-    plan = Plan([LayerPlan("up", "up_w", k, s, full_rank(layer.geometry, k, s))])
-    new = onnx_alds.apply_plan(model, plan)
-    assert [n.op_type for n in new.graph.node] == ["Conv", "ConvTranspose"]
+    assert layer.op == "ConvTranspose"
+    assert layer.schemes == (("s0",) if case.get("kernel") == (1, 1) else ("s0", "s3"))
     x = {"x": np.random.default_rng(1).standard_normal((2, 8, 5, 7)).astype(np.float32)}
-    assert rel_err(run(model, x)[0], run(new, x)[0]) < 1e-5
+    for s in layer.schemes:
+        plan = Plan([LayerPlan("up", "up_w", k, s, full_rank(layer.geometry, k, s))])
+        new = onnx_alds.apply_plan(model, plan)
+        # s0: the transposed conv is the (grouped) encoder; s3: the decoder
+        ops = ["ConvTranspose", "Conv"] if s == "s0" else ["Conv", "ConvTranspose"]
+        assert [n.op_type for n in new.graph.node] == ops
+        assert rel_err(run(model, x)[0], run(new, x)[0]) < 1e-5
 
 
 def test_budget_is_met_and_macs_are_counted_per_input_position():

@@ -112,7 +112,7 @@ class ConvTransposeSpec(OpSpec):
                                                             pads=list(a.pads)))
 
     def torch_module(self, module, entry, factors: Factors):
-        return torch_class()(module, entry.k, entry.rank, factors)
+        return torch_class()(module, entry.k, entry.scheme, entry.rank, factors)
 
 
 def transposed_groups(enc: np.ndarray, k: int) -> np.ndarray:
@@ -131,20 +131,31 @@ def torch_class():
     from torch import nn
 
     class FactorizedConvTranspose(nn.Module):
-        def __init__(self, conv, k: int, rank: int, factors: Factors):
+        """s3: 1×1 grouped encoder, transposed decoder; s0: grouped transposed encoder, 1×1 decoder."""
+
+        def __init__(self, conv, k: int, scheme: str, rank: int, factors: Factors):
             super().__init__()
             c, f = conv.in_channels, conv.out_channels
-            self.k, self.scheme, self.rank = k, "s3", rank
-            self.encoder = nn.Conv2d(c, k * rank, 1, groups=k, bias=False)
-            self.decoder = nn.ConvTranspose2d(k * rank, f, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                                              output_padding=conv.output_padding, dilation=conv.dilation,
-                                              bias=conv.bias is not None)
+            self.k, self.scheme, self.rank = k, scheme, rank
+            geo = dict(stride=conv.stride, padding=conv.padding, output_padding=conv.output_padding,
+                       dilation=conv.dilation)
+            with_bias = conv.bias is not None or factors.bias_delta is not None
+            if scheme == "s0":
+                self.encoder = nn.ConvTranspose2d(c, k * rank, conv.kernel_size, groups=k, bias=False, **geo)
+                self.decoder = nn.Conv2d(k * rank, f, 1, bias=with_bias)
+                enc_w, dec_w = transposed_groups(factors.encoder, k), factors.decoder
+            else:
+                self.encoder = nn.Conv2d(c, k * rank, 1, groups=k, bias=False)
+                self.decoder = nn.ConvTranspose2d(k * rank, f, conv.kernel_size, bias=with_bias, **geo)
+                enc_w, dec_w = factors.encoder, factors.decoder.transpose(1, 0, 2, 3)
             with torch.no_grad():
-                self.encoder.weight.copy_(torch.from_numpy(np.ascontiguousarray(factors.encoder)))
-                self.decoder.weight.copy_(torch.from_numpy(np.ascontiguousarray(
-                    factors.decoder.transpose(1, 0, 2, 3))))
-                if conv.bias is not None:
-                    self.decoder.bias.copy_(conv.bias.detach())
+                self.encoder.weight.copy_(torch.from_numpy(np.ascontiguousarray(enc_w)))
+                self.decoder.weight.copy_(torch.from_numpy(np.ascontiguousarray(dec_w)))
+                if with_bias:
+                    b = conv.bias.detach().cpu().double() if conv.bias is not None else torch.zeros(f, dtype=torch.float64)
+                    if factors.bias_delta is not None:
+                        b = b + torch.from_numpy(np.asarray(factors.bias_delta, np.float64))
+                    self.decoder.bias.copy_(b)
             self.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
         def forward(self, x):
