@@ -236,6 +236,40 @@ def _fixed_batch(inputs: InputSpec) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def _passes(sizes: dict[str, int], batch_size: int, max_bytes: int, fixed: int | None, calibration) -> list[Pass]:
+    """``plan_passes`` for a capture: at least one pass (taps on graph inputs
+    only need one), every pass at the model's fixed batch where it has one, and
+    a single pass where the feeds can be read only once."""
+    passes = plan_passes(sizes, batch_size, max_bytes, fixed_batch=fixed is not None) or [Pass([], batch_size, 0)]
+    if fixed is not None:
+        for p in passes:
+            p.batch_size = fixed
+    if len(passes) > 1 and isinstance(calibration, CalibrationStream) and not calibration.reiterable:
+        raise UsageError(f"the taps need {len(passes)} passes over the calibration data within max_bytes="
+                         f"{max_bytes}, but its feeds come from an iterator that can be read only once")
+    return passes
+
+
+def _run_pass(sess, p: Pass, taps: list[Tap], calibration, fixed: int | None, result: dict, bar) -> int:
+    """One pass over the data: each batch's captured activations (and feeds)
+    added to ``result[tap.name]``; returns the number of samples seen."""
+    seen = 0
+    for feed in iter_batches(calibration, p.batch_size):
+        n = _samples(feed)
+        if fixed is not None and n < fixed:
+            log.warning("the last %d calibration samples are left out: the model's batch size is fixed at %d",
+                        n, fixed)
+            break
+        acts = dict(zip(p.tensors, sess.run(p.tensors, feed))) if sess is not None else {}
+        acts.update(feed)
+        for t in taps:
+            result[t.name] = accumulate(result[t.name], acts[t.input], t)
+        del acts
+        seen += n
+        bar.update(n)
+    return seen
+
+
 def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16, provider: str = "auto",
                     threads: int | None = None, max_bytes: int = 2 << 30,
                     progress: bool = False) -> dict[str, Moments]:
@@ -283,16 +317,8 @@ def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16
             for n, a in zip(unknown, capture.session(unknown).run(unknown, one)):
                 sizes[n] = a.nbytes * batch_size // _samples(one)
                 elem_types[n] = elem_types[n] or onnx.helper.np_dtype_to_tensor_dtype(a.dtype)
-        passes = plan_passes(sizes, batch_size, max_bytes, fixed_batch=fixed is not None)
+        passes = _passes(sizes, batch_size, max_bytes, fixed, calibration)
         input_taps = [t for t in taps if t.input in graph_inputs]
-        if not passes:
-            passes = [Pass([], batch_size, 0)]
-        if fixed is not None:
-            for p in passes:
-                p.batch_size = fixed
-        if len(passes) > 1 and isinstance(calibration, CalibrationStream) and not calibration.reiterable:
-            raise UsageError(f"the taps need {len(passes)} passes over the calibration data within max_bytes="
-                             f"{max_bytes}, but its feeds come from an iterator that can be read only once")
         log.info("capturing %d taps (%d activations) in %d pass(es) of at most %.1f MiB",
                  len(taps), len(captured), len(passes), max(p.bytes for p in passes) / 2**20)
         total = calibration.samples if isinstance(calibration, CalibrationStream) else _samples(calibration)
@@ -306,20 +332,7 @@ def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16
                 sess = capture.session(p.tensors) if p.tensors else None
                 if sess is not None and i == 0:
                     log.info("calibration runs on %s", used_provider(sess))
-                seen = 0
-                for feed in iter_batches(calibration, p.batch_size):
-                    n = _samples(feed)
-                    if fixed is not None and n < fixed:
-                        log.warning("the last %d calibration samples are left out: the model's batch size "
-                                    "is fixed at %d", n, fixed)
-                        break
-                    acts = dict(zip(p.tensors, sess.run(p.tensors, feed))) if sess is not None else {}
-                    acts.update(feed)
-                    for t in pass_taps:
-                        result[t.name] = accumulate(result[t.name], acts[t.input], t)
-                    del acts
-                    seen += n
-                    bar.update(n)
+                seen = _run_pass(sess, p, pass_taps, calibration, fixed, result, bar)
                 del sess
                 if i == 0 and total is None:
                     bar.total = seen * len(passes)
