@@ -24,6 +24,12 @@
   (:mod:`onnx_alds.torch.distributed`); metrics are summed over ranks, and
   only rank 0 logs, shows progress and writes checkpoints.
 
+Where each part lives: :mod:`.finetune_config` (``FinetuneConfig``, every
+setting, checked once), :mod:`.finetune_data` (batches, the check slice,
+value checks), :mod:`.finetune_state` (optimizer, schedule, best epoch,
+checkpoints), :mod:`.finetune_loop` (prepare, epochs, finish); this module
+is the public entry point.
+
 Checkpoints (``checkpoint_dir/epoch_NNNN.pt``, written atomically) hold
 model, optimizer and scheduler state, the RNG states and the history; a call
 resumes after the latest one. Logs through :mod:`logging` (logger
@@ -133,7 +139,13 @@ def auto_threads(model: nn.Module, example: Any) -> int:
     return max(1, min(cores, want))
 
 
-def _check_model(model: nn.Module, teacher: Any) -> None:
+def _check_model(model: nn.Module, train_loader: Iterable, teacher: Any) -> None:
+    try:
+        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise UsageError("train_loader must have a length (a DataLoader or a list of batches)") from None
+    if steps_per_epoch == 0:
+        raise UsageError("train_loader is empty")
     if teacher is model:
         raise UsageError("the teacher must be the original model, not the one being fine-tuned")
     for name, t in model.state_dict().items():
@@ -213,13 +225,7 @@ def finetune(
     if epochs is not None:
         settings["epochs"] = epochs
     cfg = config_from(config, settings)
-    _check_model(model, teacher)
-    try:
-        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
-    except TypeError:
-        raise UsageError("train_loader must have a length (a DataLoader or a list of batches)") from None
-    if steps_per_epoch == 0:
-        raise UsageError("train_loader is empty")
+    _check_model(model, train_loader, teacher)
     dev = dist_util.pick_device(cfg.device)
     model.to(dev)
     threads_before = torch.get_num_threads()

@@ -121,6 +121,22 @@ def compress_and_finetune(original, plan, train_loader, *, example_inputs, out=N
     return student, hist
 
 
+def _config(a):
+    """The :class:`~onnx_alds.torch.finetune_config.FinetuneConfig` of the arguments (checked once, here)."""
+    from .finetune_config import FinetuneConfig
+
+    settings = dict(epochs=a.epochs, optimizer=a.optimizer, batchnorm=False if a.no_bn else "auto",
+                    checkpoint_dir=a.checkpoint_dir, progress=sys.stderr.isatty(),
+                    threads=a.threads if a.threads is not None else "auto")
+    if a.lr is not None:
+        settings["lr"] = a.lr
+    try:
+        return FinetuneConfig(**settings)
+    except UsageError as e:  # name the flag, not the keyword
+        flag = next((f"--{k.replace('_', '-')}" for k in settings if str(e).startswith(k + " ")), None)
+        raise UsageError(str(e).replace(flag[2:].replace("-", "_"), flag, 1) if flag else str(e)) from None
+
+
 def cmd_finetune(a) -> int:
     try:
         import torch
@@ -134,8 +150,9 @@ def cmd_finetune(a) -> int:
     if out.suffix != ".onnx":
         raise UsageError(f"--out must name an .onnx file, not {a.out!r}")
     check_output_path(None, out)
-    if a.epochs < 0 or a.batch_size < 1 or (a.lr is not None and a.lr <= 0):
-        raise UsageError("--epochs must be 0 or more, --batch-size at least 1 and --lr positive")
+    if a.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, not {a.batch_size}")
+    config = _config(a)
     if not Path(a.plan).is_file():
         raise UsageError(f"plan file {a.plan!r} does not exist")
     plan = Plan.load(a.plan)
@@ -156,13 +173,8 @@ def cmd_finetune(a) -> int:
     train_loader = _loader(x, y, a.batch_size, True, a.seed)
     val_loader = _loader(*val, 256, False, 0) if val else None
     teacher = None if a.no_teacher else (a.teacher_onnx or "original")
-    kwargs = dict(epochs=a.epochs, val_loader=val_loader, optimizer=a.optimizer, batchnorm=False if a.no_bn else "auto",
-                  checkpoint_dir=a.checkpoint_dir, progress=sys.stderr.isatty(),
-                  threads=a.threads if a.threads is not None else "auto")
-    if a.lr is not None:
-        kwargs["lr"] = a.lr
     _, hist = compress_and_finetune(model, plan, train_loader, example_inputs=x[:8], out=out, teacher=teacher,
-                                    opset=a.opset, **kwargs)
+                                    opset=a.opset, val_loader=val_loader, config=config)
     if hist["rank"] == 0:
         done = len(hist["epoch"])
         last = f"train loss {hist['train_loss'][-1]:.4f}" if hist["train_loss"] else "no epochs"

@@ -1,0 +1,289 @@
+"""The fine-tune itself: prepare (BatchNorm, feature matching, the loss), train epoch by epoch, finish
+(best epoch, BatchNorm statistics, the start given back when the end is worse). See finetune.py."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import UsageError
+from . import batchnorm as bn_recovery
+from . import distributed as dist_util
+from .distill import FeatureMatch, as_teacher, distillation_loss, flatten_outputs, is_class_target, pick_loss
+from .finetune_config import DEFAULTS, FinetuneConfig
+from .finetune_data import (batch_size, batch_xy, calibration_inputs, check_batches, check_class_targets,
+                            check_finite_inputs, forward, inputs_of, to_device)
+from .finetune_state import TrainState, score, snapshot
+from .modules import FactorizedConv, FactorizedLinear
+
+__all__ = ["run"]
+
+log = logging.getLogger("onnx_alds.torch.finetune")
+
+
+class TrainingLoss:
+    """The training loss of one batch, and the kind chosen (see the module docstring of finetune.py)."""
+
+    def __init__(self, teacher, cfg: FinetuneConfig, features: FeatureMatch | None = None,
+                 feature_weight: float = 0.0):
+        self.teacher, self.kind = teacher, cfg.distill_loss
+        self.features, self.feature_weight = features, feature_weight
+        self.alpha, self.temperature, self.label_smoothing = cfg.alpha, cfg.temperature, cfg.label_smoothing
+        self.chosen: str | None = None
+
+    def __call__(self, outs: list[torch.Tensor], x: Any, y: Any) -> torch.Tensor:
+        if is_class_target(y, outs[0]):
+            check_class_targets(y, outs[0])
+        if self.teacher is None:
+            if y is None:
+                raise UsageError("without a teacher the loader must give targets")
+            if is_class_target(y, outs[0]):
+                self.chosen = "ce"
+                return nn.functional.cross_entropy(outs[0], y, label_smoothing=self.label_smoothing)
+            self.chosen = "mse"
+            return nn.functional.mse_loss(outs[0].float(), y.float())
+        t_outs = self.teacher(*inputs_of(x))
+        if self.chosen is None:
+            self.chosen = pick_loss(self.kind, outs, y)
+        loss = distillation_loss(outs, t_outs, y, kind=self.chosen, alpha=self.alpha,
+                                 temperature=self.temperature, label_smoothing=self.label_smoothing)
+        if self.features is not None:
+            loss = loss + self.feature_weight * self.features.loss()
+        return loss
+
+
+def _val_sums(model, loader, device, loss: TrainingLoss) -> list[float]:
+    """[loss sum, correct, count, class-scored samples] over this rank's share of ``loader``."""
+    was_training = model.training
+    model.eval()
+    s = [0.0, 0.0, 0.0, 0.0]
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x, y = batch_xy(batch)
+                x, y = to_device(x, device), (y.to(device) if isinstance(y, torch.Tensor) else y)
+                outs = flatten_outputs(forward(model, x))
+                n = batch_size(x)
+                if is_class_target(y, outs[0]):
+                    check_class_targets(y, outs[0])
+                    s[0] += float(nn.functional.cross_entropy(outs[0], y, reduction="sum"))
+                    s[1] += int((outs[0].argmax(dim=1) == y).sum())
+                    s[3] += n
+                else:
+                    s[0] += float(loss(outs, x, y)) * n
+                s[2] += n
+    finally:
+        model.train(was_training)
+    return s
+
+
+def validate(model, batches, device, loss: TrainingLoss, ctx=None) -> tuple[float, float | None]:
+    """(mean loss, accuracy or None) on ``batches``, summed over the ranks with ``ctx``."""
+    v = _val_sums(model, batches, device, loss)
+    if ctx is not None:
+        v = dist_util.all_sum(ctx, v)
+    if v[2] == 0:
+        raise UsageError("val_loader is empty")
+    return v[0] / v[2], (v[1] / v[3] if v[3] else None)
+
+
+@dataclass
+class Run:
+    """What one fine-tune works with, built by :func:`_prepare`."""
+
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    cfg: FinetuneConfig
+    dev: torch.device
+    ctx: Any
+    loss: TrainingLoss
+    train_batches: Any
+    val_batches: Any
+    state: TrainState
+    inserted: int
+    generator: Any
+    train_loader: Iterable  # unsharded: BatchNorm statistics and the start check read it in order
+
+
+def _feature_weight(cfg: FinetuneConfig, model: nn.Module, teacher: Any) -> float:
+    if cfg.feature_weight != "auto":
+        return float(cfg.feature_weight)
+    factorized = any(isinstance(m, (FactorizedConv, FactorizedLinear)) for m in model.modules())
+    return DEFAULTS["feature_weight"] if isinstance(teacher, nn.Module) and factorized else 0.0
+
+
+def _loss(model, train_loader, teacher, cfg: FinetuneConfig, dev, cleanup) -> TrainingLoss:
+    features, weight = None, _feature_weight(cfg, model, teacher)
+    if weight:
+        if not isinstance(teacher, nn.Module):
+            raise UsageError("feature_weight needs the original torch module as the teacher")
+        from .export import fold_batchnorm
+
+        # the plan's layers are the BN-folded ones: match against those
+        teacher = fold_batchnorm(teacher, next(calibration_inputs(train_loader, dev, 1))).to(dev)
+        features = FeatureMatch(model, teacher)
+        cleanup.callback(features.remove)
+    return TrainingLoss(as_teacher(teacher), cfg, features, weight)
+
+
+def _wrap_ddp(model: nn.Module, dev: torch.device, ctx) -> nn.Module:
+    if not ctx.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    with torch.no_grad():  # DDP's buckets assume canonical strides (numpy-made ones differ on size-1 axes)
+        for p in model.parameters():
+            if p.stride() != torch.empty_like(p, memory_format=torch.contiguous_format).stride():
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _prepare(model, train_loader, val_loader, teacher, cfg, dev, ctx, cleanup) -> Run:
+    cleanup.callback(model.eval)
+    inserted = 0
+    if cfg.batchnorm is True or (cfg.batchnorm == "auto" and bn_recovery.needs_batchnorm(model)):
+        inserted = bn_recovery.insert(model, calibration_inputs(train_loader, dev), forward)
+        # back to the plan's structure at the end, also when training fails or is interrupted
+        cleanup.callback(bn_recovery.fold, model)
+        if inserted and ctx.is_main:
+            log.info("BatchNorm inserted after %d factorized convolutions for the fine-tune", inserted)
+    loss = _loss(model, train_loader, teacher, cfg, dev, cleanup)
+    train_batches = dist_util.shard_loader(train_loader, ctx, train=True)
+    val_batches = dist_util.shard_loader(val_loader, ctx, train=False)
+    state = TrainState.create(model, cfg, len(train_batches), val_loader is not None)
+    generator = getattr(train_loader, "generator", None)
+    if cfg.checkpoint_dir is not None and cfg.resume:
+        state.resume(model, Path(cfg.checkpoint_dir), dev, cfg.epochs, generator, ctx.is_main)
+    return Run(model, _wrap_ddp(model, dev, ctx), cfg, dev, ctx, loss, train_batches, val_batches, state,
+               inserted, generator, train_loader)
+
+
+def _train_epoch(r: Run, epoch: int) -> tuple[float, float | None]:
+    """One pass over the training batches; (mean loss, accuracy or None) over all ranks."""
+    r.net.train()
+    loss_sum, correct, seen, scored = 0.0, 0, 0, 0
+    show = r.cfg.progress and r.ctx.is_main
+    bar = tqdm(r.train_batches, desc=f"epoch {epoch + 1}/{r.cfg.epochs}", leave=False, disable=not show,
+               total=len(r.train_batches))
+    for batch in bar:
+        x, y = batch_xy(batch)
+        x, y = to_device(x, r.dev), (y.to(r.dev) if isinstance(y, torch.Tensor) else y)
+        check_finite_inputs(x, y)
+        outs = flatten_outputs(forward(r.net, x))
+        loss = r.loss(outs, x, y)
+        r.state.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        r.state.opt.step()
+        r.state.sched.step()
+        n = batch_size(x)
+        loss_sum += float(loss.detach()) * n
+        seen += n
+        if is_class_target(y, outs[0]):
+            correct += int((outs[0].detach().argmax(dim=1) == y).sum())
+            scored += n
+        if show:
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    bar.close()
+    loss_sum, correct, seen, scored = dist_util.all_sum(r.ctx, [loss_sum, correct, seen, scored])
+    return loss_sum / seen, (correct / scored if scored else None)
+
+
+def _epoch(r: Run, epoch: int, with_val: bool) -> None:
+    """Train one epoch, record it, judge it on the validation data, write its checkpoint."""
+    t0 = time.perf_counter()
+    train_loss, train_acc = _train_epoch(r, epoch)
+    h = r.state.history
+    h["epoch"].append(epoch + 1)
+    h["train_loss"].append(train_loss)
+    h["train_acc"].append(train_acc)
+    h["lr"].append(r.state.opt.param_groups[0]["lr"])
+    msg = f"epoch {epoch + 1}/{r.cfg.epochs}: train loss {train_loss:.4f}"
+    msg += f" acc {train_acc:.4f}" if train_acc is not None else ""
+    if with_val:
+        vl, va = validate(r.model, r.val_batches, r.dev, r.loss, r.ctx)
+        h["val_loss"].append(vl)
+        h["val_acc"].append(va)
+        msg += f", val loss {vl:.4f}" + (f" acc {va:.4f}" if va is not None else "")
+        msg += r.state.judge(r.model, epoch + 1, score(vl, va), r.cfg.patience, r.cfg.epochs)
+    h["epoch_time_s"].append(time.perf_counter() - t0)
+    if r.ctx.is_main:
+        log.info(msg)
+        if r.cfg.checkpoint_dir is not None:
+            r.state.save(r.model, Path(r.cfg.checkpoint_dir) / f"epoch_{epoch + 1:04d}.pt", epoch + 1, r.cfg.epochs,
+                         r.generator, r.ctx.world_size)
+
+
+def _params_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
+def _finish(r: Run, start_check) -> bool:
+    """Restore the best epoch, recompute BatchNorm statistics, give the start back when the end scores
+    worse on the check samples; True when the start was given back."""
+    best, h, main = r.state.best, r.state.history, r.ctx.is_main
+    if r.cfg.restore_best and best["state"] is not None and best["epoch"] != (h["epoch"][-1] if h["epoch"] else None):
+        r.model.load_state_dict(best["state"])
+        if main:
+            log.info("restored the weights of epoch %d, the best on the validation data", best["epoch"])
+    gave_start_back = r.cfg.restore_best and best["epoch"] == 0
+    if r.inserted and h["epoch"] and not gave_start_back:
+        # the folded model gets the exact statistics of its final weights, not the running average
+        # (the starting weights' BatchNorms are the identity already)
+        bn_recovery.recalibrate(r.model, calibration_inputs(r.train_loader, r.dev), forward)
+    if start_check is None:
+        return False
+    check, start_score, start_state = start_check
+    end_ok = _params_finite(r.model)
+    if end_ok and score(*validate(r.model, check, r.dev, r.loss)) >= start_score:
+        return False
+    r.model.load_state_dict(start_state)
+    if main:
+        log.warning("the fine-tuned model %s than the starting one on training samples; the starting weights "
+                    "are kept (try more epochs or a lower lr)", "scores worse" if end_ok else "has NaN weights, worse")
+    return True
+
+
+def _start_check(r: Run, with_val: bool):
+    """The starting weights' score: on the validation data (they compete as epoch 0), else on a fixed
+    slice of the training data (judged against the end in :func:`_finish`)."""
+    if r.state.start_epoch != 0 or r.cfg.epochs == 0:
+        return None, None
+    if with_val:
+        # a fine-tune that only makes the model worse on the validation data gives the start back
+        # (best_epoch 0) instead of its last epoch
+        vl, va = validate(r.model, r.val_batches, r.dev, r.loss, r.ctx)
+        r.state.best.update(score=list(score(vl, va)), epoch=0, state=snapshot(r.model))
+        return {"val_loss": vl, "val_acc": va}, None
+    check = check_batches(r.train_loader)
+    if not check:
+        return None, None
+    # the same samples on every rank: no sum over ranks, the same decision everywhere
+    return None, (check, score(*validate(r.model, check, r.dev, r.loss)), snapshot(r.model))
+
+
+def run(model, train_loader, val_loader, teacher, cfg: FinetuneConfig, dev, ctx, threads: int) -> dict[str, Any]:
+    """The fine-tune of :func:`onnx_alds.torch.finetune` once its settings are checked; the history."""
+    with contextlib.ExitStack() as cleanup:
+        r = _prepare(model, train_loader, val_loader, teacher, cfg, dev, ctx, cleanup)
+        with_val = val_loader is not None
+        val_start, start_check = _start_check(r, with_val)
+        for epoch in range(r.state.start_epoch, cfg.epochs):
+            if r.state.best["stopped"]:
+                break
+            _epoch(r, epoch, with_val)
+        kept_start = _finish(r, start_check)
+        ctx.barrier()  # rank 0's last checkpoint is on disk before any rank goes on
+        out = dict(r.state.history)
+        out.update(start_epoch=r.state.start_epoch, resumed_from=r.state.resumed_from, best_epoch=r.state.best["epoch"],
+                   start=val_start, kept_start=kept_start, stopped_early=bool(r.state.best["stopped"]),
+                   loss=r.loss.chosen, batchnorm_inserted=r.inserted, threads=threads, world_size=ctx.world_size,
+                   rank=ctx.rank)
+        return out
