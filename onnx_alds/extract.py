@@ -26,14 +26,12 @@ import onnx_graphsurgeon as gs
 from .cost import Geometry, factorized_params
 from .errors import UsageError
 from .io import copy_model_fields
-from .ops import SPECS, UNSUPPORTED, LayerAttrs, constant_value, has_bias, known, spec_for
+from .ops import SPECS, LayerAttrs, constant_value, has_bias, known, spec_for
 from .ops.base import FLOAT_DTYPES
 
 log = logging.getLogger(__name__)
 
 LAYER_OPS = tuple(SPECS)
-UNSUPPORTED_OPS = UNSUPPORTED
-_known = known
 
 
 @dataclass(frozen=True)
@@ -279,8 +277,6 @@ def _analyse(node: gs.Node, index: int, name: str, shapes, consumers, opset: int
     def skip(reason):
         return Layer(status="skipped", reason=reason, **base)
 
-    if node.op in UNSUPPORTED:
-        return skip(UNSUPPORTED[node.op])
     if node.op == "MatMul" and constant_value(node.inputs[0]) is not None and w is None:
         return skip("the constant operand is the first input of MatMul")
     if w is None:
@@ -337,7 +333,7 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
         return name
 
     for index, node in enumerate(graph.nodes):
-        if node.op not in LAYER_OPS and node.op not in UNSUPPORTED:
+        if node.op not in LAYER_OPS:
             continue
         nf = _node_flops(node, shapes) if node.op in LAYER_OPS else None
         if node.op in LAYER_OPS:
@@ -354,7 +350,7 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
     nested += [(n, f"inside local function {fn.name!r}: functions are not rewritten")
                for fn in getattr(graph, "functions", []) for n in fn.nodes]
     for n, reason in nested:
-        if n.op in LAYER_OPS or n.op in UNSUPPORTED:
+        if n.op in LAYER_OPS:
             weight = n.inputs[1] if len(n.inputs) > 1 else None
             name = unique(n.name or (weight.name if weight is not None else n.op))
             w = constant_value(weight) if weight is not None else None
