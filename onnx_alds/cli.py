@@ -175,12 +175,6 @@ def _shapes(specs, batch: int = 2):
     return shapes
 
 
-def _name(text) -> str:
-    from .io import printable
-
-    return f"'{printable(text)}'"
-
-
 SELECTION_OPTIONS = (("keep_params", "--keep-params"), ("keep_flops", "--keep-flops"),
                      ("keep_latency", "--keep-latency"), ("method", "--method"), ("schemes", "--schemes"),
                      ("k_max", "--k-max"), ("objective", "--objective"))
