@@ -139,10 +139,12 @@ def test_gemm_data_aware_bias_correction():
 
 def test_validation_runs_on_calibration_data_and_reports_top1():
     x = np.random.default_rng(0).standard_normal((20, 1, 16, 16)).astype(np.float32)
-    _, rep = onnx_alds.rewrite(SHIPPED, keep_params=0.7, calibration={"input": x}, provider="cpu", compare=False)
+    new, rep = onnx_alds.rewrite(SHIPPED, keep_params=0.7, calibration={"input": x}, provider="cpu", compare=False)
     v = rep.validation
     assert v["data"] == "calibration" and v["batch"] == 20 and v["inputs"]["input"]["shape"] == [20, 1, 16, 16]
-    assert 0.0 <= v["top1_agreement"] <= 1.0 and "top1_agreement" in v["outputs"]["logits"]
+    # the reported agreement is the one of these 20 images (a near-tie may flip one of them)
+    agree = float(np.mean(run(onnx.load(str(SHIPPED)), {"input": x})[0].argmax(1) == run(new, {"input": x})[0].argmax(1)))
+    assert abs(v["top1_agreement"] - agree) <= 1 / 20 and "top1_agreement" in v["outputs"]["logits"]
     assert rep.error_model == "data"
 
 

@@ -25,7 +25,8 @@ def test_identical_models_validate_exactly():
     assert v.provider == CPU
     assert v.max_abs_diff == 0.0 and v.rel_l2 == 0.0
     assert v.inputs["x"]["shape"] == [2, 3, 16, 16]  # dynamic batch → 2
-    assert v.latency_ms_before > 0 and v.latency_ms_after > 0
+    assert v.latency_ms_before is not None and v.latency_ms_after is not None  # timed with repeats > 0
+    assert validate(m, m, repeats=0).latency_ms_before is None  # and not timed without
 
 
 def test_nan_outputs_fail():
