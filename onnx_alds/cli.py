@@ -19,19 +19,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .argtypes import bounded_int, fraction as _fraction, non_negative, positive
 from .errors import AldsError, UsageError
 
 log = logging.getLogger("onnx_alds")
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"the kept fraction must be in (0, 1], got {text}")
-    return v
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                         "under a parameter or FLOP budget, else max)")
     r.add_argument("--schemes", default=None, metavar="S,...",
                    help="folding schemes to consider (default all: s0,s1,s2,s3; s0 alone is the paper's ALDS)")
-    r.add_argument("--k-max", type=int, default=None, metavar="K", help="largest number of channel groups")
+    r.add_argument("--k-max", type=bounded_int(1), default=None, metavar="K", help="largest number of channel groups")
     r.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
                    help="fix a dynamic input shape (for FLOPs and validation); repeatable")
     r.add_argument("--report", metavar="REPORT.json", help="write the report as JSON")
@@ -89,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     seq.add_argument("--no-sequential", dest="sequential", action="store_const", const=False)
     r.add_argument("--no-bias-correction", action="store_true",
                    help="data-aware factors without the closed-form bias correction")
-    r.add_argument("--max-output-error", type=float, metavar="X",
+    r.add_argument("--max-output-error", type=non_negative, metavar="X",
                    help="exit 5 and write nothing when an output's relative L2 error exceeds X")
-    r.add_argument("--min-speedup", type=float, metavar="X",
+    r.add_argument("--min-speedup", type=positive, metavar="X",
                    help="exit 5 and write nothing when the rewritten model is not X times as fast")
     r.add_argument("--int8", action="store_true",
                    help="for a pipeline that quantizes the rewrite: time the int8 QDQ models that 'onnx-alds "
@@ -116,9 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("models", nargs="+", help="the first model is the baseline for speed-ups")
     be.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu")
     be.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
-    be.add_argument("--repeats", type=int, default=30)
-    be.add_argument("--warmup", type=int, default=5)
-    be.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    be.add_argument("--repeats", type=bounded_int(1), default=30)
+    be.add_argument("--warmup", type=bounded_int(0), default=5)
+    be.add_argument("--threads", type=bounded_int(1), default=2, help="intra-op threads (default 2)")
     be.add_argument("--spinning", action="store_true",
                     help="let onnxruntime's idle threads spin (faster runs, but interleaved models then take "
                          "each other's cores: ratios become noisy)")
@@ -135,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", metavar="CAL.npz",
                    help="one array per graph input name, first axis = samples (default: seeded random inputs)")
     q.add_argument("--per-tensor", action="store_true", help="one scale per weight instead of per output channel")
-    q.add_argument("--samples", type=int, default=32, help="random calibration samples without --calibration")
+    q.add_argument("--samples", type=bounded_int(1), default=32, help="random calibration samples without --calibration")
     q.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
     q.add_argument("--json", metavar="OUT.json", help="also write what was done as JSON")
 
@@ -145,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="state_dict (or a dict with 'model') to load")
     e.add_argument("--input-shape", action="append", required=True, metavar="D1,D2,...",
                    help="example input shape, batch included; repeat for several inputs")
-    e.add_argument("--opset", type=int, default=None)
+    e.add_argument("--opset", type=bounded_int(1), default=None)
     from .torch.finetune_cli import add_finetune_parser  # argparse only; torch is imported when it runs
 
     add_finetune_parser(sub)
@@ -197,6 +188,7 @@ def _check_runtime(a) -> None:
 
 def cmd_rewrite(a) -> int:
     from .api import rewrite
+    from .options import RewriteOptions
     from .cache import usable_dir
     from .io import check_outputs, save_model
     from .plan import Plan
@@ -213,8 +205,9 @@ def cmd_rewrite(a) -> int:
     outputs = [("the output", out), ("the output's external data file", out.with_name(out.name + ".data")),
                ("--report", a.report), ("--plan", a.plan), ("--plot", a.plot),
                ("--plan's factors file", Plan.factors_path(a.plan) if a.plan else None)]
-    others = [(flag, v) for flag, v in (("--apply-plan", a.apply_plan), ("--calibration", a.calibration)) if v]
-    check_outputs(a.input, outputs, other_inputs=others)
+    others = [("--apply-plan", a.apply_plan), ("--apply-plan's factors file", Plan.sidecar_of(a.apply_plan)),
+              ("--calibration", a.calibration)]
+    check_outputs(a.input, outputs, other_inputs=others, out_dirs=[("--cache-dir", a.cache_dir)])
     plan = Plan.load(a.apply_plan) if a.apply_plan else None
     if a.plot:
         try:
@@ -226,15 +219,14 @@ def cmd_rewrite(a) -> int:
     input_shapes = _shapes(a.input_shape)
     _check_runtime(a)
     schemes = [s.strip() for s in a.schemes.split(",") if s.strip()] if a.schemes else None
-    new, report = rewrite(a.input, keep_params=a.keep_params, keep_flops=a.keep_flops,
-                          keep_latency=a.keep_latency, method=a.method or "alds", plan=plan, schemes=schemes,
-                          k_max=a.k_max, input_shapes=input_shapes, provider=a.provider,
-                          validate=not a.no_validate, compare=not a.no_compare,
-                          progress=sys.stderr.isatty(), cache_dir=a.cache_dir, error=a.error,
-                          calibration=a.calibration, bias_correction=not a.no_bias_correction,
-                          max_output_error=a.max_output_error, min_speedup=a.min_speedup,
-                          allow_slower=a.allow_slower, sequential=a.sequential, int8=a.int8,
-                          objective=a.objective, best_effort=a.best_effort)
+    options = RewriteOptions.from_kwargs(
+        a.keep_params, a.keep_flops, a.keep_latency, a.method or "alds", plan=plan, schemes=schemes, k_max=a.k_max,
+        input_shapes=input_shapes, provider=a.provider, validate=not a.no_validate, compare=not a.no_compare,
+        progress=sys.stderr.isatty(), cache_dir=a.cache_dir, error=a.error, calibration=a.calibration,
+        bias_correction=not a.no_bias_correction, max_output_error=a.max_output_error, min_speedup=a.min_speedup,
+        allow_slower=a.allow_slower, sequential=a.sequential, int8=a.int8, objective=a.objective,
+        best_effort=a.best_effort)
+    new, report = rewrite(a.input, options=options)
     report.output = str(out)
     written = save_model(new, out)
     if a.report:
@@ -295,8 +287,7 @@ def cmd_bench(a) -> int:
     if a.json:
         from .io import check_outputs
 
-        for m in a.models:
-            check_outputs(m, [("--json", a.json)])
+        check_outputs(list(a.models), [("--json", a.json)], other_inputs=[("--calibration", a.calibration)])
     shapes = _shapes(a.input_shape, batch=max(batches))
     from .io import temp_dir
 
@@ -322,8 +313,11 @@ def cmd_bench(a) -> int:
 def cmd_quantize(a) -> int:
     from .quantize import quantize
 
-    if a.samples < 1:
-        raise UsageError("--samples must be at least 1")
+    from .io import check_outputs
+
+    out = Path(a.output)
+    check_outputs(a.input, [("the output", out), ("the output's external data file", out.with_name(out.name + ".data")),
+                            ("--json", a.json)], other_inputs=[("--calibration", a.calibration)])
     r = quantize(a.input, a.output, a.calibration, per_channel=not a.per_tensor, samples=a.samples,
                  input_shapes=_shapes(a.input_shape))
     if a.json:
@@ -349,7 +343,10 @@ def cmd_export(a) -> int:
     out = Path(a.output)
     from .io import check_outputs
 
-    check_outputs(None, [("the output", out)])
+    from .torch.export import factory_file
+
+    check_outputs(None, [("the output", out)], other_inputs=[("--checkpoint", a.checkpoint),
+                                                             ("the factory's source file", factory_file(a.factory))])
     try:
         export_from_factory(a.factory, out, checkpoint=a.checkpoint, input_shapes=shapes, opset=a.opset)
     except ValueError as e:

@@ -120,7 +120,7 @@ def test_speed_guard_choices_are_all_admissible_and_gate_refuses_slow(tmp_path):
 
     import onnx
 
-    from onnx_alds.api import speed_guard
+    from onnx_alds.pipeline.stages import speed_guard
 
     from pathlib import Path
 
@@ -384,7 +384,7 @@ def test_latency_verdict_refuses_far_short_and_warns_near(cache):
     """The kept rewrite of --keep-latency F against its target 1/F: slower than the input or more than
     15 % short is refused (exit 4) with the fraction the corrected table can reach; 5–15 % short is
     kept with a warning; on target says nothing."""
-    from onnx_alds.api import latency_verdict
+    from onnx_alds.policy.latency_loop import latency_verdict
     from onnx_alds.errors import InfeasibleBudget
 
     model = wide_conv()
@@ -395,21 +395,16 @@ def test_latency_verdict_refuses_far_short_and_warns_near(cache):
     with pytest.raises(InfeasibleBudget) as least:  # the selector's own floor on the same table
         rewrite(model, keep_latency=1e-3, latency_table=table, validate=False, compare=False)
     assert floor == pytest.approx(least.value.smallest_fraction, rel=1e-3)
-    base = {"predicted_speedup": 2.0, "provider": "CPUExecutionProvider", "rounds_tried": 3}
     for got in (0.9, 1.5):  # slower; 25 % short of 2x
         with pytest.raises(InfeasibleBudget) as e:
-            latency_verdict(dict(base, measured_speedup=got), 0.5, table)
+            latency_verdict(0.5, got, 2.0, 3, table)
         assert "nothing was written" in str(e.value) and e.value.exit_code == 4
         assert e.value.smallest_fraction >= (1.0 if got < 1 else max(floor, 1 / got))
-    near = dict(base, measured_speedup=1.8)  # 10 % short
-    latency_verdict(near, 0.5, table)
-    assert len(near["warnings"]) == 1 and "1.80x" in near["warnings"][0]
-    far = dict(base, measured_speedup=1.5)  # --best-effort: written, with the warning
-    latency_verdict(far, 0.5, table, best_effort=True)
-    assert len(far["warnings"]) == 1 and "1.50x" in far["warnings"][0]
-    met = dict(base, measured_speedup=1.95)
-    latency_verdict(met, 0.5, table)
-    assert "warnings" not in met
+    near = latency_verdict(0.5, 1.8, 2.0, 3, table)  # 10 % short
+    assert len(near) == 1 and "1.80x" in near[0]
+    far = latency_verdict(0.5, 1.5, 2.0, 3, table, best_effort=True)  # --best-effort: written, with the warning
+    assert len(far) == 1 and "1.50x" in far[0]
+    assert latency_verdict(0.5, 1.95, 2.0, 3, table) == []
 
 
 def test_unmeasured_layers_take_the_median_measured_cost(cache):
@@ -455,24 +450,21 @@ def test_speed_guard_route_when_the_table_falls_short(cache):
     """--keep-latency's second route: the speed guard's keep-params plans, each built and measured
     against the original; the one kept is reported as latency budget with its route, and nothing
     is returned where none beats what the table's plans measured."""
-    from onnx_alds.api import GUARDED_FRACTIONS, _guarded_alternative
-    from onnx_alds.error_model import error_model
+    from onnx_alds.options import RewriteOptions
+    from onnx_alds.pipeline.stages import prepare
+    from onnx_alds.policy.second_route import GUARDED_FRACTIONS, guarded_alternative
 
     model = wide_conv()
-    _, _, info = analyze(model)
-    table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=1)
-    kw = dict(provider="cpu", keep_latency=0.5, table=table, schemes=None, k_max=None, progress=False,
-              timings={}, validate=False)
-    got = _guarded_alternative(model, info, error_model("spectral"), None, None, None, beat=0.0, **kw)
+    run = prepare(model, RewriteOptions.from_kwargs(keep_latency=0.5, provider="cpu", validate=False))
+    table = LatencyTable.for_model(model, run.info, cache_dir=cache, k_max=1)
+    got = guarded_alternative(run, table, beat=0.0)
     assert got is not None
-    new, report = got
-    b = report.budget
-    assert b["metric"] == "latency" and b["fraction"] == 0.5 and b["measured_speedup"] > 0
+    b, report = got.choice.budget, got.report
+    assert b["metric"] == "latency" and b["fraction"] == 0.5 and got.latency.speedup == b["measured_speedup"]
     kept = float(b["route"].split("keep-params ")[1])
     assert kept in GUARDED_FRACTIONS and report.params_fraction <= kept + 1e-9
     assert any(l.status == "decomposed" for l in report.layers)
-    assert _guarded_alternative(model, info, error_model("spectral"), None, None, None, beat=float("inf"),
-                                **kw) is None
+    assert guarded_alternative(prepare(model, run.opts), table, beat=float("inf")) is None
 
 
 def test_a_rerun_solves_the_kept_plan_first(cache):

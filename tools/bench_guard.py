@@ -24,9 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 import onnx_alds  # noqa: E402
 from onnx_alds import api  # noqa: E402
+from onnx_alds.policy import guarded  # noqa: E402
 from onnx_alds.runtime import session  # noqa: E402
 from onnx_alds.measure.speed import SpeedModel  # noqa: E402
-from onnx_alds.measure.inputs import random_inputs
+from onnx_alds.measure.inputs import random_inputs  # noqa: E402
 from onnx_alds.measure.timing import interleaved_latency  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def one_round(paths, threads: int, repeats: int) -> list[dict]:
         model, _, info = api.analyze(path)
         outs = {}
         for tag, guard in guards.items():
-            api.speed_guard = lambda provider="auto", threads=2, g=guard: g  # this round's guard
+            guarded.speed_guard = lambda provider="auto", threads=2, g=guard: g  # this round's guard
             new, rep = onnx_alds.rewrite(path, keep_params=0.5, validate=False, compare=False, provider="cpu")
             outs[tag] = (new, rep.params_fraction, sum(l.status == "decomposed" for l in rep.layers))
         sessions = [session(model, ["CPUExecutionProvider"], threads)]

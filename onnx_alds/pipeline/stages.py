@@ -1,0 +1,382 @@
+"""The stages of one rewrite, in order:
+
+    load → extract → calibrate → error model ─┐
+                                               ├→ choose (select, or a plan as given) → build (factorize,
+    cost model (+ speed guard) ────────────────┘    emit) → check, measure, validate → finish (gates)
+
+:func:`prepare` runs the first four once and returns a :class:`Run` (the state every later stage
+and every policy shares); a policy (:mod:`onnx_alds.policy`) calls :func:`choose`, :func:`build`
+and :func:`check` as often as its budget needs, and :func:`finish` gates the attempt it keeps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import onnx
+
+from ..calibration import collect_moments, first_samples, load_calibration, model_inputs, taps_for
+from ..cost import cost_model, full_rank
+from ..emit import dropped, emit
+from ..error_model import error_model
+from ..errors import InfeasibleBudget, UsageError
+from ..extract import ModelInfo, count_params, extract, model_flops
+from ..io import EXTERNAL_DATA_THRESHOLD, Source, check_model_file, check_rewritten, proto_size, save_model, \
+    temp_dir, trim_memory
+from ..measure.int8 import Int8Copies
+from ..measure.latency_table import measure_speedup
+from ..measure.speed import SpeedModel
+from ..options import RewriteOptions, objective_for
+from ..plan import LayerPlan, Plan, resolve
+from ..report import Report, build_report
+from ..select import Config, Selection, layer_configs, layer_options, solve
+from ..sequential import sequential_factors
+from ..validate import Validation, gate, validate
+from .attempt import Attempt, Built, Choice, LatencyMeasurement
+
+log = logging.getLogger(__name__)
+
+SEQUENTIAL_MACS = 5e11  # sequential calibration by default while its forward passes stay this cheap
+
+
+@contextmanager
+def timed(timings: dict, stage: str):
+    """Add the time spent in the block to ``timings[stage]`` (seconds; the report's ``timings_s``)."""
+    t0 = time.perf_counter()
+    yield
+    timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - t0, 4)
+
+
+@dataclass
+class Run:
+    """One rewrite's shared state: the options, the input (``original``, never edited; ``source``, the
+    graph the next build edits), its analysis, calibration data and error model."""
+
+    opts: RewriteOptions
+    source: Source
+    original: onnx.ModelProto
+    info: ModelInfo
+    emodel: object
+    cal_data: dict | None = None  # validation feeds (at most 256 samples)
+    cal_all: object = None  # all the calibration data (sequential refit)
+    timings: dict = field(default_factory=dict)
+    int8_copies: Int8Copies | None = None  # --int8: the copies timed, kept for the whole rewrite
+    objective: str = "max"  # what selection minimises (:func:`onnx_alds.options.objective_for`)
+
+    @property
+    def large(self) -> bool:
+        return self.source.large
+
+    def fresh_source(self) -> None:
+        """Emission edits the graph: the next build starts from the input again."""
+        self.source = Source.load(self.original)
+
+    def stage(self, name: str):
+        return timed(self.timings, name)
+
+
+def analyze(model_or_path, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, Source, ModelInfo]:
+    source = Source.load(model_or_path)
+    return source.model, source, extract(source.model, source.graph, input_shapes)
+
+
+def calibrate(source: Source, info: ModelInfo, calibration, *, provider: str = "auto", progress: bool = False,
+              moments: bool = True, max_validation_samples: int = 256):
+    """Load and check the calibration data; returns the validation feeds (at most
+    ``max_validation_samples``, name → array), with ``moments`` the second moments of every
+    candidate layer's input patches (else None), and the data itself."""
+    data = load_calibration(calibration, model_inputs(source.model))
+    feeds = first_samples(data, max_validation_samples)
+    if not moments:
+        return feeds, None, data
+    model = source.path if source.large and source.path is not None else source.model
+    return feeds, collect_moments(model, taps_for(info.candidates), data, provider=provider,
+                                  progress=progress), data
+
+
+def prepare(model_or_path, opts: RewriteOptions) -> Run:
+    """Load, extract, calibrate and pick the error model: the stages every attempt shares."""
+    timings: dict = {}
+    with timed(timings, "load"):
+        source = Source.load(model_or_path)
+    original = source.model
+    with timed(timings, "extract"):
+        info = extract(source.model, source.graph, opts.input_shapes)
+    c, plan = opts.calibration, opts.budget.plan
+    moments, cal_data, cal_all = None, None, None
+    if c.data is not None:
+        with timed(timings, "calibrate"):
+            cal_data, moments, cal_all = calibrate(source, info, c.data, provider=opts.validation.provider,
+                                                   progress=opts.progress,
+                                                   moments=_needs_moments(c.error, plan))
+    if source.large and opts.latency.int8:
+        raise UsageError("--int8 times int8 copies of the models in memory, and this model is over 2 GB; "
+                         "drop --int8 and quantize the rewrite with 'onnx-alds quantize'")
+    if source.large and source.path is not None:
+        source.detach()
+    emodel = error_model(c.error, moments=moments, cache_dir=opts.cache_dir, bias_correction=c.bias_correction)
+    if plan is None and not info.candidates and opts.budget.fraction < 1.0:
+        raise InfeasibleBudget("the model has no compressible layer, so the smallest reachable fraction is 1.0", 1.0)
+    objective = objective_for(opts, emodel.name, bool(cal_data), source.large)
+    return Run(opts, source, original, info, emodel, cal_data, cal_all, timings,
+               Int8Copies() if opts.latency.int8 else None, objective)
+
+
+def _needs_moments(error: str | None, plan: Plan | None) -> bool:
+    """Moments are collected for the data-aware error model: asked for, or by default unless a plan
+    applied as given carries its factors (then nothing is fitted and weight errors describe it)."""
+    return error == "data" or (error is None and not (plan is not None and plan.factors))
+
+
+def speed_guard(provider: str = "auto", threads: int = 2):
+    """The measured (cached) speed model that keeps slower factorizations out
+    (:mod:`onnx_alds.measure.speed`); None, with a warning, without onnxruntime."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        log.warning("no speed guard: onnxruntime is not installed")
+        return None
+    return SpeedModel.for_provider(provider, threads)
+
+
+def options_for(info: ModelInfo, source: Source, emodel, cmodel, configs, *, progress=False, admissible=None):
+    """Error curves (error model) and costs (cost model) → each layer's options."""
+    cands = info.candidates
+    configs = {l.name: [(k, s) for k, s in configs[l.name] if s in emodel.schemes(l, l.schemes)] for l in cands}
+    curves = emodel.curves(source, cands, configs, progress=progress)
+
+    def costs(layer):
+        extra = emodel.extra_params(layer) if cmodel.name == "params" else 0
+        if not extra:
+            return partial(cmodel.configs, layer)
+        return lambda k, s, ranks: cmodel.configs(layer, k, s, ranks) + extra  # a bias the factors add
+
+    return [layer_options(l.name, curves[l.name], cmodel.dense(l), costs(l), full_rank(l.geometry, 1, "s0"),
+                          partial(admissible, l) if admissible is not None else None) for l in cands]
+
+
+def select(info: ModelInfo, source: Source, emodel, *, metric: str, fraction: float, method: str = "alds",
+           schemes=None, k_max=None, latency_table=None, compare: bool = True, progress: bool = False,
+           timings: dict | None = None, admissible=None, fill: bool = True,
+           objective: str = "max") -> tuple[Selection, dict]:
+    """Run the selector; returns the selection and the objective value (max error, or root-sum-square
+    error for ``objective="sum"``) the other methods reach at the same budget with the same error
+    model."""
+    timings = {} if timings is None else timings
+    cands = info.candidates
+    if metric == "flops" and (any(l.geometry.flops is None for l in cands) or info.flops_total is None):
+        raise UsageError("FLOPs are unknown for this model's dynamic sizes; give them with "
+                         "--input-shape NAME:D1,D2,...")
+    if metric == "latency":
+        if latency_table is None:
+            raise UsageError("a latency budget needs a latency table")
+        configs = {l.name: latency_table.configs(l.name) for l in cands}  # only what the table measured
+    else:
+        configs = layer_configs(cands, ("s0",) if method == "alds-paper" and schemes is None else schemes, k_max)
+    cmodel = cost_model(metric, latency_table)
+    with timed(timings, "errors"):
+        options = options_for(info, source, emodel, cmodel, configs, progress=progress, admissible=admissible)
+    with timed(timings, "select"):
+        sel, baselines = solve(options, method=method, fraction=fraction, total=cmodel.total(info),
+                               compare=compare, fill=fill, objective=objective)
+    sel.details["metric"] = metric
+    if metric == "latency":
+        sel.details["predicted_ms"] = latency_table.predicted_ms(sel.choices)
+    return sel, baselines
+
+
+def plan_from_selection(sel: Selection, info: ModelInfo, error: str) -> Plan:
+    layers = [LayerPlan(l.name, l.weight_name, c.k, c.scheme, c.rank)
+              for l in info.candidates if (c := sel.choices.get(l.name)) is not None]
+    budget = {k: sel.details[k] for k in ("metric", "fraction") if k in sel.details}
+    budget.update(method=sel.method, error_model=error, max_rel_error=sel.max_rel_error)
+    if sel.details.get("objective"):
+        budget.update(objective=sel.details["objective"], rss_error=sel.rss_error)
+    return Plan(layers=layers, budget=budget)
+
+
+def choices_from_plan(plan: Plan, info: ModelInfo, source: Source, emodel) -> dict[str, Config]:
+    """A plan's configurations, with the error the error model predicts for each."""
+    resolved = resolve(plan, info)
+    layers = [info.layer(n) for n in resolved]
+    curves = emodel.curves(source, layers, {n: [resolved[n][:2]] for n in resolved}) if layers else {}
+    return {n: Config(k, s, r, float(curves[n][(k, s)][r])) for n, (k, s, r, _) in resolved.items()}
+
+
+def choose(run: Run, *, metric: str, fraction: float, guard=None, table=None, method: str | None = None,
+           objective: str | None = None, compare: bool | None = None) -> Choice:
+    """Selection under one budget (or the plan the options apply as given) → a :class:`Choice`.
+    ``method``, ``objective`` and ``compare`` default to the options'."""
+    opts, sel_opts = run.opts, run.opts.selection
+    plan = opts.budget.plan
+    if plan is not None:
+        with run.stage("errors"):
+            choices = choices_from_plan(plan, run.info, run.source, run.emodel)
+        return Choice(choices, plan, dict(plan.budget, applied_plan=True), {}, plan.budget.get("method", "plan"))
+    method = method or sel_opts.method
+    objective = objective or run.objective
+    try:
+        sel, baselines = select(run.info, run.source, run.emodel, metric=metric, fraction=fraction, method=method,
+                                schemes=sel_opts.schemes, k_max=sel_opts.k_max, latency_table=table,
+                                compare=sel_opts.compare if compare is None else compare, progress=opts.progress,
+                                timings=run.timings, fill=sel_opts.fill_budget, objective=objective,
+                                admissible=guard.admissible if guard is not None else None)
+    except InfeasibleBudget as e:
+        if guard is None:
+            raise
+        raise InfeasibleBudget(f"{e} without factorizations that would run slower than their layer on "
+                               f"{guard.provider} (--allow-slower lifts this)", e.smallest_fraction) from None
+    budget = {"metric": metric, "fraction": fraction, "target": sel.details["target"],
+              "predicted": sel.details["predicted"], "total_before": sel.details["total"],
+              "speed_guard": guard.summary() if guard is not None else None,
+              "objective": objective, "rss_error": sel.rss_error}
+    if metric == "latency":
+        budget.update(table.summary(sel.details["predicted_ms"]))
+    return Choice(sel.choices, plan_from_selection(sel, run.info, run.emodel.name), budget, baselines, method,
+                  predicted_ms=sel.details.get("predicted_ms"))
+
+
+def unchanged(run: Run, guard) -> Choice:
+    """The default budget's last resort: no factorization measured or predicted faster than its layer
+    on this provider, so the model is written with no layer decomposed (and says so)."""
+    int8 = " as int8" if run.opts.latency.int8 else ""
+    log.info("no factorization at the default budget runs faster than its layer on %s: the model is written "
+             "with no layer decomposed (give --keep-params to compress anyway, or --allow-slower)", guard.provider)
+    budget = {"metric": "params", "fraction": 1.0, "unchanged": True, "speed_guard": guard.summary(),
+              "warnings": [f"no layer was decomposed: every rewrite at the default budget tried here was slower "
+                           f"than the input on {guard.provider}{int8}; --keep-params F compresses anyway"]}
+    plan = Plan(layers=[], budget={"metric": "params", "fraction": 1.0, "method": "none"})
+    return Choice({l.name: None for l in run.info.candidates}, plan, budget, {}, "alds", unchanged=True)
+
+
+def sequential_affordable(info: ModelInfo, choices: dict, cal_data, emodel) -> bool:
+    """Sequential calibration runs the calibration data through the model: on by default for
+    data-aware errors while that stays under :data:`SEQUENTIAL_MACS` multiply-accumulates."""
+    if emodel.name != "data" or not cal_data or info.flops_total is None:
+        return False
+    n = len(next(iter(cal_data.values())))
+    layers = sum(c is not None for c in choices.values())
+    return n * layers * info.flops_total <= SEQUENTIAL_MACS
+
+
+def use_sequential(run: Run, choices: dict) -> bool:
+    """Whether a build refits sequentially: as asked, else while it is cheap; never without a
+    decomposed layer, nor for a model over 2 GB."""
+    asked = run.opts.calibration.sequential
+    seq = asked if asked is not None else sequential_affordable(run.info, choices, run.cal_data, run.emodel)
+    seq = seq and any(c is not None for c in choices.values())
+    if seq and run.large:
+        log.warning("sequential calibration is skipped for a model over 2 GB")
+        return False
+    return bool(seq)
+
+
+def build(run: Run, choice: Choice, source: Source | None = None) -> Built:
+    """Factorize and emit (from ``source``, by default the run's); data-aware factors are refitted
+    on the compressed prefix's inputs where :func:`use_sequential` says so."""
+    if choice.built is not None:
+        return choice.built
+    source = source or run.source
+    emodel, choices, plan = run.emodel, choice.choices, choice.plan
+    chosen = [l for l in run.info.candidates if choices.get(l.name) is not None]
+    seq = use_sequential(run, choices)
+    choice.budget["sequential"] = bool(seq and emodel.name == "data")
+    with run.stage("factorize"):
+        given = plan.factors or {}
+        if seq and emodel.name == "data" and not given:
+            factors, measured = sequential_factors(run.original, run.info, choices, run.cal_all, emodel,
+                                                   provider=run.opts.validation.provider, progress=run.opts.progress)
+        else:
+            factors = {l.name: given.get(l.name) or emodel.factors(source, l, choices[l.name]) for l in chosen}
+            measured = {l.name: emodel.measure(source, l, choices[l.name], factors[l.name]) for l in chosen}
+    if emodel.name == "data":
+        plan.factors = factors  # they depend on the calibration data: the plan carries them
+    with run.stage("emit"):
+        new = emit(source, run.info, choices, factors, progress=run.opts.progress)
+    return Built(new, measured)
+
+
+def measure(run: Run, model, table, original=None) -> LatencyMeasurement:
+    """The whole original (or ``original``, the same model as a file) and ``model`` timed side by side
+    with the table's settings."""
+    with run.stage("latency"):
+        m = measure_speedup(run.original if original is None else original, model, table, run.info)
+    return LatencyMeasurement(m["measured_ms_before"], m["measured_ms"], m["threads"])
+
+
+def check(run: Run, choice: Choice, built: Built, table=None) -> Attempt:
+    """Check the rewritten model, count it, time it against the original where the budget is latency,
+    validate it (outputs compared, latency interleaved) and write its report."""
+    opts = run.opts
+    run.source.graph = None  # the numpy weights are no longer needed: free them before onnxruntime loads
+    if run.large:
+        trim_memory()
+    with temp_dir("onnx-alds-") as tmp:
+        orig_ref, new_ref = _refs(run, built.model, Path(tmp))
+        with run.stage("check"):
+            if isinstance(new_ref, Path):
+                check_model_file(new_ref, "the rewritten model")
+            else:
+                check_rewritten(run.original, built.model)
+        latency = None
+        if choice.budget.get("metric") == "latency" and table is not None and opts.budget.plan is None:
+            latency = measure(run, new_ref, table, orig_ref)
+            choice.budget.update(latency.to_budget())
+        report = _report(run, choice, built)
+        validation = None
+        if opts.validation.validate:
+            with run.stage("validate"):
+                validation = validate(orig_ref, new_ref, provider=opts.validation.provider,
+                                      input_shapes=run.info.input_shapes, feeds=run.cal_data,
+                                      low_memory=isinstance(new_ref, Path), int8=opts.latency.int8,
+                                      int8_copies=run.int8_copies, output_kinds=opts.validation.output_kinds)
+            report.validation = validation.to_dict()
+    return Attempt(choice, built, report, validation, latency)
+
+
+def _refs(run: Run, new: onnx.ModelProto, tmp: Path):
+    """The models as onnxruntime and the checker take them: over 2 GB only as files with external data."""
+    if not (run.large or proto_size(new) > EXTERNAL_DATA_THRESHOLD):
+        return run.original, new
+    orig_ref = Path(run.source.path) if run.source.path is not None else tmp / "original.onnx"
+    if run.source.path is None:
+        save_model(run.original, orig_ref, external_data=True)
+    new_ref = tmp / "rewritten.onnx"
+    save_model(new, new_ref, external_data=True)
+    return orig_ref, new_ref
+
+
+def _report(run: Run, choice: Choice, built: Built) -> Report:
+    info = run.info
+    with run.stage("count"):
+        flops_after = model_flops(built.model, info.input_shapes) if info.flops_total is not None else None
+    report = build_report(info, choice.choices, built.measured, method=choice.method, budget=choice.budget,
+                          error_model=run.emodel, params_after=count_params(built.model), flops_after=flops_after,
+                          in_path=run.source.path, timings=run.timings, baselines=choice.baselines)
+    report.plan = choice.plan
+    gone = dropped(run.original)
+    if gone:
+        report.budget.setdefault("warnings", []).extend(f"dropped {d}" for d in gone)
+        report.budget["dropped"] = gone
+    return report
+
+
+def finish(run: Run, attempt: Attempt) -> tuple[onnx.ModelProto, Report]:
+    """Gate the kept attempt (``--max-output-error``, ``--min-speedup``: :class:`ValidationFailed`, nothing
+    written) and return its model and report, with the gate's warnings."""
+    v, opts = attempt.validation, run.opts.validation
+    if v is not None:
+        int8_speedup = attempt.latency.speedup if run.opts.latency.int8 and attempt.latency is not None else None
+        attempt.report.budget.setdefault("warnings", []).extend(
+            gate(v, max_output_error=opts.max_output_error, min_speedup=opts.min_speedup,
+                 unchanged=attempt.choice.unchanged, speedup=int8_speedup))
+    return attempt.model, attempt.report
+
+
+__all__ = ["Run", "prepare", "analyze", "calibrate", "speed_guard", "options_for", "select", "plan_from_selection",
+           "choices_from_plan", "choose", "unchanged", "build", "check", "measure", "finish", "use_sequential",
+           "sequential_affordable", "timed", "Validation"]
