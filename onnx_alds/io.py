@@ -258,41 +258,66 @@ def input_files(path) -> list[Path]:
     return files
 
 
-def check_outputs(in_path, outputs: list[tuple[str, object]], other_inputs=()) -> list[Path]:
-    """Every output (``(what, path)``, e.g. ``("--report", "r.json")``) is
-    writable (see :func:`check_output_path`), differs from every other one, from
-    every file the input model consists of and from ``other_inputs`` (``(what,
-    path)``, e.g. the plan applied).  Returns the paths."""
-    paths = [(what, check_output_path(in_path, p)) for what, p in outputs if p is not None]
-    seen: dict[str, str] = {}
-    for what, p in paths:
-        real = os.path.realpath(p)
-        if real in seen:
-            raise UsageError(f"{what} {str(p)!r} is the same file as {seen[real]}; "
-                             f"each output needs its own name")
-        seen[real] = what
-    for what_in, q in other_inputs:
-        for what, p in paths:
-            if os.path.realpath(p) == os.path.realpath(q) or (
-                    os.path.exists(p) and os.path.exists(q) and os.path.samefile(p, q)):
-                raise UsageError(f"{what} {str(p)!r} is the file given to {what_in}; "
-                                 f"inputs are never overwritten, choose another name")
-    if in_path is None or not Path(in_path).is_file():
-        return [p for _, p in paths]
+def same_file(a, b) -> bool:
+    """``a`` and ``b`` name one file: the same resolved path, or (where both
+    exist) the same device and inode, which also catches hard links."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def check_outputs(in_path, outputs: list[tuple[str, object]], other_inputs=(), out_dirs=()) -> list[Path]:
+    """The one rule on a command's paths, for every subcommand: every output
+    (``(what, path)``, e.g. ``("--report", "r.json")``) is writable (see
+    :func:`check_output_path`), differs from every other output, from every
+    file the input model(s) ``in_path`` (a path, a list of paths, or None)
+    consist of, external data included, and from every other input
+    (``(what, path)``: calibration data, a plan and its factors file, a
+    checkpoint, a teacher, a source file...).  ``out_dirs`` (``(what, dir)``,
+    e.g. a checkpoint directory) must not be an input either.  "Differs"
+    compares resolved paths and, where the files exist, device and inode
+    (hard links).  A UsageError (exit 2) of one sentence otherwise; returns
+    the output paths."""
+    models = [m for m in (in_path if isinstance(in_path, (list, tuple)) else [in_path]) if m is not None]
+    paths = [(what, check_output_path(models[0] if models else None, p)) for what, p in outputs if p is not None]
+    for i, (what, p) in enumerate(paths):
+        for what2, q in paths[:i]:
+            if same_file(p, q):
+                raise UsageError(f"{what} {str(p)!r} is the same file as {what2}; each output needs its own name")
+    inputs = [(what, q) for what, q in other_inputs if q is not None]
+    inputs += [("the input model", m) for m in models]
+    dirs = [(what, q) for what, q in out_dirs if q is not None]
+    for what_in, q in inputs:
+        for what, p in paths + dirs:
+            if same_file(p, q):
+                raise UsageError(f"{what} {str(p)!r} is the file given as {what_in}; inputs are never "
+                                 f"overwritten, choose another name")
+    for m in models:
+        _check_external_data(m, paths + dirs)
+    return [p for _, p in paths]
+
+
+def _check_external_data(in_path, paths) -> None:
+    """No output is one of the external-data files of the model ``in_path``."""
+    if not Path(in_path).is_file():
+        return
     # an existing output can only be one of the input's files if it lies in the input's directory
     # (external data must, and is never a link or a hard link): only then read the model's structure
     in_dir = os.path.realpath(Path(in_path).parent)
     existing = [(what, p) for what, p in paths if os.path.lexists(p) and
                 os.path.realpath(p).startswith(in_dir + os.sep)]
-    if existing:
-        files = input_files(in_path)
-        for what, p in existing:
-            for f in files:
-                if Path(os.path.realpath(p)) == f or (f.exists() and os.path.samefile(p, f)):
-                    which = "the input model" if f == files[0] else f"the input's external data file {f.name!r}"
-                    raise UsageError(f"{what} {str(p)!r} is {which}; the input is never overwritten, "
-                                     f"choose another name")
-    return [p for _, p in paths]
+    if not existing:
+        return
+    files = input_files(in_path)
+    for what, p in existing:
+        for f in files[1:]:
+            if same_file(p, f):
+                raise UsageError(f"{what} {str(p)!r} is the input's external data file {f.name!r}; the input "
+                                 f"is never overwritten, choose another name")
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200b-\u200f\u2028-\u202e\u2066-\u2069]")

@@ -50,6 +50,21 @@ class Plan:
         p = Path(path)
         return p.with_name(p.stem + ".factors.npz")
 
+    @classmethod
+    def sidecar_of(cls, path) -> Path | None:
+        """The factors file a plan file uses (named in its ``factors`` entry,
+        beside it), else the one a data-aware plan of that name would get:
+        an input of ``--apply-plan``, never to be overwritten.  None without a path."""
+        if path is None:
+            return None
+        try:
+            ref = _read_json(path).get("factors")
+            if isinstance(ref, dict) and isinstance(ref.get("file"), str):
+                return Path(path).parent / Path(ref["file"]).name
+        except (UsageError, AttributeError):
+            pass  # Plan.load says what is wrong with it
+        return cls.factors_path(path)
+
     def save(self, path) -> list[Path]:
         """Write the plan (and its factors sidecar, when it carries factors); returns the paths."""
         import hashlib

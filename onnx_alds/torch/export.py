@@ -433,6 +433,24 @@ def export(
 # ----------------------------------------------------------------------------
 
 
+def factory_file(factory) -> Path | None:
+    """The Python file that defines ``factory`` (``"path/to/file.py:callable"``,
+    or a ``"module:callable"`` found on the path): an input, never to be
+    overwritten.  None when it cannot be told without running code."""
+    if not isinstance(factory, str) or ":" not in factory:
+        return None
+    target = factory.rpartition(":")[0]
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        return Path(target)
+    if "." in target:  # finding a submodule imports its package: leave that to load_factory
+        return None
+    try:
+        spec = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin and os.path.isfile(spec.origin) else None
+
+
 def load_factory(factory: str):
     """Resolve ``"package.module:callable"`` or ``"path/to/file.py:callable"`` to the callable."""
     if not isinstance(factory, str) or factory.count(":") < 1:

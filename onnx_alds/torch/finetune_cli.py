@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..argtypes import positive
 from ..errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, metavar="OUT.onnx")
     f.add_argument("--epochs", type=int, default=5)
     f.add_argument("--batch-size", type=int, default=64, help="global batch, split over torchrun's ranks")
-    f.add_argument("--lr", type=float, default=None, help="peak learning rate (default onnx_alds.torch.finetune's)")
+    f.add_argument("--lr", type=positive, default=None, help="peak learning rate (default onnx_alds.torch.finetune's)")
     f.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     t = f.add_mutually_exclusive_group()
     t.add_argument("--no-teacher", action="store_true", help="labels only, no distillation")
@@ -142,14 +143,20 @@ def cmd_finetune(a) -> int:
         import torch
     except ImportError:
         raise UsageError("finetune needs torch: pip install 'onnx-alds[torch]'") from None
-    from ..io import check_output_path
+    from ..io import check_outputs
     from ..plan import Plan
     from .export import _load_checkpoint, load_factory
 
     out = Path(a.out)
     if out.suffix != ".onnx":
         raise UsageError(f"--out must name an .onnx file, not {a.out!r}")
-    check_output_path(None, out)
+    from .export import factory_file
+
+    check_outputs(a.teacher_onnx, [("--out", out), ("--out's external data file", out.with_name(out.name + ".data"))],
+                  other_inputs=[("--checkpoint", a.checkpoint), ("--plan", a.plan), ("--plan's factors file",
+                                Plan.sidecar_of(a.plan)), ("--data", a.data), ("--val", a.val),
+                                ("the factory's source file", factory_file(a.factory))],
+                  out_dirs=[("--checkpoint-dir", a.checkpoint_dir)])
     if a.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {a.batch_size}")
     config = _config(a)
