@@ -16,10 +16,22 @@ The returned conv weights are cast back to the weight's dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .folding import far_from_one, as_4d, fold, to_conv_weights
-from .ops.base import Factors
+
+
+@dataclass(frozen=True)
+class Factors:
+    """Encoder ``(k·j, c/k, e1, e2)`` and decoder ``(f, k·j, d1, d2)`` conv
+    weights of one configuration, and an optional correction added to the
+    decoder's bias (data-aware factors remove the mean output shift)."""
+
+    encoder: np.ndarray
+    decoder: np.ndarray
+    bias_delta: np.ndarray | None = None
 
 
 def truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> tuple[np.ndarray, np.ndarray]:

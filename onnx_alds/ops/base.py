@@ -38,6 +38,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import Geometry
+from ..factorize import Factors  # noqa: F401 - the numeric core owns it; specs build it
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
@@ -66,17 +67,6 @@ class Classified:
     reason: str | None = None
     geometry: Geometry | None = None
     attrs: LayerAttrs = field(default_factory=LayerAttrs)
-
-
-@dataclass(frozen=True)
-class Factors:
-    """Encoder ``(k·j, c/k, e1, e2)`` and decoder ``(f, k·j, d1, d2)`` conv
-    weights of one configuration, and an optional correction added to the
-    decoder's bias (data-aware factors remove the mean output shift)."""
-
-    encoder: np.ndarray
-    decoder: np.ndarray
-    bias_delta: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
