@@ -93,3 +93,111 @@ def test_finetune_command_without_labels_distils_and_bad_input_is_one_sentence(s
         err = r.stderr.strip()
         assert r.returncode == 2 and words in err and len(err.splitlines()) == 1, err
         assert not (d / "bad.onnx").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hostile inputs: one sentence and the right exit code, nothing written, no hang, nothing left in $TMPDIR
+# ---------------------------------------------------------------------------------------------------------------
+
+from clitools import assert_one_sentence, main_in_process  # noqa: E402
+
+
+def _base(d):
+    return ["finetune", d / "tiny.py:make", "--checkpoint", d / "tiny.pt", "--plan", d / "plan.json"]
+
+
+def test_bad_finetune_data_is_one_sentence(setup, capsys):
+    d = setup
+    x = np.load(d / "train.npz")["x"][:32]
+    y = np.load(d / "train.npz")["y"][:32]
+    nan_x = x.copy()
+    nan_x[3, 0, 4, 4] = np.nan
+    cases = {"channels": (dict(x=np.repeat(x, 3, axis=1), y=y), "does not fit the model"),
+             "ints": (dict(x=(x * 10).astype(np.int64), y=y), "integers"),
+             "labels": (dict(x=x, y=np.where(np.arange(32) == 5, 12, y)), "label 12"),
+             "negative": (dict(x=x, y=np.where(np.arange(32) == 5, -1, y)), "label -1"),
+             "nan": (dict(x=nan_x, y=y), "NaN")}
+    for name, (arrays, words) in cases.items():
+        np.savez(d / f"bad_{name}.npz", **arrays)
+        rc, _, err = main_in_process(capsys, *_base(d), "--data", d / f"bad_{name}.npz", "--epochs", "1",
+                                     "--out", d / "bad.onnx")
+        assert rc == 2 and words in err, (name, err)
+        assert_one_sentence(err)
+        assert not (d / "bad.onnx").exists()
+
+
+def test_nan_in_the_weights_or_the_factors_is_refused(setup, capsys):
+    from onnx_alds.factorize import weight_factors
+    from onnx_alds.plan import Plan
+
+    d = setup
+    state = torch.load(d / "tiny.pt", weights_only=True)
+    state["3.weight"][0, 0, 1, 1] = float("nan")
+    torch.save(state, d / "nan.pt")
+    rc, _, err = main_in_process(capsys, "finetune", d / "tiny.py:make", "--checkpoint", d / "nan.pt", "--plan",
+                                 d / "plan.json", "--data", d / "train.npz", "--epochs", "1", "--out", d / "bad.onnx")
+    assert rc == 3 and "NaN" in err and "'3.weight'" in err, err
+    assert_one_sentence(err)
+    # a data-aware plan's factors sidecar with one NaN: the compressed model is refused before training
+    plan = Plan.load(d / "plan.json")
+    clean = torch.load(d / "tiny.pt", weights_only=True)
+    w = clean["3.weight"].numpy()  # BatchNorm folding changes the weights, not where a NaN lands
+    f = weight_factors(w, 2, "s0", 3)
+    f.decoder[2, 1, 0, 0] = np.nan
+    plan.factors = {"3": f}
+    plan.save(d / "nan_plan.json")
+    rc, _, err = main_in_process(capsys, "finetune", d / "tiny.py:make", "--checkpoint", d / "tiny.pt", "--plan",
+                                 d / "nan_plan.json", "--data", d / "train.npz", "--epochs", "1", "--out",
+                                 d / "bad.onnx")
+    assert rc == 3 and "NaN" in err and "factors" in err, err
+    assert_one_sentence(err)
+    assert not (d / "bad.onnx").exists()
+
+
+def test_checkpoint_dir_takes_regular_files_and_refuses_pickles_safely(setup, capsys, tmp_path):
+    import signal
+
+    d = setup
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    os.mkfifo(ck / "epoch_0009.pt")  # read, it would block forever
+    old = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("finetune hung")))
+    signal.alarm(120)
+    try:
+        rc, out, err = main_in_process(capsys, *_base(d), "--data", d / "train.npz", "--epochs", "1",
+                                       "--checkpoint-dir", ck, "--out", tmp_path / "ok.onnx")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert rc == 0 and "resumed" not in out, err
+    assert (ck / "epoch_0001.pt").is_file() and (tmp_path / "ok.onnx").is_file()
+    # a pickle with objects torch refuses to load with weights_only=True, named like the latest checkpoint
+    import argparse
+
+    torch.save({"model": argparse.Namespace(a=1)}, ck / "epoch_0002.pt")
+    rc, _, err = main_in_process(capsys, *_base(d), "--data", d / "train.npz", "--epochs", "3",
+                                 "--checkpoint-dir", ck, "--out", tmp_path / "bad.onnx")
+    assert rc == 2 and "epoch_0002.pt" in err and "fresh" in err, err
+    assert "weights_only=False" not in err
+    assert_one_sentence(err)
+    # the original's --checkpoint: the same refusal, with what is safe instead
+    rc, _, err = main_in_process(capsys, "finetune", d / "tiny.py:make", "--checkpoint", ck / "epoch_0002.pt",
+                                 "--plan", d / "plan.json", "--data", d / "train.npz", "--out", tmp_path / "bad.onnx")
+    assert rc == 2 and "weights_only=False" not in err and "state_dict" in err, err
+    assert_one_sentence(err)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.slow
+def test_finetune_and_export_leave_no_torchinductor_directory(setup, tmp_path):
+    d = setup
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp))
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    r = subprocess.run([sys.executable, "-m", "onnx_alds", *map(str, _base(d)), "--data", d / "train.npz",
+                        "--epochs", "1", "--out", tmp_path / "out.onnx"], capture_output=True, text=True,
+                       timeout=300, cwd=d, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.onnx").is_file()
+    assert sorted(p.name for p in tmp.iterdir()) == []  # no torchinductor_<user>, no leftover scratch

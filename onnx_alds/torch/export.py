@@ -44,6 +44,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..errors import UsageError
 from ..io import EXTERNAL_DATA_THRESHOLD, proto_size, save_model
+from .scratch import private_inductor_cache
 
 __all__ = [
     "export",
@@ -388,7 +389,7 @@ def export(
     reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     old_level = reg_log.level
     reg_log.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), private_inductor_cache():  # no $TMPDIR/torchinductor_<user> left behind
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
@@ -508,7 +509,9 @@ def _load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors come in many types
-        raise UsageError(f"Checkpoint {ckpt_path} cannot be read by torch.load: {e}.") from e
+        # not torch's text: it advises weights_only=False, which runs code from a hostile file
+        raise UsageError(f"Checkpoint {ckpt_path} cannot be loaded as plain tensors ({type(e).__name__}); give a "
+                         f"state dict saved with torch.save(model.state_dict(), path), which loads safely") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # finetune() checkpoints
     elif isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

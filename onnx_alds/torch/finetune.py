@@ -52,6 +52,7 @@ from .distill import flatten_outputs
 from .finetune_data import batch_xy, calibration_inputs, forward, inputs_of, to_device
 from .finetune_loop import run
 from .finetune_state import latest_checkpoint, lr_factor
+from .scratch import private_inductor_cache
 
 __all__ = ["finetune", "FinetuneConfig", "evaluate", "latest_checkpoint", "auto_threads", "lr_factor", "DEFAULTS"]
 
@@ -234,8 +235,9 @@ def finetune(
         torch.set_num_threads(n_threads)
     ctx = dist_util.setup(dev, cfg.distributed)
     try:
-        return run(model, train_loader, val_loader, teacher, cfg, dev, ctx,
-                   n_threads if n_threads is not None else threads_before)
+        with private_inductor_cache():  # torch.optim imports torch._dynamo, which makes $TMPDIR/torchinductor_<user>
+            return run(model, train_loader, val_loader, teacher, cfg, dev, ctx,
+                       n_threads if n_threads is not None else threads_before)
     finally:
         dist_util.teardown(ctx)
         if torch.get_num_threads() != threads_before:

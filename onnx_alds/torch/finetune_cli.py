@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..argtypes import positive
-from ..errors import UsageError
+from ..errors import ModelError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,14 @@ def _load_npz(path: str, what: str):
         raise UsageError(f"{what} file {path!r} is not a readable .npz ({type(e).__name__})") from None
     if "x" not in arrays:
         raise UsageError(f"{what} file {path!r} has no array named x (it has {', '.join(arrays) or 'none'})")
+    for name in ("x", "y"):
+        a = arrays.get(name)
+        if a is not None and (a.dtype.kind not in "biuf" or a.ndim == 0):
+            raise UsageError(f"{what} file {path!r}: {name} must be a numeric array with a sample axis, not "
+                             f"{a.dtype} of shape {a.shape}")
+        if a is not None and a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise UsageError(f"{what} file {path!r}: {name} holds NaN or inf values; training on them would "
+                             f"turn the model's weights into NaN")
     x = torch.from_numpy(np.ascontiguousarray(arrays["x"]))
     if x.is_floating_point():
         x = x.float()
@@ -80,6 +88,34 @@ def _load_npz(path: str, what: str):
     if len(x) == 0:
         raise UsageError(f"{what} file {path!r} holds no samples")
     return x, y
+
+
+def _check_fit(model, x, y, what: str) -> None:
+    """One sentence unless ``model`` runs on ``x`` and integer labels ``y`` index its class scores."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model(x[:2])
+    except Exception as e:  # noqa: BLE001 - a shape or dtype mismatch is raised by whichever layer meets it
+        hint = "; it holds integers, and most models take float inputs" if not x.is_floating_point() else ""
+        raise UsageError(f"{what}'s x (shape {tuple(x.shape)}, {str(x.dtype).replace('torch.', '')}) does not fit "
+                         f"the model ({first_line(e)}){hint}") from None
+    if y is not None and not y.is_floating_point() and isinstance(out, torch.Tensor) and out.dim() == 2:
+        classes = out.shape[1]
+        if int(y.min()) < 0 or int(y.max()) >= classes:
+            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            raise UsageError(f"{what}'s y holds the label {bad}, but the model has {classes} class scores "
+                             f"(labels 0 to {classes - 1})")
+
+
+def _check_weights(model, what: str) -> None:
+    import torch
+
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"{what} holds NaN or inf values in {name!r}; a model fine-tuned from it would "
+                             f"output NaN")
 
 
 def _loader(x, y, batch_size: int, shuffle: bool, seed: int):
@@ -109,6 +145,7 @@ def compress_and_finetune(original, plan, train_loader, *, example_inputs, out=N
     except (KeyError, ValueError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise UsageError(f"the plan does not fit this model: {msg}") from None
+    _check_weights(student, "the compressed model (the plan's factors)")
     hist = finetune(student, train_loader, teacher=original if teacher == "original" else teacher,
                     **finetune_kwargs)
     student.cpu().eval()
@@ -172,8 +209,12 @@ def cmd_finetune(a) -> int:
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"factory {a.factory!r} did not return a torch.nn.Module")
     model.eval()
+    _check_weights(model, "the original model" + (f" (checkpoint {a.checkpoint!r})" if a.checkpoint else ""))
     x, y = _load_npz(a.data, "--data")
+    _check_fit(model, x, y, "--data")
     val = _load_npz(a.val, "--val") if a.val else None
+    if val:
+        _check_fit(model, *val, "--val")
     if y is None and a.no_teacher:
         raise UsageError("--data has no labels (y), so --no-teacher leaves nothing to learn from")
     torch.manual_seed(a.seed)
