@@ -186,6 +186,14 @@ def _check_runtime(a) -> None:
                                                      ", or pass --no-validate to skip the check")) from None
 
 
+def _weight_digests(path, plan) -> dict:
+    """Digests of the weights that a plan's factors belong to (the input model read once more)."""
+    from .io import load_model
+    from .plan import weight_digests
+
+    return weight_digests(load_model(path, check=False), [l.weight for l in plan.layers])
+
+
 def cmd_rewrite(a) -> int:
     from .api import rewrite
     from .options import RewriteOptions
@@ -209,6 +217,8 @@ def cmd_rewrite(a) -> int:
               ("--calibration", a.calibration)]
     check_outputs(a.input, outputs, other_inputs=others, out_dirs=[("--cache-dir", a.cache_dir)])
     plan = Plan.load(a.apply_plan) if a.apply_plan else None
+    if plan is not None and plan.factors:
+        plan.check_weights(_weight_digests(a.input, plan))
     if a.plot:
         try:
             import matplotlib  # noqa: F401
@@ -233,7 +243,8 @@ def cmd_rewrite(a) -> int:
         report.save(a.report)
         written.append(a.report)
     if a.plan and report.plan is not None:
-        written += report.plan.save(a.plan)
+        written += report.plan.save(a.plan, weights=_weight_digests(a.input, report.plan)
+                                    if report.plan.factors else None)
     if a.plot:
         plot_report(report, a.plot)
         written.append(a.plot)

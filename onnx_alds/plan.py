@@ -12,12 +12,15 @@ use those factors as they are."""
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
-from .folding import SCHEMES
+from .folding import SCHEMES, decoder_kernel, encoder_kernel
+
+log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 
@@ -37,6 +40,8 @@ class Plan:
     budget: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
     factors: dict | None = field(default=None, repr=False)  # layer name → ops.Factors (data-aware plans)
+    factors_file: str | None = field(default=None, repr=False)  # where they were read from (for messages)
+    weight_digests: dict | None = field(default=None, repr=False)  # weight name → digest the factors were made for
 
     def to_dict(self) -> dict:
         return {"version": self.version, "budget": dict(self.budget),
@@ -65,8 +70,10 @@ class Plan:
             pass  # Plan.load says what is wrong with it
         return cls.factors_path(path)
 
-    def save(self, path) -> list[Path]:
-        """Write the plan (and its factors sidecar, when it carries factors); returns the paths."""
+    def save(self, path, weights: dict | None = None) -> list[Path]:
+        """Write the plan (and its factors sidecar, when it carries factors); returns the paths.
+        ``weights`` (weight name → :func:`weight_digests`) are recorded in the sidecar, so that
+        its factors are refused for other weights."""
         import hashlib
         import io as _io
 
@@ -83,6 +90,9 @@ class Plan:
                 arrays[f"{name}|decoder"] = f.decoder
                 if f.bias_delta is not None:
                     arrays[f"{name}|bias_delta"] = np.asarray(f.bias_delta)
+            for l in self.layers:
+                if weights and l.name in self.factors and l.weight in weights:
+                    arrays[f"{l.name}|weight_sha256"] = np.asarray(weights[l.weight])
             buf = _io.BytesIO()
             np.savez(buf, **arrays)
             data = buf.getvalue()
@@ -94,35 +104,44 @@ class Plan:
         return [Path(path)] + written
 
     def load_factors(self, ref: dict, base: Path) -> None:
-        import hashlib
-        import io as _io
-
-        import numpy as np
-
+        """Read the factors sidecar: untrusted input.  A regular file (never a
+        FIFO or device), matching the plan's SHA-256, whose members are
+        ``.npy`` arrays of sane declared size (checked in the zip and npy
+        headers before anything is decompressed); shapes and dtypes are checked
+        against the model in :func:`resolve`."""
         from .ops.base import Factors
 
         if not isinstance(ref, dict) or not isinstance(ref.get("file"), str):
             raise UsageError("the plan's 'factors' entry needs a 'file'")
         side = base / Path(ref["file"]).name  # beside the plan, never elsewhere
-        try:
-            data = side.read_bytes()
-        except OSError as e:
-            raise UsageError(f"cannot read the plan's factors file {str(side)!r}: {e.strerror or e}") from None
-        if ref.get("sha256") and hashlib.sha256(data).hexdigest() != ref["sha256"]:
-            raise UsageError(f"the plan's factors file {str(side)!r} does not match the plan (SHA-256 differs)")
-        try:
-            with np.load(_io.BytesIO(data), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except Exception:
-            raise UsageError(f"the plan's factors file {str(side)!r} is not a valid .npz") from None
-        factors = {}
+        arrays = _read_sidecar(side, ref.get("sha256") if isinstance(ref.get("sha256"), str) else None)
+        factors, digests = {}, {}
         for l in self.layers:
             try:
                 factors[l.name] = Factors(arrays[f"{l.name}|encoder"], arrays[f"{l.name}|decoder"],
                                           arrays.get(f"{l.name}|bias_delta"))
             except KeyError:
                 raise UsageError(f"the plan's factors file has no factors for layer {l.name!r}") from None
-        self.factors = factors
+            if f"{l.name}|weight_sha256" in arrays:
+                digests[l.weight] = str(arrays[f"{l.name}|weight_sha256"])
+        self.factors, self.factors_file = factors, str(side)
+        self.weight_digests = digests if len(digests) == len(self.layers) else None
+
+    def check_weights(self, digests: dict) -> None:
+        """Refuse factors made for other weights: ``digests`` (weight name →
+        :func:`weight_digests` of the model being rewritten) must match the
+        ones the sidecar recorded.  A sidecar without them (written before they
+        were recorded) is used with a warning."""
+        if not self.factors:
+            return
+        if self.weight_digests is None:
+            log.warning("the plan's factors file %r records no weight digests (an older version wrote it), so "
+                        "it is not checked against the model's weights", self.factors_file)
+            return
+        for l in self.layers:
+            if digests.get(l.weight) != self.weight_digests.get(l.weight):
+                raise UsageError(f"the plan's factors file {self.factors_file!r} was made for other weights than "
+                                 f"this model's {l.weight!r} (layer {l.name!r}); rerun rewrite --plan on this model")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
@@ -229,6 +248,114 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a number")
 
 
+MAX_FACTOR_BYTES = 8 << 30  # one layer's factor: far above any real one, far below a zip bomb's claim
+
+
+def _read_sidecar(side: Path, sha256: str | None) -> dict:
+    """The arrays of a factors sidecar, or one UsageError sentence naming it."""
+    import hashlib
+    import os
+    import stat
+    import zipfile
+
+    what = f"the plan's factors file {str(side)!r}"
+    try:
+        fd = os.open(side, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    except OSError as e:
+        raise UsageError(f"cannot read {what}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{what} is not a regular file")
+        try:
+            if sha256:
+                h = hashlib.sha256()
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                if h.hexdigest() != sha256:
+                    raise UsageError(f"{what} does not match the plan (SHA-256 differs)")
+                f.seek(0)
+            with zipfile.ZipFile(f) as z:
+                return {info.filename[:-4]: _read_member(z, info, what) for info in z.infolist()}
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError):
+            raise UsageError(f"{what} is not a valid .npz") from None
+
+
+def _read_member(z, info, what: str):
+    """One ``.npy`` member, its declared sizes checked before it is decompressed."""
+    import numpy as np
+
+    name = info.filename
+    if not name.endswith(".npy"):
+        raise UsageError(f"{what} holds {name!r}, which is not an .npy array")
+    # np.savez stores members uncompressed; a member that inflates far beyond its stored size is a bomb
+    if info.file_size > MAX_FACTOR_BYTES or info.file_size > 2 * info.compress_size + (1 << 16):
+        raise UsageError(f"{what}: member {name!r} declares {info.file_size:,} bytes from {info.compress_size:,} "
+                         f"stored; refused before decompressing")
+    with z.open(info) as m:
+        version = np.lib.format.read_magic(m)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(m)
+        if dtype.hasobject or dtype.kind not in "fU":
+            raise UsageError(f"{what}: array {name[:-4]!r} has dtype {dtype}, not floating point")
+        if int(np.prod(shape, dtype=object)) * dtype.itemsize > info.file_size:
+            raise UsageError(f"{what}: array {name[:-4]!r} declares shape {shape}, more than the member holds")
+    with z.open(info) as m:
+        return np.lib.format.read_array(m, allow_pickle=False)
+
+
+def weight_digests(model, names) -> dict:
+    """SHA-256 of each named weight (initializer or Constant output of the main
+    graph) over its dtype, shape and values: what a factors sidecar was made for."""
+    import hashlib
+
+    import numpy as np
+    from onnx import numpy_helper
+
+    names = set(names)
+    tensors = {t.name: t for t in model.graph.initializer if t.name in names}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] in names and node.attribute and \
+                node.attribute[0].name == "value":
+            tensors.setdefault(node.output[0], node.attribute[0].t)
+    out = {}
+    for name, t in tensors.items():
+        a = np.ascontiguousarray(numpy_helper.to_array(t))
+        h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
+def check_factors(plan: Plan, layer, entry) -> None:
+    """The sidecar's factors for ``entry`` fit ``layer``: encoder
+    ``(k·j, c/k, e1, e2)``, decoder ``(f, k·j, d1, d2)`` in the weight's dtype,
+    a bias correction of ``f`` values, all finite (one UsageError naming the file)."""
+    import numpy as np
+
+    fac = (plan.factors or {}).get(entry.name)
+    if fac is None:
+        return
+    g, what = layer.geometry, f"the plan's factors file {plan.factors_file or '(in memory)'!r}"
+    kj = entry.k * entry.rank
+    want = {"encoder": (kj, g.c // entry.k, *encoder_kernel(entry.scheme, g.kernel)),
+            "decoder": (g.f, kj, *decoder_kernel(entry.scheme, g.kernel))}
+    for part, shape in want.items():
+        a = getattr(fac, part)
+        if not isinstance(a, np.ndarray) or tuple(a.shape) != shape:
+            raise UsageError(f"{what} has an {part} of shape {tuple(np.shape(a))} for layer {entry.name!r}, but the "
+                             f"plan's k={entry.k}, rank={entry.rank}, {entry.scheme} need {shape}")
+        if layer.dtype and a.dtype != np.dtype(layer.dtype):
+            raise UsageError(f"{what} holds {a.dtype} factors for layer {entry.name!r}, whose weight is "
+                             f"{layer.dtype}; rerun rewrite --plan to make factors of the model's dtype")
+        if not np.isfinite(a).all():
+            raise UsageError(f"{what} holds NaN or inf in the {part} of layer {entry.name!r}")
+    if fac.bias_delta is not None:
+        b = np.asarray(fac.bias_delta)
+        if b.shape != (g.f,) or b.dtype.kind != "f" or not np.isfinite(b).all():
+            raise UsageError(f"{what} has a bias correction of shape {b.shape} ({b.dtype}) for layer "
+                             f"{entry.name!r}, which needs {g.f} finite values")
+
+
 def resolve(plan: Plan, info) -> dict:
     """Check a plan against the analysed model; returns layer name → (k, scheme, rank)."""
     from .cost import full_rank
@@ -254,5 +381,6 @@ def resolve(plan: Plan, info) -> dict:
         if e.rank > r:
             raise UsageError(f"the plan's rank {e.rank} for {l.name!r} exceeds the full rank {r} "
                              f"of k={e.k}, {e.scheme}")
+        check_factors(plan, l, e)
         out[l.name] = (e.k, e.scheme, e.rank, e.name)
     return out

@@ -115,3 +115,96 @@ def test_numeric_options_refuse_nan_infinite_and_out_of_range(files, capsys, arg
     assert f"argument {args[-2]}" in err
     assert "Traceback" not in err
     assert not os.path.exists("o.onnx") and not os.path.exists("q.onnx")
+
+
+# ----------------------------------------------------------------------------- the factors sidecar is untrusted
+
+
+@pytest.fixture(scope="module")
+def data_plan(tmp_path_factory):
+    """Two models with the same layer names and a data-aware plan (with its factors file) for each."""
+    from onnx_alds.cli import main
+
+    d = tmp_path_factory.mktemp("plan")
+    np.savez(d / "cal.npz", x=np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    for seed, name in ((0, "p"), (1, "p2")):
+        onnx.save(cnn_model(seed=seed), d / f"{name}.onnx")
+        assert main(["rewrite", str(d / f"{name}.onnx"), str(d / f"{name}_out.onnx"), "--keep-params", "0.6",
+                       "--calibration", str(d / "cal.npz"), "--plan", str(d / f"{name}.json"), "--no-sequential",
+                       "--allow-slower"] + NV) == 0
+    return d
+
+
+def _tampered(d, tmp_path, arrays=None, file=None, sha=True):
+    """A copy of plan p.json in tmp_path whose factors file holds ``arrays`` (SHA-256 updated, as a tamperer
+    would) or is ``file`` (a path to link to)."""
+    import hashlib
+    import io
+
+    doc = json.loads((d / "p.json").read_text())
+    side = tmp_path / "t.factors.npz"
+    if arrays is not None:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        side.write_bytes(buf.getvalue())
+        doc["factors"] = {"file": side.name, "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+    else:
+        os.symlink(file, side) if isinstance(file, str) else file(side)
+        doc["factors"] = {"file": side.name}
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    return tmp_path / "t.json"
+
+
+def _apply(capsys, d, plan, tmp_path):
+    before = digest(d / "p.onnx")
+    rc, out, err = main_in_process(capsys, "rewrite", d / "p.onnx", tmp_path / "o.onnx", "--apply-plan", plan, *NV)
+    assert digest(d / "p.onnx") == before and (rc == 0) == (tmp_path / "o.onnx").exists()
+    return rc, err
+
+
+def _bomb(path):
+    import zipfile
+
+    header = __import__("io").BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (16 << 20,)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        z.writestr("c2|encoder.npy", header.getvalue() + bytes(64 << 20))  # 64 MB of zeros in ~64 KB
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("rank", "shape"), ("bias", "bias correction"), ("float64", "float64"), ("nan", "NaN"),
+    ("other model", "other weights"), ("fifo", "not a regular file"), ("dev zero", "not a regular file"),
+    ("zip bomb", "before decompressing"),
+])
+def test_factors_file_is_checked_against_plan_and_model(data_plan, tmp_path, capsys, case, needle):
+    d = data_plan
+    side = dict(np.load(d / "p.factors.npz"))
+    enc = next(k for k in side if k.endswith("|encoder"))
+    layer = enc.split("|")[0]
+    if case == "rank":
+        plan = _tampered(d, tmp_path, {**side, enc: side[enc][: len(side[enc]) // 2]})
+    elif case == "bias":
+        plan = _tampered(d, tmp_path, {**side, f"{layer}|bias_delta": np.float32(1e3)})
+    elif case == "float64":
+        plan = _tampered(d, tmp_path, {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in side.items()})
+    elif case == "nan":
+        bad = side[enc].copy()
+        bad.flat[0] = np.nan
+        plan = _tampered(d, tmp_path, {**side, enc: bad})
+    elif case == "other model":
+        plan = _tampered(d, tmp_path, dict(np.load(d / "p2.factors.npz")))
+    elif case == "fifo":
+        plan = _tampered(d, tmp_path, file=os.mkfifo)
+    elif case == "dev zero":
+        plan = _tampered(d, tmp_path, file="/dev/zero")
+    else:
+        plan = _tampered(d, tmp_path, file=_bomb)
+    rc, err = _apply(capsys, d, plan, tmp_path)
+    assert rc == 2, err
+    assert_one_sentence(err)
+    assert "factors file" in err and needle in err and "p.onnx" not in err  # names the sidecar, not the model
+
+
+def test_untampered_factors_file_applies(data_plan, tmp_path, capsys):
+    rc, err = _apply(capsys, data_plan, data_plan / "p.json", tmp_path)
+    assert rc == 0, err
