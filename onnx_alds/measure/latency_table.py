@@ -435,7 +435,9 @@ def _context(model, info, providers, threads, model_ms, feeds) -> dict:
         return {}
     if not prof["layers"] or not prof["wall"] > 0:
         return {}
-    kappa = model_ms / prof["wall"]
+    # the profile's load, in the table's units; and the layers inside the model never take more than
+    # LAYER_SHARE of it (a profile taken under load can attribute more than the wall time to them)
+    kappa = model_ms / max(prof["wall"], sum(prof["layers"].values()) / LAYER_SHARE)
     return {n: ms * kappa for n, ms in prof["layers"].items()}
 
 

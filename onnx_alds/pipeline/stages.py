@@ -30,7 +30,7 @@ from ..extract import ModelInfo, count_params, extract, model_flops
 from ..io import EXTERNAL_DATA_THRESHOLD, Source, check_model_file, check_rewritten, proto_size, save_model, \
     temp_dir, trim_memory
 from ..measure.int8 import Int8Copies
-from ..measure.latency_table import measure_speedup
+from ..measure.latency_table import measure_speedup, profile_pair
 from ..measure.speed import SpeedModel
 from ..options import RewriteOptions, objective_for
 from ..plan import LayerPlan, Plan, resolve
@@ -53,6 +53,19 @@ def timed(timings: dict, stage: str):
     timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - t0, 4)
 
 
+class Measurer:
+    """How a policy times a rewrite against its original: the whole models side by side
+    (:meth:`speedup`) and each layer inside them (:meth:`profile`), with a latency table's settings.
+    A policy only measures through its run's measurer, so a test can hand it a deterministic one."""
+
+    def speedup(self, original, new, table, info, choices: dict) -> LatencyMeasurement:
+        m = measure_speedup(original, new, table, info)
+        return LatencyMeasurement(m["measured_ms_before"], m["measured_ms"], m["threads"])
+
+    def profile(self, original, new, table, info, choices: dict) -> tuple[dict, dict]:
+        return profile_pair(original, new, table, info)
+
+
 @dataclass
 class Run:
     """One rewrite's shared state: the options, the input (``original``, never edited; ``source``, the
@@ -68,6 +81,7 @@ class Run:
     timings: dict = field(default_factory=dict)
     int8_copies: Int8Copies | None = None  # --int8: the copies timed, kept for the whole rewrite
     objective: str = "max"  # what selection minimises (:func:`onnx_alds.options.objective_for`)
+    measurer: Measurer = field(default_factory=Measurer)
 
     @property
     def large(self) -> bool:
@@ -300,12 +314,12 @@ def build(run: Run, choice: Choice, source: Source | None = None) -> Built:
     return Built(new, measured)
 
 
-def measure(run: Run, model, table, original=None) -> LatencyMeasurement:
+def measure(run: Run, model, table, choices: dict, original=None) -> LatencyMeasurement:
     """The whole original (or ``original``, the same model as a file) and ``model`` timed side by side
-    with the table's settings."""
+    with the table's settings, by the run's measurer."""
     with run.stage("latency"):
-        m = measure_speedup(run.original if original is None else original, model, table, run.info)
-    return LatencyMeasurement(m["measured_ms_before"], m["measured_ms"], m["threads"])
+        return run.measurer.speedup(run.original if original is None else original, model, table, run.info,
+                                    choices)
 
 
 def check(run: Run, choice: Choice, built: Built, table=None) -> Attempt:
@@ -324,7 +338,7 @@ def check(run: Run, choice: Choice, built: Built, table=None) -> Attempt:
                 check_rewritten(run.original, built.model)
         latency = None
         if choice.budget.get("metric") == "latency" and table is not None and opts.budget.plan is None:
-            latency = measure(run, new_ref, table, orig_ref)
+            latency = measure(run, new_ref, table, choice.choices, orig_ref)
             choice.budget.update(latency.to_budget())
         report = _report(run, choice, built)
         validation = None

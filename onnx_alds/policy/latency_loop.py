@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import InfeasibleBudget
 from ..measure.int8 import INT8_K_MAX
-from ..measure.latency_table import BETA_RANGE, LatencyTable, profile_pair
+from ..measure.latency_table import BETA_RANGE, LatencyTable
 from ..pipeline.attempt import Attempt, Choice
 from ..pipeline.stages import Run, build, check, choose, measure
 from .second_route import guarded_alternative
@@ -89,7 +89,7 @@ def _remeasure(run: Run, state: LoopState, attempt: Attempt, target: float) -> N
     short, past = lo * (1 - REMEASURE_BAND) <= got < lo, hi < got <= hi * (1 + REMEASURE_BAND)
     if not (short or past) or run.large:
         return
-    again = measure(run, attempt.model, state.table)
+    again = measure(run, attempt.model, state.table, attempt.choice.choices)
     attempt.choice.budget["remeasured"] = "faster" if short else "slower"  # the one kept, of two measurements
     if (again.speedup > got) == short:
         attempt.latency = again
@@ -109,7 +109,8 @@ def _correct(run: Run, state: LoopState, attempt: Attempt, target: float) -> Non
     table, choices, got = state.table, attempt.choice.choices, attempt.latency.speedup
     if table.context:  # layer by layer first: the profiler times each factorized layer inside the model
         with run.stage("profile"):
-            table = table.learned(choices, *profile_pair(run.original, attempt.model, table, run.info))
+            table = table.learned(choices, *run.measurer.profile(run.original, attempt.model, table, run.info,
+                                                                  choices))
     learned = table.corrected(table.predicted_ms(choices), attempt.latency.before_ms, attempt.latency.after_ms)
     predicted = _predicted(state.table, attempt.choice)
     if got > 1.0 and learned.beta > BETA_RANGE[0]:

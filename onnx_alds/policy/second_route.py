@@ -64,7 +64,7 @@ def guarded_alternative(run: Run, table, *, beat: float) -> Attempt | None:
         if not choice.decomposed:
             continue
         built = build(run, choice)
-        got = measure(run, built.model, table)
+        got = measure(run, built.model, table, choice.choices)
         log.info("keep-latency %g: the speed guard's plan at keep-params %g measured %.2fx", keep, kp, got.speedup)
         state.tried.append(Tried(kp, choice, built, run.source, got))
         if got.speedup >= state.target:
