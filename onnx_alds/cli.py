@@ -186,6 +186,21 @@ def _check_runtime(a) -> None:
                                                      ", or pass --no-validate to skip the check")) from None
 
 
+def _check_int8(path) -> None:
+    """--int8 times int8 copies: refuse a model that quantization would leave in float64."""
+    import onnx
+
+    from .quantize import float64_reason
+
+    try:
+        why = float64_reason(onnx.load(str(path), load_external_data=False))
+    except Exception:  # noqa: BLE001 - an unreadable model is reported by the rewrite with its own sentence
+        return
+    if why:
+        raise UsageError(f"--int8 times int8 copies, but {why} and int8 quantization takes float32 models (the "
+                         f"copies would stay float64); drop --int8 or convert the model to float32")
+
+
 def _weight_digests(path, plan) -> dict:
     """Digests of the weights that a plan's factors belong to (the input model read once more)."""
     from .io import load_model
@@ -219,6 +234,8 @@ def cmd_rewrite(a) -> int:
     plan = Plan.load(a.apply_plan) if a.apply_plan else None
     if plan is not None and plan.factors:
         plan.check_weights(_weight_digests(a.input, plan))
+    if a.int8:
+        _check_int8(a.input)
     if a.plot:
         try:
             import matplotlib  # noqa: F401

@@ -91,6 +91,22 @@ def _input_dims(vi: onnx.ValueInfoProto) -> list[int | None]:
             for d in vi.type.tensor_type.shape.dim]
 
 
+def float64_reason(model: onnx.ModelProto) -> str | None:
+    """Why onnxruntime's static quantization would leave ``model`` as it is
+    (it quantizes float32 tensors only): a float64 graph input or weight of a
+    Conv/Gemm/MatMul, named; None when there is none.  Reads types only."""
+    double = onnx.TensorProto.DOUBLE
+    for vi in model.graph.input:
+        if vi.type.tensor_type.elem_type == double:
+            return f"its input {vi.name!r} is float64"
+    weights = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")
+               and len(n.input) > 1}
+    for t in model.graph.initializer:
+        if t.name in weights and t.data_type == double:
+            return f"its weight {t.name!r} is float64"
+    return None
+
+
 def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, samples: int = 32, batch: int = 8,
                         seed: int = 0, input_shapes: dict | None = None) -> tuple[list[dict], int, int]:
     """Split calibration feeds into batches the model accepts; returns
@@ -211,6 +227,10 @@ def quantize(model_path, out_path, calibration=None, *, per_channel: bool = True
     done = sorted({n.op_type for n in model.graph.node} & _QUANTIZED_OPS)
     if done:
         raise UsageError(f"the model is already quantized (it has {done[0]} nodes)")
+    why = float64_reason(model)
+    if why:
+        raise UsageError(f"int8 quantization takes float32 models, and {why}; nothing was quantized (convert the "
+                         f"model to float32 first)")
     large = proto_size(model) > EXTERNAL_DATA_THRESHOLD
     ref = in_path if in_path is not None and large else model  # onnxruntime takes >2 GB only from a file
     batches, n_samples, bs = calibration_batches(model, calibration, samples=samples, batch=batch, seed=seed,

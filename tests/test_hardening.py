@@ -208,3 +208,17 @@ def test_factors_file_is_checked_against_plan_and_model(data_plan, tmp_path, cap
 def test_untampered_factors_file_applies(data_plan, tmp_path, capsys):
     rc, err = _apply(capsys, data_plan, data_plan / "p.json", tmp_path)
     assert rc == 0, err
+
+
+# ----------------------------------------------------------------------------- int8 tells the truth
+
+
+@pytest.mark.parametrize("command", [["quantize", "f64.onnx", "q.onnx"], ["rewrite", "f64.onnx", "q.onnx", "--int8"]])
+def test_int8_refuses_a_float64_model_instead_of_claiming_int8(tmp_path, monkeypatch, capsys, command):
+    from graphs import conv_model
+
+    monkeypatch.chdir(tmp_path)
+    onnx.save(conv_model(dtype=np.float64), "f64.onnx")
+    err = _refused(capsys, command, ["f64.onnx"])
+    assert "float64" in err and "float32" in err
+    assert not os.path.exists("q.onnx")
