@@ -151,28 +151,84 @@ def _check_feasible(options: list[Options], budget: float, fixed: float, total: 
             f"the budget cannot be met: the smallest reachable fraction is {frac:.4f}", frac)
 
 
-def solve_minmax(options: list[Options], budget: float) -> tuple[float, list[int]]:
-    """Exact: the smallest ε whose cheapest configurations fit ``budget``.
-    Returns ``(ε*, index chosen in each layer's options)``."""
-    fronts = [o.front() for o in options]
-    values = np.unique(np.concatenate([f[0] for f in fronts])) if fronts else np.zeros(1)
+class Flat:
+    """Every layer's options as one set of flat arrays (layer id ``seg``, error,
+    cost, k), so that a selection step costs a few numpy passes over all
+    options instead of a few numpy calls per layer: the solvers stay linear in
+    the number of layers with small constants (thousands of MatMuls)."""
+
+    def __init__(self, options: list[Options]):
+        sizes = np.array([len(o.eps) for o in options], dtype=np.int64)
+        self.n_layers = len(options)
+        self.start = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.seg = np.repeat(np.arange(self.n_layers), sizes)
+        cat = (lambda a: np.concatenate(a) if options else np.zeros(0))  # noqa: E731
+        self.eps = cat([o.eps for o in options]).astype(float)
+        self.cost = cat([o.cost for o in options]).astype(float)
+        self.k = cat([o.k for o in options]).astype(np.int64)
+        self.scheme = cat([o.scheme for o in options]).astype(np.int64)
+        self.rank = cat([o.rank for o in options]).astype(np.int64)
+        # each layer's options by error, then cost (as Options.front sorts them), once
+        self.order = np.lexsort((self.cost, self.eps, self.seg))
+        # exact integer keys for a running minimum of cost that restarts at every layer
+        _, rank = np.unique(self.cost, return_inverse=True)
+        self._key = rank.astype(np.int64).reshape(-1) - self.seg * (len(self.cost) + 1)
+
+    def front(self, mask: np.ndarray | None = None) -> np.ndarray:
+        """Flat positions of every layer's front among the options in ``mask``
+        (:meth:`Options.front`, layer after layer)."""
+        order = self.order if mask is None else self.order[mask[self.order]]
+        best = np.minimum.accumulate(self._key[order])
+        keep = np.ones(len(order), bool)
+        keep[1:] = best[1:] < best[:-1]
+        return order[keep]
+
+    def min_cost(self, mask: np.ndarray | None = None) -> float:
+        """Σ over layers of the cheapest option in ``mask``."""
+        c = self.cost if mask is None else np.where(mask, self.cost, np.inf)
+        return float(np.minimum.reduceat(c, self.start).sum()) if self.n_layers else 0.0
+
+    def local(self, pos: np.ndarray) -> list[int]:
+        """Flat positions (one per layer, in order) → indices into each layer's options."""
+        return [int(i) for i in pos - self.start]
+
+
+def _front_starts(seg: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]]) if len(seg) else np.zeros(0, np.int64)
+
+
+def minmax_front(flat: Flat, fp: np.ndarray, budget: float) -> tuple[float, np.ndarray]:
+    """:func:`solve_minmax` on the front ``fp`` (flat positions from
+    :meth:`Flat.front`); returns ``(ε*, flat position chosen in each layer)``."""
+    feps, fcost = flat.eps[fp], flat.cost[fp]
+    starts = _front_starts(flat.seg[fp])
+    values = np.unique(feps) if len(fp) else np.zeros(1)
+
+    def at(e):  # each layer's cheapest front entry with error ≤ e
+        return starts + np.add.reduceat((feps <= e).astype(np.int64), starts) - 1
 
     def total(e):
-        return sum(f[1][np.searchsorted(f[0], e, side="right") - 1] for f in fronts)
+        return float(fcost[at(e)].sum())
 
     lo, hi = 0, len(values) - 1
-    if total(values[hi]) > budget + 1e-9:
-        return float("inf"), []
+    if not len(fp) or total(values[hi]) > budget + 1e-9:
+        return float("inf"), np.zeros(0, np.int64)
     while lo < hi:  # smallest index with total ≤ budget
         mid = (lo + hi) // 2
         if total(values[mid]) <= budget + 1e-9:
             hi = mid
         else:
             lo = mid + 1
-    e = values[lo]
-    picks = [int(f[2][np.searchsorted(f[0], e, side="right") - 1]) for f in fronts]
-    achieved = max((float(o.eps[i]) for o, i in zip(options, picks)), default=0.0)
-    return achieved, picks
+    picks = fp[at(values[lo])]
+    return float(flat.eps[picks].max(initial=0.0)), picks
+
+
+def solve_minmax(options: list[Options], budget: float) -> tuple[float, list[int]]:
+    """Exact: the smallest ε whose cheapest configurations fit ``budget``.
+    Returns ``(ε*, index chosen in each layer's options)``."""
+    flat = Flat(options)
+    eps, picks = minmax_front(flat, flat.front(), budget)
+    return eps, (flat.local(picks) if len(picks) else [])
 
 
 def _selection(method, options, picks, **details) -> Selection:
@@ -184,13 +240,18 @@ def _selection(method, options, picks, **details) -> Selection:
 
 def solve_sum(options: list[Options], budget: float) -> list[int]:
     """Least ``Σ ε²`` within ``budget`` (module docstring): Lagrangian picks, then greedy upgrades."""
-    fronts = [o.front() for o in options]
+    flat = Flat(options)
+    fp = flat.front()
+    fe, fc, fseg = flat.eps[fp], flat.cost[fp], flat.seg[fp]
+    starts = _front_starts(fseg)
 
-    def pick(lam):
-        return [int(f[2][np.argmin(f[0] ** 2 + lam * f[1])]) for f in fronts]
+    def pick(lam):  # per layer, the first front entry minimising ε² + λ·cost
+        v = fe ** 2 + lam * fc
+        hit = np.flatnonzero(v == np.minimum.reduceat(v, starts)[fseg])
+        return hit[np.r_[True, fseg[hit][1:] != fseg[hit][:-1]]]
 
     def cost(p):
-        return float(sum(o.cost[i] for o, i in zip(options, p)))
+        return float(fc[p].sum())
 
     hi = 1.0
     for _ in range(200):
@@ -205,25 +266,48 @@ def solve_sum(options: list[Options], budget: float) -> list[int]:
         else:
             lo = mid
     picks = pick(hi)
-    left = budget - cost(picks)
-    # spend the rest: each time the upgrade that removes the most ε² per unit of cost and still fits
-    for _ in range(10 * len(options) + 10):
-        best = None
-        for li, (o, (fe, fc, fi)) in enumerate(zip(options, fronts)):
-            cur = picks[li]
-            dc = fc - o.cost[cur]
-            de = o.eps[cur] ** 2 - fe ** 2
-            ok = (dc > 0) & (dc <= left + 1e-9) & (de > 0)
-            if ok.any():
-                j = int(np.argmax(np.where(ok, de / np.where(dc > 0, dc, 1.0), -np.inf)))
-                gain = de[j] / dc[j]
-                if best is None or gain > best[0]:
-                    best = (gain, li, int(fi[j]), float(dc[j]))
-        if best is None:
-            break
-        _, li, idx, dc = best
-        picks[li] = idx
+    picks = _upgrade(fe, fc, starts, picks, budget - cost(picks), 10 * len(options) + 10)
+    return flat.local(fp[picks])
+
+
+def _upgrade(fe, fc, starts, picks, left: float, rounds: int) -> np.ndarray:
+    """Spend what the budget leaves: each time the upgrade (front entry of one
+    layer) that removes the most ε² per unit of cost and still fits, the
+    first layer on ties.  A heap holds each layer's best upgrade; the budget
+    left only shrinks, so a stale entry overestimates its layer and is
+    re-evaluated when it comes out on top."""
+    import heapq
+
+    ends = np.r_[starts[1:], len(fe)]
+    picks = picks.copy()
+
+    def best(li):
+        sl = slice(starts[li], ends[li])
+        cur = picks[li]
+        dc, de = fc[sl] - fc[cur], fe[cur] ** 2 - fe[sl] ** 2
+        ok = (dc > 0) & (dc <= left + 1e-9) & (de > 0)
+        if not ok.any():
+            return None
+        j = int(np.argmax(np.where(ok, de / np.where(dc > 0, dc, 1.0), -np.inf)))
+        return (-float(de[j] / dc[j]), li, int(starts[li] + j), float(dc[j]), int(cur))
+
+    heap = [e for e in map(best, range(len(starts))) if e is not None]
+    heapq.heapify(heap)
+    done = 0
+    while heap and done < rounds:
+        entry = heapq.heappop(heap)
+        _, li, j, dc, cur = entry
+        if cur != picks[li] or dc > left + 1e-9:  # stale: its layer moved, or it no longer fits
+            fresh = best(li) if cur == picks[li] else None
+            if fresh is not None:
+                heapq.heappush(heap, fresh)
+            continue
+        picks[li] = j
         left -= dc
+        done += 1
+        fresh = best(li)
+        if fresh is not None:
+            heapq.heappush(heap, fresh)
     return picks
 
 
@@ -243,26 +327,95 @@ def select_alds(options: list[Options], budget: float, *, fixed: float = 0.0, to
         best = sel if sel.rss_error <= minmax.rss_error else minmax
         best.details["objective"] = "sum"
         return best
-    eps, picks = solve_minmax(options, budget)
-    if not fill:
-        return _selection("alds", options, picks)
-    picks = list(picks)
-    free = list(range(len(options)))
-    for _ in range(len(options)):
-        at_max = [i for i in free if options[i].eps[picks[i]] >= eps - 1e-15]
-        free = [i for i in free if i not in at_max]
-        if not free or not at_max:
+    flat = Flat(options)
+    fp = flat.front()
+    eps, picks = minmax_front(flat, fp, budget)
+    if fill:
+        picks = _fill(flat, fp, budget, eps)
+    return _selection("alds", options, flat.local(picks))
+
+
+class _Fenwick:
+    """Prefix sums with point updates (a binary indexed tree over positions 0..n-1)."""
+
+    def __init__(self, values: np.ndarray):
+        self.n = len(values)
+        tree = [0.0] + [float(v) for v in values]
+        for i in range(1, self.n + 1):
+            j = i + (i & -i)
+            if j <= self.n:
+                tree[j] += tree[i]
+        self.tree = tree
+
+    def add(self, pos: int, value: float) -> None:
+        i = pos + 1
+        while i <= self.n:
+            self.tree[i] += value
+            i += i & -i
+
+    def first_at_most(self, limit: float) -> int:
+        """The first position whose prefix sum is ≤ ``limit``, where the prefix
+        sums from position 0 on fall (n when none is)."""
+        pos, acc, step = 0, 0.0, 1 << self.n.bit_length()
+        while step:
+            nxt = pos + step
+            if nxt <= self.n and acc + self.tree[nxt] > limit:
+                pos, acc = nxt, acc + self.tree[nxt]
+            step >>= 1
+        return pos
+
+
+def _fill(flat: Flat, fp: np.ndarray, budget: float, eps: float) -> np.ndarray:
+    """The lexicographic fill of :func:`select_alds`: the layers at the max
+    error ``eps`` are frozen at their picks and the others solved again with
+    what remains, until nothing changes.  The free layers' total cost as a
+    function of the threshold lives in a Fenwick tree over the candidate
+    errors, so a round costs the frozen layers' fronts, not all layers: linear
+    in the number of layers however many rounds there are.  Returns the flat
+    position chosen in each layer."""
+    fseg, feps, fcost = flat.seg[fp], flat.eps[fp], flat.cost[fp]
+    starts = _front_starts(fseg)
+    ends = np.r_[starts[1:], len(fp)]
+    values = np.unique(feps)
+    vpos = np.searchsorted(values, feps)
+    delta = fcost.copy()
+    delta[1:] -= fcost[:-1]
+    delta[starts] = fcost[starts]  # C(e) = Σ of the deltas at the candidate errors ≤ e
+    tree = _Fenwick(np.bincount(vpos, weights=delta, minlength=len(values)))
+    by_value = np.argsort(vpos, kind="stable")
+    value_start = np.searchsorted(vpos[by_value], np.arange(len(values) + 1))
+    n = flat.n_layers
+    free, pick = np.ones(n, bool), np.zeros(n, np.int64)
+    threshold, frozen_cost, free_min = eps, 0.0, float(fcost[ends - 1].sum())
+
+    def pick_at(i, e):  # layer i's cheapest front entry with error ≤ e
+        return starts[i] + np.searchsorted(feps[starts[i]:ends[i]], e, side="right") - 1
+
+    for _ in range(n):
+        lo, hi = np.searchsorted(values, eps - 1e-15, "left"), np.searchsorted(values, eps, "right")
+        # a layer is at the max when a front entry of it lies in [eps − 1e-15, eps]
+        at_max = [i for i in dict.fromkeys(fseg[by_value[value_start[lo]:value_start[hi]]].tolist()) if free[i]]
+        for i in at_max:
+            free[i] = False
+            pick[i] = pick_at(i, threshold)
+            frozen_cost += fcost[pick[i]]
+            free_min -= fcost[ends[i] - 1]
+            for t in range(starts[i], ends[i]):
+                tree.add(int(vpos[t]), -float(delta[t]))
+        if not free.any() or not at_max:
             break
-        left = budget - sum(options[i].cost[picks[i]] for i in range(len(options)) if i not in free)
-        sub = [options[i] for i in free]
-        if min_cost(sub) > left + 1e-9:
+        left = budget - frozen_cost
+        if free_min > left + 1e-9:
             break
-        eps, sub_picks = solve_minmax(sub, left)
-        for i, p in zip(free, sub_picks):
-            picks[i] = p
+        p = tree.first_at_most(left + 1e-9)
+        if p >= len(values):
+            break
+        threshold = eps = float(values[p])
         if eps <= 0.0:
             break
-    return _selection("alds", options, picks)
+    for i in np.flatnonzero(free):
+        pick[i] = pick_at(i, threshold)
+    return fp[pick]
 
 
 def select_alds_paper(options: list[Options], budget: float, *, fixed: float = 0.0, total: float = 0.0,
@@ -271,6 +424,7 @@ def select_alds_paper(options: list[Options], budget: float, *, fixed: float = 0
     _check_feasible(options, budget, fixed, total)
     rng = np.random.default_rng(rng_seed)
     ks_per_layer = [np.unique(o.k[o.k != KEEP]) for o in options]
+    flat = Flat(options)
 
     def start_from(seed):
         if seed is None:
@@ -280,70 +434,76 @@ def select_alds_paper(options: list[Options], budget: float, *, fixed: float = 0
 
     best, best_err, tried = None, np.inf, []
     for seed in list(seeds) + [None] * n_random:
-        ks = start_from(seed)
-        picks = None
-        for _ in range(max_iter):
-            restricted = [o.subset(o.k == k) for o, k in zip(options, ks)]
-            if min_cost(restricted) > budget + 1e-9:
-                break  # this k assignment cannot meet the budget at any error
-            _, sub = solve_minmax(restricted, budget)
-            # map back to indices of the full option arrays
-            picks = [int(np.flatnonzero((o.k == k) | (o.k == KEEP))[i]) for o, k, i in zip(options, ks, sub)]
-            # (b) every layer re-chooses k for the budget it got
-            new_ks = []
-            for o, i, k in zip(options, picks, ks):
-                fits = o.cost <= o.cost[i] + 1e-9
-                j = np.flatnonzero(fits)[np.argmin(o.eps[fits])]
-                new_ks.append(int(o.k[j]) if o.k[j] != KEEP else k)
-            if new_ks == ks:
-                break
-            ks = new_ks
+        picks = _alternate(flat, np.array(start_from(seed), dtype=np.int64), budget, max_iter)
         if picks is None:
             continue
-        err = max((float(o.eps[i]) for o, i in zip(options, picks)), default=0.0)
+        err = float(flat.eps[picks].max(initial=0.0))
         tried.append(err)
         if err < best_err:
             best, best_err = picks, err
     if best is None:  # no seed was feasible: fall back to the plain rank search at k = 1
-        restricted = [o.subset(o.k == 1) for o in options]
-        if min_cost(restricted) > budget + 1e-9:
+        mask = (flat.k == 1) | (flat.k == KEEP)
+        if flat.min_cost(mask) > budget + 1e-9:
             raise InfeasibleBudget("the budget cannot be met by the paper's procedure", float("nan"))
-        _, sub = solve_minmax(restricted, budget)
-        best = [int(np.flatnonzero((o.k == 1) | (o.k == KEEP))[i]) for o, i in zip(options, sub)]
-    return _selection("alds-paper", options, best, seeds_tried=len(tried))
+        _, best = minmax_front(flat, flat.front(mask), budget)
+    return _selection("alds-paper", options, flat.local(best), seeds_tried=len(tried))
+
+
+def _alternate(flat: Flat, ks: np.ndarray, budget: float, max_iter: int) -> np.ndarray | None:
+    """The paper's alternation from one seed (k per layer): (a) the min-max
+    search with k fixed per layer, (b) every layer re-chooses its k as the one
+    with the least error within the cost it got; until k stops changing.
+    Returns the flat position chosen in each layer, None where infeasible."""
+    picks = None
+    for _ in range(max_iter):
+        mask = (flat.k == ks[flat.seg]) | (flat.k == KEEP)
+        if flat.min_cost(mask) > budget + 1e-9:
+            break  # this k assignment cannot meet the budget at any error
+        _, picks = minmax_front(flat, flat.front(mask), budget)
+        # (b) per layer, the first option with the least error among those costing at most its pick
+        fits = flat.cost <= flat.cost[picks][flat.seg] + 1e-9
+        e = np.where(fits, flat.eps, np.inf)
+        hit = np.flatnonzero(fits & (e == np.minimum.reduceat(e, flat.start)[flat.seg]))
+        first = hit[np.r_[True, flat.seg[hit][1:] != flat.seg[hit][:-1]]]
+        new_ks = np.where(flat.k[first] != KEEP, flat.k[first], ks)
+        if np.array_equal(new_ks, ks):
+            break
+        ks = new_ks
+    return picks
 
 
 def select_uniform(options: list[Options], budget: float, *, fixed: float = 0.0, total: float = 0.0) -> Selection:
     """Same kept fraction of rank in every layer (k = 1, s0)."""
     s0 = SCHEMES.index("s0")
-    per = []
-    for o in options:
-        m = (o.k == 1) & (o.scheme == s0)
-        ranks = o.rank[m]
-        full = o.full_rank  # ranks that save nothing are not options: they mean "keep"
-        per.append((o, np.flatnonzero(m), ranks, full))
     _check_feasible([o.subset((o.k == 1) & (o.scheme == s0)) for o in options], budget, fixed, total)
+    flat = Flat(options)
+    fulls = np.array([o.full_rank for o in options], dtype=np.int64)
+    keep_at = np.flatnonzero(flat.k == KEEP)
+    keep_at = keep_at[np.r_[True, flat.seg[keep_at][1:] != flat.seg[keep_at][:-1]]]  # first KEEP per layer
+    # the k = 1, s0 options by (layer, rank): the first of each, for a vectorised lookup
+    m = np.flatnonzero((flat.k == 1) & (flat.scheme == s0))
+    span = int(max(fulls.max(initial=0), flat.rank.max(initial=0))) + 2
+    keys = flat.seg[m] * span + flat.rank[m]
+    keys, first = np.unique(keys, return_index=True)
+    m = m[first]
 
     def pick(alpha):
-        out = []
-        for o, idx, ranks, full in per:
-            want = max(1, int(np.ceil(alpha * full - 1e-12)))
-            hit = idx[ranks == want]
-            out.append(int(hit[0]) if len(hit) else int(np.flatnonzero(o.k == KEEP)[0]))
-        return out
+        want = np.maximum(1, np.ceil(alpha * fulls - 1e-12).astype(np.int64))
+        q = np.arange(len(options)) * span + want
+        at = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
+        hit = (keys[at] == q) if len(keys) else np.zeros(len(q), bool)
+        return np.where(hit, m[at] if len(keys) else keep_at, keep_at)
 
-    def cost(picks):
-        return sum(o.cost[i] for (o, *_), i in zip(per, picks))
-
-    alphas = np.unique(np.concatenate([np.arange(1, full + 1) / full for *_, full in per if full] + [[1.0]]))
+    alphas = np.unique(np.concatenate([np.arange(1, full + 1) / full for full in fulls.tolist() if full]
+                                      + [[1.0]]))
     # the largest alpha whose cost fits; a scan, not a bisection: where a rank is not an option
     # (it saves nothing, or the speed guard refuses it) the layer stays whole, so the cost of
     # alpha is not monotone
-    fits = [i for i, a in enumerate(alphas) if cost(pick(a)) <= budget + 1e-9]
+    fits = [i for i, a in enumerate(alphas) if float(flat.cost[pick(a)].sum()) <= budget + 1e-9]
     if not fits:
         raise InfeasibleBudget("the budget cannot be met with uniform rank", float("nan"))
     lo = fits[-1]
-    return _selection("uniform", [p[0] for p in per], pick(alphas[lo]), kept_rank_fraction=float(alphas[lo]))
+    return _selection("uniform", options, flat.local(pick(alphas[lo])), kept_rank_fraction=float(alphas[lo]))
 
 
 METHODS = {"alds": select_alds, "alds-paper": select_alds_paper, "uniform": select_uniform}

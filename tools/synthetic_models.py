@@ -81,16 +81,31 @@ def resnet50(seed: int = 0, num_classes: int = 1000, image: int = 224) -> onnx.M
     return b.model(["N", 3, image, image], "logits", ["N", num_classes], name="resnet50")
 
 
-BUILDERS = {"resnet50": resnet50}
+def chain(layers: int = 400, width: int = 16, image: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """``layers`` 1×1 convs of ``width`` channels in a row, each followed by a Relu: a graph with
+    thousands of small decomposable layers, for timing what grows with the number of layers."""
+    b = _Builder(seed)
+    h = "input"
+    for i in range(layers):
+        h = b.conv(h, f"c{i}", width, width, 1, relu=i + 1 < layers)
+    return b.model(["N", width, image, image], h, ["N", width, image, image], name="chain")
+
+
+BUILDERS = {"resnet50": resnet50, "chain": chain}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("arch", choices=sorted(BUILDERS))
+    ap.add_argument("arch", help=f"{', '.join(sorted(BUILDERS))}, or chainN (N layers)")
     ap.add_argument("output")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    m = BUILDERS[a.arch](seed=a.seed)
+    if a.arch.startswith("chain"):
+        m = chain(int(a.arch[len("chain"):] or 400), seed=a.seed)
+    elif a.arch in BUILDERS:
+        m = BUILDERS[a.arch](seed=a.seed)
+    else:
+        ap.error(f"unknown architecture {a.arch!r}")
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(m, a.output)
     print(f"wrote {a.output}", file=sys.stderr)
