@@ -33,7 +33,8 @@ from pathlib import Path
 
 import onnx
 
-from .calibration import first_samples, load_calibration, model_inputs  # the one calibration loader
+from .calibration import first_samples, load_calibration, model_inputs
+from .calibration.data import MAX_CALIBRATION_SAMPLES  # the one calibration loader
 from .compare import compare_outputs
 from .errors import ModelError, UsageError, ValidationFailed, first_line
 from .measure.inputs import random_inputs
@@ -121,12 +122,15 @@ def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, sam
     # a fixed first axis is the batch the model takes; otherwise ours
     bs = next(iter(fixed_batch.values()), None) or batch
     if calibration is None:
+        if samples > MAX_CALIBRATION_SAMPLES:  # each random sample is held until quantization ends
+            log.warning("int8 calibration uses at most %d samples, not %d", MAX_CALIBRATION_SAMPLES, samples)
+            samples = MAX_CALIBRATION_SAMPLES
         sess = session(model, [CPU], threads=2)
         n = max(1, -(-samples // bs))
         feeds = [random_inputs(sess, input_shapes, batch=bs, seed=seed + i) for i in range(n)]
         return feeds, n * bs, bs
     # a stream of feeds is held whole: int8 calibration takes a few hundred samples
-    arrays = first_samples(load_calibration(calibration, model_inputs(model)))
+    arrays = first_samples(load_calibration(calibration, model_inputs(model)), MAX_CALIBRATION_SAMPLES)
     counts = {len(a) for a in arrays.values()}
     if len(counts) > 1:
         raise UsageError(f"the calibration arrays hold different numbers of samples ({sorted(counts)}); "

@@ -222,3 +222,57 @@ def test_int8_refuses_a_float64_model_instead_of_claiming_int8(tmp_path, monkeyp
     err = _refused(capsys, command, ["f64.onnx"])
     assert "float64" in err and "float32" in err
     assert not os.path.exists("q.onnx")
+
+
+# ----------------------------------------------------------------------------- calibration data
+
+
+def _gather_model():
+    from graphs import _parse
+
+    rng = np.random.default_rng(0)
+    return _parse("""g (int64[N, 6] ids) => (float[N, 6, 4] y) {
+        [emb] e = Gather (table, ids)
+        [fc] y = MatMul (e, "fc.weight")
+    }""", {"table": rng.standard_normal((10, 8)).astype(np.float32),
+           "fc.weight": rng.standard_normal((8, 4)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("ids, needle", [(np.full((4, 6), 1000, np.int64), "10 rows"),
+                                         (np.full((4, 6), 2**63 + 5, np.uint64), "wrap")])
+@pytest.mark.parametrize("command", ["rewrite", "quantize"])
+def test_token_ids_outside_the_table_are_one_sentence(tmp_path, monkeypatch, capsys, ids, needle, command):
+    monkeypatch.chdir(tmp_path)
+    onnx.save(_gather_model(), "g.onnx")
+    np.savez("ids.npz", ids=ids)
+    err = _refused(capsys, [command, "g.onnx", "o.onnx", "--calibration", "ids.npz"]
+                   + (NV if command == "rewrite" else []), ["g.onnx", "ids.npz"])
+    assert needle in err
+
+
+def test_calibration_header_declaring_gigabytes_is_refused_before_reading(tmp_path, monkeypatch, capsys):
+    import io
+    import resource
+    import zipfile
+
+    monkeypatch.chdir(tmp_path)
+    onnx.save(cnn_model(), "m.onnx")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                   "shape": (700_000, 3, 16, 16)})  # 2 GiB declared
+    with zipfile.ZipFile("cal.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", header.getvalue() + bytes(1 << 20))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    err = _refused(capsys, ["rewrite", "m.onnx", "o.onnx", "--calibration", "cal.npz"] + NV, ["m.onnx", "cal.npz"])
+    assert "GiB" in err and "before reading" in err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 512 << 10  # KiB: under 512 MB more
+
+
+def test_quantize_caps_random_samples_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    onnx.save(cnn_model(), "m.onnx")
+    from onnx_alds.calibration.data import MAX_CALIBRATION_SAMPLES
+    from onnx_alds.quantize import calibration_batches
+
+    batches, used, _ = calibration_batches(cnn_model(), None, samples=10**8, batch=MAX_CALIBRATION_SAMPLES)
+    assert used == MAX_CALIBRATION_SAMPLES and len(batches) == 1

@@ -8,6 +8,7 @@ sentence; arrays are cast to the inputs' dtypes where that is safe.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -17,13 +18,37 @@ import onnx
 
 from ..errors import UsageError
 
+log = logging.getLogger(__name__)
+
 InputSpec = Mapping[str, tuple]  # input name → (numpy dtype, dims: ints, or str/None when dynamic)
 
+MAX_CALIBRATION_BYTES = 2 << 30  # all arrays of a calibration file, as their headers declare them
+MAX_CALIBRATION_SAMPLES = 4096  # samples used from a file or dict; more add time, not accuracy
 
-def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, list]]:
+
+class ModelInputs(dict):
+    """name → (dtype, dims) of the fed inputs, and ``limits``: name → the row
+    count of the table a Gather on that input indexes (token ids must stay below it)."""
+
+    limits: dict[str, int]
+
+
+def gather_limits(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph input → rows of the constant table that a Gather (axis 0) indexes with it."""
+    tables = {t.name: t.dims[0] for t in model.graph.initializer if len(t.dims)}
+    out: dict[str, int] = {}
+    for n in model.graph.node:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if n.op_type == "Gather" and len(n.input) == 2 and axis == 0 and n.input[0] in tables:
+            out[n.input[1]] = min(out.get(n.input[1], tables[n.input[0]]), tables[n.input[0]])
+    return out
+
+
+def model_inputs(model: onnx.ModelProto) -> ModelInputs:
     """The graph inputs that are fed (not initializers): name → (dtype, dims)."""
     inits = {t.name for t in model.graph.initializer}
-    out = {}
+    out = ModelInputs()
+    out.limits = gather_limits(model)
     for inp in model.graph.input:
         if inp.name in inits:
             continue
@@ -63,6 +88,11 @@ def _check_array(name: str, value, spec, where: str) -> np.ndarray:
                                  f"needs {dims[axis]} there ({_dims_text(dims)})")
     if len(arr) == 0:
         raise UsageError(f"{where} has no samples")
+    if arr.dtype.kind in "iu" and np.dtype(dtype).kind in "iu" and arr.size:
+        lo, hi, info = int(arr.min()), int(arr.max()), np.iinfo(dtype)
+        if lo < info.min or hi > info.max:
+            raise UsageError(f"{where} holds {hi if hi > info.max else lo}, outside the {np.dtype(dtype)} range of "
+                             f"input {name!r} (it would wrap around)")
     if arr.dtype != dtype:
         with np.errstate(over="ignore", invalid="ignore"):
             arr = arr.astype(dtype)
@@ -82,6 +112,12 @@ def _check_feed(feed: Mapping, inputs: InputSpec, what: str) -> dict[str, np.nda
     if missing:
         raise UsageError(f"{what} has no array for input {missing[0]!r}")
     arrays = {k: _check_array(k, feed[k], inputs[k], f"array {k!r} of {what}") for k in inputs}
+    for k, rows in getattr(inputs, "limits", {}).items():
+        a = arrays.get(k)
+        if a is not None and a.dtype.kind in "iu" and a.size and (int(a.max()) >= rows or int(a.min()) < -rows):
+            bad = int(a.max()) if int(a.max()) >= rows else int(a.min())
+            raise UsageError(f"array {k!r} of {what} holds the index {bad}, but the table it indexes (a Gather) "
+                             f"has {rows} rows (ids from {-rows} to {rows - 1})")
     counts = {k: len(a) for k, a in arrays.items()}
     if len(set(counts.values())) > 1:
         raise UsageError(f"the arrays of {what} have different numbers of samples ("
@@ -104,6 +140,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                          "of one array per input name")
     out = {}
     with data:
+        _check_declared_sizes(data, path)
         for key in data.files:
             try:
                 out[key] = data[key]
@@ -117,6 +154,26 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _check_declared_sizes(data, path: Path) -> None:
+    """Refuse an archive whose arrays declare more than MAX_CALIBRATION_BYTES,
+    from the zip and .npy headers, before any array is read."""
+    total = 0
+    for info in data.zip.infolist():
+        try:
+            with data.zip.open(info) as m:
+                version = np.lib.format.read_magic(m)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)(m)
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        except Exception:  # noqa: BLE001 - not an .npy member: reading it reports the problem
+            declared = 0
+        total += max(declared, info.file_size)
+    if total > MAX_CALIBRATION_BYTES:
+        raise UsageError(f"calibration file {str(path)!r} declares {total / 2**30:.2f} GiB of arrays, over the "
+                         f"{MAX_CALIBRATION_BYTES >> 30} GiB limit (refused before reading); give at most "
+                         f"{MAX_CALIBRATION_SAMPLES} samples")
+
+
 class CalibrationStream:
     """Calibration feeds from an iterable of feed dicts (or a callable that
     returns one), each checked as it arrives.  Iterating it yields checked
@@ -124,7 +181,7 @@ class CalibrationStream:
 
     def __init__(self, source: Iterable[Mapping] | Callable[[], Iterable[Mapping]], inputs: InputSpec):
         self._source = source
-        self.inputs = dict(inputs)
+        self.inputs = inputs if isinstance(inputs, ModelInputs) else dict(inputs)
         self.reiterable = callable(source) or iter(source) is not source
         self.samples: int | None = None  # known after one complete pass
         self._passes = 0
@@ -184,6 +241,10 @@ def load_calibration(source, inputs: InputSpec) -> dict[str, np.ndarray] | Calib
     else:
         raise UsageError(f"calibration data of type {type(source).__name__} is neither an .npz path, "
                          "a dict of arrays nor an iterable of feeds")
+    n = max((len(a) for a in arrays.values() if np.ndim(a)), default=0)
+    if n > MAX_CALIBRATION_SAMPLES:
+        log.warning("%s holds %d samples; the first %d are used", what, n, MAX_CALIBRATION_SAMPLES)
+        arrays = {k: a[:MAX_CALIBRATION_SAMPLES] if np.ndim(a) else a for k, a in arrays.items()}
     return _check_feed(arrays, inputs, what)
 
 
