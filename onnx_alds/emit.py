@@ -82,12 +82,12 @@ def replacement(layer, node: gs.Node, cfg, factors, names: Names) -> list[gs.Nod
 def emit(source: Source, info, choices: dict, factors: dict, *, progress: bool = False) -> onnx.ModelProto:
     """Replace the chosen layers (``choices[name]`` a Config, ``factors[name]``
     its :class:`~onnx_alds.ops.Factors`) and export."""
-    from tqdm.auto import tqdm
+    from .progress import progress_iter
 
     names = Names.of_model(source.model, source.graph)
     replaced = {}
     chosen = [l for l in info.candidates if choices.get(l.name) is not None]
-    for l in tqdm(chosen, desc="emit", unit="layer", disable=not progress, leave=False):
+    for l in progress_iter(chosen, desc="emit", unit="layer", enabled=progress):
         node = source.node(l)
         replaced[id(node)] = replacement(l, node, choices[l.name], factors[l.name], names)
         # the original weight leaves the graph (it has no other reader): free it now, so

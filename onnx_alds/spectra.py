@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import logging
 import os
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 from .cache import load_spectra, save_spectra, spectra_key
 from .folding import far_from_one, divisors, fold
+from .progress import progress_iter
 
 log = logging.getLogger(__name__)
+
+SMALL_SVD = 64 ** 3  # rows·cols·min(rows, cols)/k below which an SVD runs inline, not in a worker thread
 
 
 @dataclass
@@ -89,10 +92,6 @@ def compute_spectra(
         for k, s in want:
             tasks.append((name, k, s))
 
-    def work(task):
-        with threadpool_limits(1):
-            return _work(task)
-
     def _work(task):
         name, k, s = task
         w = weights[name]
@@ -113,11 +112,15 @@ def compute_spectra(
         return rows * cols * min(rows, cols) / k
 
     tasks.sort(key=size, reverse=True)
+    # small SVDs run inline: a thread hand-off costs more than they do (thousands of small MatMuls)
+    n_big = sum(size(t) > SMALL_SVD for t in tasks)
     out = {name: LayerSpectra() for name in configs}
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        it = pool.map(work, tasks)
-        for (name, k, s), sv in tqdm(it, total=len(tasks), desc="spectra", unit="svd",
-                                      disable=not progress, leave=False):
+    # one BLAS thread per worker, set once for the whole run (threadpoolctl's limits are process-wide)
+    with threadpool_limits(1), ThreadPoolExecutor(max_workers=workers) as pool:
+        it = itertools.chain(map(_work, tasks[n_big:]), pool.map(_work, tasks[:n_big])) if n_big \
+            else map(_work, tasks)
+        for (name, k, s), sv in progress_iter(it, total=len(tasks), desc="spectra", unit="svd",
+                                              enabled=progress):
             out[name].sv[(k, s)] = sv
     return out
