@@ -155,7 +155,9 @@ class SpeedModel:
             enc_sp = out
         j = np.asarray(ranks, float)
         enc = j * g.c * prod(encoder_kernel(scheme, g.kernel)) * enc_sp
-        dec = j * g.f * k * prod(decoder_kernel(scheme, g.kernel)) * out
+        # a transposed conv's s0 decoder (1×1 after the transposed encoder) runs at its upsampled output
+        dec_sp = prod(g.decoder_spatial) if scheme == "s0" and getattr(g, "decoder_spatial", None) else out
+        dec = j * g.f * k * prod(decoder_kernel(scheme, g.kernel)) * dec_sp
         linear = layer.op != "Conv"
         pen = self._p(self.linear_penalty if linear else self.conv_penalty, k) if k > 1 else 1.0
         extra = 1 + (4 if linear and k > 1 else 0)
