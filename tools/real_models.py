@@ -905,6 +905,39 @@ def table(out: Path, models: list[str], rows: list[str]) -> str:
     return "\n".join(lines)
 
 
+def tolerance_md(out: Path, models: list[str]) -> str:
+    """Per model, over every measured row that wrote a model: the output error
+    (held-out rel L2 of the first output) of the rows that stayed within one
+    point of the original's metric (0.01 for a cosine) and of those that did
+    not, and the fewest parameters kept within one point, with and without
+    calibration."""
+    lines = ["| model | rows within 1 point: largest out rel L2 | rows past 1 point: smallest out rel L2 "
+             "| fewest params kept within 1 point, no calibration | … with calibration |", "|" + "---|" * 5]
+    for name in models:
+        model = REGISTRY[name]
+        op = out / name / "original.result.json"
+        if not op.exists():
+            continue
+        orig = json.loads(op.read_text())["metric"]
+        point = 1.0 if model.unit == "%" else 0.01
+        ok, bad, best = [], [], {False: None, True: None}
+        for p in sorted((out / name / "rows").glob("*.result.json")):
+            r = json.loads(p.read_text())
+            if r.get("metric") is None or r.get("heldout_rel_l2") is None:
+                continue
+            within = r["metric"] >= orig - point
+            (ok if within else bad).append(r["heldout_rel_l2"])
+            cal = r["row"].endswith("+cal")
+            if within and r.get("params_kept") is not None:
+                if best[cal] is None or r["params_kept"] < best[cal][0]:
+                    best[cal] = (r["params_kept"], r["row"])
+        f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+        g = lambda b: "—" if b is None else f"{b[0]:.2f} (`{b[1]}`)"  # noqa: E731
+        lines.append(f"| {name} | {f(max(ok) if ok else None)} ({len(ok)} rows) | {f(min(bad) if bad else None)} "
+                     f"({len(bad)} rows) | {g(best[False])} | {g(best[True])} |")
+    return "\n".join(lines)
+
+
 def sources_md(out: Path, models: list[str]) -> str:
     lines = ["| model | family | shipped in | task metric | calibration | original |", "|" + "---|" * 6]
     for name in models:
@@ -918,10 +951,17 @@ def sources_md(out: Path, models: list[str]) -> str:
     return "\n".join(lines)
 
 
+FINDINGS_MARK = "<!-- findings: written by hand; --write-docs keeps everything below this line -->"
+FINDINGS_DEFAULT = "\n## Findings\n\n(to be written from the tables above)\n"
+
+
 def write_docs(out: Path, models: list[str], rows: list[str]) -> None:
     commits = sorted({json.loads(p.read_text()).get("commit", "?")
                       for n in models for p in (out / n / "rows").glob("*.result.json")} if out.exists() else [])
     DOCS.parent.mkdir(exist_ok=True)
+    kept = ""
+    if DOCS.exists() and FINDINGS_MARK in DOCS.read_text():
+        kept = DOCS.read_text().split(FINDINGS_MARK, 1)[1]
     DOCS.write_text(f"""# Real pretrained models end to end
 
 `tools/real_models.py` rewrites pretrained models that ship inside PyPI
@@ -956,7 +996,17 @@ of the first output on the held-out inputs (in brackets: the report's own
 rewrite wall time. onnx-alds commit(s) measured: {', '.join(commits) or '—'}.
 
 {table(out, models, rows)}
-""")
+
+### Output error against task metric
+
+Over every row that wrote a model: how large the output error (held-out
+relative L2 of the first output) was on the rows that stayed within one point
+of the original's task metric (0.01 for a cosine), how small on those that
+did not, and the fewest parameters kept within one point.
+
+{tolerance_md(out, models)}
+
+{FINDINGS_MARK}{kept or FINDINGS_DEFAULT}""")
     print(f"wrote {DOCS}")
 
 
@@ -986,7 +1036,9 @@ def main(argv=None) -> int:
                     run_row(REGISTRY[name], row, a.out, a.onnx_alds, a.timeout, a.force)
     print(sources_md(a.out, a.models))
     print()
-    print(table(a.out, a.models, a.rows))
+    print(table(a.out, a.models, a.rows + [r for r in extra_rows(a.out, a.models) if r not in a.rows]))
+    print()
+    print(tolerance_md(a.out, a.models))
     if a.write_docs:
         write_docs(a.out, a.models, ROWS + extra_rows(a.out, a.models))
     return 0
