@@ -310,59 +310,14 @@ class LatencyTable:
         int8 = int8_dir is not None
         providers = providers_for(provider)
         cache = _cache_dir(cache_dir)
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
         version = ort().__version__
-        layers, measured, cached = {}, 0, 0
-        prov_used = None
-        cands = info.candidates
-        for layer in tqdm(cands, desc="latency table", unit="layer", disable=not progress, leave=False):
-            in_dims = info.shapes.get(layer.input_name)
-            if not _known(in_dims):
-                raise UsageError(f"the latency of {layer.name!r} needs its input shape; give the model's "
-                                 f"dynamic sizes with --input-shape NAME:D1,D2,...")
-            base = layer.spec.standalone(layer, list(in_dims), opset)
-            mini_layer = extract(base, gs.import_onnx(base)).layers[0]
-            allowed = [s for s in mini_layer.schemes if schemes is None or s in schemes] or ["s0"]
-            # on the CPU provider a conv's factorization stays in onnxruntime's blocked layout:
-            # k = 1 and ranks in steps of CHANNEL_ALIGN (speed.layout_ok)
-            blocked = blocked_layout(layer, providers[0])
-            align = CHANNEL_ALIGN if blocked else 1
-            ks = [1] if blocked or not mini_layer.allow_groups else grid_ks(layer.geometry.c, k_max)
-            key, key_src = cache_key(layer, in_dims, providers[0], version, threads, opset,
-                                     bias=len(base.graph.initializer) > 1, int8=int8)
-            path = cache / f"{key}.json" if cache is not None else None
-            entry = (load_json_entry(path, key_src) if path is not None else None) or {"key": key_src, "ms": {}}
-            feeds = {"x": np.random.default_rng(0).standard_normal(in_dims).astype(np.dtype(layer.dtype))}
-
-            def measure(tag, make, quantized=True):
-                nonlocal measured, cached, prov_used
-                if tag in entry["ms"]:
-                    cached += 1
-                    return entry["ms"][tag]
-                m = make()
-                if int8 and quantized:
-                    m = copies.copy(m, int8_dir, "probe")
-                sess = session(m, providers, threads)
-                prov_used = used_provider(sess)
-                entry["ms"][tag] = time_session(sess, feeds)
-                measured += 1
-                return entry["ms"][tag]
-
-            # a run's fixed cost (feeding the input, fetching the output) is not the layer's:
-            # subtract what a run that computes nothing costs at the same input shape
-            overhead = measure("overhead", lambda: _overhead_model(base), quantized=False)
-            lt = LayerLatency(max(measure("orig", lambda: base) - overhead, 0.0), align=align)
-            for k in ks:
-                for s in allowed:
-                    rs = grid_ranks(mini_layer, k, s, points, align)
-                    if not rs:
-                        continue
-                    ms = [max(measure(f"{k}|{s}|{r}", lambda k=k, s=s, r=r: _factorized_model(base, k, s, r))
-                              - overhead, 0.0) for r in rs]
-                    lt.grid[(k, s)] = (np.asarray(rs, float), np.asarray(ms, float))
-            layers[layer.name] = lt
-            if measured and path is not None:
-                save_json_entry(path, entry)
+        prober = _Prober(providers, threads, next((o.version for o in model.opset_import
+                                                  if o.domain in ("", "ai.onnx")), 17),
+                         version, cache, int8_dir, copies)
+        layers = {layer.name: prober.layer(layer, info, k_max, schemes, points)
+                  for layer in tqdm(info.candidates, desc="latency table", unit="layer", disable=not progress,
+                                    leave=False)}
+        measured, cached, prov_used = prober.measured, prober.cached, prober.provider
         # the whole-model baseline is cached like the layers, so the budget's floor and
         # target do not move with the machine's load from one run to the next
         mkey, msrc = model_cache_key(model, info, providers[0], version, threads, int8=int8)
@@ -407,6 +362,64 @@ class LatencyTable:
         if isinstance(beta, (int, float)) and not isinstance(beta, bool) and np.isfinite(beta):
             table = table.with_beta(float(beta))
         return table
+
+
+class _Prober:
+    """Times each layer alone and its factorizations at a grid of (k, scheme, rank), cached per layer
+    (:func:`cache_key`); ``measured``/``cached`` count what was timed and what came from the cache."""
+
+    def __init__(self, providers, threads, opset, version, cache, int8_dir, copies):
+        self.providers, self.threads, self.opset, self.version = providers, threads, opset, version
+        self.cache, self.int8_dir, self.copies = cache, int8_dir, copies
+        self.measured, self.cached, self.provider = 0, 0, None
+
+    def _time(self, entry, tag, make, feeds, quantized=True) -> float:
+        if tag in entry["ms"]:
+            self.cached += 1
+            return entry["ms"][tag]
+        m = make()
+        if self.int8_dir is not None and quantized:
+            m = self.copies.copy(m, self.int8_dir, "probe")
+        sess = session(m, self.providers, self.threads)
+        self.provider = used_provider(sess)
+        entry["ms"][tag] = time_session(sess, feeds)
+        self.measured += 1
+        return entry["ms"][tag]
+
+    def layer(self, layer, info, k_max, schemes, points) -> LayerLatency:
+        in_dims = info.shapes.get(layer.input_name)
+        if not _known(in_dims):
+            raise UsageError(f"the latency of {layer.name!r} needs its input shape; give the model's "
+                             f"dynamic sizes with --input-shape NAME:D1,D2,...")
+        base = layer.spec.standalone(layer, list(in_dims), self.opset)
+        mini_layer = extract(base, gs.import_onnx(base)).layers[0]
+        allowed = [s for s in mini_layer.schemes if schemes is None or s in schemes] or ["s0"]
+        # on the CPU provider a conv's factorization stays in onnxruntime's blocked layout:
+        # k = 1 and ranks in steps of CHANNEL_ALIGN (speed.layout_ok)
+        blocked = blocked_layout(layer, self.providers[0])
+        align = CHANNEL_ALIGN if blocked else 1
+        ks = [1] if blocked or not mini_layer.allow_groups else grid_ks(layer.geometry.c, k_max)
+        key, key_src = cache_key(layer, in_dims, self.providers[0], self.version, self.threads, self.opset,
+                                 bias=len(base.graph.initializer) > 1, int8=self.int8_dir is not None)
+        path = self.cache / f"{key}.json" if self.cache is not None else None
+        entry = (load_json_entry(path, key_src) if path is not None else None) or {"key": key_src, "ms": {}}
+        feeds = {"x": np.random.default_rng(0).standard_normal(in_dims).astype(np.dtype(layer.dtype))}
+        before = self.measured
+        # a run's fixed cost (feeding the input, fetching the output) is not the layer's:
+        # subtract what a run that computes nothing costs at the same input shape
+        overhead = self._time(entry, "overhead", lambda: _overhead_model(base), feeds, quantized=False)
+        lt = LayerLatency(max(self._time(entry, "orig", lambda: base, feeds) - overhead, 0.0), align=align)
+        for k in ks:
+            for s in allowed:
+                rs = grid_ranks(mini_layer, k, s, points, align)
+                if not rs:
+                    continue
+                ms = [max(self._time(entry, f"{k}|{s}|{r}", lambda k=k, s=s, r=r: _factorized_model(base, k, s, r),
+                                     feeds) - overhead, 0.0) for r in rs]
+                lt.grid[(k, s)] = (np.asarray(rs, float), np.asarray(ms, float))
+        if self.measured > before and path is not None:
+            save_json_entry(path, entry)
+        return lt
 
 
 def in_context_ok(provider: str) -> bool:
