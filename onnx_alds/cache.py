@@ -215,10 +215,40 @@ def load_json_entry(path, key_src: dict) -> dict | None:
         log.warning("cache entry %s ignored: it is not the entry of this layer", path)
         return None
     for tag, ms in entry["ms"].items():
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0.0 <= ms < 1e9:
+        if not _duration(ms):
             log.warning("cache entry %s ignored: time %r of %r is not a valid duration", path, ms, tag)
             return None
+    _drop_bad_learned(path, entry)
     return entry
+
+
+def _duration(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and 0.0 <= v < 1e9
+
+
+def _drop_bad_learned(path, entry: dict) -> None:
+    """A whole model's entry also holds what was learned about it: ``context``
+    (each layer's time in the model, ms), ``penalty`` (ms added to a layer's
+    factorization; negative down to minus its in-context time) and ``beta``.
+    A part that is not of its type or range is dropped with a warning, and
+    so measured again (a miss), never used."""
+    context = entry.get("context")
+    if "context" in entry and not (isinstance(context, dict) and all(
+            isinstance(k, str) and _duration(v) for k, v in context.items())):
+        log.warning("cache entry %s: its in-context times %.60r are not durations; measuring them again",
+                    path, context)
+        entry.pop("context")
+        entry.pop("penalty", None)  # learned against those times
+    penalty, context = entry.get("penalty"), entry.get("context") or {}
+    if "penalty" in entry and not (isinstance(penalty, dict) and all(
+            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float)) and
+            -context.get(k, 0.0) <= v < 1e9 for k, v in penalty.items())):
+        log.warning("cache entry %s: its learned penalties %.60r are not valid times; ignoring them", path, penalty)
+        entry.pop("penalty")
+    beta = entry.get("beta")
+    if "beta" in entry and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1e3):
+        log.warning("cache entry %s: its beta %.60r is not a positive number; ignoring it", path, beta)
+        entry.pop("beta")
 
 
 def _no_constant(name: str):

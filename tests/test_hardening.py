@@ -276,3 +276,63 @@ def test_quantize_caps_random_samples_and_says_so(tmp_path, monkeypatch, capsys)
 
     batches, used, _ = calibration_batches(cnn_model(), None, samples=10**8, batch=MAX_CALIBRATION_SAMPLES)
     assert used == MAX_CALIBRATION_SAMPLES and len(batches) == 1
+
+
+# ----------------------------------------------------------------------------- cache entries are values
+
+
+def _speed_entry():
+    return {"version": 5, "provider": "CPUExecutionProvider", "threads": 2, "conv_penalty": {"1": 1.0, "2": 1.5},
+            "linear_penalty": {"1": 1.0, "2": 1.2}, "node_overhead": 4000.0, "thin_in": {"8": 1.1},
+            "thin_out": {"8": 1.3}}
+
+
+@pytest.mark.parametrize("key, value", [
+    ("linear_penalty", {"abc": 1.0}), ("linear_penalty", {"2": float("nan")}), ("conv_penalty", {"2": -1e6}),
+    ("conv_penalty", {"2": float("-inf")}), ("node_overhead", float("nan")), ("node_overhead", -1e30),
+    ("node_overhead", "12"), ("thin_in", []), ("threads", "2"),
+])
+def test_speed_model_entry_with_bad_values_is_a_miss_with_a_warning(tmp_path, caplog, key, value):
+    """A poisoned entry in the speed-model cache: for_provider warns, measures again and replaces it."""
+    from onnx_alds.measure import speed
+    from onnx_alds.measure.speed import SpeedModel
+
+    d = _speed_entry()
+    assert SpeedModel.from_dict(d).node_overhead == 4000.0  # the untouched entry is used
+    d[key] = value
+    with pytest.raises(ValueError):
+        SpeedModel.from_dict(d)
+
+
+def test_poisoned_speed_cache_is_measured_again(tmp_path, caplog):
+    from onnx_alds.measure.speed import SpeedModel
+
+    folder = tmp_path / "speed"
+    good = SpeedModel.for_provider("cpu", 2, cache_dir=folder)
+    entry = next(folder.iterdir())
+    d = json.loads(entry.read_text())
+    d["node_overhead"] = -1e30
+    entry.write_text(json.dumps(d))
+    again = SpeedModel.for_provider("cpu", 2, cache_dir=folder)
+    assert "ignored" in caplog.text and again.node_overhead >= 0 and np.isfinite(again.node_overhead)
+    assert json.loads(entry.read_text())["node_overhead"] >= 0 and good.provider == again.provider
+
+
+@pytest.mark.parametrize("part, value", [("context", "abc"), ("context", None), ("context", [1]),
+                                         ("context", {"c1": -1.0}), ("penalty", {"c1": -1e6}),
+                                         ("penalty", {"c1": float("-inf")}), ("penalty", {"c1": "x"}),
+                                         ("beta", float("nan")), ("beta", -2.0)])
+def test_latency_entry_with_bad_learned_values_drops_them(tmp_path, caplog, part, value):
+    """The whole-model latency entry: a bad in-context time, penalty or beta is dropped (measured again), the
+    timed ``ms`` kept; the same entry with good values keeps them."""
+    from onnx_alds.cache import load_json_entry
+
+    key = {"model": "abc"}
+    entry = {"key": key, "ms": {"model": 1.5}, "context": {"c1": 0.2}, "penalty": {"c1": -0.1}, "beta": 0.9}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(entry))
+    assert load_json_entry(path, key) == entry
+    entry[part] = value
+    path.write_text(json.dumps(entry).replace("NaN", "1e999").replace("-Infinity", "-1e999"))
+    got = load_json_entry(path, key)
+    assert got["ms"] == {"model": 1.5} and part not in got and "cache entry" in caplog.text

@@ -115,6 +115,21 @@ def blocked_layout(layer, provider: str) -> bool:
     return provider == "CPUExecutionProvider" and layer.op in ("Conv", "ConvTranspose")
 
 
+def _positive_table(d, what: str) -> dict[str, float]:
+    """A cached ``{integer key: ratio ≥ 1}`` table, or ValueError (the entry is a miss)."""
+    if not isinstance(d, dict) or not d:
+        raise ValueError(f"{what} is not a non-empty object")
+    out = {}
+    for k, v in d.items():
+        if not (isinstance(k, str) and k.isdigit() and int(k) >= 1):
+            raise ValueError(f"{what} has the key {k!r}, not a positive integer")
+        # measure() never stores less than 1 (more groups or thinner never cost less per MAC)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (np.isfinite(v) and 1.0 <= v < 1e6):
+            raise ValueError(f"{what}[{k}] = {v!r} is not a finite ratio of at least 1")
+        out[str(int(k))] = float(v)
+    return out
+
+
 @dataclass
 class SpeedModel:
     provider: str
@@ -190,14 +205,16 @@ class SpeedModel:
     def from_dict(cls, d: dict) -> "SpeedModel":
         if d.get("version") != SPEED_VERSION:
             raise ValueError("old version")
-        conv = {str(k): float(v) for k, v in d["conv_penalty"].items()}
-        lin = {str(k): float(v) for k, v in d["linear_penalty"].items()}
-        t_in = {str(int(k)): float(v) for k, v in d["thin_in"].items()}
-        t_out = {str(int(k)): float(v) for k, v in d["thin_out"].items()}
-        values = list(conv.values()) + list(lin.values()) + list(t_in.values()) + list(t_out.values())
-        if not conv or not lin or not t_in or not t_out or not all(np.isfinite(values)) or min(values) <= 0:
-            raise ValueError("bad entry")
-        return cls(str(d["provider"]), int(d["threads"]), conv, lin, float(d["node_overhead"]), t_in, t_out)
+        conv, lin = _positive_table(d["conv_penalty"], "conv_penalty"), _positive_table(d["linear_penalty"],
+                                                                                          "linear_penalty")
+        t_in, t_out = _positive_table(d["thin_in"], "thin_in"), _positive_table(d["thin_out"], "thin_out")
+        overhead = d["node_overhead"]
+        if isinstance(overhead, bool) or not isinstance(overhead, (int, float)) or \
+                not (np.isfinite(overhead) and overhead >= 0):
+            raise ValueError(f"node_overhead {overhead!r} is not a finite, non-negative cost in MACs")
+        if not isinstance(d["provider"], str) or isinstance(d["threads"], bool) or not isinstance(d["threads"], int):
+            raise ValueError("provider or threads of the wrong type")
+        return cls(d["provider"], d["threads"], conv, lin, float(overhead), t_in, t_out)
 
     @classmethod
     def measure(cls, provider: str = "cpu", threads: int = 2, rounds: int = 3) -> "SpeedModel":
