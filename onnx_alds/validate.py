@@ -58,6 +58,30 @@ class Validation:
         return asdict(self)
 
 
+def fixed_batch(sess) -> int | None:
+    """The batch a session's inputs fix on their first axis (None when it is dynamic)."""
+    dims = [i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0]
+    return dims[0] if dims else None
+
+
+def _whole_batches(feeds: dict, batch: int) -> dict:
+    """Calibration feeds cut to a multiple of a model's fixed batch (one sentence when there are too few)."""
+    n = len(next(iter(feeds.values()))) if feeds else 0
+    if n < batch:
+        raise UsageError(f"the calibration data holds {n} samples, fewer than the {batch} the model takes in one "
+                         f"batch")
+    return {k: v[: n - n % batch] for k, v in feeds.items()}
+
+
+def run_batched(sess, feeds: dict, batch: int | None) -> list:
+    """``sess.run`` on ``feeds``, in slices of the model's fixed ``batch`` (outputs joined on the first axis)."""
+    n = len(next(iter(feeds.values()))) if feeds else 0
+    if batch is None or n == batch:
+        return sess.run(None, feeds)
+    parts = [sess.run(None, {k: v[i:i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
 def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, batch: int = 2,
              seed: int = 0, repeats: int = 20, threads: int | None = None, low_memory: bool = False,
              feeds: dict | None = None, max_samples: int = 256, int8: bool = False,
@@ -86,12 +110,16 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
         batch = int(next(iter(feeds.values())).shape[0]) if feeds else batch
     else:
         feeds = random_inputs(s0, input_shapes, batch=batch, seed=seed)
-    timing_feeds = {k: v[:1] for k, v in feeds.items()} if data == "calibration" else feeds
+    fixed = fixed_batch(s0)
+    if fixed is not None and data == "calibration":
+        feeds = _whole_batches(feeds, fixed)
+        batch = int(next(iter(feeds.values())).shape[0]) if feeds else batch
+    timing_feeds = {k: v[:fixed or 1] for k, v in feeds.items()} if data == "calibration" else feeds
     names = [o.name for o in s0.get_outputs()]
     try:
-        before = s0.run(None, feeds)
+        before = run_batched(s0, feeds, fixed)
     except Exception as e:
-        raise ModelError(f"the input model fails to run in onnxruntime on random inputs: {first_line(e)}") from None
+        raise ModelError(f"the input model fails to run in onnxruntime on {data} inputs: {first_line(e)}") from None
     lat0 = None
     if low_memory:
         lat0 = interleaved_latency([s0], [timing_feeds], repeats=repeats, min_seconds=TIMING_SECONDS)[0] \
@@ -106,7 +134,7 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
     if names != [o.name for o in s1.get_outputs()]:
         raise ValidationFailed("the rewritten model's outputs differ from the original's")
     try:
-        after = s1.run(None, feeds)
+        after = run_batched(s1, feeds, fixed)
     except Exception as e:
         raise ValidationFailed(f"the rewritten model failed to run: {first_line(e)}") from None
     per, worst_abs, worst_rel = compare_outputs(names, before, after, output_kinds)

@@ -336,3 +336,21 @@ def test_latency_entry_with_bad_learned_values_drops_them(tmp_path, caplog, part
     path.write_text(json.dumps(entry).replace("NaN", "1e999").replace("-Infinity", "-1e999"))
     got = load_json_entry(path, key)
     assert got["ms"] == {"model": 1.5} and part not in got and "cache entry" in caplog.text
+
+
+@pytest.mark.parametrize("command", [["rewrite", "--sequential"], ["rewrite", "--no-sequential"], ["quantize"]])
+def test_fixed_batch_of_one_takes_many_calibration_samples(tmp_path, monkeypatch, capsys, command):
+    """A model whose batch is fixed at 1, given 32 calibration samples: fed one batch at a time."""
+    monkeypatch.chdir(tmp_path)
+    m = cnn_model()
+    for v in (m.graph.input[0], m.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].ClearField("dim_param")
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(m, "b1.onnx")
+    np.savez("cal.npz", x=np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    extra = ["--keep-params", "0.6", "--allow-slower", "--no-compare", "-q"] if command[0] == "rewrite" else []
+    before = digest("b1.onnx")
+    rc, out, err = main_in_process(capsys, command[0], "b1.onnx", "o.onnx", "--calibration", "cal.npz",
+                                   *command[1:], *extra)
+    assert rc == 0, err
+    assert os.path.exists("o.onnx") and digest("b1.onnx") == before
