@@ -47,6 +47,7 @@ class Validation:
     data: str = "random"  # "calibration" when the user's data fed both models
     top1_agreement: float | None = None  # worst over class-score outputs
     int8: bool = False  # latency timed on the int8 QDQ copies of both models (``--int8``)
+    same_graph: bool = False  # the rewritten model has the input's nodes: no layer decomposed
 
     @property
     def speedup(self) -> float | None:
@@ -158,7 +159,21 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
         latency_ms_after=float(np.median(lat[1])) if lat else None,
         batch=batch, seed=seed, interleaved=not low_memory, data=data,
         top1_agreement=min(top1) if top1 else None, int8=bool(int8 and lat),
+        same_graph=_same_graph(original, rewritten),
     )
+
+
+def _same_graph(a, b) -> bool:
+    """Both models hold the same nodes (op, inputs, outputs): a rewrite that decomposed nothing."""
+    import onnx
+
+    if not (isinstance(a, onnx.ModelProto) and isinstance(b, onnx.ModelProto)):
+        return False
+
+    def nodes(m):
+        return [(n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in m.graph.node]
+
+    return nodes(a) == nodes(b)
 
 
 def gate(v: Validation, *, max_output_error: float | None = None, min_speedup: float | None = None,
@@ -170,6 +185,8 @@ def gate(v: Validation, *, max_output_error: float | None = None, min_speedup: f
     if max_output_error is not None and v.rel_l2 > max_output_error:
         raise ValidationFailed(f"the rewritten model's output error (relative L2 {v.rel_l2:.3g} on {v.data} "
                                f"inputs) exceeds --max-output-error {max_output_error:g}; nothing was written")
+    said = unchanged  # the caller's own warning says why nothing was decomposed
+    unchanged = unchanged or v.same_graph  # the same graph twice: any measured difference is noise
     sp = 1.0 if unchanged else speedup if speedup is not None else v.speedup
     int8 = speedup is not None or v.int8
     what = "the int8 rewritten model" if int8 else "the rewritten model"
@@ -183,6 +200,8 @@ def gate(v: Validation, *, max_output_error: float | None = None, min_speedup: f
             what += f", top-1 agreement {100 * v.top1_agreement:.1f} %"
         warnings.append(f"the outputs changed a lot ({what} on {v.data} inputs); check accuracy on your data, "
                         f"or bound it with --max-output-error")
+    if v.same_graph and not said:
+        warnings.append("no layer was decomposed at this budget, so the model is written unchanged")
     if min_speedup is None and sp is not None and sp < 1.0:
         if int8:
             warnings.append(f"the int8 rewritten model is slower than the int8 input on {v.provider} ({sp:.2f}x)")

@@ -354,3 +354,17 @@ def test_fixed_batch_of_one_takes_many_calibration_samples(tmp_path, monkeypatch
                                    *command[1:], *extra)
     assert rc == 0, err
     assert os.path.exists("o.onnx") and digest("b1.onnx") == before
+
+
+# ----------------------------------------------------------------------------- smaller items
+
+
+def test_unchanged_model_is_never_called_slower():
+    """The same graph timed twice: a measured 0.8x is noise, not a slower model; the report says it is unchanged."""
+    from onnx_alds.validate import Validation, gate
+
+    v = Validation("CPUExecutionProvider", 0.0, 0.0, latency_ms_before=1.0, latency_ms_after=1.25, same_graph=True)
+    warnings = gate(v)
+    assert not any("slower" in w for w in warnings) and any("unchanged" in w for w in warnings)
+    assert any("slower" in w for w in gate(Validation("CPUExecutionProvider", 0.0, 0.0, latency_ms_before=1.0,
+                                                      latency_ms_after=1.25)))
