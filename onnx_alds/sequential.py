@@ -16,24 +16,44 @@ instead of piling up.  The selection (ranks) is unchanged; the measured error
 of each layer is its output error against the *original* layer,
 ``‖W X − Ŵ X̃ − δ‖_F / ‖W X‖_F`` on the calibration data.
 
-It costs one pass over the calibration data per decomposed layer (two
-onnxruntime sessions each), so it suits models whose forward pass is cheap.
+The sweep (as GPTQ and llm-compressor's sequential pipeline do it): the
+main graph is cut in front of every decomposed layer's node, in topological
+order, into consecutive segments; a cut carries every activation made before
+it and read after it (skip connections included).  The calibration batches
+go through the original segments and through the compressed ones (the
+segment that starts with an already-fitted layer has that layer emitted with
+its factors), segment after segment, keeping only the current cut's
+activations (in memory up to ``max_bytes``, then in memory-mapped files);
+each layer is fitted from the moments at its cut.  The whole sweep costs
+about one forward pass of the original and one of the compressed model over
+the calibration data, and one small session per segment and side, instead of
+two full passes per layer.  Where the graph cannot be cut cleanly (a weight
+that is not an initializer, an activation that is not a tensor, a segment
+onnxruntime refuses), it falls back to :func:`per_layer_factors`, which
+re-emits the prefix and runs both whole models once per layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
-from tqdm.auto import tqdm
+import onnx
 
 from .calibration import iter_batches, iter_patches, tap_for_layer
 from .error_model import regularised_cholesky
 from .folding import to_conv_weights
-from .io import Source
+from .graph import names_read_inside, subgraphs
+from .io import Source, copy_model_fields, temp_dir
 from .ops.base import Factors
+from .progress import Progress
 
 log = logging.getLogger(__name__)
+
+MAX_BYTES = 1 << 30  # a cut's activations over all calibration batches kept in memory; past it, on disk
 
 
 def _session(model, name, providers, threads):
@@ -43,22 +63,34 @@ def _session(model, name, providers, threads):
     return session(serialized_with_outputs(model, [name]), providers, threads)
 
 
+class _Sums:
+    """Streamed moments of a layer's original patches ``x`` and compressed-prefix patches ``x̃``."""
+
+    def __init__(self, d: int):
+        self.C, self.G = np.zeros((d, d)), np.zeros((d, d))
+        self.s, self.st, self.n = np.zeros(d), np.zeros(d), 0
+
+    def add(self, x, xt, tap) -> None:
+        for p, pt in zip(iter_patches(x, tap), iter_patches(xt, tap)):
+            self.C += p.T @ pt
+            self.G += pt.T @ pt
+            self.s += p.sum(0)
+            self.st += pt.sum(0)
+            self.n += len(p)
+
+    def centred(self):
+        """``(C, G̃, μ, μ̃)`` of the module docstring."""
+        mu, mut = self.s / self.n, self.st / self.n
+        return self.C / self.n - np.outer(mu, mut), self.G / self.n - np.outer(mut, mut), mu, mut
+
+
 def _moments(s_orig, s_comp, name, tap, data, batch_size):
-    d = tap.d
-    C, G, s, st, n = np.zeros((d, d)), np.zeros((d, d)), np.zeros(d), np.zeros(d), 0
+    sums = _Sums(tap.d)
     so_out = [o.name for o in s_orig.get_outputs()].index(name)
     sc_out = [o.name for o in s_comp.get_outputs()].index(name)
     for feeds in iter_batches(data, batch_size):
-        x = s_orig.run(None, feeds)[so_out]
-        xt = s_comp.run(None, feeds)[sc_out]
-        for p, pt in zip(iter_patches(x, tap), iter_patches(xt, tap)):
-            C += p.T @ pt
-            G += pt.T @ pt
-            s += p.sum(0)
-            st += pt.sum(0)
-            n += len(p)
-    mu, mut = s / n, st / n
-    return C / n - np.outer(mu, mut), G / n - np.outer(mut, mut), mu, mut
+        sums.add(s_orig.run(None, feeds)[so_out], s_comp.run(None, feeds)[sc_out], tap)
+    return sums.centred()
 
 
 RIDGE = 1e-2  # of the mean variance: the compressed prefix's statistics are ill-conditioned deep down
@@ -95,37 +127,213 @@ def fit(w4: np.ndarray, k: int, rank: int, C, Gt, mu, mut, correct_bias: bool) -
     return Factors(enc.astype(w4.dtype), dec.astype(w4.dtype), delta)
 
 
-def sequential_factors(original, info, choices: dict, data, emodel, *, provider: str = "auto",
-                       threads: int | None = None, batch_size: int = 32, progress: bool = False):
-    """Refit the chosen layers in graph order on the compressed prefix's inputs;
-    returns ``(factors, measured)`` (layer name → Factors / output error)."""
-    from .emit import emit
+def _fit_and_measure(base: Source, l, cfg, emodel, C, Gt, mu, mut) -> tuple[Factors, float]:
+    """Layer ``l``'s factors from its moments, and its output error against the original layer."""
     from .factorize import reconstruct
+
+    w4 = base.weight4(l)
+    correct = emodel.bias_correction and l.bias_constant
+    fac = fit(w4, cfg.k, cfg.rank, C, Gt, mu, mut, correct)
+    st = emodel.stats(base, l)  # the original inputs' covariance and output energy
+    w2 = np.asarray(w4, np.float64).reshape(w4.shape[0], -1)
+    wh = reconstruct(fac, w4.shape).reshape(w4.shape[0], -1)
+    err = np.einsum("fd,de,fe->", w2, st.cov, w2) - 2 * np.einsum("fd,de,fe->", wh, C.T, w2) \
+        + np.einsum("fd,de,fe->", wh, Gt, wh)
+    if not correct:  # the mean shift stays in the error
+        m = w2 @ mu - wh @ mut
+        err += float(m @ m)
+    return fac, float(np.sqrt(max(err, 0.0) / st.energy)) if st.energy > 0 else 0.0
+
+
+def _chosen(info, choices):
+    return sorted((l for l in info.candidates if choices.get(l.name) is not None), key=lambda l: l.node_index)
+
+
+def per_layer_factors(original, info, choices: dict, data, emodel, *, provider: str = "auto",
+                      threads: int | None = None, batch_size: int = 32, progress: bool = False):
+    """The sweep's reference and fallback: for each layer, the prefix re-emitted
+    and both whole models run over the calibration data (quadratic in depth)."""
+    from .emit import emit
     from .runtime import providers_for
 
     providers = providers_for(provider)
-    layers = sorted((l for l in info.candidates if choices.get(l.name) is not None), key=lambda l: l.node_index)
     base = Source.load(original)
     factors, measured = {}, {}
-    for l in tqdm(layers, desc="sequential calibration", unit="layer", disable=not progress, leave=False):
-        cfg = choices[l.name]
-        done = {n: choices[n] for n in factors}
-        comp = emit(Source.load(original), info, done, factors) if factors else original
-        tap = tap_for_layer(l)
-        C, Gt, mu, mut = _moments(_session(original, l.input_name, providers, threads),
-                                  _session(comp, l.input_name, providers, threads), l.input_name, tap, data,
-                                  batch_size)
-        w4 = base.weight4(l)
-        correct = emodel.bias_correction and l.bias_constant
-        fac = fit(w4, cfg.k, cfg.rank, C, Gt, mu, mut, correct)
-        factors[l.name] = fac
-        st = emodel.stats(base, l)  # the original inputs' covariance and output energy
-        w2 = np.asarray(w4, np.float64).reshape(w4.shape[0], -1)
-        wh = reconstruct(fac, w4.shape).reshape(w4.shape[0], -1)
-        err = np.einsum("fd,de,fe->", w2, st.cov, w2) - 2 * np.einsum("fd,de,fe->", wh, C.T, w2) \
-            + np.einsum("fd,de,fe->", wh, Gt, wh)
-        if not correct:  # the mean shift stays in the error
-            m = w2 @ mu - wh @ mut
-            err += float(m @ m)
-        measured[l.name] = float(np.sqrt(max(err, 0.0) / st.energy)) if st.energy > 0 else 0.0
+    with Progress(len(_chosen(info, choices)), "sequential calibration", "layer", progress) as bar:
+        for l in _chosen(info, choices):
+            done = {n: choices[n] for n in factors}
+            comp = emit(Source.load(original), info, done, factors) if factors else original
+            C, Gt, mu, mut = _moments(_session(original, l.input_name, providers, threads),
+                                      _session(comp, l.input_name, providers, threads), l.input_name,
+                                      tap_for_layer(l), data, batch_size)
+            factors[l.name], measured[l.name] = _fit_and_measure(base, l, choices[l.name], emodel, C, Gt, mu, mut)
+            bar.update()
     return factors, measured
+
+
+class Uncuttable(Exception):
+    """The graph cannot be swept segment by segment (the reason says why)."""
+
+
+def sequential_factors(original, info, choices: dict, data, emodel, *, provider: str = "auto",
+                       threads: int | None = None, batch_size: int = 32, progress: bool = False,
+                       max_bytes: int = MAX_BYTES):
+    """Refit the chosen layers in graph order on the compressed prefix's inputs,
+    in one sweep over the graph (module docstring); returns ``(factors,
+    measured)`` (layer name → Factors / output error)."""
+    from .runtime import providers_for
+
+    layers = _chosen(info, choices)
+    if not layers:
+        return {}, {}
+    base = Source.load(original)
+    try:
+        with temp_dir("onnx-alds-sweep-") as tmp:
+            sweep = _Sweep(original, layers, providers_for(provider), threads, _Store(Path(tmp), max_bytes))
+            return sweep.run(base, choices, data, emodel, batch_size, progress)
+    except Uncuttable as e:
+        log.warning("sequential calibration runs once per layer (the graph cannot be swept: %s)", e)
+        return per_layer_factors(original, info, choices, data, emodel, provider=provider, threads=threads,
+                                 batch_size=batch_size, progress=progress)
+
+
+class _Store:
+    """Where a cut's activations live: in memory while the cut's bytes stay
+    under ``max_bytes``, past that in ``.npy`` files mapped read-only (the file
+    is unlinked at once; its disk space goes when the array does)."""
+
+    def __init__(self, tmp: Path, max_bytes: int):
+        self.tmp, self.max_bytes, self.used, self.files, self.spilled = tmp, max_bytes, 0, 0, 0
+
+    def new_cut(self) -> None:
+        self.used = 0
+
+    def keep(self, a):
+        if not isinstance(a, np.ndarray):
+            raise Uncuttable(f"an activation at a cut is a {type(a).__name__}, not a tensor")
+        if self.used + a.nbytes <= self.max_bytes:
+            self.used += a.nbytes
+            return a
+        path = self.tmp / f"{self.files}.npy"
+        self.files += 1
+        self.spilled += a.nbytes
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=a.dtype, shape=a.shape)
+        out[...] = a
+        out.flush()
+        del out
+        mapped = np.load(path, mmap_mode="r")
+        path.unlink()
+        return mapped
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    extra = names_read_inside([node]) if any(subgraphs(node)) else ()
+    return [n for n in list(node.input) + sorted(extra) if n]
+
+
+class _Sweep:
+    """The original model cut in front of every layer's node (module docstring)."""
+
+    def __init__(self, model: onnx.ModelProto, layers, providers, threads, store: _Store):
+        self.model, self.layers, self.providers, self.threads, self.store = model, layers, providers, threads, store
+        g = model.graph
+        self.nodes = list(g.node)
+        self.inits = {t.name: t for t in g.initializer}
+        positions = [l.node_index for l in layers]
+        if any(p < 0 or p >= len(self.nodes) for p in positions) or len(set(positions)) != len(positions):
+            raise Uncuttable("a layer is not a node of the main graph")
+        for l in layers:
+            if self.nodes[l.node_index].name != l.name and self.nodes[l.node_index].name:
+                raise Uncuttable(f"layer {l.name!r} is not where extraction found it")
+            if l.weight_name not in self.inits:
+                raise Uncuttable(f"the weight of layer {l.name!r} is not an initializer")
+        last_use: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            for n in _reads(node):
+                last_use[n] = i
+        alive = {i.name for i in g.input if i.name not in self.inits and i.name in last_use}
+        self.inputs = sorted(alive)
+        self.bounds, self.cuts = [0] + positions, []
+        for i, p in enumerate(positions):
+            for node in self.nodes[self.bounds[i]:p]:
+                alive.update(o for o in node.output if o and last_use.get(o, -1) >= p)
+            alive = {t for t in alive if last_use.get(t, -1) >= p}
+            if layers[i].input_name not in alive:
+                raise Uncuttable(f"the input of layer {layers[i].name!r} is not an activation at its cut")
+            self.cuts.append(sorted(alive))
+
+    def segment(self, i: int, dtypes: dict[str, int]) -> onnx.ModelProto:
+        """Nodes ``bounds[i] .. bounds[i+1]-1`` as a model: the previous cut in, the new cut's tensors made here out."""
+        m = onnx.ModelProto()
+        copy_model_fields(self.model, m)
+        m.functions.extend(self.model.functions)
+        nodes = self.nodes[self.bounds[i]:self.bounds[i + 1]]
+        g = m.graph
+        g.node.extend(nodes)
+        read = {n for node in nodes for n in _reads(node)}
+        g.initializer.extend(self.inits[n] for n in sorted(read) if n in self.inits)
+        made = {o for node in nodes for o in node.output}
+        before = self.cuts[i - 1] if i else self.inputs
+        g.input.extend(onnx.helper.make_tensor_value_info(n, dtypes[n], None) for n in before if n in read)
+        g.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in self.cuts[i] if n in made)
+        return m
+
+    def _run(self, model, states: list[dict]) -> list[dict]:
+        """Every batch's cut after the segment ``model``: what it makes, plus what passes by."""
+        from .runtime import session
+
+        i = len(self._done)
+        cut = self.cuts[i]
+        if not len(model.graph.node):
+            return [{n: st[n] for n in cut} for st in states]
+        try:
+            sess = session(model.SerializeToString(), self.providers, self.threads)
+            outs = [o.name for o in model.graph.output]
+            inits = {t.name for t in model.graph.initializer}
+            ins = [v.name for v in model.graph.input if v.name not in inits]
+            new = []
+            for st in states:
+                got = dict(zip(outs, sess.run(outs, {n: st[n] for n in ins})))
+                new.append({n: self.store.keep(got[n]) if n in got else st[n] for n in cut})
+            return new
+        except Uncuttable:
+            raise
+        except Exception as e:  # onnxruntime refuses a segment: the caller falls back to whole models
+            raise Uncuttable(f"segment {i + 1} of {len(self.cuts)} does not run alone ({e})".splitlines()[0]) \
+                from e
+
+    def _compressed(self, seg: onnx.ModelProto, i: int, choices, factors) -> onnx.ModelProto:
+        """Segment ``i`` with the layer at its start (the previous one) emitted with its factors."""
+        from .emit import emit
+
+        if i == 0:
+            return seg
+        prev = dataclasses.replace(self.layers[i - 1], node_index=0)
+        return emit(Source.load(seg), SimpleNamespace(candidates=[prev]), {prev.name: choices[prev.name]},
+                    {prev.name: factors[prev.name]})
+
+    def run(self, base: Source, choices, data, emodel, batch_size: int, progress: bool):
+        orig = [{n: feeds[n] for n in self.inputs} for feeds in iter_batches(data, batch_size)]
+        comp = orig
+        dtypes = {}
+        factors, measured, self._done = {}, {}, []
+        with Progress(len(self.layers), "sequential calibration", "layer", progress) as bar:
+            for i, l in enumerate(self.layers):
+                dtypes.update({n: onnx.helper.np_dtype_to_tensor_dtype(a.dtype) for n, a in orig[0].items()
+                               if isinstance(a, np.ndarray)})
+                seg = self.segment(i, dtypes)
+                self.store.new_cut()
+                orig, comp = self._run(seg, orig), (self._run(self._compressed(seg, i, choices, factors), comp)
+                                                    if i else None)
+                comp = comp if i else orig  # nothing is compressed before the first layer
+                tap = tap_for_layer(l)
+                sums = _Sums(tap.d)
+                for o, c in zip(orig, comp):
+                    sums.add(o[l.input_name], c[l.input_name], tap)
+                fac, err = _fit_and_measure(base, l, choices[l.name], emodel, *sums.centred())
+                factors[l.name], measured[l.name] = fac, err
+                self._done.append(l.name)
+                bar.update()
+        if self.store.spilled:
+            log.info("sequential calibration kept %.1f MiB of activations on disk", self.store.spilled / 2**20)
+        return factors, measured

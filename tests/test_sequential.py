@@ -1,0 +1,140 @@
+"""Sequential calibration in one sweep: the same factors as refitting layer by
+layer on whole models, at the cost of about one forward pass per side."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_alds
+from onnx_alds import runtime, sequential
+from onnx_alds.plan import LayerPlan, Plan
+
+DEPTH = 6
+
+
+def residual_chain(depth=DEPTH, c=8, seed=0):
+    """Convs with a skip connection over every second one (activations that cross cuts) and a Gemm head."""
+    rng = np.random.default_rng(seed)
+    lines, inits, h = [], {}, "x"
+    for i in range(depth):
+        w = (np.linalg.qr(rng.standard_normal((c, c)))[0] * 0.8 ** np.arange(c)) @ rng.standard_normal((c, c * 9))
+        inits[f"w{i}"] = w.reshape(c, c, 3, 3).astype(np.float32) / 3
+        inits[f"b{i}"] = rng.standard_normal(c).astype(np.float32)
+        lines.append(f"h{i} = Conv <pads = [1, 1, 1, 1]> ({h}, w{i}, b{i})")
+        if i % 2 == 1:
+            lines.append(f"s{i} = Add (h{i}, {h_prev})")
+            lines.append(f"r{i} = Relu (s{i})")
+        else:
+            lines.append(f"r{i} = Relu (h{i})")
+            h_prev = h  # noqa: F841 - read two convs later, across a cut
+        h = f"r{i}"
+    inits["fw"] = rng.standard_normal((5, c)).astype(np.float32)
+    lines += [f"p = GlobalAveragePool ({h})", "q = Flatten (p)", "y = Gemm <transB = 1> (q, fw)"]
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, {c}, 6, 6] x) => (float y) {{ {chr(10).join(lines)} }}"""
+    m = onnx.parser.parse_model(text)
+    convs = [n for n in m.graph.node if n.op_type in ("Conv", "Gemm")]
+    for i, n in enumerate(convs):
+        n.name = f"c{i}" if n.op_type == "Conv" else "fc"
+    m.graph.initializer.extend(onnx.numpy_helper.from_array(a, k) for k, a in inits.items())
+    return m
+
+
+def plan_for(model):
+    layers = [LayerPlan(f"c{i}", f"w{i}", 1, "s0", 3) for i in range(DEPTH)]
+    return Plan(layers + [LayerPlan("fc", "fw", 1, "s0", 2)])
+
+
+def capture(monkeypatch):
+    """Every session's node count and how many times it ran, through runtime.session."""
+    runs = []
+    real = runtime.session
+
+    def counting(model, *a, **kw):
+        m = onnx.load_from_string(model) if isinstance(model, bytes) else model
+        sess = real(model, *a, **kw)
+        entry = {"nodes": len(m.graph.node), "runs": 0}
+        runs.append(entry)
+        run = sess.run
+
+        def counted(*ra, **rk):
+            entry["runs"] += 1
+            return run(*ra, **rk)
+
+        sess.run = counted
+        return sess
+
+    monkeypatch.setattr(runtime, "session", counting)
+    return runs
+
+
+def build(model, x, monkeypatch, refit):
+    monkeypatch.setattr("onnx_alds.pipeline.stages.sequential_factors", refit)
+    runs = capture(monkeypatch)
+    new, rep = onnx_alds.rewrite(model, plan=plan_for(model), calibration={"x": x}, error="data", validate=False,
+                                 sequential=True)
+    return new, rep, sum(r["nodes"] * r["runs"] for r in runs)
+
+
+def test_sweep_equals_the_per_layer_refit_at_about_one_pass(monkeypatch):
+    m = residual_chain()
+    x = np.random.default_rng(1).standard_normal((40, 8, 6, 6)).astype(np.float32)
+    batches = -(-len(x) // 32)
+    sweep, rep, sweep_work = build(m, x, monkeypatch, sequential.sequential_factors)
+    per_layer, rep2, per_layer_work = build(m, x, monkeypatch, sequential.per_layer_factors)
+    assert rep.budget["sequential"]
+    a, b = rep.plan.factors, rep2.plan.factors
+    assert set(a) == set(b) == {f"c{i}" for i in range(DEPTH)} | {"fc"}
+    for name in a:
+        for u, v in ((a[name].encoder, b[name].encoder), (a[name].decoder, b[name].decoder)):
+            assert np.linalg.norm(u - v) <= 1e-4 * np.linalg.norm(v)
+    for l, l2 in zip(rep.layers, rep2.layers):
+        assert l.measured_error == pytest.approx(l2.measured_error, rel=1e-4, abs=1e-7)
+    # node executions: the original and the compressed model once each (plus the replacements' extra nodes),
+    # against once per layer for the whole-model refit
+    n = len(m.graph.node)
+    assert sweep_work <= 2 * (n + 2 * (DEPTH + 1)) * batches
+    assert per_layer_work >= DEPTH * n * batches
+
+
+def test_a_cut_that_cannot_be_made_falls_back_to_the_per_layer_refit(monkeypatch, caplog):
+    m = residual_chain()
+    x = np.random.default_rng(1).standard_normal((16, 8, 6, 6)).astype(np.float32)
+
+    def refuse(*a, **kw):
+        raise sequential.Uncuttable("refused for the test")
+
+    monkeypatch.setattr(sequential._Sweep, "__init__", refuse)
+    with caplog.at_level(logging.WARNING):
+        _, rep, _ = build(m, x, monkeypatch, sequential.sequential_factors)
+    assert "cannot be swept: refused for the test" in caplog.text
+    _, rep2, _ = build(m, x, monkeypatch, sequential.per_layer_factors)
+    for name, f in rep.plan.factors.items():
+        assert np.allclose(f.encoder, rep2.plan.factors[name].encoder)
+
+
+def test_activations_past_max_bytes_go_to_disk(monkeypatch):
+    m = residual_chain()
+    x = np.random.default_rng(1).standard_normal((40, 8, 6, 6)).astype(np.float32)
+    _, rep, _ = build(m, x, monkeypatch, sequential.sequential_factors)
+
+    def small(*a, **kw):
+        return sequential.sequential_factors(*a, **dict(kw, max_bytes=1000))
+
+    spilled = []
+    real_keep = sequential._Store.keep
+
+    def keep(self, a):
+        out = real_keep(self, a)
+        spilled.append(isinstance(out, np.memmap))
+        return out
+
+    monkeypatch.setattr(sequential._Store, "keep", keep)
+    _, rep2, _ = build(m, x, monkeypatch, small)
+    assert any(spilled) and not all(spilled)  # some activations on disk, the first ones in memory
+    for name, f in rep.plan.factors.items():
+        assert np.array_equal(f.encoder, rep2.plan.factors[name].encoder)
