@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from .cost import full_rank
 from .errors import UsageError
 from .factorize import data_factors, reconstruct, weight_factors
-from .folding import fold
+from .folding import far_from_one, fold
 from .ops.base import Factors
 from .spectra import compute_spectra
 
@@ -169,7 +169,10 @@ class LayerStats:
 
     cov: np.ndarray  # centered covariance, d × d
     mean: np.ndarray  # d
-    energy: float  # ‖W X‖_F² / n: the normaliser
+    energy: float  # ‖(W/scale) X‖_F² / n: the normaliser
+    # errors are relative, so they are computed on W/scale: weights near 1e200 would overflow
+    # ‖W X‖² (and every product below) to inf, and their errors to NaN
+    scale: float = 1.0
 
     @classmethod
     def from_moments(cls, m, w2: np.ndarray) -> "LayerStats":
@@ -178,8 +181,11 @@ class LayerStats:
         second = m.gram / n
         cov = second - np.outer(mean, mean)
         cov = (cov + cov.T) / 2
+        scale = float(np.abs(w2).max()) if w2.size else 1.0
+        scale = scale if far_from_one(scale) else 1.0
+        w2 = w2 / scale if scale != 1.0 else w2
         energy = float(np.einsum("fd,de,fe->", w2, second, w2))
-        return cls(cov, mean, max(energy, 0.0))
+        return cls(cov, mean, max(energy, 0.0), scale)
 
 
 def data_curve(w2: np.ndarray, st: LayerStats, k: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -194,6 +200,7 @@ def data_curve(w2: np.ndarray, st: LayerStats, k: int) -> tuple[np.ndarray, list
     f, d = w2.shape
     dg = d // k
     r = min(f, dg)
+    w2 = w2 / st.scale if st.scale != 1.0 else w2  # relative errors: the scale cancels
     chol, ps, ys, sig = [], [], [], []
     for i in range(k):
         sl = slice(i * dg, (i + 1) * dg)
@@ -288,7 +295,7 @@ class DataError:
         (``‖EX‖_F/‖WX‖_F`` without bias correction)."""
         st = self.stats(source, layer)
         w = np.asarray(source.weight4(layer), np.float64)
-        e = (w - reconstruct(factors, w.shape)).reshape(w.shape[0], -1)
+        e = (w - reconstruct(factors, w.shape)).reshape(w.shape[0], -1) / st.scale
         cov = st.cov if factors.bias_delta is not None else st.cov + np.outer(st.mean, st.mean)
         num = float(np.einsum("fd,de,fe->", e, cov, e))
         return float(np.sqrt(max(num, 0.0) / st.energy)) if st.energy > 0 else 0.0

@@ -368,3 +368,31 @@ def test_unchanged_model_is_never_called_slower():
     assert not any("slower" in w for w in warnings) and any("unchanged" in w for w in warnings)
     assert any("slower" in w for w in gate(Validation("CPUExecutionProvider", 0.0, 0.0, latency_ms_before=1.0,
                                                       latency_ms_after=1.25)))
+
+
+def test_float64_weights_near_1e200_have_the_errors_of_the_same_weights_near_1(tmp_path, monkeypatch, capsys):
+    """Errors are relative: a weight scaled by 1e200 has the same data-aware and spectral errors, finite
+    factors, and no NaN in the report (the data-aware energy ‖WX‖² overflowed to inf before)."""
+    from graphs import gemm_model
+
+    monkeypatch.chdir(tmp_path)
+    m = gemm_model(f=16, c=24, dtype=np.float64)
+    onnx.save(m, "n.onnx")
+    w = onnx.numpy_helper.to_array(m.graph.initializer[0]) * 1e200
+    m.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, "fc.weight"))
+    onnx.save(m, "h.onnx")
+    np.savez("cal.npz", x=np.random.default_rng(0).standard_normal((64, 24)))
+    errors = {}
+    for name in ("n", "h"):
+        for error in ("data", "spectral"):
+            args = ["rewrite", f"{name}.onnx", f"{name}_{error}.onnx", "--keep-params", "0.7", "--allow-slower",
+                    "--no-validate", "--no-compare", "--report", f"{name}_{error}.json", "-q"]
+            rc, _, err = main_in_process(capsys, *args, *(["--calibration", "cal.npz"] if error == "data" else []))
+            assert rc == 0, err
+            r = json.loads(open(f"{name}_{error}.json").read())
+            errors[name, error] = [l["rel_error"] for l in r["layers"]]
+            out = onnx.load(f"{name}_{error}.onnx")
+            assert all(np.isfinite(onnx.numpy_helper.to_array(t)).all() for t in out.graph.initializer)
+    for error in ("data", "spectral"):
+        assert np.isfinite(errors["h", error]).all()
+        np.testing.assert_allclose(errors["h", error], errors["n", error], rtol=1e-6)
