@@ -452,3 +452,28 @@ def test_threads(monkeypatch, digits):
     train, _ = loaders(digits, n_train=32)
     h = finetune(small_model(), train, epochs=1, threads=2, device="cpu", progress=False)
     assert h["threads"] == 2 and torch.get_num_threads() == before
+
+
+def test_defaults_recover_a_network_without_batchnorm_instead_of_giving_the_start_back(digits):
+    """An MLP (no BatchNorm to insert) at ranks 11 and 20: with the feature term's large gradients,
+    unclipped SGD (the defaults before max_grad_norm) left it worse and the start was given back."""
+    from torch import nn
+
+    from onnx_alds.torch import apply_plan
+
+    x_tr, y_tr, _, _ = digits
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Flatten(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                             nn.Linear(128, 10))
+    train, _ = loaders(digits, n_train=512, batch=32)
+    finetune(original, train, epochs=4, lr=3e-3, optimizer="adamw", device="cpu", progress=False)
+    original.eval()
+    plan = {"version": 1, "layers": [dict(name=n, weight=f"{n}.weight", k=1, scheme="s0", rank=r)
+                                     for n, r in (("1", 11), ("3", 20))]}
+    student = apply_plan(original, plan)
+    check = [(x_tr[:512], y_tr[:512])]
+    start_acc = evaluate(student, check)[1]
+    hist = finetune(student, train, epochs=2, teacher=original, device="cpu", progress=False)
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert not hist["kept_start"] and all(v == v for v in hist["train_loss"])  # no NaN loss, start not given back
+    assert evaluate(student, check)[1] > start_acc

@@ -9,6 +9,15 @@
   scores; without one, cross-entropy on the labels;
 * **schedule**: linear warm-up over the first ``warmup`` fraction of the
   steps, then a cosine to 0, per batch;
+* **stability**: the gradient's norm is clipped to ``max_grad_norm`` (the
+  feature-matching term's gradients on networks without BatchNorm, MLPs
+  and transformers, are large enough to turn SGD's weights into NaN within
+  an epoch; docs/finetune.md); an epoch whose loss still becomes NaN or
+  inf starts again from its starting weights at half the learning rate;
+* **safety net**: without ``val_loader``, the end is judged against the
+  start on a fixed slice of training samples (class accuracy, a tie
+  keeps the end; else the output match to the teacher, without the
+  feature term) and the start is given back when the end is worse;
 * **BatchNorm**: a network whose BatchNorm was folded away (every plan-built
   one) gets an identity-initialised BatchNorm after each factorized conv for
   the length of the fine-tune, its statistics recomputed for the final
@@ -196,7 +205,8 @@ def finetune(
       layers, else 0 (it needs the teacher's modules).
     * ``lr``, ``warmup`` (fraction of all steps for the linear warm-up; 0 for
       none), ``optimizer`` (``"sgd"`` with Nesterov momentum, or ``"adamw"``),
-      ``weight_decay``, ``momentum``, ``label_smoothing``.
+      ``weight_decay``, ``momentum``, ``label_smoothing``, ``max_grad_norm``
+      (clip the gradient's total norm; None never clips).
     * ``batchnorm``: ``"auto"`` inserts BatchNorm when the model has
       factorized convolutions and no BatchNorm; True always (where there are
       factorized convolutions), False never. Inserted ones are folded back

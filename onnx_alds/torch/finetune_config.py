@@ -20,7 +20,7 @@ LOSSES = ("kl", "mse", "cosine")  # the output-matching losses of distill.py (ke
 
 # The defaults (docs/finetune.md says how they were measured).
 DEFAULTS = dict(lr=0.02, warmup=0.1, alpha=0.5, temperature=2.0, feature_weight=30.0, patience=3, weight_decay=5e-4,
-                momentum=0.9)
+                momentum=0.9, max_grad_norm=5.0)
 
 
 def _number(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False,
@@ -53,6 +53,7 @@ class FinetuneConfig:
     weight_decay: float = DEFAULTS["weight_decay"]
     momentum: float = DEFAULTS["momentum"]
     label_smoothing: float = 0.0
+    max_grad_norm: float | None = DEFAULTS["max_grad_norm"]
     batchnorm: bool | str = "auto"
     patience: int | None = DEFAULTS["patience"]
     restore_best: bool = True
@@ -77,6 +78,8 @@ class FinetuneConfig:
         _number("weight_decay", self.weight_decay, low=0)
         _number("momentum", self.momentum, low=0, high=1, high_open=True)
         _number("label_smoothing", self.label_smoothing, low=0, high=1, high_open=True)
+        if self.max_grad_norm is not None:
+            _number("max_grad_norm", self.max_grad_norm, low=0, low_open=True)
         if self.feature_weight != "auto":
             _number("feature_weight", self.feature_weight, low=0)
         if str(self.optimizer).lower() not in ("sgd", "adamw"):

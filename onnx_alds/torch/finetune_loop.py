@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ __all__ = ["run"]
 
 log = logging.getLogger("onnx_alds.torch.finetune")
 
+MAX_BACK_OFFS = 4  # halvings of the learning rate after a diverged epoch, in one run
+
 
 class TrainingLoss:
     """The training loss of one batch, and the kind chosen (see the module docstring of finetune.py)."""
@@ -39,7 +42,7 @@ class TrainingLoss:
         self.alpha, self.temperature, self.label_smoothing = cfg.alpha, cfg.temperature, cfg.label_smoothing
         self.chosen: str | None = None
 
-    def __call__(self, outs: list[torch.Tensor], x: Any, y: Any) -> torch.Tensor:
+    def __call__(self, outs: list[torch.Tensor], x: Any, y: Any, features: bool = True) -> torch.Tensor:
         if is_class_target(y, outs[0]):
             check_class_targets(y, outs[0])
         if self.teacher is None:
@@ -56,7 +59,9 @@ class TrainingLoss:
         loss = distillation_loss(outs, t_outs, y, kind=self.chosen, alpha=self.alpha,
                                  temperature=self.temperature, label_smoothing=self.label_smoothing)
         if self.features is not None:
-            loss = loss + self.feature_weight * self.features.loss()
+            term = self.features.loss()  # read (and cleared) on every forward, used only for training
+            if features:
+                loss = loss + self.feature_weight * term
         return loss
 
 
@@ -77,8 +82,8 @@ def _val_sums(model, loader, device, loss: TrainingLoss) -> list[float]:
                     s[0] += float(nn.functional.cross_entropy(outs[0], y, reduction="sum"))
                     s[1] += int((outs[0].argmax(dim=1) == y).sum())
                     s[3] += n
-                else:
-                    s[0] += float(loss(outs, x, y)) * n
+                else:  # the output match alone: the feature term is a training aid, not the goal
+                    s[0] += float(loss(outs, x, y, features=False)) * n
                 s[2] += n
     finally:
         model.train(was_training)
@@ -169,7 +174,7 @@ def _prepare(model, train_loader, val_loader, teacher, cfg, dev, ctx, cleanup) -
 def _train_epoch(r: Run, epoch: int) -> tuple[float, float | None]:
     """One pass over the training batches; (mean loss, accuracy or None) over all ranks."""
     r.net.train()
-    loss_sum, correct, seen, scored = 0.0, 0, 0, 0
+    loss_sum, correct, seen, scored, diverged = 0.0, 0, 0, 0, 0
     show = r.cfg.progress and r.ctx.is_main
     bar = tqdm(r.train_batches, desc=f"epoch {epoch + 1}/{r.cfg.epochs}", leave=False, disable=not show,
                total=len(r.train_batches))
@@ -180,9 +185,13 @@ def _train_epoch(r: Run, epoch: int) -> tuple[float, float | None]:
         outs = flatten_outputs(forward(r.net, x))
         loss = r.loss(outs, x, y)
         r.state.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # every rank steps alike, also after a non-finite loss (DDP reduces in backward)
+        if r.cfg.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(r.state.params, r.cfg.max_grad_norm)
         r.state.opt.step()
         r.state.sched.step()
+        if not bool(torch.isfinite(loss.detach())):
+            diverged = 1
         n = batch_size(x)
         loss_sum += float(loss.detach()) * n
         seen += n
@@ -192,14 +201,50 @@ def _train_epoch(r: Run, epoch: int) -> tuple[float, float | None]:
         if show:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
     bar.close()
-    loss_sum, correct, seen, scored = dist_util.all_sum(r.ctx, [loss_sum, correct, seen, scored])
+    loss_sum, correct, seen, scored, diverged = dist_util.all_sum(r.ctx, [loss_sum, correct, seen, scored, diverged])
+    if diverged:
+        raise _Diverged
     return loss_sum / seen, (correct / scored if scored else None)
+
+
+class _Diverged(Exception):
+    """The loss of some step of an epoch (on some rank) was NaN or inf."""
+
+
+def _train_epoch_or_back_off(r: Run, epoch: int) -> tuple[float, float | None] | None:
+    """:func:`_train_epoch`; when its loss diverges, the epoch's starting weights and optimizer state come
+    back, the learning rate is halved for the rest of the run, and the epoch runs again (at most
+    ``MAX_BACK_OFFS`` times in a run; then None, and the run stops with the epoch's starting weights)."""
+    saved = (snapshot(r.model), copy.deepcopy(r.state.opt.state_dict()), copy.deepcopy(r.state.sched.state_dict()))
+    while True:
+        try:
+            return _train_epoch(r, epoch)
+        except _Diverged:
+            r.model.load_state_dict(saved[0])
+            r.state.opt.load_state_dict(copy.deepcopy(saved[1]))
+            r.state.sched.load_state_dict(copy.deepcopy(saved[2]))
+            if r.state.back_offs >= MAX_BACK_OFFS:
+                if r.ctx.is_main:
+                    log.warning("epoch %d: the loss is still NaN or inf after %d halvings of the learning rate; "
+                                "stopping with the epoch's starting weights", epoch + 1, MAX_BACK_OFFS)
+                return None
+            r.state.back_offs += 1
+            r.state.sched.base_lrs = [lr * 0.5 ** r.state.back_offs for lr in r.state.sched.base_lrs]
+            for group, base in zip(r.state.opt.param_groups, r.state.sched.base_lrs):
+                group["lr"] = base * r.state.sched.lr_lambdas[0](r.state.sched.last_epoch)
+            if r.ctx.is_main:
+                log.warning("epoch %d: the loss became NaN or inf; the epoch starts again at half the learning "
+                            "rate (%g)", epoch + 1, r.state.sched.base_lrs[0])
 
 
 def _epoch(r: Run, epoch: int, with_val: bool) -> None:
     """Train one epoch, record it, judge it on the validation data, write its checkpoint."""
     t0 = time.perf_counter()
-    train_loss, train_acc = _train_epoch(r, epoch)
+    done = _train_epoch_or_back_off(r, epoch)
+    if done is None:
+        r.state.best["stopped"] = True
+        return
+    train_loss, train_acc = done
     h = r.state.history
     h["epoch"].append(epoch + 1)
     h["train_loss"].append(train_loss)
@@ -240,9 +285,9 @@ def _finish(r: Run, start_check) -> bool:
         bn_recovery.recalibrate(r.model, calibration_inputs(r.train_loader, r.dev), forward)
     if start_check is None:
         return False
-    check, start_score, start_state = start_check
+    check, start, start_state = start_check
     end_ok = _params_finite(r.model)
-    if end_ok and score(*validate(r.model, check, r.dev, r.loss)) >= start_score:
+    if end_ok and not _worse(validate(r.model, check, r.dev, r.loss), start):
         return False
     r.model.load_state_dict(start_state)
     if main:
@@ -266,7 +311,16 @@ def _start_check(r: Run, with_val: bool):
     if not check:
         return None, None
     # the same samples on every rank: no sum over ranks, the same decision everywhere
-    return None, (check, score(*validate(r.model, check, r.dev, r.loss)), snapshot(r.model))
+    return None, (check, validate(r.model, check, r.dev, r.loss), snapshot(r.model))
+
+
+def _worse(end: tuple[float, float | None], start: tuple[float, float | None]) -> bool:
+    """Whether the end scores worse than the start on the check samples: fewer of them right, where there
+    are class labels (a tie keeps the end: distillation may raise the cross-entropy on the labels while it
+    brings the student to its teacher), else a larger output-matching loss (NaN is worse)."""
+    if end[1] is not None and start[1] is not None:
+        return end[1] < start[1]
+    return not end[0] <= start[0]
 
 
 def run(model, train_loader, val_loader, teacher, cfg: FinetuneConfig, dev, ctx, threads: int) -> dict[str, Any]:

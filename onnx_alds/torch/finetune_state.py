@@ -109,6 +109,8 @@ class TrainState:
                                                           "bad_epochs": 0, "stopped": False})
     start_epoch: int = 0
     resumed_from: str | None = None
+    back_offs: int = 0  # halvings of the learning rate after diverged epochs
+    params: list = field(default_factory=list)  # what the optimizer steps (and the gradient clipping sees)
 
     @classmethod
     def create(cls, model: nn.Module, cfg: FinetuneConfig, steps_per_epoch: int, with_val: bool) -> "TrainState":
@@ -120,7 +122,7 @@ class TrainState:
         history: dict[str, Any] = {"epoch": [], "train_loss": [], "train_acc": [], "lr": [], "epoch_time_s": []}
         if with_val:
             history["val_loss"], history["val_acc"] = [], []
-        return cls(opt, sched, history)
+        return cls(opt, sched, history, params=params)
 
     def resume(self, model: nn.Module, ckpt_dir: Path, device: torch.device, epochs: int, generator,
                main: bool) -> None:

@@ -123,9 +123,22 @@ def apply_plan(model: nn.Module, plan: Plan | dict | str, example_inputs: Any = 
     for entry in plan.layers:
         path = _module_path(model, entry)
         mod = model.get_submodule(path)
+        if isinstance(model.get_submodule(path.rpartition(".")[0]), nn.MultiheadAttention):
+            raise UsageError(f"the plan's layer {entry.name!r} is a projection of the nn.MultiheadAttention "
+                             f"{path.rpartition('.')[0]!r}, which reads its weight directly: leave it out of the "
+                             f"plan, or write the attention with nn.Linear projections")
         spec = _spec_for_module(mod, path)
         factors = (plan.factors or {}).get(entry.name)
         if factors is None:
             factors = weight_factors(spec.torch_weight4(mod), entry.k, spec.torch_scheme(entry.scheme), entry.rank)
         model.set_submodule(path, spec.torch_module(mod, entry, factors))
+        parent = model.get_submodule(path.rpartition(".")[0])
+        if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            # their inference fast path reads linear1/linear2.weight, which a factorized layer does not have;
+            # torch skips that path for a layer with a hook attached
+            model.get_submodule(path).register_forward_hook(_keeps_torch_off_the_fast_path)
     return model
+
+
+def _keeps_torch_off_the_fast_path(_module, _inputs, _output):
+    return None
