@@ -18,6 +18,7 @@ from .extract import ModelInfo
 from .options import RewriteOptions, budget_of
 from .pipeline.stages import analyze, calibrate, finish, prepare, select, speed_guard
 from .plan import Plan
+from .policy.error_bounded import run_error_bounded
 from .policy.error_search import fastest_within
 from .policy.guarded import run_guarded
 from .policy.latency_loop import run_latency
@@ -39,7 +40,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
     ``max_output_error``, ``min_speedup``, ``objective``, ``int8``, ...).
 
     With ``plan`` the given plan is applied as is; otherwise ``method`` selects under the budget
-    (``keep_params`` by default 0.5, never slower than the input: :mod:`onnx_alds.policy.guarded`)
+    (:mod:`onnx_alds.policy.guarded`; never slower than the input) or, with no budget, searches the
+    smallest plan whose outputs stay within a tolerance (:mod:`onnx_alds.policy.error_bounded`),
     with the error model ``error`` (default ``data`` when ``calibration`` is given, else
     ``spectral``).  ``keep_latency`` runs the measured closed loop
     (:mod:`onnx_alds.policy.latency_loop`), and with ``max_output_error`` the search for the fastest
@@ -56,6 +58,8 @@ def rewrite(model_or_path, keep_params=None, keep_flops=None, keep_latency=None,
         attempt = fastest_within(run)
     elif options.budget.latency:
         attempt = run_latency(run)
+    elif options.budget.default:
+        attempt = run_error_bounded(run)
     else:
         attempt = run_guarded(run)
     return finish(run, attempt)

@@ -55,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--schemes", default=None, metavar="S,...",
                    help="folding schemes to consider (default all: s0,s1,s2,s3; s0 alone is the paper's ALDS)")
     r.add_argument("--k-max", type=bounded_int(1), default=None, metavar="K", help="largest number of channel groups")
-    r.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...",
-                   help="fix a dynamic input shape (for FLOPs and validation); repeatable")
+    r.add_argument("--input-shape", action="extend", nargs="+", metavar="NAME:D1,D2,...",
+                   help="fix dynamic input shapes (for FLOPs and validation): NAME:D1,D2 [NAME:D1,D2 ...]")
     r.add_argument("--report", metavar="REPORT.json", help="write the report as JSON")
     pl = r.add_mutually_exclusive_group()
     pl.add_argument("--plan", metavar="PLAN.json", help="write the chosen plan")
@@ -67,9 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
                    help="onnxruntime provider for validation and latency (auto: CUDA when present)")
     r.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
-    r.add_argument("--calibration", metavar="CAL.npz",
-                   help="calibration inputs: one array per graph input name, samples first; drives the "
-                        "data-aware error, the data-aware factors and the validation inputs")
+    cal = r.add_mutually_exclusive_group()
+    cal.add_argument("--calibration", metavar="CAL.npz",
+                     help="calibration inputs: one array per graph input name, samples first; drives the "
+                          "data-aware error, the data-aware factors and the validation inputs")
+    cal.add_argument("--data-loader-script", metavar="FILE.py[:FUNC]",
+                     help="calibration inputs from your own Python function (default name load_data) that "
+                          "returns an iterable of feed dicts (input name -> array, samples first)")
+    r.add_argument("--no-hold-out", action="store_true",
+                   help="judge the rewrite on the calibration samples it was fitted on (default: a quarter of "
+                        "a calibration file, at least 16 samples, is held back to judge it)")
+    r.add_argument("--output-kind", action="extend", nargs="+", metavar="NAME:KIND",
+                   help="how an output is judged: scores (top-1 agreement), embedding (cosine) or map "
+                        "(relative L2 only); default: scores for a 2-D float output, else map")
     r.add_argument("--error", choices=["spectral", "data", "frobenius", "paper"], default=None,
                    help="error model (default: data with --calibration, else spectral; paper = the "
                         "ALDS paper's surrogate)")
@@ -100,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="list layers, params, FLOPs and why a layer is not compressible")
     i.add_argument("input")
-    i.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    i.add_argument("--input-shape", action="extend", nargs="+", metavar="NAME:D1,D2,...")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     be = sub.add_parser("bench", help="latency of whole models, interleaved, median of repeats")
@@ -113,21 +123,28 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--spinning", action="store_true",
                     help="let onnxruntime's idle threads spin (faster runs, but interleaved models then take "
                          "each other's cores: ratios become noisy)")
-    be.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    be.add_argument("--input-shape", action="extend", nargs="+", metavar="NAME:D1,D2,...")
     be.add_argument("--json", metavar="OUT.json", help="also write the table as JSON")
     be.add_argument("--int8", action="store_true",
                     help="also bench an int8 (static QDQ) copy of each model, quantized into a temp dir")
-    be.add_argument("--calibration", metavar="CAL.npz", help="calibration samples for --int8 (default: random)")
+    bcal = be.add_mutually_exclusive_group()
+    bcal.add_argument("--calibration", metavar="CAL.npz", help="calibration samples for --int8 (default: random)")
+    bcal.add_argument("--data-loader-script", metavar="FILE.py[:FUNC]",
+                      help="calibration samples for --int8 from your own function (see rewrite --help)")
     be.add_argument("--per-tensor", action="store_true", help="--int8 with per-tensor weight scales")
 
     q = sub.add_parser("quantize", help="static int8 quantization (QDQ) with onnxruntime, e.g. after rewrite")
     q.add_argument("input", help="input .onnx (never modified)")
     q.add_argument("output", help="output .onnx (written atomically)")
-    q.add_argument("--calibration", metavar="CAL.npz",
-                   help="one array per graph input name, first axis = samples (default: seeded random inputs)")
+    qcal = q.add_mutually_exclusive_group()
+    qcal.add_argument("--calibration", metavar="CAL.npz",
+                      help="one array per graph input name, first axis = samples (default: seeded random inputs)")
+    qcal.add_argument("--data-loader-script", metavar="FILE.py[:FUNC]",
+                      help="calibration samples from your own function (see rewrite --help)")
     q.add_argument("--per-tensor", action="store_true", help="one scale per weight instead of per output channel")
-    q.add_argument("--samples", type=bounded_int(1), default=32, help="random calibration samples without --calibration")
-    q.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    q.add_argument("--samples", type=bounded_int(1), default=32,
+                   help="random calibration samples without --calibration (at most 4096 are used)")
+    q.add_argument("--input-shape", action="extend", nargs="+", metavar="NAME:D1,D2,...")
     q.add_argument("--json", metavar="OUT.json", help="also write what was done as JSON")
 
     e = sub.add_parser("export", help="export a PyTorch model defined in Python to ONNX (needs torch)")
@@ -164,6 +181,34 @@ def _shapes(specs, batch: int = 2):
         raise UsageError(f"--input-shape asks for about {total / 2**30:.1f} GiB of float32 input data, over the "
                          f"{MAX_INPUT_BYTES >> 30} GiB limit; give smaller shapes")
     return shapes
+
+
+def _calibration(a):
+    """``--calibration CAL.npz`` as given, or the function of ``--data-loader-script`` (None: neither)."""
+    if getattr(a, "data_loader_script", None):
+        from .calibration import data_loader
+
+        return data_loader(a.data_loader_script)
+    return a.calibration
+
+
+def _script_path(a):
+    """The file of ``--data-loader-script FILE.py[:FUNC]`` (an input no output may overwrite)."""
+    spec = getattr(a, "data_loader_script", None)
+    return spec.partition(":")[0] if spec else None
+
+
+def _output_kinds(specs) -> dict | None:
+    """``--output-kind NAME:KIND ...`` as ``{name: kind}``."""
+    from .compare import OUTPUT_KINDS
+
+    kinds = {}
+    for spec in specs or []:
+        name, sep, kind = str(spec).rpartition(":")
+        if not sep or not name or kind not in OUTPUT_KINDS:
+            raise UsageError(f"--output-kind {spec!r} is not NAME:KIND with KIND one of {', '.join(OUTPUT_KINDS)}")
+        kinds[name] = kind
+    return kinds or None
 
 
 SELECTION_OPTIONS = (("keep_params", "--keep-params"), ("keep_flops", "--keep-flops"),
@@ -229,7 +274,7 @@ def cmd_rewrite(a) -> int:
                ("--report", a.report), ("--plan", a.plan), ("--plot", a.plot),
                ("--plan's factors file", Plan.factors_path(a.plan) if a.plan else None)]
     others = [("--apply-plan", a.apply_plan), ("--apply-plan's factors file", Plan.sidecar_of(a.apply_plan)),
-              ("--calibration", a.calibration)]
+              ("--calibration", a.calibration), ("--data-loader-script", _script_path(a))]
     check_outputs(a.input, outputs, other_inputs=others, out_dirs=[("--cache-dir", a.cache_dir)])
     plan = Plan.load(a.apply_plan) if a.apply_plan else None
     if plan is not None and plan.factors:
@@ -249,10 +294,10 @@ def cmd_rewrite(a) -> int:
     options = RewriteOptions.from_kwargs(
         a.keep_params, a.keep_flops, a.keep_latency, a.method or "alds", plan=plan, schemes=schemes, k_max=a.k_max,
         input_shapes=input_shapes, provider=a.provider, validate=not a.no_validate, compare=not a.no_compare,
-        progress=sys.stderr.isatty(), cache_dir=a.cache_dir, error=a.error, calibration=a.calibration,
+        progress=sys.stderr.isatty(), cache_dir=a.cache_dir, error=a.error, calibration=_calibration(a),
         bias_correction=not a.no_bias_correction, max_output_error=a.max_output_error, min_speedup=a.min_speedup,
         allow_slower=a.allow_slower, sequential=a.sequential, int8=a.int8, objective=a.objective,
-        best_effort=a.best_effort)
+        best_effort=a.best_effort, output_kinds=_output_kinds(a.output_kind), hold_out=not a.no_hold_out)
     new, report = rewrite(a.input, options=options)
     report.output = str(out)
     written = save_model(new, out)
@@ -310,12 +355,13 @@ def cmd_bench(a) -> int:
         raise UsageError(f"--batch {a.batch!r} is not a comma-separated list of integers") from None
     if not batches or min(batches) < 1 or a.repeats < 1 or a.warmup < 0 or a.threads < 1:
         raise UsageError("--batch, --repeats and --threads must be positive, --warmup not negative")
-    if (a.calibration or a.per_tensor) and not a.int8:
+    if (a.calibration or a.data_loader_script or a.per_tensor) and not a.int8:
         raise UsageError("--calibration and --per-tensor apply to --int8 only")
     if a.json:
         from .io import check_outputs
 
-        check_outputs(list(a.models), [("--json", a.json)], other_inputs=[("--calibration", a.calibration)])
+        check_outputs(list(a.models), [("--json", a.json)], other_inputs=[("--calibration", a.calibration),
+                                                                          ("--data-loader-script", _script_path(a))])
     shapes = _shapes(a.input_shape, batch=max(batches))
     from .io import temp_dir
 
@@ -324,7 +370,7 @@ def cmd_bench(a) -> int:
         if a.int8:
             from .bench import with_int8
 
-            paths, labels, done = with_int8(a.models, tmp, a.calibration, per_channel=not a.per_tensor,
+            paths, labels, done = with_int8(a.models, tmp, _calibration(a), per_channel=not a.per_tensor,
                                             input_shapes=shapes)
             for m, r in zip(a.models, done):
                 print(f"{m}: {r.summary()}")
@@ -345,8 +391,9 @@ def cmd_quantize(a) -> int:
 
     out = Path(a.output)
     check_outputs(a.input, [("the output", out), ("the output's external data file", out.with_name(out.name + ".data")),
-                            ("--json", a.json)], other_inputs=[("--calibration", a.calibration)])
-    r = quantize(a.input, a.output, a.calibration, per_channel=not a.per_tensor, samples=a.samples,
+                            ("--json", a.json)], other_inputs=[("--calibration", a.calibration),
+                                                               ("--data-loader-script", _script_path(a))])
+    r = quantize(a.input, a.output, _calibration(a), per_channel=not a.per_tensor, samples=a.samples,
                  input_shapes=_shapes(a.input_shape))
     if a.json:
         from .io import atomic_write_bytes

@@ -47,7 +47,7 @@ def test_data_error_equals_output_error_on_calibration_data(k, kernel, strides, 
                        spectrum_decay=0.8)
     x = correlated_inputs(40, 6, (9, 11))
     plan = Plan([LayerPlan("conv", "conv.weight", k, "s0", 3)])
-    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
+    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, hold_out=False, sequential=False)
     layer = rep.layers[0]
     measured = output_error(model, new, {"x": x})
     # the formula is exact for every k (cross-group terms included): predicted = measured = onnxruntime
@@ -61,9 +61,9 @@ def test_data_aware_factors_beat_weight_only_on_the_data():
     x = correlated_inputs(40, 6, (9, 11))
     bias = onnx.numpy_helper.to_array(model.graph.initializer[1])
     plan = Plan([LayerPlan("conv", "conv.weight", 1, "s0", 2)])
-    data, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
+    data, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, hold_out=False, sequential=False)
     weight, _ = onnx_alds.rewrite(model, plan=plan, error="spectral", validate=False)
-    no_bias_fix, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False,
+    no_bias_fix, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, hold_out=False,
                                        bias_correction=False, sequential=False)
     e_data, e_weight = output_error(model, data, {"x": x}, bias), output_error(model, weight, {"x": x}, bias)
     e_nofix = output_error(model, no_bias_fix, {"x": x}, bias)
@@ -79,7 +79,7 @@ def test_rank_deficient_statistics_are_regularised():
     model = conv_model(f=8, c=6, kernel=(3, 3), in_hw=(7, 7), pads=(1, 1, 1, 1), bias=False, spectrum_decay=0.9)
     x = correlated_inputs(30, 6, (7, 7), dead=(0, 1), constant=(2,))
     plan = Plan([LayerPlan("conv", "conv.weight", 2, "s0", 2)])
-    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
+    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, hold_out=False, sequential=False)
     assert all(np.isfinite(onnx.numpy_helper.to_array(t)).all() for t in new.graph.initializer)
     measured = output_error(model, new, {"x": x})
     assert rep.layers[0].rel_error == pytest.approx(measured, rel=1e-2, abs=1e-4)
@@ -118,9 +118,9 @@ def test_streamed_calibration_gives_the_same_model():
     model = conv_model(f=8, c=6, kernel=(3, 3), in_hw=(7, 7), pads=(1, 1, 1, 1), spectrum_decay=0.85)
     x = correlated_inputs(24, 6, (7, 7))
     plan = Plan([LayerPlan("conv", "conv.weight", 2, "s0", 2)])
-    a, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
+    a, _ = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, hold_out=False, sequential=False)
     b, _ = onnx_alds.rewrite(model, plan=plan, calibration=[{"x": x[i:i + 5]} for i in range(0, 24, 5)],
-                             error="data", validate=False, sequential=False)
+                             error="data", validate=False, hold_out=False, sequential=False)
     for ta, tb in zip(a.graph.initializer, b.graph.initializer):
         np.testing.assert_allclose(onnx.numpy_helper.to_array(ta), onnx.numpy_helper.to_array(tb),
                                    rtol=1e-5, atol=1e-6)
@@ -131,7 +131,7 @@ def test_gemm_data_aware_bias_correction():
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((64, 3)) @ rng.standard_normal((3, 12)) + 1.0).astype(np.float32)
     plan = Plan([LayerPlan("fc", "fc.weight", 1, "s0", 2)])
-    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
+    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False, hold_out=False, sequential=False)
     y0, y1 = run(model, {"x": x})[0], run(new, {"x": x})[0]
     assert np.abs((y1 - y0).mean(0)).max() < 1e-4
     assert rep.layers[0].measured_error == pytest.approx(rep.layers[0].rel_error, rel=1e-3)
@@ -141,10 +141,17 @@ def test_validation_runs_on_calibration_data_and_reports_top1():
     x = np.random.default_rng(0).standard_normal((20, 1, 16, 16)).astype(np.float32)
     new, rep = onnx_alds.rewrite(SHIPPED, keep_params=0.7, calibration={"input": x}, provider="cpu", compare=False)
     v = rep.validation
-    assert v["data"] == "calibration" and v["batch"] == 20 and v["inputs"]["input"]["shape"] == [20, 1, 16, 16]
-    # the reported agreement is the one of these 20 images (a near-tie may flip one of them)
-    agree = float(np.mean(run(onnx.load(str(SHIPPED)), {"input": x})[0].argmax(1) == run(new, {"input": x})[0].argmax(1)))
-    assert abs(v["top1_agreement"] - agree) <= 1 / 20 and "top1_agreement" in v["outputs"]["logits"]
+    # a quarter of the 20 images is held back from fitting and judges the rewrite
+    held = x[15:]
+    assert v["data"] == "calibration" and v["batch"] == 5 and v["inputs"]["input"]["shape"] == [5, 1, 16, 16]
+    assert rep.budget["validation_inputs"] == "5 held-out calibration samples"
+    # the reported agreement is the one of these 5 images (a near-tie may flip one of them)
+    agree = float(np.mean(run(onnx.load(str(SHIPPED)), {"input": held})[0].argmax(1)
+                          == run(new, {"input": held})[0].argmax(1)))
+    assert abs(v["top1_agreement"] - agree) <= 1 / 5 and "top1_agreement" in v["outputs"]["logits"]
+    _, fitted_on = onnx_alds.rewrite(SHIPPED, keep_params=0.7, calibration={"input": x}, provider="cpu", compare=False,
+                                     hold_out=False)
+    assert fitted_on.validation["batch"] == 20 and "also fitted on" in fitted_on.budget["validation_inputs"]
     assert rep.error_model == "data"
 
 
@@ -225,14 +232,14 @@ def test_sequential_measured_error_is_the_output_error_against_the_original_laye
         m.graph.initializer.append(onnx.numpy_helper.from_array(arr, name))
     x = correlated_inputs(32, 6, (9, 9))
     plan = Plan([LayerPlan("c1", "w1", 1, "s0", 2), LayerPlan("c2", "w2", 1, "s0", 2)])
-    new, rep = onnx_alds.rewrite(m, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=True)
+    new, rep = onnx_alds.rewrite(m, plan=plan, calibration={"x": x}, error="data", validate=False, hold_out=False, sequential=True)
     assert rep.budget["sequential"]
     y0, y1 = run(m, {"x": x})[0].astype(np.float64), run(new, {"x": x})[0].astype(np.float64)
     b2 = onnx.numpy_helper.to_array(m.graph.initializer[3]).reshape(1, -1, 1, 1)
     got = float(np.linalg.norm(y1 - y0) / np.linalg.norm(y0 - b2))
     assert {l.name: l for l in rep.layers}["c2"].measured_error == pytest.approx(got, rel=1e-3)
     # and refitting on the compressed inputs beats fitting each layer on its original inputs
-    plain, _ = onnx_alds.rewrite(m, plan=plan, calibration={"x": x}, error="data", validate=False, sequential=False)
+    plain, _ = onnx_alds.rewrite(m, plan=plan, calibration={"x": x}, error="data", validate=False, hold_out=False, sequential=False)
     y2 = run(plain, {"x": x})[0].astype(np.float64)
     assert np.linalg.norm(y1 - y0) < np.linalg.norm(y2 - y0)
 

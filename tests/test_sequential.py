@@ -75,7 +75,7 @@ def capture(monkeypatch):
 def build(model, x, monkeypatch, refit):
     monkeypatch.setattr("onnx_alds.pipeline.stages.sequential_factors", refit)
     runs = capture(monkeypatch)
-    new, rep = onnx_alds.rewrite(model, plan=plan_for(model), calibration={"x": x}, error="data", validate=False,
+    new, rep = onnx_alds.rewrite(model, plan=plan_for(model), calibration={"x": x}, error="data", validate=False, hold_out=False,
                                  sequential=True)
     return new, rep, sum(r["nodes"] * r["runs"] for r in runs)
 

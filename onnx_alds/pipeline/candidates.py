@@ -2,8 +2,10 @@
 
 The exact solvers optimise a proxy (each layer's error: its max, or its sum); this measures what
 the user sees.  The min-max plan, the min-sum plan and the uniform plan at the same budget (same
-error model, same speed guard) are each emitted and run on the calibration inputs, and the one
-with the lowest worst-output relative L2 is kept, with its build (it is not built again).
+error model, same speed guard) are each emitted and run on the validation inputs (held-out
+calibration samples: a plan is not judged on the data it was fitted on), and the one with the
+lowest worst-output relative L2 is kept, with its build (it is not built again); the report's
+method names the plan written.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def choose_measured(run: Run, *, metric: str, fraction: float, guard=None) -> Ch
         if best is None or err < best[0]:
             best = (err, f"{method}/{objective}", got)
     _, picked, kept = best
-    kept.baselines, kept.method = baselines, "alds"
+    kept.baselines = baselines  # kept.method names the plan written (alds, or uniform where that won)
     kept.budget.update(objective="best", picked=picked, candidates=tried)
     kept.plan.budget.update(objective="best", picked=picked)
     log.info("candidate plans on the calibration data: %s; kept %s",

@@ -82,6 +82,7 @@ class Run:
     int8_copies: Int8Copies | None = None  # --int8: the copies timed, kept for the whole rewrite
     objective: str = "max"  # what selection minimises (:func:`onnx_alds.options.objective_for`)
     measurer: Measurer = field(default_factory=Measurer)
+    cal_split: str = "random inputs"  # what the validation inputs are (held-out calibration samples, ...)
 
     @property
     def large(self) -> bool:
@@ -100,18 +101,32 @@ def analyze(model_or_path, input_shapes: dict | None = None) -> tuple[onnx.Model
     return source.model, source, extract(source.model, source.graph, input_shapes)
 
 
+HOLD_OUT = 4  # one calibration sample in this many is held back to judge what was fitted on the rest,
+MIN_HOLD_OUT = 16  # where there are at least this many samples (fewer: judged on the samples fitted on)
+
+
 def calibrate(source: Source, info: ModelInfo, calibration, *, provider: str = "auto", progress: bool = False,
-              moments: bool = True, max_validation_samples: int = 256):
+              moments: bool = True, max_validation_samples: int = 256, hold_out: bool = False):
     """Load and check the calibration data; returns the validation feeds (at most
     ``max_validation_samples``, name → array), with ``moments`` the second moments of every
-    candidate layer's input patches (else None), and the data itself."""
+    candidate layer's input patches (else None), the data fitted on, and what the validation feeds
+    are.  ``hold_out``: the last quarter of an array dataset (at least :data:`MIN_HOLD_OUT` samples) is
+    held back for validation and nothing is fitted on it."""
     data = load_calibration(calibration, model_inputs(source.model))
-    feeds = first_samples(data, max_validation_samples)
+    n = len(next(iter(data.values()))) if isinstance(data, dict) and data else 0
+    if hold_out and n >= MIN_HOLD_OUT:
+        h = min(max_validation_samples, n // HOLD_OUT)
+        feeds = {k: v[n - h:] for k, v in data.items()}
+        data = {k: v[:n - h] for k, v in data.items()}
+        judged = f"{h} held-out calibration samples"
+    else:
+        feeds = first_samples(data, max_validation_samples)
+        judged = "the calibration samples (also fitted on)"
     if not moments:
-        return feeds, None, data
+        return feeds, None, data, judged
     model = source.path if source.large and source.path is not None else source.model
     return feeds, collect_moments(model, taps_for(info.candidates), data, provider=provider,
-                                  progress=progress), data
+                                  progress=progress), data, judged
 
 
 def prepare(model_or_path, opts: RewriteOptions) -> Run:
@@ -123,12 +138,13 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
     with timed(timings, "extract"):
         info = extract(source.model, source.graph, opts.input_shapes)
     c, plan = opts.calibration, opts.budget.plan
-    moments, cal_data, cal_all = None, None, None
+    moments, cal_data, cal_all, judged = None, None, None, "random inputs"
     if c.data is not None:
         with timed(timings, "calibrate"):
-            cal_data, moments, cal_all = calibrate(source, info, c.data, provider=opts.validation.provider,
-                                                   progress=opts.progress,
-                                                   moments=_needs_moments(c.error, plan))
+            cal_data, moments, cal_all, judged = calibrate(source, info, c.data, provider=opts.validation.provider,
+                                                           progress=opts.progress, moments=_needs_moments(c.error, plan),
+                                                           hold_out=c.hold_out)
+    _check_shapes(opts.input_shapes, cal_data)
     if source.large and opts.latency.int8:
         raise UsageError("--int8 times int8 copies of the models in memory, and this model is over 2 GB; "
                          "drop --int8 and quantize the rewrite with 'onnx-alds quantize'")
@@ -139,7 +155,17 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
         raise InfeasibleBudget("the model has no compressible layer, so the smallest reachable fraction is 1.0", 1.0)
     objective = objective_for(opts, emodel.name, bool(cal_data), source.large)
     return Run(opts, source, original, info, emodel, cal_data, cal_all, timings,
-               Int8Copies() if opts.latency.int8 else None, objective)
+               Int8Copies() if opts.latency.int8 else None, objective, cal_split=judged)
+
+
+def _check_shapes(input_shapes: dict | None, feeds: dict | None) -> None:
+    """``--input-shape`` and the calibration data must agree (beyond the batch axis): the shapes fix
+    FLOPs, validation and latency, the data what is fitted; silently ignoring one would be wrong."""
+    for name, dims in (input_shapes or {}).items():
+        got = feeds.get(name) if feeds else None
+        if got is not None and (len(got.shape) != len(dims) or list(got.shape[1:]) != list(dims[1:])):
+            raise UsageError(f"--input-shape {name}:{','.join(map(str, dims))} disagrees with the calibration data's "
+                             f"{name} of shape {list(got.shape)} (samples first)")
 
 
 def _needs_moments(error: str | None, plan: Plan | None) -> bool:
@@ -254,15 +280,15 @@ def choose(run: Run, *, metric: str, fraction: float, guard=None, table=None, me
                   predicted_ms=sel.details.get("predicted_ms"))
 
 
-def unchanged(run: Run, guard) -> Choice:
-    """The default budget's last resort: no factorization measured or predicted faster than its layer
-    on this provider, so the model is written with no layer decomposed (and says so)."""
+def unchanged(run: Run, guard, why: str) -> Choice:
+    """The default budget's last resort: the model is written with no layer decomposed, ``why`` (no
+    factorization measured faster than its layer on this provider, or none within the output
+    tolerance), and says so."""
     int8 = " as int8" if run.opts.latency.int8 else ""
-    log.info("no factorization at the default budget runs faster than its layer on %s: the model is written "
-             "with no layer decomposed (give --keep-params to compress anyway, or --allow-slower)", guard.provider)
-    budget = {"metric": "params", "fraction": 1.0, "unchanged": True, "speed_guard": guard.summary(),
-              "warnings": [f"no layer was decomposed: every rewrite at the default budget tried here was slower "
-                           f"than the input on {guard.provider}{int8}; --keep-params F compresses anyway"]}
+    log.info("the model is written with no layer decomposed: %s%s", why, int8)
+    budget = {"metric": "params", "fraction": 1.0, "unchanged": True,
+              "speed_guard": guard.summary() if guard is not None else None,
+              "warnings": [f"no layer was decomposed: {why}{int8}; --keep-params F compresses anyway"]}
     plan = Plan(layers=[], budget={"metric": "params", "fraction": 1.0, "method": "none"})
     return Choice({l.name: None for l in run.info.candidates}, plan, budget, {}, "alds", unchanged=True)
 
@@ -372,6 +398,7 @@ def _report(run: Run, choice: Choice, built: Built) -> Report:
                           error_model=run.emodel, params_after=count_params(built.model), flops_after=flops_after,
                           in_path=run.source.path, timings=run.timings, baselines=choice.baselines)
     report.plan = choice.plan
+    report.budget["validation_inputs"] = run.cal_split
     gone = dropped(run.original)
     if gone:
         report.budget.setdefault("warnings", []).extend(f"dropped {d}" for d in gone)

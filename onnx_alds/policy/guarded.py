@@ -30,6 +30,7 @@ class GuardedState:
     fraction: float  # the fraction solved for now
     relax: list = field(default_factory=list)  # the default budget's fractions still to try
     relaxed: bool = False  # the default budget was relaxed to ``fraction``
+    requested: float = DEFAULT_FRACTION  # the fraction first solved for
     retries: int = 0  # stricter guards tried
     kept: Attempt | None = None
     first: Attempt | None = None
@@ -57,7 +58,8 @@ def _on_infeasible(run: Run, state: GuardedState, e: InfeasibleBudget) -> Choice
         log.info("the default budget %s; trying keep-params %g", why, state.fraction)
         return None
     if run.opts.budget.default and state.guard is not None and _slower(state.kept):
-        return unchanged(run, state.guard)
+        return unchanged(run, state.guard, f"every rewrite at the default budget tried here was slower than the "
+                                           f"input on {state.guard.provider}")
     if state.kept is None:
         raise e
     log.info("a stricter selection cannot meet the budget; keeping the previous one")
@@ -90,18 +92,26 @@ def _next(run: Run, state: GuardedState, attempt: Attempt) -> bool:
     return True
 
 
-def run_guarded(run: Run) -> Attempt:
-    """Meet a parameter or FLOP budget (or apply a plan) as the module's docstring says."""
+_GUARD = object()  # run_guarded measures its own speed guard unless given one
+
+
+def run_guarded(run: Run, *, fraction: float | None = None, guard=_GUARD, relax=None,
+                unchanged_why: str | None = None) -> Attempt:
+    """Meet a parameter or FLOP budget (or apply a plan) as the module's docstring says.  The default
+    budget's policy (:mod:`.error_bounded`) passes the fraction it found, its guard and the fractions
+    to relax to; ``unchanged_why`` writes the model with no layer decomposed, for that reason."""
     opts = run.opts
-    guard = None
-    if opts.budget.plan is None and not opts.selection.allow_slower:
-        with run.stage("speed_model"):
-            guard = speed_guard(opts.validation.provider)
-    fraction = opts.budget.fraction if opts.budget.plan is None else 1.0
-    state = GuardedState(guard, fraction, list(DEFAULT_RELAXED) if opts.budget.default and guard else [])
+    if guard is _GUARD:
+        guard = None
+        if opts.budget.plan is None and not opts.selection.allow_slower:
+            with run.stage("speed_model"):
+                guard = speed_guard(opts.validation.provider)
+    if fraction is None:
+        fraction = opts.budget.fraction if opts.budget.plan is None else 1.0
+    state = GuardedState(guard, fraction, list(relax or []), requested=fraction)
     while True:
         try:
-            choice = _choose(run, state)
+            choice = unchanged(run, guard, unchanged_why) if unchanged_why else _choose(run, state)
         except InfeasibleBudget as e:
             try:
                 choice = _on_infeasible(run, state, e)
@@ -110,7 +120,7 @@ def run_guarded(run: Run) -> Attempt:
             if choice is None:
                 continue
         if state.relaxed:
-            choice.budget["default_relaxed"] = {"requested": DEFAULT_FRACTION, "kept": state.fraction}
+            choice.budget["default_relaxed"] = {"requested": state.requested, "kept": state.fraction}
         attempt = check(run, choice, build(run, choice))
         if choice.unchanged:
             state.kept = attempt
@@ -130,7 +140,7 @@ def _finish(run: Run, state: GuardedState) -> Attempt:
     if relaxed and not kept.choice.unchanged:
         int8 = " as int8" if run.opts.latency.int8 else ""
         budget.setdefault("warnings", []).append(
-            f"the default budget keep-params {relaxed['requested']:g} ran slower than the input on "
+            f"the default budget keep-params {relaxed['requested']:.3g} ran slower than the input on "
             f"{state.guard.provider}{int8}; kept {relaxed['kept']:g} of the parameters instead "
             f"(--keep-params F to insist)")
     return kept

@@ -1,0 +1,109 @@
+"""The default budget (none given): the smallest plan whose outputs stay within a tolerance.
+
+A fixed fraction breaks real models: keep-params 0.5, right for the shipped ResNet20, turned a
+pretrained text recogniser's output to nothing and a sentence encoder's cosine to 0.4 (see
+``docs/real-models.md``).  So with no budget the kept fraction is searched, by bisection over
+keep-params in [:data:`LOWEST`, 1], for the smallest one whose rewrite keeps every output within the
+tolerance on the validation inputs: worst relative L2 at most ``--max-output-error`` (default
+:data:`TOLERANCE` on held-out calibration samples, :data:`TOLERANCE_RANDOM` on seeded random inputs,
+which say less of the inputs a model sees) and, for class scores, top-1 agreement at least
+:data:`TOP1_AGREEMENT`.  The speed guard then keeps it no slower than its input
+(:mod:`.guarded`, which only ever relaxes to more parameters, so less error).  Where even the
+least compression tried exceeds the tolerance, the model is written with no layer decomposed, and
+the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ..errors import InfeasibleBudget
+from ..io import Source
+from ..options import DEFAULT_FRACTION, DEFAULT_RELAXED
+from ..pipeline.stages import Run, build, choose, speed_guard
+from ..validate import validate
+from .guarded import run_guarded
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 0.1  # worst output relative L2 on held-out calibration samples (compare.WARN_OUTPUT_ERROR)
+TOLERANCE_RANDOM = 0.03  # ... on seeded random inputs
+TOP1_AGREEMENT = 0.99  # class scores: at most 1 point of top-1 disagreement with the original
+LOWEST = 0.15  # the least kept fraction the search tries
+PROBES = 5  # bisection steps
+RANDOM_BATCH = 8  # random inputs drawn to judge a probe without calibration data
+
+
+@dataclass
+class BoundState:
+    tolerance: float
+    judged_on: str  # "held-out calibration", "calibration" or "random inputs"
+    tried: list = field(default_factory=list)  # (fraction, worst rel L2, worst top-1 agreement or None)
+
+    def ok(self, rel_l2: float, top1: float | None) -> bool:
+        return rel_l2 <= self.tolerance and (top1 is None or top1 >= TOP1_AGREEMENT)
+
+
+def _probe(run: Run, state: BoundState, guard, fraction: float) -> bool:
+    """Build the selection at keep-params ``fraction`` and judge its outputs (nothing timed)."""
+    try:
+        choice = choose(run, metric="params", fraction=fraction, guard=guard, compare=False,
+                        objective="max" if run.objective == "best" else None)
+    except InfeasibleBudget:
+        return False
+    if not choice.decomposed:
+        return True
+    built = build(run, choice, Source.load(run.original))
+    v = validate(run.original, built.model, provider=run.opts.validation.provider, input_shapes=run.info.input_shapes,
+                 feeds=run.cal_data, repeats=0, batch=RANDOM_BATCH, output_kinds=run.opts.validation.output_kinds)
+    state.tried.append((fraction, v.rel_l2, v.top1_agreement))
+    good = state.ok(v.rel_l2, v.top1_agreement)
+    log.info("default budget: keep-params %.3f gives relative L2 %.3g%s on %s: %s", fraction, v.rel_l2,
+             "" if v.top1_agreement is None else f", top-1 agreement {100 * v.top1_agreement:.1f} %",
+             state.judged_on, "within" if good else "past")
+    return good
+
+
+def bounded_fraction(run: Run, state: BoundState, guard) -> float | None:
+    """The smallest keep-params fraction found within the tolerance (None: none below 1): 0.5 first,
+    then bisection below it where it holds, above it where it does not."""
+    with run.stage("default_search"):
+        if _probe(run, state, guard, DEFAULT_FRACTION):
+            lo, hi, best = LOWEST, DEFAULT_FRACTION, DEFAULT_FRACTION
+        else:
+            lo, hi, best = DEFAULT_FRACTION, 1.0, None
+        for _ in range(PROBES - 1):
+            mid = (lo + hi) / 2
+            if _probe(run, state, guard, mid):
+                best, hi = mid, mid
+            else:
+                lo = mid
+        return best
+
+
+def run_error_bounded(run: Run):
+    """Meet the default budget as the module's docstring says; returns the kept attempt."""
+    opts = run.opts
+    data = run.cal_data is not None
+    tolerance = opts.validation.max_output_error
+    if tolerance is None:
+        tolerance = TOLERANCE if data else TOLERANCE_RANDOM
+    state = BoundState(tolerance, run.cal_split if data else "random inputs")
+    guard = None if opts.selection.allow_slower else speed_guard(opts.validation.provider)
+    fraction = bounded_fraction(run, state, guard)
+    report_section = {"tolerance": tolerance, "judged_on": state.judged_on, "top1_agreement": TOP1_AGREEMENT,
+                      "tried": [list(t) for t in state.tried], "kept": fraction or 1.0}
+    if fraction is None:
+        why = (f"every compression tried changed the outputs past relative L2 {tolerance:g} on {state.judged_on} "
+               f"(--max-output-error X sets the tolerance)")
+        attempt = run_guarded(run, fraction=1.0, guard=guard, relax=[], unchanged_why=why)
+    else:
+        attempt = run_guarded(run, fraction=fraction, guard=guard,
+                              relax=[r for r in DEFAULT_RELAXED if r > fraction])
+    attempt.choice.budget["default"] = report_section
+    if not data:
+        attempt.choice.budget.setdefault("warnings", []).append(
+            f"the default budget judged the outputs on random inputs (relative L2 at most {tolerance:g}); "
+            f"give --calibration CAL.npz to judge them on your data")
+    return attempt
