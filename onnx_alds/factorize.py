@@ -36,6 +36,8 @@ class Factors:
 
 def truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Return ``a (k, rows, rank)`` and ``b (k, rank, cols)`` in float64."""
+    if np.prod(w4.shape) > LARGE_FOLD:
+        return _large_truncated_factors(w4, scheme, k, rank)
     m = fold(np.asarray(w4, dtype=np.float64), scheme, k)
     full = min(m.shape[1], m.shape[2])
     if not 1 <= rank <= full:
@@ -46,6 +48,61 @@ def truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> tuple[n
     root = np.sqrt(s[:, :rank] * scale)
     a = u[:, :, :rank] * root[:, None, :]
     b = root[:, :, None] * vt[:, :rank, :]
+    return a, b
+
+
+LARGE_FOLD = 1 << 22  # weights with more elements take the memory-bounded path (16 MB of float32)
+GRAM_BLOCK = 1 << 21  # elements of the float64 blocks products are summed from
+
+
+def block_gram(m: np.ndarray, scale: float, wide: bool) -> np.ndarray:
+    """``M Mᵀ`` (``wide``) or ``Mᵀ M`` of ``m / scale`` in float64, from float64 blocks of ``m``."""
+    n = m.shape[0] if wide else m.shape[1]
+    length = m.shape[1] if wide else m.shape[0]
+    step = max(1, GRAM_BLOCK // max(n, 1))
+    gram = np.zeros((n, n))
+    for a in range(0, length, step):
+        blk = np.asarray(m[:, a:a + step] if wide else m[a:a + step, :].T, np.float64) / scale
+        gram += blk @ blk.T
+    return gram
+
+
+def _large_truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`truncated_factors` in memory of about one float64 Gram matrix of a
+    group plus the factors: the top ``rank`` eigenvectors of the smaller Gram
+    matrix (LAPACK ``syevr``, only those vectors) span the same subspace as the
+    top singular vectors, and ``A B = M V Vᵀ`` (or ``U Uᵀ M``) is the rank-j
+    projection that the SVD gives, up to rounding.  The weight stays in its
+    dtype; products are taken in float64 blocks."""
+    from scipy.linalg import eigh
+
+    m = fold(np.asarray(w4), scheme, k)
+    rows, cols = m.shape[1], m.shape[2]
+    if not 1 <= rank <= min(rows, cols):
+        raise ValueError(f"rank {rank} is outside 1..{min(rows, cols)} for k={k}, scheme {scheme}")
+    scale = float(max(m.max(), -m.min())) if m.size else 0.0
+    scale = scale if scale > 0 else 1.0
+    wide = rows <= cols  # the Gram matrix of the smaller side: its vectors are U (wide) or V
+    a, b = np.empty((k, rows, rank)), np.empty((k, rank, cols))
+    for i in range(k):
+        n = rows if wide else cols
+        ev, vec = eigh(block_gram(m[i], scale, wide), subset_by_index=[n - rank, n - 1], overwrite_a=True,
+                       check_finite=False)
+        ev, vec = ev[::-1], vec[:, ::-1]  # descending
+        sv = np.sqrt(np.clip(ev, 0.0, None))
+        inv_root = np.where(sv > 0, 1 / np.sqrt(np.where(sv > 0, sv, 1.0)), 0.0)
+        # the other side: M V / √σ (or Uᵀ M / √σ), in blocks of the weight's float64 copy
+        other = np.zeros((rank, cols if wide else rows))
+        step = max(1, GRAM_BLOCK // max(n, 1))
+        for s in range(0, cols if wide else rows, step):
+            blk = np.asarray(m[i][:, s:s + step] if wide else m[i][s:s + step, :].T, np.float64) / scale
+            other[:, s:s + step] = vec.T @ blk
+        other *= inv_root[:, None]
+        root = np.sqrt(sv)
+        if wide:
+            a[i], b[i] = vec * root * np.sqrt(scale), other * np.sqrt(scale)
+        else:
+            a[i], b[i] = other.T * np.sqrt(scale), (vec * root).T * np.sqrt(scale)
     return a, b
 
 
@@ -111,6 +168,6 @@ def reconstruct(factors: Factors, shape4) -> np.ndarray:
     for i in range(k):
         for a in range(d1):
             for b in range(d2):
-                blk = np.einsum("fj,jcxy->fcxy", dec[:, i, :, a, b], enc[i])
+                blk = (dec[:, i, :, a, b] @ enc[i].reshape(j, -1)).reshape(f, cg, e1, e2)  # BLAS, not einsum
                 out[:, i * cg:(i + 1) * cg, a:a + e1, b:b + e2] += blk
     return out

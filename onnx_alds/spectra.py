@@ -28,6 +28,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .cache import load_spectra, save_spectra, spectra_key
+from .factorize import LARGE_FOLD, block_gram
 from .folding import far_from_one, divisors, fold
 from .progress import progress_iter
 
@@ -56,6 +57,8 @@ class LayerSpectra:
 
 def group_singular_values(w4: np.ndarray, scheme: str, k: int) -> np.ndarray:
     """Singular values (descending) of each folded group: ``(k, min(rows, cols))``."""
+    if np.prod(w4.shape) > LARGE_FOLD:
+        return _large_group_singular_values(w4, scheme, k)
     m = fold(np.asarray(w4, dtype=np.float64), scheme, k)
     if m.shape[-2] > m.shape[-1]:
         m = np.swapaxes(m, -1, -2)
@@ -65,6 +68,27 @@ def group_singular_values(w4: np.ndarray, scheme: str, k: int) -> np.ndarray:
     gram = m @ np.swapaxes(m, -1, -2)
     ev = np.linalg.eigvalsh(gram)[..., ::-1]
     return np.sqrt(np.clip(ev, 0.0, None)) * scale
+
+
+def _large_group_singular_values(w4: np.ndarray, scheme: str, k: int) -> np.ndarray:
+    """:func:`group_singular_values` within about one float64 Gram matrix of
+    memory: the folded weight stays in its dtype, the Gram matrix of each group
+    is summed from float64 blocks of columns (or rows), and LAPACK's ``syevd``
+    overwrites it in place (scipy), instead of float64 copies of the weight, its
+    scaled copy and numpy's copy of the Gram matrix (a 4096×4096 layer took 21×
+    its weight bytes).  Same values up to rounding."""
+    from scipy.linalg import eigh
+
+    m = fold(np.asarray(w4), scheme, k)
+    wide = m.shape[-2] <= m.shape[-1]
+    scale = float(max(m.max(), -m.min())) if m.size else 0.0
+    scale = scale if far_from_one(scale) else 1.0
+    out = np.empty((k, min(m.shape[-2], m.shape[-1])))
+    for i in range(k):
+        ev = eigh(block_gram(m[i], scale, wide), eigvals_only=True, driver="evd", overwrite_a=True,
+                  check_finite=False)
+        out[i] = np.sqrt(np.clip(ev[::-1], 0.0, None)) * scale
+    return out
 
 
 def candidate_ks(c: int, k_max: int | None = None, allow_groups: bool = True) -> list[int]:
@@ -112,10 +136,17 @@ def compute_spectra(
         return rows * cols * min(rows, cols) / k
 
     tasks.sort(key=size, reverse=True)
-    # small SVDs run inline: a thread hand-off costs more than they do (thousands of small MatMuls)
+    # the largest (memory-bounded) ones run one at a time on all cores, so that their Gram
+    # matrices are not held side by side; small SVDs run inline: a thread hand-off costs more
+    # than they do (thousands of small MatMuls)
+    huge = [t for t in tasks if np.prod(weights[t[0]].shape) > LARGE_FOLD]
+    tasks = [t for t in tasks if np.prod(weights[t[0]].shape) <= LARGE_FOLD]
     n_big = sum(size(t) > SMALL_SVD for t in tasks)
     out = {name: LayerSpectra() for name in configs}
     workers = workers or min(8, os.cpu_count() or 1)
+    for (name, k, s), sv in progress_iter(map(_work, huge), total=len(huge), desc="spectra (large layers)",
+                                          unit="svd", enabled=progress and bool(huge)):
+        out[name].sv[(k, s)] = sv
     # one BLAS thread per worker, set once for the whole run (threadpoolctl's limits are process-wide)
     with threadpool_limits(1), ThreadPoolExecutor(max_workers=workers) as pool:
         it = itertools.chain(map(_work, tasks[n_big:]), pool.map(_work, tasks[:n_big])) if n_big \
