@@ -106,13 +106,15 @@ MIN_HOLD_OUT = 16  # where there are at least this many samples (fewer: judged o
 
 
 def calibrate(source: Source, info: ModelInfo, calibration, *, provider: str = "auto", progress: bool = False,
-              moments: bool = True, max_validation_samples: int = 256, hold_out: bool = False):
+              moments: bool = True, max_validation_samples: int = 256, hold_out: bool = False,
+              input_shapes: dict | None = None):
     """Load and check the calibration data; returns the validation feeds (at most
     ``max_validation_samples``, name → array), with ``moments`` the second moments of every
     candidate layer's input patches (else None), the data fitted on, and what the validation feeds
     are.  ``hold_out``: the last quarter of an array dataset (at least :data:`MIN_HOLD_OUT` samples) is
     held back for validation and nothing is fitted on it."""
     data = load_calibration(calibration, model_inputs(source.model))
+    _check_shapes(input_shapes, data if isinstance(data, dict) else data.first())
     n = len(next(iter(data.values()))) if isinstance(data, dict) and data else 0
     if hold_out and n >= MIN_HOLD_OUT:
         h = min(max_validation_samples, n // HOLD_OUT)
@@ -143,8 +145,7 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
         with timed(timings, "calibrate"):
             cal_data, moments, cal_all, judged = calibrate(source, info, c.data, provider=opts.validation.provider,
                                                            progress=opts.progress, moments=_needs_moments(c.error, plan),
-                                                           hold_out=c.hold_out)
-    _check_shapes(opts.input_shapes, cal_data)
+                                                           hold_out=c.hold_out, input_shapes=opts.input_shapes)
     if source.large and opts.latency.int8:
         raise UsageError("--int8 times int8 copies of the models in memory, and this model is over 2 GB; "
                          "drop --int8 and quantize the rewrite with 'onnx-alds quantize'")
@@ -165,7 +166,7 @@ def _check_shapes(input_shapes: dict | None, feeds: dict | None) -> None:
         got = feeds.get(name) if feeds else None
         if got is not None and (len(got.shape) != len(dims) or list(got.shape[1:]) != list(dims[1:])):
             raise UsageError(f"--input-shape {name}:{','.join(map(str, dims))} disagrees with the calibration data's "
-                             f"{name} of shape {list(got.shape)} (samples first)")
+                             f"{name}, whose samples are {list(got.shape[1:])}")
 
 
 def _needs_moments(error: str | None, plan: Plan | None) -> bool:

@@ -1,0 +1,141 @@
+"""The default budget (none given) and the ways users hand over their data: the smallest plan within
+the output tolerance, judged on held-out samples; data-loader scripts; output kinds; input shapes."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_alds
+from clitools import assert_one_sentence, cli
+from graphs import cnn_model, run
+from onnx_alds.errors import UsageError
+from onnx_alds.policy.error_bounded import TOP1_AGREEMENT
+
+
+def calibration(n=48, seed=1):
+    return {"x": np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)}
+
+
+def worst_rel_l2(model, new, feeds) -> float:
+    a, b = run(model, feeds)[0].astype(np.float64), run(new, feeds)[0].astype(np.float64)
+    return float(np.linalg.norm(b - a) / np.linalg.norm(a))
+
+
+@pytest.mark.parametrize("tolerance", [0.05, 0.2])
+def test_the_default_keeps_the_held_out_outputs_within_the_tolerance(tolerance):
+    """No budget: the kept fraction is the smallest the search found whose outputs on the held-out
+    quarter stay within the tolerance; a looser tolerance never keeps more parameters."""
+    model, cal = cnn_model(), calibration()
+    new, rep = onnx_alds.rewrite(model, calibration=cal, max_output_error=tolerance, provider="cpu",
+                                 allow_slower=True, compare=False)
+    d = rep.budget["default"]
+    assert d["tolerance"] == tolerance and d["judged_on"] == "12 held-out calibration samples"
+    held = {"x": cal["x"][36:]}
+    err = worst_rel_l2(model, new, held)
+    assert err <= tolerance + 1e-6 and rep.validation["rel_l2"] == pytest.approx(err, rel=1e-3, abs=1e-6)
+    within = [f for f, e, top1 in d["tried"] if e <= tolerance and (top1 is None or top1 >= TOP1_AGREEMENT)]
+    assert d["kept"] == (min(within) if within else 1.0)
+    if within:  # the search found something: the model is compressed, at the fraction it reports
+        assert rep.params_after < rep.params_before
+    if tolerance == 0.2:
+        _, strict = onnx_alds.rewrite(model, calibration=cal, max_output_error=0.05, provider="cpu",
+                                      allow_slower=True, compare=False)
+        assert strict.params_after >= rep.params_after
+
+
+def test_nothing_within_the_tolerance_writes_the_model_unchanged_and_says_why():
+    model = cnn_model()
+    new, rep = onnx_alds.rewrite(model, calibration=calibration(), max_output_error=1e-9, provider="cpu",
+                                 allow_slower=True, compare=False)
+    assert rep.budget["unchanged"] and rep.budget["default"]["kept"] == 1.0
+    assert all(l.status != "decomposed" for l in rep.layers)
+    assert any("past relative L2 1e-09" in w for w in rep.warnings)
+    x = calibration()["x"][:4]
+    np.testing.assert_allclose(run(new, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-6, atol=1e-6)
+
+
+def test_without_data_the_default_is_judged_on_random_inputs_and_says_so(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(cnn_model(), src)
+    rc, _, err = cli("rewrite", src, tmp_path / "o.onnx", "--report", tmp_path / "r.json", "--provider", "cpu",
+                     "--allow-slower", "-q")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["budget"]["default"]["judged_on"] == "random inputs"
+    assert rep["validation"]["rel_l2"] <= rep["budget"]["default"]["tolerance"] + 1e-6
+    assert "give --calibration CAL.npz" in err
+
+
+def test_a_named_budget_is_met_and_not_searched():
+    _, rep = onnx_alds.rewrite(cnn_model(), keep_params=0.6, calibration=calibration(), provider="cpu",
+                               allow_slower=True, compare=False)
+    assert "default" not in rep.budget and rep.params_after <= 0.6 * rep.params_before
+
+
+def test_a_data_loader_script_feeds_rewrite_like_the_arrays(tmp_path):
+    model, cal = cnn_model(), calibration(n=24)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "cal.npz", **cal)
+    (tmp_path / "loader.py").write_text(
+        "import numpy as np\n"
+        "def batches():\n"
+        f"    x = np.load({str(tmp_path / 'cal.npz')!r})['x']\n"
+        "    for i in range(0, len(x), 5):\n"
+        "        yield {'x': x[i:i + 5]}\n")
+    common = ["--keep-params", "0.5", "--no-hold-out", "--provider", "cpu", "--allow-slower", "--no-compare", "-q"]
+    plans = []
+    for how in (["--calibration", tmp_path / "cal.npz"], ["--data-loader-script", f"{tmp_path / 'loader.py'}:batches"]):
+        rc, _, err = cli("rewrite", src, tmp_path / "o.onnx", *how, "--report", tmp_path / "r.json", *common)
+        assert rc == 0, err
+        rep = json.loads((tmp_path / "r.json").read_text())
+        plans.append([(l["name"], l["k"], l["scheme"], l["rank"]) for l in rep["layers"] if l["status"] == "decomposed"])
+        assert rep["error_model"] == "data"
+    assert plans[0] == plans[1] and plans[0]
+
+
+@pytest.mark.parametrize("script, says", [("loader.txt", "not a Python file"), ("loader.py:nothing", "no function"),
+                                          ("broken.py", "failed to import")])
+def test_a_bad_data_loader_script_is_one_sentence(tmp_path, script, says):
+    src = tmp_path / "m.onnx"
+    onnx.save(cnn_model(), src)
+    (tmp_path / "loader.txt").write_text("x")
+    (tmp_path / "loader.py").write_text("def load_data():\n    return []\n")
+    (tmp_path / "broken.py").write_text("import no_such_module_here\n")
+    rc, _, err = cli("rewrite", src, tmp_path / "o.onnx", "--data-loader-script", tmp_path / script, "--keep-params",
+                     "0.5")
+    assert rc == 2 and says in err
+    assert_one_sentence(err)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_output_kinds_judge_an_embedding_by_cosine():
+    model, cal = cnn_model(), calibration()
+    new, rep = onnx_alds.rewrite(model, keep_params=0.5, calibration=cal, provider="cpu", allow_slower=True,
+                                 compare=False, output_kinds={"logits": "embedding"})
+    out = rep.validation["outputs"]["logits"]
+    assert out["kind"] == "embedding" and "top1_agreement" not in out and rep.validation["top1_agreement"] is None
+    held = {"x": cal["x"][36:]}
+    a, b = run(model, held)[0].astype(np.float64), run(new, held)[0].astype(np.float64)
+    cosine = np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    assert out["cosine"] == pytest.approx(cosine, rel=1e-6) and out["cosine"] < 1.0
+    _, scores = onnx_alds.rewrite(model, keep_params=0.5, calibration=cal, provider="cpu", allow_slower=True,
+                                  compare=False)
+    assert scores.validation["outputs"]["logits"]["kind"] == "scores"  # (N, 10) floats: class scores by default
+    with pytest.raises(UsageError, match="output kind"):
+        onnx_alds.rewrite(model, keep_params=0.5, output_kinds={"logits": "pixels"})
+
+
+def test_input_shapes_after_one_flag_and_against_the_data(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(cnn_model(), src)
+    np.savez(tmp_path / "cal.npz", x=np.zeros((16, 3, 16, 16), np.float32))
+    rc, so, err = cli("inspect", src, "--input-shape", "x:2,3,16,16", "--json")
+    assert rc == 0, err
+    assert json.loads(so)["input_shapes"]["x"] == [2, 3, 16, 16]
+    rc, _, err = cli("rewrite", src, tmp_path / "o.onnx", "--keep-params", "0.5", "--calibration",
+                     tmp_path / "cal.npz", "--input-shape", "x:2,3,8,8")
+    assert rc == 2 and "disagrees with the calibration data" in err
+    assert_one_sentence(err)
