@@ -477,3 +477,25 @@ def test_defaults_recover_a_network_without_batchnorm_instead_of_giving_the_star
     assert all(torch.isfinite(p).all() for p in student.parameters())
     assert not hist["kept_start"] and all(v == v for v in hist["train_loss"])  # no NaN loss, start not given back
     assert evaluate(student, check)[1] > start_acc
+
+
+def test_a_config_object_and_keywords_are_the_same_run(digits):
+    from onnx_alds.torch import FinetuneConfig
+
+    runs = []
+    for how in ("keywords", "config"):
+        train, _ = loaders(digits, n_train=64)  # a fresh shuffling generator for each run
+        torch.manual_seed(0)
+        model = models.transformer_small()
+        settings = dict(epochs=1, lr=3e-3, optimizer="adamw", device="cpu", progress=False, threads=1)
+        if how == "keywords":
+            finetune(model, train, **settings)
+        else:
+            finetune(model, train, config=FinetuneConfig(**settings))
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    # keywords override a config's fields; a bad value is one sentence that names the setting
+    with pytest.raises(UsageError, match=r"^lr must be a positive finite number, not nan$"):
+        finetune(small_model(), train, config=FinetuneConfig(epochs=1), lr=float("nan"))
+    with pytest.raises(UsageError, match="max_grad_norm"):
+        FinetuneConfig(max_grad_norm=0)
