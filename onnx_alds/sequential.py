@@ -135,8 +135,9 @@ def _fit_and_measure(base: Source, l, cfg, emodel, C, Gt, mu, mut) -> tuple[Fact
     correct = emodel.bias_correction and l.bias_constant
     fac = fit(w4, cfg.k, cfg.rank, C, Gt, mu, mut, correct)
     st = emodel.stats(base, l)  # the original inputs' covariance and output energy
-    w2 = np.asarray(w4, np.float64).reshape(w4.shape[0], -1)
-    wh = reconstruct(fac, w4.shape).reshape(w4.shape[0], -1)
+    # on W/scale, as st.energy is (error_model.LayerStats): weights near 1e200 would overflow to inf here
+    w2 = np.asarray(w4, np.float64).reshape(w4.shape[0], -1) / st.scale
+    wh = reconstruct(fac, w4.shape).reshape(w4.shape[0], -1) / st.scale
     err = np.einsum("fd,de,fe->", w2, st.cov, w2) - 2 * np.einsum("fd,de,fe->", wh, C.T, w2) \
         + np.einsum("fd,de,fe->", wh, Gt, wh)
     if not correct:  # the mean shift stays in the error
