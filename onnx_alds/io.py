@@ -283,7 +283,7 @@ def check_outputs(in_path, outputs: list[tuple[str, object]], other_inputs=(), o
     (hard links).  A UsageError (exit 2) of one sentence otherwise; returns
     the output paths."""
     models = [m for m in (in_path if isinstance(in_path, (list, tuple)) else [in_path]) if m is not None]
-    paths = [(what, check_output_path(models[0] if models else None, p)) for what, p in outputs if p is not None]
+    paths = [(what, check_output_path(None, p)) for what, p in outputs if p is not None]  # inputs: below, named
     for i, (what, p) in enumerate(paths):
         for what2, q in paths[:i]:
             if same_file(p, q):
