@@ -291,8 +291,8 @@ def _finish(r: Run, start_check) -> bool:
         return False
     r.model.load_state_dict(start_state)
     if main:
-        log.warning("the fine-tuned model %s than the starting one on training samples; the starting weights "
-                    "are kept (try more epochs or a lower lr)", "scores worse" if end_ok else "has NaN weights, worse")
+        log.warning("the fine-tuned model %s; the starting weights are kept (try more epochs or a lower lr)",
+                    "scores worse than the starting one on training samples" if end_ok else "has NaN or inf weights")
     return True
 
 
