@@ -749,9 +749,15 @@ def _vit_focus():
 
 
 def git_head() -> str:
+    """The checkout the CLI runs from: HEAD, plus the package files that differ
+    from it (an editable install runs uncommitted work too)."""
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "onnx_alds"],
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+        files = sorted(ln[3:].removeprefix("onnx_alds/") for ln in dirty if ln.strip())
+        return head + (f"+uncommitted({', '.join(files)})" if files else "")
     except Exception:  # noqa: BLE001
         return "?"
 
@@ -892,14 +898,24 @@ def table(out: Path, models: list[str], rows: list[str]) -> str:
             delta = "—" if m is None else (f"{m - orig:+.1f}" if model.unit == "%" else f"{m - orig:+.3f}")
             pk = "—" if r.get("params_kept") is None else f"{r['params_kept']:.2f}"
             sp = "—" if r.get("speedup") is None else f"{r['speedup']:.2f}×"
+            if r.get("layers_decomposed") == 0:
+                sp = "unchanged"  # the same graph: any measured difference is noise
             h = r.get("heldout_rel_l2")
             rl = r.get("report_rel_l2")
             l2 = ("—" if h is None else f"{h:.2f}") + ("" if rl is None else f" ({rl:.2f})")
             note = r.get("error") or ""
+            b = r.get("budget") or {}
+            if isinstance(b.get("default"), dict):  # the error-bounded default (no budget given)
+                d = b["default"]
+                tried = ", ".join(f"{t[0]:.3g}→{t[1]:.2f}" for t in d.get("tried", []))
+                note = (f"default: keep-params bisected for out rel L2 ≤ {d.get('tolerance')} on {d.get('judged_on')} "
+                        f"(tried keep→rel L2: {tried}); kept {d.get('kept')}. ") + note
+            elif isinstance(b.get("default_relaxed"), dict):
+                note = f"default keep-params {b['default_relaxed']['requested']} relaxed to {b['default_relaxed']['kept']} (speed guard). " + note
             if not note and r.get("warnings"):
                 note = r["warnings"][-1]
             note = note.removeprefix("onnx-alds: ")
-            note = note.replace("|", "\\|")[:220]
+            note = note.replace("|", "\\|")[:400]
             lines.append(f"| {name} | {row_command(row)} | {r['rc']} | {fmt_metric(orig, model.unit)} → "
                          f"{fmt_metric(m, model.unit)} | {delta} | {pk} | {sp} | {l2} | {r['wall_s']:.0f} | {note} |")
     return "\n".join(lines)
