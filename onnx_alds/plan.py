@@ -327,33 +327,42 @@ def weight_digests(model, names) -> dict:
 
 
 def check_factors(plan: Plan, layer, entry) -> None:
-    """The sidecar's factors for ``entry`` fit ``layer``: encoder
-    ``(k·j, c/k, e1, e2)``, decoder ``(f, k·j, d1, d2)`` in the weight's dtype,
-    a bias correction of ``f`` values, all finite (one UsageError naming the file)."""
+    """The sidecar's factors for ``entry`` fit the model's ``layer`` (see :func:`check_factor_arrays`)."""
+    g = layer.geometry
+    check_factor_arrays(plan, entry, (g.f, g.c, *g.kernel), layer.dtype or None)
+
+
+def check_factor_arrays(plan: Plan, entry, shape4, dtype=None) -> None:
+    """The sidecar's factors for ``entry`` fit a weight of ``shape4`` (f, c,
+    κ1, κ2) and ``dtype``: encoder ``(k·j, c/k, e1, e2)``, decoder ``(f, k·j,
+    d1, d2)`` of the weight's dtype, a bias correction of ``f`` values, all
+    finite (one UsageError naming the file).  The ONNX rewrite and
+    ``onnx_alds.torch.apply_plan`` both check this before using them."""
     import numpy as np
 
     fac = (plan.factors or {}).get(entry.name)
     if fac is None:
         return
-    g, what = layer.geometry, f"the plan's factors file {plan.factors_file or '(in memory)'!r}"
+    f, c, k1, k2 = shape4
+    what = f"the plan's factors file {plan.factors_file or '(in memory)'!r}"
     kj = entry.k * entry.rank
-    want = {"encoder": (kj, g.c // entry.k, *encoder_kernel(entry.scheme, g.kernel)),
-            "decoder": (g.f, kj, *decoder_kernel(entry.scheme, g.kernel))}
+    want = {"encoder": (kj, c // entry.k, *encoder_kernel(entry.scheme, (k1, k2))),
+            "decoder": (f, kj, *decoder_kernel(entry.scheme, (k1, k2)))}
     for part, shape in want.items():
         a = getattr(fac, part)
         if not isinstance(a, np.ndarray) or tuple(a.shape) != shape:
             raise UsageError(f"{what} has an {part} of shape {tuple(np.shape(a))} for layer {entry.name!r}, but the "
                              f"plan's k={entry.k}, rank={entry.rank}, {entry.scheme} need {shape}")
-        if layer.dtype and a.dtype != np.dtype(layer.dtype):
+        if dtype is not None and a.dtype != np.dtype(dtype):
             raise UsageError(f"{what} holds {a.dtype} factors for layer {entry.name!r}, whose weight is "
-                             f"{layer.dtype}; rerun rewrite --plan to make factors of the model's dtype")
+                             f"{np.dtype(dtype)}; rerun rewrite --plan to make factors of the model's dtype")
         if not np.isfinite(a).all():
             raise UsageError(f"{what} holds NaN or inf in the {part} of layer {entry.name!r}")
     if fac.bias_delta is not None:
         b = np.asarray(fac.bias_delta)
-        if b.shape != (g.f,) or b.dtype.kind != "f" or not np.isfinite(b).all():
+        if b.shape != (f,) or b.dtype.kind != "f" or not np.isfinite(b).all():
             raise UsageError(f"{what} has a bias correction of shape {b.shape} ({b.dtype}) for layer "
-                             f"{entry.name!r}, which needs {g.f} finite values")
+                             f"{entry.name!r}, which needs {f} finite values")
 
 
 def resolve(plan: Plan, info) -> dict:

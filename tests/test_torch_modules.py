@@ -135,3 +135,27 @@ def test_torch_plan_reproduces_data_aware_factors(exported, tmp_path, k):
     weight_only = apply_plan(net, plan, example_inputs=(x,))
     with torch.no_grad():
         assert rel_err(weight_only(torch.from_numpy(cal)).numpy(), y_torch) > 1e-3
+
+
+def test_torch_apply_plan_checks_the_factors_file(exported, tmp_path):
+    """The torch side uses a sidecar's factors only once they fit the module: a scalar bias correction or
+    factors of the wrong rank are one UsageError naming the file."""
+    import dataclasses
+
+    import numpy as np
+
+    import onnx_alds
+    from onnx_alds.errors import UsageError
+
+    net, x, model = exported
+    name = model.graph.input[0].name
+    plan = plan_for(model, 1, "s0")
+    _, rep = onnx_alds.rewrite(model, plan=plan, calibration={name: torch.randn(16, 3, 8, 8).numpy()},
+                               error="data", validate=False)
+    layer = next(iter(rep.plan.factors))
+    good = rep.plan.factors[layer]
+    for bad in (dataclasses.replace(good, bias_delta=np.float32(1e3)),
+                dataclasses.replace(good, encoder=good.encoder[:1])):
+        tampered = dataclasses.replace(rep.plan, factors={**rep.plan.factors, layer: bad})
+        with pytest.raises(UsageError, match="factors file"):
+            apply_plan(net, tampered, example_inputs=(x,))

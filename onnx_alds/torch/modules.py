@@ -22,7 +22,7 @@ from ..factorize import weight_factors
 from ..ops import SPECS
 from ..ops.conv import torch_class as _conv_class
 from ..ops.linear import torch_class as _linear_class
-from ..plan import LayerPlan, Plan
+from ..plan import LayerPlan, Plan, check_factor_arrays
 from .export import fold_batchnorm, weight_to_module
 
 FactorizedConv = _conv_class()
@@ -131,6 +131,9 @@ def apply_plan(model: nn.Module, plan: Plan | dict | str, example_inputs: Any = 
         factors = (plan.factors or {}).get(entry.name)
         if factors is None:
             factors = weight_factors(spec.torch_weight4(mod), entry.k, spec.torch_scheme(entry.scheme), entry.rank)
+        else:  # a sidecar is untrusted: shapes, dtype and values checked as the ONNX rewrite does
+            w4 = spec.torch_weight4(mod)
+            check_factor_arrays(plan, entry, w4.shape, w4.dtype)
         model.set_submodule(path, spec.torch_module(mod, entry, factors))
         parent = model.get_submodule(path.rpartition(".")[0])
         if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
