@@ -64,6 +64,7 @@ def _kl_to(teacher, student, x):
     return float(nn.functional.kl_div(s, t, log_target=True, reduction="batchmean"))
 
 
+@pytest.mark.slow  # export + rewrite + 3 epochs: about 50 s on a busy 2-core machine
 def test_a_bert_style_encoder_goes_through_apply_plan_and_finetune(tmp_path):
     torch.manual_seed(0)
     model = BertLike().eval()
