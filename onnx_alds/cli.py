@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
                         "than the dense layer")
     r.add_argument("--no-compare", action="store_true",
                    help="do not run the baseline selectors for comparison in the report")
-    r.add_argument("-q", "--quiet", action="store_true", help="print nothing on success (no progress lines either)")
+    r.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     i = sub.add_parser("inspect", help="list layers, params, FLOPs and why a layer is not compressible")
     i.add_argument("input")
@@ -294,7 +294,8 @@ def cmd_rewrite(a) -> int:
     options = RewriteOptions.from_kwargs(
         a.keep_params, a.keep_flops, a.keep_latency, a.method or "alds", plan=plan, schemes=schemes, k_max=a.k_max,
         input_shapes=input_shapes, provider=a.provider, validate=not a.no_validate, compare=not a.no_compare,
-        progress=not a.quiet, cache_dir=a.cache_dir, error=a.error, calibration=_calibration(a),
+        progress=sys.stderr.isatty() or (a.verbose and not a.quiet), cache_dir=a.cache_dir, error=a.error,
+        calibration=_calibration(a),
         bias_correction=not a.no_bias_correction, max_output_error=a.max_output_error, min_speedup=a.min_speedup,
         allow_slower=a.allow_slower, sequential=a.sequential, int8=a.int8, objective=a.objective,
         best_effort=a.best_effort, output_kinds=_output_kinds(a.output_kind), hold_out=not a.no_hold_out)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .cost import full_rank
 from .errors import UsageError
-from .factorize import data_factors, reconstruct, weight_factors
+from .factorize import LARGE_FOLD, block_gram, data_factors, reconstruct, weight_factors
 from .folding import far_from_one, fold
 from .ops.base import Factors
 from .spectra import compute_spectra
@@ -88,6 +88,13 @@ def _op_norm(m: np.ndarray) -> float:
     scale = float(np.abs(m).max()) if m.size else 0.0
     if not scale > 0 or not np.isfinite(scale):
         return 0.0 if scale == 0 else float("inf")
+    if m.size > LARGE_FOLD:  # the top eigenvalue only, of a Gram matrix summed from blocks (memory, time)
+        from scipy.linalg import eigh
+
+        g = block_gram(m, scale, m.shape[0] <= m.shape[1])
+        top = eigh(g, eigvals_only=True, subset_by_index=[len(g) - 1, len(g) - 1], overwrite_a=True,
+                   check_finite=False)[0]
+        return float(np.sqrt(max(top, 0.0))) * scale
     m = m / scale
     g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
     return float(np.sqrt(max(np.linalg.eigvalsh(g)[-1], 0.0))) * scale
@@ -133,16 +140,17 @@ class WeightError:
     def measure(self, source, layer, cfg, factors: Factors) -> float:
         """The real error of the emitted factors: ``‖fold_s(E)‖₂/‖fold_s(W)‖₂``
         (``‖E‖_F/‖W‖_F`` for frobenius)."""
-        w = np.asarray(source.weight4(layer), np.float64)
-        e = w - reconstruct(factors, w.shape)
+        w = source.weight4(layer)
+        e = reconstruct(factors, w.shape)
+        e -= w  # Ŵ − W in place (float64): the same norms as W − Ŵ, one copy fewer of a large weight
         den = self._norms.get((layer.name, cfg.scheme))
         if self.name == "frobenius":
             sc = float(np.abs(w).max()) or 1.0
             num = float(np.linalg.norm(e / sc)) * sc
-            den = den if den is not None else float(np.linalg.norm(w / sc)) * sc
+            den = den if den is not None else float(np.linalg.norm(np.asarray(w, np.float64) / sc)) * sc
         else:
             num = _op_norm(fold(e, cfg.scheme, 1)[0])
-            den = den if den is not None else _op_norm(fold(w, cfg.scheme, 1)[0])
+            den = den if den is not None else _op_norm(fold(np.asarray(w, np.float64), cfg.scheme, 1)[0])
         return num / den if den > 0 else 0.0
 
 

@@ -44,3 +44,13 @@ def test_progress_without_a_terminal_is_log_lines(monkeypatch, caplog):
     caplog.clear()
     list(progress.progress_iter(range(100), desc="quiet", enabled=False))
     assert not caplog.records
+
+
+def test_operator_norm_of_a_large_matrix_is_the_plain_one(monkeypatch):
+    from onnx_alds import error_model
+
+    m = np.random.default_rng(1).standard_normal((40, 70)) * 1e3
+    plain = error_model._op_norm(m)
+    monkeypatch.setattr(error_model, "LARGE_FOLD", 0)
+    assert error_model._op_norm(m) == pytest.approx(plain, rel=1e-12)
+    assert error_model._op_norm(m.T) == pytest.approx(plain, rel=1e-12)
