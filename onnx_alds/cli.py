@@ -25,21 +25,15 @@ from .errors import AldsError, UsageError
 log = logging.getLogger("onnx_alds")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onnx-alds", description=__doc__.split("\n\n")[0],
-                                epilog="exit codes: 0 ok, 1 internal error, 2 usage (or unwritable output), "
-                                       "3 bad model, 4 infeasible budget, 5 validation failed, "
-                                       "130 interrupted, 143 terminated, 141 stdout closed")
-    p.add_argument("--version", action="version", version=f"onnx-alds {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _rewrite_parser(sub) -> None:
+    """rewrite IN OUT [budget] [selection] [data] [gates]: the main job."""
     r = sub.add_parser("rewrite", help="compress a model with low-rank factorizations")
     r.add_argument("input", help="input .onnx (never modified)")
     r.add_argument("output", help="output .onnx (written atomically)")
     b = r.add_mutually_exclusive_group()
     b.add_argument("--keep-params", type=_fraction, metavar="F",
-                   help="keep this fraction of the model's parameters (default 0.5)")
+                   help="keep this fraction of the model's parameters (no budget: the smallest plan within "
+                        "--max-output-error, see docs/cli.md)")
     b.add_argument("--keep-flops", type=_fraction, metavar="F",
                    help="keep this fraction of the multiply-accumulates")
     b.add_argument("--keep-latency", type=_fraction, metavar="F",
@@ -108,11 +102,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not run the baseline selectors for comparison in the report")
     r.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
+
+def _inspect_parser(sub) -> None:
+    """inspect IN: compressible layers, params, MACs, reasons."""
     i = sub.add_parser("inspect", help="list layers, params, FLOPs and why a layer is not compressible")
     i.add_argument("input")
     i.add_argument("--input-shape", action="extend", nargs="+", metavar="NAME:D1,D2,...")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+
+def _bench_parser(sub) -> None:
+    """bench A [B ...]: interleaved whole-model latency."""
     be = sub.add_parser("bench", help="latency of whole models, interleaved, median of repeats")
     be.add_argument("models", nargs="+", help="the first model is the baseline for speed-ups")
     be.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu")
@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="calibration samples for --int8 from your own function (see rewrite --help)")
     be.add_argument("--per-tensor", action="store_true", help="--int8 with per-tensor weight scales")
 
+
+def _quantize_parser(sub) -> None:
+    """quantize IN OUT: static int8 (QDQ) with onnxruntime."""
     q = sub.add_parser("quantize", help="static int8 quantization (QDQ) with onnxruntime, e.g. after rewrite")
     q.add_argument("input", help="input .onnx (never modified)")
     q.add_argument("output", help="output .onnx (written atomically)")
@@ -147,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--input-shape", action="extend", nargs="+", metavar="NAME:D1,D2,...")
     q.add_argument("--json", metavar="OUT.json", help="also write what was done as JSON")
 
+
+def _export_parser(sub) -> None:
+    """export FACTORY OUT: a PyTorch model to ONNX."""
     e = sub.add_parser("export", help="export a PyTorch model defined in Python to ONNX (needs torch)")
     e.add_argument("factory", help="module.path:callable or path/to/file.py:callable")
     e.add_argument("output")
@@ -154,6 +160,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--input-shape", action="append", required=True, metavar="D1,D2,...",
                    help="example input shape, batch included; repeat for several inputs")
     e.add_argument("--opset", type=bounded_int(1), default=None)
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onnx-alds", description=__doc__.split("\n\n")[0],
+                                epilog="exit codes: 0 ok, 1 internal error, 2 usage (or unwritable output), "
+                                       "3 bad model, 4 infeasible budget, 5 validation failed, "
+                                       "130 interrupted, 143 terminated, 141 stdout closed")
+    p.add_argument("--version", action="version", version=f"onnx-alds {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    for add in (_rewrite_parser, _inspect_parser, _bench_parser, _quantize_parser, _export_parser):
+        add(sub)
     from .torch.finetune_cli import add_finetune_parser  # argparse only; torch is imported when it runs
 
     add_finetune_parser(sub)
