@@ -8,6 +8,7 @@ from onnx_alds import rewrite
 from onnx_alds.api import analyze
 from onnx_alds.measure.latency_table import LatencyTable, cache_key
 from onnx_alds.pipeline.attempt import LatencyMeasurement
+from onnx_alds.errors import InfeasibleBudget
 from onnx_alds.pipeline.stages import Measurer
 
 
@@ -515,3 +516,35 @@ def test_a_rerun_solves_the_kept_plan_first(cache):
     rerun = {(n, c.k, c.scheme, c.rank) for n, c in sel.choices.items() if c is not None}
     assert rerun == {(l.name, l.k, l.scheme, l.rank) for l in first.report.layers if l.status == "decomposed"}
     assert again.with_context({}, {}).predicted_ms(sel.choices) == pytest.approx(budget["predicted_ms"])
+
+
+class Slower(Measurer):
+    """Every rewrite measured 10 % slower than the original: the noise of a loaded machine at its worst."""
+
+    def speedup(self, original, new, table, info, choices):
+        return LatencyMeasurement(1.0, 1.1, 2)
+
+    def profile(self, original, new, table, info, choices):
+        return {"wall": 0.0, "layers": {}}, {"wall": 0.0, "layers": {}}
+
+
+def test_keep_latency_one_writes_the_model_unchanged_whatever_the_noise(cache):
+    """--keep-latency 1 selects nothing: the same graph runs as fast as itself, so a noisy measurement
+    of 0.9x is neither a refusal (exit 4) nor a slowdown warning."""
+    from onnx_alds.options import RewriteOptions
+    from onnx_alds.pipeline.stages import finish, prepare
+    from onnx_alds.policy.latency_loop import run_latency
+
+    model = wide_conv()
+    table = LatencyTable.for_model(model, analyze(model)[2], cache_dir=cache, k_max=1)
+    run = prepare(model, RewriteOptions.from_kwargs(keep_latency=1.0, latency_table=table, provider="cpu",
+                                                    compare=False))
+    run.measurer = Slower()
+    new, report = finish(run, run_latency(run))
+    assert all(l.status != "decomposed" for l in report.layers)
+    assert not any("slower" in w for w in report.warnings)
+    with pytest.raises(InfeasibleBudget, match="no rewrite tried ran faster"):  # a real target still is judged
+        run = prepare(model, RewriteOptions.from_kwargs(keep_latency=0.7, latency_table=table, provider="cpu",
+                                                        compare=False, validate=False))
+        run.measurer = Slower()
+        run_latency(run)

@@ -42,10 +42,6 @@ class LoopState:
     solved_by: LatencyTable | None = None  # the table that solved the kept round's plan
     learned_floor: float | None = None  # the corrected table's floor, where a cached correction was dropped
 
-    @property
-    def speedup(self) -> float:
-        return self.kept.latency.speedup
-
 
 def latency_table(run: Run) -> LatencyTable:
     """The options' table, else one measured for this model on the provider (cached)."""
@@ -165,10 +161,12 @@ def run_latency(run: Run) -> Attempt:
 
 def _conclude(run: Run, state: LoopState, keep: float) -> Attempt:
     kept, route = state.kept, False
-    if not run.large and not run.opts.latency.int8 and state.speedup < (1 - LATENCY_TOLERANCE) / keep:
+    if not kept.choice.decomposed:  # the same graph (e.g. --keep-latency 1): as fast as itself, not the noise
+        kept.choice.unchanged = True
+    if not run.large and not run.opts.latency.int8 and _speedup(kept) < (1 - LATENCY_TOLERANCE) / keep:
         # the table's plans fell short (on small models a layer's time is a few µs, and timed alone it
         # says little of the layer inside the model): try the speed guard's plans, measured
-        better = guarded_alternative(run, state.table, beat=state.speedup)
+        better = guarded_alternative(run, state.table, beat=_speedup(kept))
         if better is not None:
             state.kept, route = better, True
     state.kept.choice.budget["rounds_tried"] = state.rounds + 1
@@ -178,8 +176,13 @@ def _conclude(run: Run, state: LoopState, keep: float) -> Attempt:
     kept = state.kept
     predicted = _predicted(state.table, kept.choice)
     kept.choice.budget.setdefault("warnings", []).extend(latency_verdict(
-        keep, kept.latency.speedup, predicted, state.rounds + 1, state.table, best_effort=run.opts.latency.best_effort))
+        keep, _speedup(kept), predicted, state.rounds + 1, state.table, best_effort=run.opts.latency.best_effort))
     return kept
+
+
+def _speedup(attempt: Attempt) -> float:
+    """The kept rewrite's measured speed-up; 1 for a rewrite that decomposed nothing (the same graph)."""
+    return 1.0 if attempt.choice.unchanged else attempt.latency.speedup
 
 
 def _predicted(table: LatencyTable, choice: Choice) -> float:
