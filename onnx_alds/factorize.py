@@ -34,6 +34,26 @@ class Factors:
     bias_delta: np.ndarray | None = None
 
 
+SMALL_BLAS = 1 << 18  # elements up to which a decomposition runs on one BLAS thread
+_controller = None
+
+
+def blas_threads_for(elements: int):
+    """One BLAS thread for a small decomposition: OpenBLAS's threads on a small
+    matrix wait for each other, and on a loaded machine a 64×576 SVD took 1.07 s
+    with them against 0.024 s without.  Larger ones keep every thread."""
+    import contextlib
+
+    global _controller
+    if elements > SMALL_BLAS:
+        return contextlib.nullcontext()
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=1, user_api="blas")
+
+
 def truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Return ``a (k, rows, rank)`` and ``b (k, rank, cols)`` in float64."""
     if np.prod(w4.shape) > LARGE_FOLD:
@@ -44,7 +64,8 @@ def truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> tuple[n
         raise ValueError(f"rank {rank} is outside 1..{full} for k={k}, scheme {scheme}")
     scale = float(np.abs(m).max()) if m.size else 0.0  # work near 1: weights near 1e200 do not overflow
     scale = scale if far_from_one(scale) else 1.0
-    u, s, vt = np.linalg.svd(m / scale if scale != 1.0 else m, full_matrices=False)
+    with blas_threads_for(m.size):
+        u, s, vt = np.linalg.svd(m / scale if scale != 1.0 else m, full_matrices=False)
     root = np.sqrt(s[:, :rank] * scale)
     a = u[:, :, :rank] * root[:, None, :]
     b = root[:, :, None] * vt[:, :rank, :]
@@ -116,7 +137,8 @@ def whitened_factors(w4: np.ndarray, k: int, rank: int, chol: list[np.ndarray]) 
     a = np.empty((k, m.shape[1], rank))
     b = np.empty((k, rank, m.shape[2]))
     for i in range(k):
-        p, s, qt = np.linalg.svd(m[i] @ chol[i], full_matrices=False)
+        with blas_threads_for(m[i].size):
+            p, s, qt = np.linalg.svd(m[i] @ chol[i], full_matrices=False)
         root = np.sqrt(s[:rank])
         a[i] = p[:, :rank] * root
         # B = √Σ Qᵀ L⁻¹  ⇔  Lᵀ Bᵀ = Q √Σ  (a triangular solve)

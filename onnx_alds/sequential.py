@@ -45,6 +45,7 @@ import onnx
 
 from .calibration import iter_batches, iter_patches, tap_for_layer
 from .error_model import regularised_cholesky
+from .factorize import blas_threads_for
 from .folding import to_conv_weights
 from .graph import names_read_inside, subgraphs
 from .io import Source, copy_model_fields, temp_dir
@@ -133,7 +134,8 @@ def _fit_and_measure(base: Source, l, cfg, emodel, C, Gt, mu, mut) -> tuple[Fact
 
     w4 = base.weight4(l)
     correct = emodel.bias_correction and l.bias_constant
-    fac = fit(w4, cfg.k, cfg.rank, C, Gt, mu, mut, correct)
+    with blas_threads_for(max(w4.size, C.size)):
+        fac = fit(w4, cfg.k, cfg.rank, C, Gt, mu, mut, correct)
     st = emodel.stats(base, l)  # the original inputs' covariance and output energy
     # on W/scale, as st.energy is (error_model.LayerStats): weights near 1e200 would overflow to inf here
     w2 = np.asarray(w4, np.float64).reshape(w4.shape[0], -1) / st.scale
