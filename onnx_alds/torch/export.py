@@ -363,6 +363,29 @@ def export(
     path = Path(path)
     if opset is not None and int(opset) < MIN_OPSET:
         raise UsageError(f"torch's ONNX exporter writes opset {MIN_OPSET} or newer, not opset {opset}.")
+    model, trace_inputs = _prepared(model, example_inputs, fold_bn)
+    if input_names is None:
+        input_names = ["input"] if len(trace_inputs) == 1 else [f"input_{i}" for i in range(len(trace_inputs))]
+    model_ir = _exported(model, trace_inputs, list(input_names), opset, output_names)
+    got = model_ir.opset_imports.get("", model_ir.opset_imports.get("ai.onnx"))
+    if opset is not None and got != int(opset):
+        raise UsageError(f"torch's ONNX exporter could not write opset {opset} for this model (it wrote {got})")
+    if output_names is None:
+        _stable_output_names(model_ir)
+    named = _rename_layers(model_ir, model)
+    import onnx_ir as ir
+
+    proto = ir.to_proto(model_ir)
+    log.info("exported %s: %d nodes, %d layers named after modules", path, len(proto.graph.node), named)
+    if proto_size(proto) < EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(proto)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(proto, path)  # atomic; external data past the protobuf limit
+    return proto
+
+
+def _prepared(model: nn.Module, example_inputs, fold_bn: bool):
+    """An eval-mode CPU copy of ``model`` (BatchNorm folded) and the inputs to trace it with."""
     example_inputs = _as_tuple(example_inputs)
     if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in example_inputs):
         raise UsageError("export needs example_inputs to be tensors with a batch dimension first.")
@@ -374,12 +397,12 @@ def export(
     if fold_bn:
         model = fold_batchnorm(model, example_inputs)
     # torch.export specializes a dimension that is 1 in the example: trace with batch 2
-    trace_inputs = tuple(t if t.shape[0] != 1 else t.expand(2, *t.shape[1:]).contiguous() for t in example_inputs)
-    n_in = len(trace_inputs)
-    if input_names is None:
-        input_names = ["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)]
+    return model, tuple(t if t.shape[0] != 1 else t.expand(2, *t.shape[1:]).contiguous() for t in example_inputs)
+
+
+def _exported(model: nn.Module, trace_inputs: tuple, input_names: list, opset, output_names):
+    """torch's dynamo exporter, batch dynamic on every input; returns its onnx_ir model."""
     batch = torch.export.Dim("batch")
-    dynamic_shapes = tuple({0: batch} for _ in trace_inputs)
     kwargs: dict[str, Any] = {}
     if opset is not None:
         kwargs["opset_version"] = int(opset)
@@ -393,40 +416,21 @@ def export(
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            program = torch.onnx.export(
-                model,
-                trace_inputs,
-                dynamo=True,
-                input_names=list(input_names),
-                dynamic_shapes=dynamic_shapes,
-                external_data=False,
-                verbose=False,
-                **kwargs,
-            )
+            return torch.onnx.export(model, trace_inputs, dynamo=True, input_names=input_names,
+                                     dynamic_shapes=tuple({0: batch} for _ in trace_inputs), external_data=False,
+                                     verbose=False, **kwargs).model
         finally:
             reg_log.setLevel(old_level)
-    import onnx_ir as ir
 
-    model_ir = program.model
-    got = model_ir.opset_imports.get("", model_ir.opset_imports.get("ai.onnx"))
-    if opset is not None and got != int(opset):
-        raise UsageError(f"torch's ONNX exporter could not write opset {opset} for this model (it wrote {got})")
-    if output_names is None:
-        # the exporter names outputs after the last fx node; make them stable
-        outs = model_ir.graph.outputs
-        names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
-        taken = {v.name for n in model_ir.graph for v in list(n.inputs) + list(n.outputs) if v is not None}
-        for out, new in zip(outs, names):
-            if out.name != new and new not in taken:
-                out.name = new
-    named = _rename_layers(model_ir, model)
-    proto = ir.to_proto(model_ir)
-    log.info("exported %s: %d nodes, %d layers named after modules", path, len(proto.graph.node), named)
-    if proto_size(proto) < EXTERNAL_DATA_THRESHOLD:
-        onnx.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(proto, path)  # atomic; external data past the protobuf limit
-    return proto
+
+def _stable_output_names(model_ir) -> None:
+    """The exporter names outputs after the last fx node: name them output / output_i instead."""
+    outs = model_ir.graph.outputs
+    names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+    taken = {v.name for n in model_ir.graph for v in list(n.inputs) + list(n.outputs) if v is not None}
+    for out, new in zip(outs, names):
+        if out.name != new and new not in taken:
+            out.name = new
 
 
 # ----------------------------------------------------------------------------
