@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from .argtypes import bounded_int, fraction as _fraction, non_negative, positive
-from .errors import AldsError, UsageError
+from .errors import AldsError, UsageError, first_line
 
 log = logging.getLogger("onnx_alds")
 
@@ -546,8 +546,8 @@ def main(argv=None) -> int:
             raise
         from .io import printable
 
-        first = (str(e).splitlines() or [""])[0][:300]
-        print(f"onnx-alds: internal error ({type(e).__name__}: {printable(first)}); rerun with -v and report it",
+        print(f"onnx-alds: internal error ({type(e).__name__}: {printable(first_line(e))}); rerun with -v and "
+              f"report it",
               file=sys.stderr)
         return 1
     finally:

@@ -22,7 +22,7 @@ import onnx.external_data_helper
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, Message
 
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, first_line
 from .graph import names_read_inside, subgraph_bodies
 from .ops import constant_value, has_bias
 
@@ -76,10 +76,10 @@ def load_model(path, *, check: bool = True) -> onnx.ModelProto:
         try:
             onnx.checker.check_model(str(p))
         except FileNotFoundError as e:
-            missing = Path(e.filename).name if e.filename else _first_line(e)
+            missing = Path(e.filename).name if e.filename else first_line(e)
             raise ModelError(f"external data file {missing!r} of {str(p)!r} is missing") from None
         except Exception as e:
-            msg = _first_line(e)
+            msg = first_line(e)
             if "external" in msg.lower() and ("exist" in msg.lower() or "not found" in msg.lower()
                                                or "open" in msg.lower()):
                 raise ModelError(f"external data of {str(p)!r} is missing ({msg})") from None
@@ -89,14 +89,14 @@ def load_model(path, *, check: bool = True) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p))
     except (DecodeError, RuntimeWarning, ValueError) as e:
-        raise ModelError(f"{str(p)!r} is not a valid ONNX model (protobuf parse failed: {_first_line(e)})") from None
+        raise ModelError(f"{str(p)!r} is not a valid ONNX model (protobuf parse failed: {first_line(e)})") from None
     except FileNotFoundError as e:
-        missing = Path(e.filename).name if e.filename else _first_line(e)
+        missing = Path(e.filename).name if e.filename else first_line(e)
         raise ModelError(f"external data file {missing!r} of {str(p)!r} is missing") from None
     except OSError as e:
-        raise ModelError(f"cannot read {str(p)!r}: {e.strerror or _first_line(e)}") from None
+        raise ModelError(f"cannot read {str(p)!r}: {e.strerror or first_line(e)}") from None
     except Exception as e:  # onnx raises assorted errors on malformed external-data records
-        raise ModelError(f"{str(p)!r} is not a valid ONNX model ({_first_line(e)})") from None
+        raise ModelError(f"{str(p)!r} is not a valid ONNX model ({first_line(e)})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelError(f"{str(p)!r} is not an ONNX model (it has no graph)")
     if check:
@@ -196,7 +196,7 @@ def check_model(model: onnx.ModelProto, what: str = "the model", full: bool = Fa
             return  # the in-memory checker cannot take >2 GB; the rewrite checks its own subgraphs
         onnx.checker.check_model(model, full_check=full)
     except Exception as e:
-        raise ModelError(f"{what} fails onnx.checker: {_first_line(e)}") from None
+        raise ModelError(f"{what} fails onnx.checker: {first_line(e)}") from None
 
 
 def check_model_file(path, what: str = "the model") -> None:
@@ -204,12 +204,7 @@ def check_model_file(path, what: str = "the model") -> None:
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:
-        raise ModelError(f"{what} fails onnx.checker: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
+        raise ModelError(f"{what} fails onnx.checker: {first_line(e)}") from None
 
 
 def check_output_path(in_path, out_path) -> Path:

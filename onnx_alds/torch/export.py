@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from ..io import EXTERNAL_DATA_THRESHOLD, proto_size, save_model
 from .scratch import private_inductor_cache
 
@@ -525,8 +525,7 @@ def _load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UsageError(f"Checkpoint {ckpt_path} does not fit the model: {first}") from e
+        raise UsageError(f"Checkpoint {ckpt_path} does not fit the model: {first_line(e)}") from e
 
 
 def export_from_factory(
