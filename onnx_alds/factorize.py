@@ -34,7 +34,7 @@ class Factors:
     bias_delta: np.ndarray | None = None
 
 
-SMALL_BLAS = 1 << 18  # elements up to which a decomposition runs on one BLAS thread
+SMALL_BLAS = 1 << 24  # elements up to which a decomposition runs on one BLAS thread (all but the largest)
 _controller = None
 
 
