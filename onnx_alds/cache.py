@@ -226,10 +226,14 @@ def _duration(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, float)) and 0.0 <= v < 1e9
 
 
+PENALTY_BOUND = 10.0  # a learned penalty is at most this many times the whole model's time, either way
+
+
 def _drop_bad_learned(path, entry: dict) -> None:
     """A whole model's entry also holds what was learned about it: ``context``
     (each layer's time in the model, ms), ``penalty`` (ms added to a layer's
-    factorization; negative down to minus its in-context time) and ``beta``.
+    factorization, either sign, within :data:`PENALTY_BOUND` times the model's time) and
+    ``beta``.
     A part that is not of its type or range is dropped with a warning, and
     so measured again (a miss), never used."""
     context = entry.get("context")
@@ -239,10 +243,15 @@ def _drop_bad_learned(path, entry: dict) -> None:
                     path, context)
         entry.pop("context")
         entry.pop("penalty", None)  # learned against those times
-    penalty, context = entry.get("penalty"), entry.get("context") or {}
+    penalty = entry.get("penalty")
+    # a penalty corrects a factorization's predicted cost, either way: below minus the layer's own time
+    # when the table predicted it slower than the layer and it ran faster; never more than the whole
+    # model's time many times over (a -1e6 made a 2.15x rewrite predict 15-44x)
+    model_ms = entry.get("ms", {}).get("model") if isinstance(entry.get("ms"), dict) else None
+    bound = PENALTY_BOUND * (model_ms if _duration(model_ms) and model_ms > 0 else 1e3)
     if "penalty" in entry and not (isinstance(penalty, dict) and all(
             isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float)) and
-            -context.get(k, 0.0) <= v < 1e9 for k, v in penalty.items())):
+            -bound <= v <= bound for k, v in penalty.items())):
         log.warning("cache entry %s: its learned penalties %.60r are not valid times; ignoring them", path, penalty)
         entry.pop("penalty")
     beta = entry.get("beta")

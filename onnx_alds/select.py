@@ -537,6 +537,13 @@ def solve(options: list[Options], *, method: str, fraction: float, total: float,
     def extra_for(m):
         return {"fill": fill, "objective": objective} if m == "alds" else {}
 
+    if not options:  # no compressible layer: the model as it is, if the budget allows it
+        if budget < -1e-9:
+            raise InfeasibleBudget("the model has no compressible layer, so the smallest reachable fraction is 1.0",
+                                   1.0)
+        sel = Selection(method, {}, 0.0, 0.0, {"fraction": fraction, "total": total, "fixed": fixed,
+                                               "target": fraction * total, "predicted": fixed})
+        return sel, {m: 0.0 for m in METHODS if m != method} if compare else {}
     extra = extra_for(method)
     sel = METHODS[method](baseline_options(method, options), budget, fixed=fixed, total=total, **extra)
     sel.details.update(fraction=fraction, total=total, fixed=fixed, target=fraction * total,
