@@ -66,7 +66,7 @@ def memoized_curves(memo: dict, layers, configs, compute) -> Curves:
     return {l.name: memo[key[l.name]] for l in layers}
 
 
-def _norm_curves(sv: dict, configs, kind: str) -> dict:
+def norm_curves(sv: dict, configs, kind: str) -> dict:
     out = {}
     for (k, s) in configs:
         top = float(sv[(1, s)][0, 0])
@@ -132,7 +132,7 @@ class WeightError:
                 top = float(sv1[0, 0])  # squares relative to σ₁: no overflow near 1e200
                 self._norms[(l.name, s)] = top * float(np.sqrt(((sv1 / top) ** 2).sum())) \
                     if self.name == "frobenius" and top > 0 else top
-        return {l.name: _norm_curves(spectra[l.name].sv, configs[l.name], self.name) for l in layers}
+        return {l.name: norm_curves(spectra[l.name].sv, configs[l.name], self.name) for l in layers}
 
     def factors(self, source, layer, cfg) -> Factors:
         return weight_factors(source.weight4(layer), cfg.k, cfg.scheme, cfg.rank)

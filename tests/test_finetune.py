@@ -304,7 +304,7 @@ def test_batchnorm_is_inserted_for_training_and_folded_back(digits):
     x = digits[2][:64]
     with torch.no_grad():
         ref = small.eval()(x)
-    plain = len(bn._plain_convs(small))  # the dense convs (their folded BatchNorm is back too)
+    plain = len(bn.plain_convs(small))  # the dense convs (their folded BatchNorm is back too)
     assert plain >= 1
     assert bn.insert(small, [digits[0][:256]], lambda m, b: m(b)) == 3 + plain
     assert sum(isinstance(m, bn.ConvBN) for m in small.modules()) == plain

@@ -11,7 +11,7 @@ from functools import partial
 from types import SimpleNamespace
 
 from onnx_alds.cost import Geometry, cost_model, full_rank
-from onnx_alds.error_model import _norm_curves
+from onnx_alds.error_model import norm_curves
 from onnx_alds.errors import InfeasibleBudget
 from onnx_alds.folding import divisors
 from onnx_alds.select import layer_options, select_alds, select_alds_paper, select_uniform
@@ -32,7 +32,7 @@ def random_layers(seed, n=3):
 
         configs[name] = [(k, s) for k in divisors(c) for s in distinct_schemes(kern)]
     spectra = compute_spectra(weights, configs, progress=False, workers=1)
-    return geos, {n: _norm_curves(spectra[n].sv, configs[n], "paper") for n in geos}
+    return geos, {n: norm_curves(spectra[n].sv, configs[n], "paper") for n in geos}
 
 
 def options_of(name, geometry, curves, metric):

@@ -61,7 +61,7 @@ def _last_conv(mod: nn.Module) -> nn.Module:
     return mod.decoder if isinstance(mod, FactorizedConv) else mod
 
 
-def _plain_convs(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def plain_convs(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Convolutions outside the factorized layers that have a bias (where a folded BatchNorm went)."""
     inside = {n for n, m in model.named_modules() if isinstance(m, FactorizedConv)}
     return [(n, m) for n, m in model.named_modules()
@@ -85,7 +85,7 @@ def insert(model: nn.Module, calibration: Iterable, forward) -> int:
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, FactorizedConv)]
     if not targets:
         return 0
-    targets += _plain_convs(model)
+    targets += plain_convs(model)
     sums = {n: [0.0, 0.0, 0] for n, _ in targets}
 
     def hook(name):
