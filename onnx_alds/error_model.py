@@ -67,6 +67,8 @@ def memoized_curves(memo: dict, layers, configs, compute) -> Curves:
 
 
 def norm_curves(sv: dict, configs, kind: str) -> dict:
+    """Each configuration's error curve ``ε(j)`` from its groups' singular values ``sv[(k, s)]``, as the
+    weight error model ``kind`` (paper, spectral, frobenius) defines it, relative to ``‖fold_s(W)‖``."""
     out = {}
     for (k, s) in configs:
         top = float(sv[(1, s)][0, 0])
