@@ -210,6 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="defaults", help="name of the rows file (one per experiment)")
     p.add_argument("--out-dir", type=Path, default=REPO / "artifacts" / "finetune_matrix")
     p.add_argument("--write-docs", type=Path, help="write the markdown table to this file")
+    p.add_argument("--table-only", action="store_true", help="tabulate the rows already run; run nothing")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
     for name in args.nets:
         for keep in args.keeps:
             for seed in args.seeds:
-                if (name, keep, seed, args.epochs) not in have:
+                if (name, keep, seed, args.epochs) not in have and not args.table_only:
                     row = run_one(name, keep, seed, args, overrides)
                     with rows_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -233,7 +234,10 @@ def main(argv=None) -> int:
                           f"({row['seconds']} s)", flush=True)
                 wanted += [r for r in done if (r["net"], r["keep"], r["seed"], r["epochs"]) == (name, keep, seed,
                                                                                                  args.epochs)][-1:]
-    command = "python tools/finetune_matrix.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--write-docs" in given:  # where the table goes does not change it
+        del given[given.index("--write-docs"):given.index("--write-docs") + 2]
+    command = "python tools/finetune_matrix.py " + " ".join(a for a in given if a != "--table-only")
     table = markdown(wanted, command.strip())
     print(table)
     if args.write_docs:
