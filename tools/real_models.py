@@ -829,7 +829,11 @@ def run_row(model: Model, row: str, out: Path, exe: str, timeout: float, force: 
     if warnings:
         r["warnings"] = warnings[-3:]
     if rc != 0:
-        r["error"] = last_error(stderr) if rc != "timeout" else f"timed out after {timeout:.0f} s"
+        if rc == "timeout":
+            progress = [c.strip() for c in re.split(r"[\r\n]", stderr) if c.strip()]
+            r["error"] = f"timed out after {timeout:.0f} s" + (f"; last progress: {progress[-1][:160]}" if progress else "")
+        else:
+            r["error"] = last_error(stderr)
     if rep.exists():
         report = json.loads(rep.read_text())
         v = report.get("validation") or {}
@@ -878,6 +882,19 @@ def summary(r: dict, model: Model) -> str:
 # --------------------------------------------------------------------------- table
 
 
+def old_default(r: dict) -> bool:
+    """Whether a row without a budget ran under the fixed keep-params 0.5
+    default (before commit 84bf28e) rather than the error-bounded one: from
+    its report where it has one, else from the commit it ran at."""
+    b = r.get("budget")
+    if isinstance(b, dict):
+        return not isinstance(b.get("default"), dict)
+    commit = str(r.get("commit", "")).split("+")[0]
+    done = subprocess.run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", "84bf28e", commit],
+                          capture_output=True)
+    return done.returncode == 1
+
+
 def table(out: Path, models: list[str], rows: list[str]) -> str:
     head = ("| model | command | exit | task metric (original → rewrite) | Δ | params kept | speed-up "
             "| out rel L2 held-out (report) | rewrite s | note |")
@@ -889,11 +906,16 @@ def table(out: Path, models: list[str], rows: list[str]) -> str:
         if not orig_path.exists():
             continue
         orig = json.loads(orig_path.read_text())["metric"]
-        for row in rows:
-            p = folder / "rows" / f"{row.replace('+', '_')}.result.json"
+        entries = [(row, folder / "rows" / f"{row.replace('+', '_')}.result.json", "") for row in rows]
+        # rows measured under the fixed default (keep-params 0.5) before commit 84bf28e, kept for comparison
+        entries += [(row, folder / "rows_old_default" / f"{row.replace('+', '_')}.result.json",
+                     " (before 84bf28e: fixed keep-params 0.5 default)") for row in ("plain", "plain+cal")]
+        for row, p, label in entries:
             if not p.exists():
                 continue
             r = json.loads(p.read_text())
+            if row in ("plain", "plain+cal") and old_default(r) != bool(label):
+                continue  # listed under the other default's label
             m = r.get("metric")
             delta = "—" if m is None else (f"{m - orig:+.1f}" if model.unit == "%" else f"{m - orig:+.3f}")
             pk = "—" if r.get("params_kept") is None else f"{r['params_kept']:.2f}"
@@ -916,7 +938,7 @@ def table(out: Path, models: list[str], rows: list[str]) -> str:
                 note = r["warnings"][-1]
             note = note.removeprefix("onnx-alds: ")
             note = note.replace("|", "\\|")[:400]
-            lines.append(f"| {name} | {row_command(row)} | {r['rc']} | {fmt_metric(orig, model.unit)} → "
+            lines.append(f"| {name} | {row_command(row)}{label} | {r['rc']} | {fmt_metric(orig, model.unit)} → "
                          f"{fmt_metric(m, model.unit)} | {delta} | {pk} | {sp} | {l2} | {r['wall_s']:.0f} | {note} |")
     return "\n".join(lines)
 
