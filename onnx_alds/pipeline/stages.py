@@ -399,7 +399,8 @@ def _report(run: Run, choice: Choice, built: Built) -> Report:
                           error_model=run.emodel, params_after=count_params(built.model), flops_after=flops_after,
                           in_path=run.source.path, timings=run.timings, baselines=choice.baselines)
     report.plan = choice.plan
-    report.budget["validation_inputs"] = run.cal_split
+    if run.opts.validation.validate:
+        report.budget["validation_inputs"] = run.cal_split
     gone = dropped(run.original)
     if gone:
         report.budget.setdefault("warnings", []).extend(f"dropped {d}" for d in gone)
