@@ -109,11 +109,16 @@ class Report:
                               f"{t['rel_l2']:.4f}" for t in self.budget["candidates"])
             method, objective = self.budget["picked"].split("/")
             kept = "uniform" if method == "uniform" else f"min-{objective}"
-            lines.append(f"candidate plans, output rel L2 on the calibration data: {tried}; kept {kept}")
+            on = self.budget.get("validation_inputs", "the calibration data")
+            lines.append(f"candidate plans, output rel L2 on {on}: {tried}; kept {kept}")
         for name, err in self.baselines.items():
             what = f"{measure} {err:.4f}" if err is not None else "cannot meet the budget"
             lines.append(f"  {name:<10} at the same budget: {what}")
         b = self.budget
+        if b.get("default"):
+            d = b["default"]
+            lines.append(f"no budget given: keep-params {d['kept']:.3g}, the smallest of {len(d['tried'])} tried whose "
+                         f"outputs stay within relative L2 {d['tolerance']:g} on {d['judged_on']}")
         if b.get("metric") == "latency" and b.get("measured_ms") is not None:
             predicted = (f"predicted speed-up {b['model_ms'] / b['predicted_ms']:.2f}x, "
                          if b.get("model_ms") and b.get("predicted_ms") and math.isfinite(b["predicted_ms"]) else "")
@@ -131,7 +136,7 @@ class Report:
         v = self.validation
         if v:
             lines.append(f"validation on {v['provider']}: max |diff| {v['max_abs_diff']:.3g}, "
-                         f"rel L2 {v['rel_l2']:.3g}")
+                         f"rel L2 {v['rel_l2']:.3g}" + (f" on {b['validation_inputs']}" if b.get("validation_inputs") else ""))
             if v.get("latency_ms_before") is not None:
                 lines.append(f"latency{' of the int8 copies' if v.get('int8') else ''} "
                              f"{v['latency_ms_before']:.3f} ms -> {v['latency_ms_after']:.3f} ms "
