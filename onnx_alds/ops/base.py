@@ -187,3 +187,20 @@ class OpSpec:
 
     def allow_groups(self, attrs: LayerAttrs) -> bool:
         return True
+
+
+def load_factors(encoder, decoder, enc_w, dec_w, bias, bias_delta) -> None:
+    """Load a factorization into its torch twin's encoder and decoder modules: the decoder's bias (where
+    it has one) is the layer's bias, zeros where the layer had none, plus the data-aware correction,
+    summed in float64 before the module's own dtype."""
+    import torch
+
+    with torch.no_grad():
+        encoder.weight.copy_(torch.from_numpy(np.ascontiguousarray(enc_w)))
+        decoder.weight.copy_(torch.from_numpy(np.ascontiguousarray(dec_w)))
+        if decoder.bias is not None:
+            b = bias.detach().cpu().double() if bias is not None else torch.zeros(decoder.out_channels,
+                                                                                 dtype=torch.float64)
+            if bias_delta is not None:
+                b = b + torch.from_numpy(np.asarray(bias_delta, np.float64))
+            decoder.bias.copy_(b)

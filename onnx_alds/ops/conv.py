@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 from ..cost import Geometry
-from .base import Classified, Factors, LayerAttrs, OpSpec, constant_value, has_bias, known
+from .base import Classified, Factors, LayerAttrs, OpSpec, constant_value, has_bias, known, load_factors
 
 # which conv (encoder or decoder) holds each kernel axis
 AXIS_OWNER = {"s0": ("enc", "enc"), "s1": ("dec", "enc"), "s2": ("enc", "dec"), "s3": ("dec", "dec")}
@@ -172,14 +172,7 @@ def torch_class():
             self.encoder = cls(c, k * rank, tuple(enc_w.shape[2:]), groups=k, bias=False, **attrs("enc"))
             self.decoder = cls(k * rank, f, tuple(dec_w.shape[2:]), bias=with_bias, **attrs("dec"))
             dev, dt = conv.weight.device, conv.weight.dtype
-            with torch.no_grad():
-                self.encoder.weight.copy_(torch.from_numpy(np.ascontiguousarray(enc_w)))
-                self.decoder.weight.copy_(torch.from_numpy(np.ascontiguousarray(dec_w)))
-                if with_bias:
-                    b = conv.bias.detach().cpu().double() if conv.bias is not None else torch.zeros(f, dtype=torch.float64)
-                    if factors.bias_delta is not None:
-                        b = b + torch.from_numpy(np.asarray(factors.bias_delta, np.float64))
-                    self.decoder.bias.copy_(b)
+            load_factors(self.encoder, self.decoder, enc_w, dec_w, conv.bias, factors.bias_delta)
             self.to(device=dev, dtype=dt)
 
         def forward(self, x):

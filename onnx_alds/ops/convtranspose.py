@@ -32,7 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import Geometry
-from .base import Classified, Factors, LayerAttrs, OpSpec, Tap, known
+from .base import Classified, Factors, LayerAttrs, OpSpec, Tap, known, load_factors
 from .conv import encoder_decoder, standalone_model
 
 _KEEP = ("strides", "pads", "dilations", "output_padding", "output_shape", "auto_pad", "kernel_shape")
@@ -148,14 +148,7 @@ def torch_class():
                 self.encoder = nn.Conv2d(c, k * rank, 1, groups=k, bias=False)
                 self.decoder = nn.ConvTranspose2d(k * rank, f, conv.kernel_size, bias=with_bias, **geo)
                 enc_w, dec_w = factors.encoder, factors.decoder.transpose(1, 0, 2, 3)
-            with torch.no_grad():
-                self.encoder.weight.copy_(torch.from_numpy(np.ascontiguousarray(enc_w)))
-                self.decoder.weight.copy_(torch.from_numpy(np.ascontiguousarray(dec_w)))
-                if with_bias:
-                    b = conv.bias.detach().cpu().double() if conv.bias is not None else torch.zeros(f, dtype=torch.float64)
-                    if factors.bias_delta is not None:
-                        b = b + torch.from_numpy(np.asarray(factors.bias_delta, np.float64))
-                    self.decoder.bias.copy_(b)
+            load_factors(self.encoder, self.decoder, enc_w, dec_w, conv.bias, factors.bias_delta)
             self.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
         def forward(self, x):
