@@ -56,16 +56,27 @@ def test_nothing_within_the_tolerance_writes_the_model_unchanged_and_says_why():
     np.testing.assert_allclose(run(new, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-6, atol=1e-6)
 
 
-def test_without_data_the_default_is_judged_on_random_inputs_and_says_so(tmp_path):
+def test_without_data_the_default_writes_the_model_unchanged_and_names_calibration(tmp_path):
+    """Random inputs say too little of a real model: without data and without a tolerance the plain
+    command writes the model unchanged (exit 0) and its warning names --calibration."""
     src = tmp_path / "m.onnx"
     onnx.save(cnn_model(), src)
-    rc, _, err = cli("rewrite", src, tmp_path / "o.onnx", "--report", tmp_path / "r.json", "--provider", "cpu",
-                     "--allow-slower", "-q")
+    rc, _, err = cli("rewrite", src, tmp_path / "o.onnx", "--report", tmp_path / "r.json", "--provider", "cpu", "-q")
     assert rc == 0, err
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["budget"]["default"]["judged_on"] == "random inputs"
-    assert rep["validation"]["rel_l2"] <= rep["budget"]["default"]["tolerance"] + 1e-6
-    assert "give --calibration CAL.npz" in err
+    assert rep["budget"]["default"]["judged_on"] == "no calibration data" and rep["params_after"] == rep["params_before"]
+    assert "--calibration CAL.npz" in err and "written unchanged" in err
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(run(onnx.load(str(tmp_path / "o.onnx")), {"x": x})[0], run(cnn_model(), {"x": x})[0])
+
+
+def test_without_data_a_named_tolerance_is_judged_on_random_inputs():
+    model = cnn_model()
+    new, rep = onnx_alds.rewrite(model, max_output_error=0.3, provider="cpu", allow_slower=True, compare=False)
+    d = rep.budget["default"]
+    assert d["judged_on"] == "random inputs" and d["tolerance"] == 0.3 and d["tried"]
+    assert rep.validation["rel_l2"] <= 0.3 + 1e-6
+    assert any("judged the outputs on random inputs" in w for w in rep.warnings)
 
 
 def test_a_named_budget_is_met_and_not_searched():

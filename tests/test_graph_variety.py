@@ -256,7 +256,7 @@ def test_torch_family_full_rank_and_budget(torch_family):
         assert len(pw) == 3
     elif name == "unet":
         ct = [l for l in info.candidates if l.op == "ConvTranspose"]
-        assert len(ct) == 1 and ct[0].schemes == ("s3",)  # the up-sampling is compressed too
+        assert len(ct) == 1 and ct[0].schemes == ("s0", "s3")  # the up-sampling is compressed too (s0 since its calibration tap)
         assert len(info.candidates) == 5  # enc1, enc2, up, dec, head
     elif name == "transformer":
         ops = sorted(l.op for l in info.candidates)
