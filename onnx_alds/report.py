@@ -115,10 +115,12 @@ class Report:
             what = f"{measure} {err:.4f}" if err is not None else "cannot meet the budget"
             lines.append(f"  {name:<10} at the same budget: {what}")
         b = self.budget
-        if b.get("default"):
-            d = b["default"]
+        d = b.get("default")
+        if d and d.get("tolerance") is not None:
             lines.append(f"no budget given: keep-params {d['kept']:.3g}, the smallest of {len(d['tried'])} tried whose "
                          f"outputs stay within relative L2 {d['tolerance']:g} on {d['judged_on']}")
+        elif d:
+            lines.append("no budget given and no calibration data: the model is written unchanged")
         if b.get("metric") == "latency" and b.get("measured_ms") is not None:
             predicted = (f"predicted speed-up {b['model_ms'] / b['predicted_ms']:.2f}x, "
                          if b.get("model_ms") and b.get("predicted_ms") and math.isfinite(b["predicted_ms"]) else "")

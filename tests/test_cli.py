@@ -244,11 +244,11 @@ def test_export_subcommand_with_a_module_factory(tmp_path):
 def test_spectra_cache_dir_is_reused(cnn_path, tmp_path):
     cache = tmp_path / "cache"
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
-    assert cli("rewrite", cnn_path, a, "--no-validate", "--cache-dir", cache)[0] == 0
+    assert cli("rewrite", cnn_path, a, "--no-validate", "--keep-params", "0.5", "--cache-dir", cache)[0] == 0
     files = sorted(p.name for p in cache.iterdir())
     assert files and all(f.endswith(".npz") for f in files)
     mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    assert cli("rewrite", cnn_path, b, "--no-validate", "--cache-dir", cache)[0] == 0
+    assert cli("rewrite", cnn_path, b, "--no-validate", "--keep-params", "0.5", "--cache-dir", cache)[0] == 0
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes  # read, not rewritten
     assert a.read_bytes() == b.read_bytes()
 
