@@ -79,6 +79,8 @@ def guarded_alternative(run: Run, table, *, beat: float) -> Attempt | None:
                          total_before=table.model_ms, route=f"speed guard, keep-params {best.fraction:g}",
                          beta=table.beta, rounds=1)
     choice.budget.update(table.summary(choice.predicted_ms))
+    # the plan file says the budget it was kept for (a latency budget, by this route), as the table's plans do
+    choice.plan.budget.update(metric="latency", fraction=keep, route=choice.budget["route"])
     # measured once more in check, on purpose: the plan kept is the one that measured well, and a fresh
     # measurement of it is what the report and the verdict judge
     run.source = best.source
