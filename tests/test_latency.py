@@ -43,8 +43,9 @@ def test_keep_latency_uses_only_table_entries(cache):
     table = LatencyTable.for_model(model, info, cache_dir=cache, k_max=4)
     assert table.measured > 0 and table.provider == "CPUExecutionProvider"
     frac = near_floor(model, table)
-    new, report = rewrite(model, keep_latency=frac, latency_table=table, validate=False, compare=False,
-                          max_latency_rounds=1, best_effort=True)  # the table's own prediction, uncorrected
+    # the table's own prediction, uncorrected; the model measured as the table predicts it, so that load
+    # next to another test worker cannot send the loop down the second route (its plans are not the table's)
+    new, report = table_timed_loop(model, frac, table, table)
     chosen = [l for l in report.layers if l.status == "decomposed"]
     assert chosen
     predicted = table.model_ms
@@ -309,8 +310,7 @@ def test_a_cached_correction_never_makes_a_budget_infeasible(cache):
 
     with pytest.raises(InfeasibleBudget):  # the selector alone, on the corrected table
         _solve_only(model, frac, pessimistic)
-    _, report = rewrite(model, keep_latency=frac, latency_table=pessimistic, validate=False, compare=False,
-                        max_latency_rounds=1, best_effort=True)
+    _, report = table_timed_loop(model, frac, pessimistic, table)
     assert report.budget["beta"] == 1.0 and report.budget["predicted_ms"] <= frac * table.model_ms + 1e-9
 
 
@@ -483,6 +483,18 @@ class TableTimes(Measurer):
 
     def profile(self, original, new, table, info, choices):
         return {"wall": 0.0, "layers": {}}, {"wall": 0.0, "layers": {}}
+
+
+def table_timed_loop(model, fraction, table, truth):
+    """One round of the --keep-latency closed loop on ``table``, the model timed as ``truth`` predicts."""
+    from onnx_alds.options import RewriteOptions
+    from onnx_alds.pipeline.stages import finish, prepare
+    from onnx_alds.policy.latency_loop import run_latency
+
+    run = prepare(model, RewriteOptions.from_kwargs(keep_latency=fraction, latency_table=table, validate=False,
+                                                    compare=False, max_latency_rounds=1, best_effort=True))
+    run.measurer = TableTimes(truth)
+    return finish(run, run_latency(run))
 
 
 def test_a_rerun_solves_the_kept_plan_first(cache):
