@@ -18,7 +18,6 @@ above :data:`WARN_OUTPUT_ERROR` or a model slower than its input.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np

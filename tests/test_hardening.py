@@ -294,7 +294,6 @@ def _speed_entry():
 ])
 def test_speed_model_entry_with_bad_values_is_a_miss_with_a_warning(tmp_path, caplog, key, value):
     """A poisoned entry in the speed-model cache: for_provider warns, measures again and replaces it."""
-    from onnx_alds.measure import speed
     from onnx_alds.measure.speed import SpeedModel
 
     d = _speed_entry()

@@ -57,11 +57,9 @@ again), so the table can be built from what has been measured so far
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import inspect
 import json
-import math
 import os
 import pickle
 import re

@@ -134,7 +134,6 @@ class ConvSpec(OpSpec):
 def torch_class():
     """``FactorizedConv``: the torch twin of :meth:`ConvSpec.emit` (torch is
     imported only here, when the torch side asks for it)."""
-    import torch
     from torch import nn
 
     def per_axis(v, n):

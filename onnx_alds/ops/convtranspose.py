@@ -127,7 +127,6 @@ def transposed_groups(enc: np.ndarray, k: int) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def torch_class():
     """``FactorizedConvTranspose``: the torch twin of :meth:`ConvTransposeSpec.emit`."""
-    import torch
     from torch import nn
 
     class FactorizedConvTranspose(nn.Module):

@@ -37,7 +37,7 @@ from ..plan import LayerPlan, Plan, resolve
 from ..report import Report, build_report
 from ..select import Config, Selection, layer_configs, layer_options, solve
 from ..sequential import sequential_factors
-from ..validate import Validation, gate, validate
+from ..validate import gate, validate
 from .attempt import Attempt, Built, Choice, LatencyMeasurement
 
 log = logging.getLogger(__name__)
@@ -422,4 +422,4 @@ def finish(run: Run, attempt: Attempt) -> tuple[onnx.ModelProto, Report]:
 
 __all__ = ["Run", "prepare", "analyze", "calibrate", "speed_guard", "options_for", "select", "plan_from_selection",
            "choices_from_plan", "choose", "unchanged", "build", "check", "measure", "finish", "use_sequential",
-           "sequential_affordable", "timed", "Validation"]
+           "sequential_affordable", "timed", "Measurer"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..compare import WARN_OUTPUT_ERROR
 from ..errors import InfeasibleBudget
-from ..options import DEFAULT_FRACTION, DEFAULT_RELAXED
+from ..options import DEFAULT_FRACTION
 from ..pipeline.attempt import Attempt, Choice
 from ..pipeline.candidates import choose_measured
 from ..pipeline.stages import Run, build, check, choose, speed_guard, unchanged
@@ -49,21 +49,24 @@ def _slower(a: Attempt | None) -> bool:
     return a is None or (a.speedup or 0) < 1.0
 
 
-def _on_infeasible(run: Run, state: GuardedState, e: InfeasibleBudget) -> Choice | None:
-    """What an infeasible selection leads to: another default fraction (None: solve again), the
-    unchanged model, or the error; :class:`StopIteration` keeps the previous attempt."""
+_RETRY, _KEEP = "retry", "keep"  # what an infeasible selection leads to, besides a choice
+
+
+def _on_infeasible(run: Run, state: GuardedState, e: InfeasibleBudget):
+    """What an infeasible selection leads to: :data:`_RETRY` (another default fraction), the unchanged
+    model's choice, :data:`_KEEP` (the previous attempt stands), or the error itself."""
     if state.relax and _slower(state.kept):
         state.fraction, state.relaxed = state.relax.pop(0), True
         why = f"needs slower factorizations ({e})" if e.smallest_fraction < 1.0 else "cannot be met"
         log.info("the default budget %s; trying keep-params %g", why, state.fraction)
-        return None
+        return _RETRY
     if run.opts.budget.default and state.guard is not None and _slower(state.kept):
         return unchanged(run, state.guard, f"every rewrite at the default budget tried here was slower than the "
                                            f"input on {state.guard.provider}")
     if state.kept is None:
         raise e
     log.info("a stricter selection cannot meet the budget; keeping the previous one")
-    raise StopIteration
+    return _KEEP
 
 
 def _next(run: Run, state: GuardedState, attempt: Attempt) -> bool:
@@ -113,11 +116,10 @@ def run_guarded(run: Run, *, fraction: float | None = None, guard=_GUARD, relax=
         try:
             choice = unchanged(run, guard, unchanged_why) if unchanged_why else _choose(run, state)
         except InfeasibleBudget as e:
-            try:
-                choice = _on_infeasible(run, state, e)
-            except StopIteration:
+            choice = _on_infeasible(run, state, e)
+            if choice is _KEEP:
                 break
-            if choice is None:
+            if choice is _RETRY:
                 continue
         if state.relaxed:
             choice.budget["default_relaxed"] = {"requested": state.requested, "kept": state.fraction}
