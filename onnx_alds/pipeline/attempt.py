@@ -19,6 +19,13 @@ class Built:
 
     model: onnx.ModelProto
     measured: dict
+    factors: dict | None = None  # data-aware factors (the plan carries them)
+    key: tuple | None = None  # the configurations and refit it was built from (:func:`build_key`)
+
+
+def build_key(choices: dict, sequential: bool) -> tuple:
+    """What a build depends on within one run: each decomposed layer's configuration and the refit."""
+    return tuple(sorted((n, c.k, c.scheme, c.rank) for n, c in choices.items() if c is not None)) + (sequential,)
 
 
 @dataclass

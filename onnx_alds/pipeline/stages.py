@@ -38,7 +38,7 @@ from ..report import Report, build_report
 from ..select import Config, Selection, layer_configs, layer_options, solve
 from ..sequential import sequential_factors
 from ..validate import gate, validate
-from .attempt import Attempt, Built, Choice, LatencyMeasurement
+from .attempt import Attempt, Built, Choice, LatencyMeasurement, build_key
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class Run:
     objective: str = "max"  # what selection minimises (:func:`onnx_alds.options.objective_for`)
     measurer: Measurer = field(default_factory=Measurer)
     cal_split: str = "random inputs"  # what the validation inputs are (held-out calibration samples, ...)
+    reuse: Built | None = None  # a build a policy kept to be used again (the default search's kept probe)
 
     @property
     def large(self) -> bool:
@@ -326,6 +327,11 @@ def build(run: Run, choice: Choice, source: Source | None = None) -> Built:
     chosen = [l for l in run.info.candidates if choices.get(l.name) is not None]
     seq = use_sequential(run, choices)
     choice.budget["sequential"] = bool(seq and emodel.name == "data")
+    key = build_key(choices, seq) if not plan.factors else None
+    if key is not None and run.reuse is not None and run.reuse.key == key:  # built already in this run
+        if emodel.name == "data":
+            plan.factors = run.reuse.factors
+        return run.reuse
     with run.stage("factorize"):
         given = plan.factors or {}
         if seq and emodel.name == "data" and not given:
@@ -338,7 +344,7 @@ def build(run: Run, choice: Choice, source: Source | None = None) -> Built:
         plan.factors = factors  # they depend on the calibration data: the plan carries them
     with run.stage("emit"):
         new = emit(source, run.info, choices, factors, progress=run.opts.progress)
-    return Built(new, measured)
+    return Built(new, measured, factors if emodel.name == "data" else None, key)
 
 
 def measure(run: Run, model, table, choices: dict, original=None) -> LatencyMeasurement:

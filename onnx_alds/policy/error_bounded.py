@@ -59,6 +59,8 @@ def _probe(run: Run, state: BoundState, guard, fraction: float) -> bool:
                  feeds=run.cal_data, repeats=0, batch=RANDOM_BATCH, output_kinds=run.opts.validation.output_kinds)
     state.tried.append((fraction, v.rel_l2, v.top1_agreement))
     good = state.ok(v.rel_l2, v.top1_agreement)
+    if good:  # the smallest fraction within the tolerance so far: its build is not made again
+        run.reuse = built
     log.info("default budget: keep-params %.3f gives relative L2 %.3g%s on %s: %s", fraction, v.rel_l2,
              "" if v.top1_agreement is None else f", top-1 agreement {100 * v.top1_agreement:.1f} %",
              state.judged_on, "within" if good else "past")
