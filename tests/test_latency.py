@@ -518,7 +518,7 @@ def test_a_rerun_solves_the_kept_plan_first(cache):
     run.measurer = TableTimes(table)  # the model runs as the unskewed table says
     first = run_latency(run)
     budget = first.choice.budget
-    assert "route" not in budget and budget["rounds_tried"] >= 2  # the skew was corrected by measuring
+    assert "route" not in budget  # the model meets the target as the table predicts: the table solved the plan
     assert first.latency.speedup >= 1.25 * 0.95
     again = LatencyTable.for_model(model, info, cache_dir=cache, k_max=2)
     assert again.measured == 0 and again.beta == pytest.approx(budget["beta"])
