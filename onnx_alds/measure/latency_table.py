@@ -171,6 +171,9 @@ LAYER_SHARE = 0.95  # the compressible layers take at most this share of the who
 
 
 PRIOR_MIN_LAYERS = 3  # penalties measured on at least this many layers set the others' prior
+# a probe's time less the empty run's can fall to or below zero when the layer is tiny and the
+# machine noisy; no layer runs for free, so a probe is kept at least at this (100 ns)
+RESOLUTION_MS = 1e-4
 
 
 def _prior(context: dict, penalty: dict) -> float:
@@ -407,14 +410,15 @@ class _Prober:
         # a run's fixed cost (feeding the input, fetching the output) is not the layer's:
         # subtract what a run that computes nothing costs at the same input shape
         overhead = self._time(entry, "overhead", lambda: _overhead_model(base), feeds, quantized=False)
-        lt = LayerLatency(max(self._time(entry, "orig", lambda: base, feeds) - overhead, 0.0), align=align)
+        lt = LayerLatency(max(self._time(entry, "orig", lambda: base, feeds) - overhead, RESOLUTION_MS),
+                          align=align)
         for k in ks:
             for s in allowed:
                 rs = grid_ranks(mini_layer, k, s, points, align)
                 if not rs:
                     continue
                 ms = [max(self._time(entry, f"{k}|{s}|{r}", lambda k=k, s=s, r=r: _factorized_model(base, k, s, r),
-                                     feeds) - overhead, 0.0) for r in rs]
+                                     feeds) - overhead, RESOLUTION_MS) for r in rs]
                 lt.grid[(k, s)] = (np.asarray(rs, float), np.asarray(ms, float))
         if self.measured > before and path is not None:
             save_json_entry(path, entry)
