@@ -38,14 +38,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.linalg import eigh
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 from .cost import full_rank
 from .errors import UsageError
-from .factorize import LARGE_FOLD, block_gram, data_factors, reconstruct, weight_factors
-from .folding import far_from_one, fold
+from .factorize import LARGE_FOLD, block_gram, reconstruct, weight_factors
+from .folding import far_from_one, fold, to_conv_weights
 from .ops.base import Factors
+from .progress import progress_iter
 from .spectra import compute_spectra
 
 log = logging.getLogger(__name__)
@@ -198,43 +199,82 @@ class LayerStats:
         return cls(cov, mean, max(energy, 0.0), scale)
 
 
+def group_basis(wi: np.ndarray, cii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left singular vectors ``P`` (f × r, r = min(f, d_i)) and singular values ``σ`` of the
+    whitened group ``W_i L_i``: the optimal rank-j factors in the data's metric are
+    ``Ŵ_i = P_j P_jᵀ W_i`` (:func:`data_factors`), so ``L_i`` itself is never needed.
+
+    Where the group has no more outputs than inputs (f ≤ d_i), ``P`` and ``σ²`` are the
+    eigenpairs of the f × f matrix ``W_i C_ii W_iᵀ`` (no d_i × d_i factorisation: a transformer's
+    down-projection or a decoder conv with a 4×4 kernel has d_i four to sixteen times f);
+    otherwise from the regularised Cholesky factor and an SVD."""
+    f, dg = wi.shape
+    r = min(f, dg)
+    if f <= dg:
+        g = wi @ (cii @ wi.T)
+        vals, vecs = eigh((g + g.T) / 2, check_finite=False)
+        return vecs[:, ::-1][:, :r], np.sqrt(np.clip(vals[::-1][:r], 0.0, None))
+    p, s, _ = np.linalg.svd(wi @ regularised_cholesky(cii), full_matrices=False)
+    return p[:, :r], s[:r]
+
+
 def data_curve(w2: np.ndarray, st: LayerStats, k: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Exact relative output error ``ε(j)``, j = 0..r, of the per-group whitened
-    rank-j factors with bias correction, and the groups' Cholesky factors.
+    rank-j factors with bias correction, and the groups' bases (:func:`group_basis`).
 
     With ``W_i L_i = P_i Σ_i Q_iᵀ`` the residual of group i at rank j is
-    ``Σ_{a>j} σ_ia p_ia (L_i⁻ᵀ q_ia)ᵀ``, so
-    ``tr(E C Eᵀ) = Σ_{(i,a),(l,b): a,b>j} σ_ia σ_lb (p_iaᵀ p_lb)(y_iaᵀ C y_lb)``
-    with ``y_ia = L_i⁻ᵀ q_ia``: a sum over the lower-right block of one
-    ``(k·r)²`` matrix, taken for every j by a 2-D suffix sum."""
+    ``Σ_{a>j} p_ia z_iaᵀ`` with ``z_ia = W_iᵀ p_ia``, so
+    ``tr(E C Eᵀ) = Σ_{(i,a),(l,b): a,b>j} (p_iaᵀ p_lb)(z_iaᵀ C_il z_lb)``:
+    a sum over the lower-right block of one ``(k·r)²`` matrix, taken for every j by a
+    2-D suffix sum.  A group's own block is ``diag(σ_i²)`` (``P_iᵀ P_i = I`` and
+    ``Z_iᵀ C_ii Z_i = Σ_i²``), so k = 1 needs nothing past the basis."""
     f, d = w2.shape
     dg = d // k
     r = min(f, dg)
     w2 = w2 / st.scale if st.scale != 1.0 else w2  # relative errors: the scale cancels
-    chol, ps, ys, sig = [], [], [], []
+    bases, zs, sig2 = [], [], np.zeros(r)
     for i in range(k):
         sl = slice(i * dg, (i + 1) * dg)
-        L = regularised_cholesky(st.cov[sl, sl])
-        p, s, qt = np.linalg.svd(w2[:, sl] @ L, full_matrices=False)
-        y = np.linalg.solve(L.T, qt[:r].T)  # dg × r: L⁻ᵀ q
-        chol.append(L)
-        ps.append(p[:, :r])
-        sig.append(s[:r])
-        ys.append(y)
-    sig = np.concatenate(sig)  # (k·r,)
-    P = np.concatenate(ps, axis=1) * sig  # f × kr, columns σ p
-    # Y C Yᵀ with Y block-diagonal: (kr × d) @ C then back
-    YC = np.concatenate([ys[i].T @ st.cov[i * dg:(i + 1) * dg, :] for i in range(k)], axis=0)  # kr × d
-    YCY = np.concatenate([YC[:, i * dg:(i + 1) * dg] @ ys[i] for i in range(k)], axis=1)  # kr × kr
-    M = (P.T @ P) * YCY
-    rank_of = np.tile(np.arange(r), k)
-    H = np.zeros((r, r))
-    np.add.at(H, (rank_of[:, None], rank_of[None, :]), M)
+        p, s = group_basis(w2[:, sl], st.cov[sl, sl])
+        bases.append(p)
+        zs.append(w2[:, sl].T @ p)  # dg × r
+        sig2 += s ** 2
+    H = np.diag(sig2)  # H[a, b] = Σ over the groups' (rank a, rank b) pairs
+    if k > 1:  # the cross-group terms
+        P = np.concatenate(bases, axis=1)  # f × kr
+        ZC = np.concatenate([zs[i].T @ st.cov[i * dg:(i + 1) * dg, :] for i in range(k)], axis=0)  # kr × d
+        ZCZ = np.concatenate([ZC[:, i * dg:(i + 1) * dg] @ zs[i] for i in range(k)], axis=1)  # kr × kr
+        M = ((P.T @ P) * ZCZ).reshape(k, r, k, r)
+        M[np.arange(k), :, np.arange(k), :] = 0.0  # own blocks: diag(σ_i²), counted above
+        H += M.sum(axis=(0, 2))
     T = H[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1]  # T[a, b] = Σ_{a'≥a, b'≥b} H
     tail = np.append(np.diag(T), 0.0)  # error² at j = 0..r (j = r: nothing left)
     eps = np.sqrt(np.clip(tail, 0.0, None) / st.energy) if st.energy > 0 else np.zeros(r + 1)
     # rounding can break monotonicity by ~1e-16; the selector needs non-increasing curves
-    return np.minimum.accumulate(eps), chol
+    return np.minimum.accumulate(eps), bases
+
+
+def data_factors(w4: np.ndarray, rank: int, bases: list[np.ndarray], mean: np.ndarray | None) -> Factors:
+    """Data-aware factors (scheme s0) ``Ŵ_i = P_j P_jᵀ W_i`` from the groups' bases
+    (:func:`group_basis`), split so that the encoder's rows and the decoder's columns have
+    equal norms (as ``U√Σ``, ``√Σ Vᵀ`` do); with ``mean`` (the patch mean) the decoder bias
+    gets ``δ = (W − Ŵ) μ``, which removes the mean output shift."""
+    k = len(bases)
+    m = fold(np.asarray(w4, dtype=np.float64), "s0", k)  # k × f × d/k
+    full = min(m.shape[1], m.shape[2])
+    if not 1 <= rank <= full:
+        raise ValueError(f"rank {rank} is outside 1..{full} for k={k}, scheme s0")
+    a = np.stack([p[:, :rank] for p in bases])  # k × f × rank
+    b = np.einsum("kfr,kfd->krd", a, m)  # k × rank × d/k: P_jᵀ W_i
+    norms = np.sqrt(np.linalg.norm(b, axis=2))  # k × rank
+    norms[norms == 0] = 1.0
+    a, b = a * norms[:, None, :], b / norms[:, :, None]
+    enc, dec = to_conv_weights(a, b, "s0", w4.shape)
+    delta = None
+    if mean is not None:
+        approx = np.concatenate([a[i] @ b[i] for i in range(k)], axis=1)  # f × d, s0 order
+        delta = (np.asarray(w4, np.float64).reshape(w4.shape[0], -1) - approx) @ mean
+    return Factors(enc.astype(w4.dtype), dec.astype(w4.dtype), delta)
 
 
 @dataclass
@@ -246,7 +286,7 @@ class DataError:
     name: str = "data"
     bound: str = "exact"
     _stats: dict = field(default_factory=dict, repr=False)
-    _chol: dict = field(default_factory=dict, repr=False)
+    _bases: dict = field(default_factory=dict, repr=False)  # (layer, k) → the groups' bases
     _memo: dict = field(default_factory=dict, repr=False)  # see memoized_curves
 
     def schemes(self, layer, wanted):
@@ -284,21 +324,24 @@ class DataError:
 
         tasks.sort(key=lambda t: -w2s[t[0].name].size * w2s[t[0].name].shape[1])
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for (l, k), (eps, chol) in tqdm(pool.map(work, tasks), total=len(tasks), desc="data-aware errors",
-                                            unit="svd", disable=not progress, leave=False):
+            for (l, k), (eps, bases) in progress_iter(pool.map(work, tasks), total=len(tasks),
+                                                      desc="data-aware errors", unit="svd", enabled=progress):
                 out[l.name][(k, "s0")] = eps[: full_rank(l.geometry, k, "s0") + 1]
-                self._chol[(l.name, k)] = chol
+                self._bases[(l.name, k)] = bases
         return out
 
     def factors(self, source, layer, cfg) -> Factors:
         st = self.stats(source, layer)
         w4 = source.weight4(layer)
-        chol = self._chol.get((layer.name, cfg.k))
-        if chol is None:
-            dg = st.cov.shape[0] // cfg.k
-            chol = [regularised_cholesky(st.cov[i * dg:(i + 1) * dg, i * dg:(i + 1) * dg]) for i in range(cfg.k)]
+        bases = self._bases.get((layer.name, cfg.k))
+        if bases is None:
+            w2 = np.asarray(w4, np.float64).reshape(layer.geometry.f, -1)
+            dg = w2.shape[1] // cfg.k
+            bases = [group_basis(w2[:, i * dg:(i + 1) * dg], st.cov[i * dg:(i + 1) * dg, i * dg:(i + 1) * dg])[0]
+                     for i in range(cfg.k)]
+            self._bases[(layer.name, cfg.k)] = bases
         correct = self.bias_correction and layer.bias_constant
-        return data_factors(w4, cfg.k, cfg.rank, chol, st.mean if correct else None)
+        return data_factors(w4, cfg.rank, bases, st.mean if correct else None)
 
     def measure(self, source, layer, cfg, factors: Factors) -> float:
         """``‖E(X − μ)‖_F/‖WX‖_F`` on the calibration data, from the emitted factors
