@@ -150,3 +150,34 @@ def test_input_shapes_after_one_flag_and_against_the_data(tmp_path):
                      tmp_path / "cal.npz", "--input-shape", "x:2,3,8,8")
     assert rc == 2 and "disagrees with the calibration data" in err
     assert_one_sentence(err)
+
+
+# (fraction, worst held-out rel L2, top-1) as the default search measured them on real models
+# (docs/real-models.md, rows "rewrite in out --calibration CAL.npz")
+MEASURED_SEARCHES = {
+    "minilm": ([(0.75, 0.678, None), (0.875, 0.397, None), (0.9375, 0.285, None), (0.96875, 0.197, None)], 2),
+    "magika": ([(0.5, 0.736, 0.55), (0.75, 0.326, 0.88), (0.875, 0.270, 0.84), (0.9375, 0.207, 0.92)], 3),
+    "ocr-det": ([(0.75, 0.150, None), (0.875, 0.131, None), (0.9375, 0.116, None)], 2),
+}
+
+
+@pytest.mark.parametrize("model", sorted(MEASURED_SEARCHES))
+def test_the_search_stops_where_the_tolerance_is_out_of_reach(model):
+    """On the real models whose every probe missed the tolerance, the search stops as soon as the line
+    through its last two probes meets the tolerance only at keep-params 1 or beyond, and no earlier."""
+    from onnx_alds.policy.error_bounded import out_of_reach
+
+    tried, stop_after = MEASURED_SEARCHES[model]
+    stops = [n for n in range(1, len(tried) + 1) if out_of_reach(tried[:n], 0.1)]
+    assert stops and stops[0] == stop_after
+
+
+def test_the_search_goes_on_where_the_error_falls_fast_enough():
+    """The text recogniser missed at 0.5 (1.09) and 0.75 (0.22) and met the tolerance at 0.875 (0.078):
+    the line through the misses reaches 0.1 at 0.78, so the search must not stop there; nor while a
+    probe is within the tolerance."""
+    from onnx_alds.policy.error_bounded import out_of_reach
+
+    assert not out_of_reach([(0.5, 1.087, None), (0.75, 0.220, None)], 0.1)
+    assert not out_of_reach([(0.5, 0.3, None), (0.75, 0.09, None)], 0.1)
+    assert not out_of_reach([(0.75, 0.2, None)], 0.1)
