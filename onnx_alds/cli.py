@@ -100,7 +100,9 @@ def _rewrite_parser(sub) -> None:
                         "than the dense layer")
     r.add_argument("--no-compare", action="store_true",
                    help="do not run the baseline selectors for comparison in the report")
-    r.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    r.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing on success: no summary, and no progress on stderr (otherwise a bar on a "
+                        "terminal, 'INFO onnx_alds.progress: ...' lines in a log)")
 
 
 def _inspect_parser(sub) -> None:
@@ -312,7 +314,7 @@ def cmd_rewrite(a) -> int:
     options = RewriteOptions.from_kwargs(
         a.keep_params, a.keep_flops, a.keep_latency, a.method or "alds", plan=plan, schemes=schemes, k_max=a.k_max,
         input_shapes=input_shapes, provider=a.provider, validate=not a.no_validate, compare=not a.no_compare,
-        progress=sys.stderr.isatty() or (a.verbose and not a.quiet), cache_dir=a.cache_dir, error=a.error,
+        progress=not a.quiet, cache_dir=a.cache_dir, error=a.error,
         calibration=_calibration(a),
         bias_correction=not a.no_bias_correction, max_output_error=a.max_output_error, min_speedup=a.min_speedup,
         allow_slower=a.allow_slower, sequential=a.sequential, int8=a.int8, objective=a.objective,

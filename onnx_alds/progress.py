@@ -12,13 +12,26 @@ all when ``enabled`` is false (``-q``, or a library caller that did not ask).
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
 import time
 
 log = logging.getLogger("onnx_alds.progress")
 
+QUIET_ENV = "ONNX_ALDS_PROGRESS_QUIET_S"
+
+
+def _quiet_s(default: float = 2.0) -> float:
+    try:
+        v = float(os.environ.get(QUIET_ENV, default))
+    except ValueError:
+        return default
+    return v if math.isfinite(v) and v >= 0 else default
+
+
 STEP = 0.05  # a log line every 5 % of a stage ...
-QUIET_S = 2.0  # ... once it has run this long; a short stage writes only its closing line
+QUIET_S = _quiet_s()  # ... once it has run this long; a short stage writes only its closing line
 
 
 def _tty() -> bool:
@@ -58,10 +71,18 @@ class Progress:
                 log.info("%s: %d/%d %s (%.0f %%), %.1f s elapsed, about %.0f s left", self.desc, self.done,
                          self.total, self.unit, 100 * frac, elapsed, left)
 
-    def close(self) -> None:
+    def set_total(self, total: int | None) -> None:
+        """The stage's size, once it is known (a stream counted by its first pass)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def close(self, done: bool = True) -> None:
+        """End the stage; its closing line says it is done unless ``done`` is false (it failed)."""
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled:
+        elif self.enabled and done:
             log.info("%s: %d %s done in %.1f s", self.desc, self.done, self.unit,
                      time.perf_counter() - self.t0)
         self.enabled, self.bar = False, None
@@ -69,8 +90,8 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(done=exc_type is None)  # a stage cut short by an error is not reported as done
 
 
 def progress_iter(iterable, *, total: int | None = None, desc: str, unit: str = "item", enabled: bool = True):

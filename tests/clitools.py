@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,25 @@ def main_in_process(capsys, *args):
     return rc, out, err
 
 
+# a progress line as the CLI logs it without a terminal (progress.py), nothing looser: a stage's
+# "N/TOTAL UNIT (P %), E s elapsed, about L s left" every few percent, and its closing "N UNIT done in E s"
+PROGRESS_LINE = re.compile(r"INFO onnx_alds\.progress: (?P<stage>[^:]+): (?:\d+/\d+ \w+ \(\d+ %\), \d+\.\d s elapsed, "
+                           r"about \d+ s left|\d+ \w+ done in \d+\.\d s)")
+
+
+def progress_lines(text) -> list[str]:
+    """The lines of ``text`` that are progress lines."""
+    return [l for l in text.splitlines() if PROGRESS_LINE.fullmatch(l)]
+
+
+def without_progress(stderr) -> str:
+    """``stderr`` less its progress lines (which a run without ``-q`` writes before any error)."""
+    return "\n".join(l for l in stderr.splitlines() if not PROGRESS_LINE.fullmatch(l))
+
+
 def assert_one_sentence(stderr):
+    """An error is one sentence; the only other lines allowed are the run's progress lines."""
+    stderr = without_progress(stderr)
     lines = [l for l in stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1, stderr
     assert lines[0].startswith("onnx-alds: error: "), stderr

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from clitools import without_progress
 from graphs import cnn_model, initializer_floats, rel_err, run
 
 
@@ -31,6 +32,8 @@ def cnn_path(tmp_path):
 
 
 def assert_one_sentence(stderr):
+    """One sentence; the run's progress lines (before it reached the error) aside."""
+    stderr = without_progress(stderr)
     lines = [l for l in stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1, stderr
     assert lines[0].startswith("onnx-alds: error: ")

@@ -174,7 +174,7 @@ def test_cli_gate_exit_5_writes_nothing_and_warning_without_gate(tmp_path):
     np.savez(cal, input=np.random.default_rng(0).standard_normal((8, 1, 16, 16)).astype(np.float32))
     out = tmp_path / "o.onnx"
     rc, _, err = cli("rewrite", SHIPPED, out, "--keep-params", "0.3", "--calibration", cal,
-                     "--max-output-error", "0.000001", "--provider", "cpu", "--plan", tmp_path / "p.json")
+                     "--max-output-error", "0.000001", "--provider", "cpu", "--plan", tmp_path / "p.json", "-q")
     assert rc == 5 and "exceeds --max-output-error" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / "p.json").exists()
     rc, so, err = cli("rewrite", SHIPPED, out, "--keep-params", "0.3", "--error", "paper", "--allow-slower",

@@ -283,7 +283,8 @@ def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16
     is captured at a smaller batch.  ``threads`` bounds onnxruntime's and BLAS's
     threads."""
     from threadpoolctl import threadpool_limits
-    from tqdm import tqdm
+
+    from ..progress import Progress
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(os.fspath(model))
@@ -322,8 +323,7 @@ def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16
         log.info("capturing %d taps (%d activations) in %d pass(es) of at most %.1f MiB",
                  len(taps), len(captured), len(passes), max(p.bytes for p in passes) / 2**20)
         total = calibration.samples if isinstance(calibration, CalibrationStream) else _samples(calibration)
-        with tqdm(total=total * len(passes) if total else None, unit="sample", desc="calibration",
-                  disable=not progress) as bar:
+        with Progress(total * len(passes) if total else None, "calibration", "sample", progress) as bar:
             for i, p in enumerate(passes):
                 wanted = set(p.tensors)
                 pass_taps = [t for t in taps if t.input in wanted] + (input_taps if i == 0 else [])
@@ -335,8 +335,7 @@ def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16
                 seen = _run_pass(sess, p, pass_taps, calibration, fixed, result, bar)
                 del sess
                 if i == 0 and total is None:
-                    bar.total = seen * len(passes)
-                    bar.refresh()
+                    bar.set_total(seen * len(passes))
     empty = [name for name, m in result.items() if m is None]
     if empty:
         raise UsageError(f"the model's batch size is fixed at {fixed}, but the calibration data holds fewer "

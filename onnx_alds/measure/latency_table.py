@@ -30,7 +30,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
-from tqdm.auto import tqdm
 
 from ..cache import default_dir, load_json_entry, save_json_entry
 from ..cost import factorized_params, full_rank
@@ -40,6 +39,7 @@ from ..extract import Layer, ModelInfo, extract
 from ..folding import decoder_kernel, encoder_kernel
 from ..io import EXTERNAL_DATA_THRESHOLD, Source, proto_size, temp_dir
 from ..ops import Factors, known as _known
+from ..progress import progress_iter
 from ..runtime import CPU, ort, providers_for, session, used_provider
 from ..select import Config
 from .inputs import random_inputs
@@ -317,8 +317,8 @@ class LatencyTable:
                                                   if o.domain in ("", "ai.onnx")), 17),
                          version, cache, int8_dir, copies)
         layers = {layer.name: prober.layer(layer, info, k_max, schemes, points)
-                  for layer in tqdm(info.candidates, desc="latency table", unit="layer", disable=not progress,
-                                    leave=False)}
+                  for layer in progress_iter(info.candidates, desc="latency table", unit="layer",
+                                             enabled=progress)}
         measured, cached, prov_used = prober.measured, prober.cached, prober.provider
         # the whole-model baseline is cached like the layers, so the budget's floor and
         # target do not move with the machine's load from one run to the next
