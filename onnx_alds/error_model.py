@@ -266,7 +266,8 @@ def data_factors(w4: np.ndarray, rank: int, bases: list[np.ndarray], mean: np.nd
         raise ValueError(f"rank {rank} is outside 1..{full} for k={k}, scheme s0")
     a = np.stack([p[:, :rank] for p in bases])  # k × f × rank
     b = np.einsum("kfr,kfd->krd", a, m)  # k × rank × d/k: P_jᵀ W_i
-    norms = np.sqrt(np.linalg.norm(b, axis=2))  # k × rank
+    big = float(np.abs(b).max()) or 1.0  # weights near 1e200 would overflow the squares of a plain norm
+    norms = np.sqrt(np.linalg.norm(b / big, axis=2) * big)  # k × rank
     norms[norms == 0] = 1.0
     a, b = a * norms[:, None, :], b / norms[:, :, None]
     enc, dec = to_conv_weights(a, b, "s0", w4.shape)
@@ -335,7 +336,7 @@ class DataError:
         w4 = source.weight4(layer)
         bases = self._bases.get((layer.name, cfg.k))
         if bases is None:
-            w2 = np.asarray(w4, np.float64).reshape(layer.geometry.f, -1)
+            w2 = np.asarray(w4, np.float64).reshape(layer.geometry.f, -1) / st.scale  # the basis is scale-free
             dg = w2.shape[1] // cfg.k
             bases = [group_basis(w2[:, i * dg:(i + 1) * dg], st.cov[i * dg:(i + 1) * dg, i * dg:(i + 1) * dg])[0]
                      for i in range(cfg.k)]

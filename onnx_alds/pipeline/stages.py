@@ -317,15 +317,16 @@ def use_sequential(run: Run, choices: dict) -> bool:
     return bool(seq)
 
 
-def build(run: Run, choice: Choice, source: Source | None = None) -> Built:
+def build(run: Run, choice: Choice, source: Source | None = None, *, sequential: bool = True) -> Built:
     """Factorize and emit (from ``source``, by default the run's); data-aware factors are refitted
-    on the compressed prefix's inputs where :func:`use_sequential` says so."""
+    on the compressed prefix's inputs where :func:`use_sequential` says so, unless ``sequential`` is
+    false (a plan judged one-shot, :mod:`.candidates`)."""
     if choice.built is not None:
         return choice.built
     source = source or run.source
     emodel, choices, plan = run.emodel, choice.choices, choice.plan
     chosen = [l for l in run.info.candidates if choices.get(l.name) is not None]
-    seq = use_sequential(run, choices)
+    seq = sequential and use_sequential(run, choices)
     choice.budget["sequential"] = bool(seq and emodel.name == "data")
     key = build_key(choices, seq) if not plan.factors else None
     if key is not None and run.reuse is not None and run.reuse.key == key:  # built already in this run

@@ -55,7 +55,9 @@ def _probe(run: Run, state: BoundState, guard, fraction: float) -> bool:
         return False
     if not choice.decomposed:
         return True
-    built = build(run, choice, Source.load(run.original))
+    # probes are judged one-shot unless the user asked for the sequential refit: the plan finally
+    # picked is refitted once (candidates.refit) and kept only where that does no worse
+    built = build(run, choice, Source.load(run.original), sequential=run.opts.calibration.sequential is True)
     v = validate(run.original, built.model, provider=run.opts.validation.provider, input_shapes=run.info.input_shapes,
                  feeds=run.cal_data, repeats=0, batch=RANDOM_BATCH, output_kinds=run.opts.validation.output_kinds)
     state.tried.append((fraction, v.rel_l2, v.top1_agreement))
