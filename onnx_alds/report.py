@@ -110,7 +110,10 @@ class Report:
             method, objective = self.budget["picked"].split("/")
             kept = "uniform" if method == "uniform" else f"min-{objective}"
             on = self.budget.get("validation_inputs", "the calibration data")
-            lines.append(f"candidate plans, output rel L2 on {on}: {tried}; kept {kept}")
+            refit = self.budget.get("sequential_refit")
+            if refit and refit["kept"] == "sequential":
+                kept += f", refitted sequentially: {refit['sequential_rel_l2']:.4f}"
+            lines.append(f"candidate plans one-shot, output rel L2 on {on}: {tried}; kept {kept}")
         for name, err in self.baselines.items():
             what = f"{measure} {err:.4f}" if err is not None else "cannot meet the budget"
             lines.append(f"  {name:<10} at the same budget: {what}")

@@ -91,8 +91,9 @@ ROWS = [f"{r}{c}" for r in ROW_FLAGS for c in ("", "+cal")]
 
 def row_flags(row: str, cal: Path) -> list[str]:
     """``plain``, ``paramsF``, ``flopsF`` or ``latencyF``, with ``+cal`` for
-    ``--calibration``; any F works (``params0.95+cal``)."""
-    base, _, with_cal = row.partition("+")
+    ``--calibration`` and ``+slower`` for ``--allow-slower`` (a budget the speed guard
+    refuses, measured for its accuracy); any F works (``params0.95+cal``)."""
+    base, *suffixes = row.split("+")
     m = re.fullmatch(r"(params|flops|latency)([0-9.]+)", base)
     if base == "plain":
         flags = []
@@ -100,10 +101,12 @@ def row_flags(row: str, cal: Path) -> list[str]:
         flags = [f"--keep-{m.group(1)}", m.group(2)]
     else:
         raise argparse.ArgumentTypeError(f"unknown row {row!r}: plain, paramsF, flopsF or latencyF, optionally +cal")
-    if with_cal not in ("", "cal"):
-        raise argparse.ArgumentTypeError(f"unknown row {row!r}: only +cal may follow")
-    if with_cal:
+    if not set(suffixes) <= {"cal", "slower"} or len(set(suffixes)) != len(suffixes):
+        raise argparse.ArgumentTypeError(f"unknown row {row!r}: only +cal and +slower may follow")
+    if "cal" in suffixes:
         flags += ["--calibration", str(cal)]
+    if "slower" in suffixes:
+        flags += ["--allow-slower"]
     return flags
 
 
@@ -117,7 +120,7 @@ def extra_rows(out: Path, models: list[str]) -> list[str]:
     found = {p.name[: -len(".result.json")].replace("_", "+")
              for n in models for p in (out / n / "rows").glob("*.result.json")} if out.exists() else set()
     extra = [r for r in found if r not in ROWS]
-    return sorted(extra, key=lambda r: (r.endswith("+cal"), r.split("+")[0][:6], -float(re.sub(r"[^0-9.]", "", r.split("+")[0]) or 0)))
+    return sorted(extra, key=lambda r: ("+cal" in r, r.split("+")[0][:6], -float(re.sub(r"[^0-9.]", "", r.split("+")[0]) or 0)))
 
 
 def row_command(row: str) -> str:
@@ -963,7 +966,7 @@ def tolerance_md(out: Path, models: list[str]) -> str:
                 continue
             within = r["metric"] >= orig - point
             (ok if within else bad).append(r["heldout_rel_l2"])
-            cal = r["row"].endswith("+cal")
+            cal = "+cal" in r["row"]
             if within and r.get("params_kept") is not None:
                 if best[cal] is None or r["params_kept"] < best[cal][0]:
                     best[cal] = (r["params_kept"], r["row"])

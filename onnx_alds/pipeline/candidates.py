@@ -21,7 +21,7 @@ import logging
 from ..errors import InfeasibleBudget
 from ..io import Source
 from ..validate import validate
-from .attempt import Choice
+from .attempt import Built, Choice, build_key
 from .stages import Run, build, choose, use_sequential
 
 log = logging.getLogger(__name__)
@@ -29,20 +29,45 @@ log = logging.getLogger(__name__)
 MEASURED_CANDIDATES = (("alds", "max"), ("alds", "sum"), ("uniform", "max"))
 
 
-def score(run: Run, choice: Choice, *, sequential: bool = True) -> float:
-    """Build ``choice`` (with the sequential refit where it is due, unless ``sequential`` is false) and
-    return its worst output relative L2 on the validation inputs (nothing is timed); the build is kept
-    on the choice."""
-    choice.built = build(run, choice, Source.load(run.original), sequential=sequential)
-    return validate(run.original, choice.built.model, provider=run.opts.validation.provider,
+def _error(run: Run, built: Built) -> float:
+    """A build's worst output relative L2 on the validation inputs (nothing is timed)."""
+    return validate(run.original, built.model, provider=run.opts.validation.provider,
                     input_shapes=run.info.input_shapes, feeds=run.cal_data, repeats=0,
                     output_kinds=run.opts.validation.output_kinds).rel_l2
 
 
+def score(run: Run, choice: Choice, *, sequential: bool = True) -> float:
+    """Build ``choice`` (with the sequential refit where it is due, unless ``sequential`` is false) and
+    return its error (:func:`_error`); the build is kept on the choice."""
+    choice.built = build(run, choice, Source.load(run.original), sequential=sequential)
+    return _error(run, choice.built)
+
+
+def refitted(run: Run, choice: Choice) -> Built:
+    """``choice`` built with the sequential refit, whatever factors a one-shot build left on its plan
+    (they would be emitted again otherwise); the plan carries the refit's factors after."""
+    choice.built, choice.plan.factors = None, None
+    return build(run, choice, Source.load(run.original), sequential=True)
+
+
+def _searched(run: Run, choice: Choice) -> Built | None:
+    """The default search's refitted build of the same plan, judged already (its ``rel_l2``), if any."""
+    r = run.reuse
+    if r is None or r.rel_l2 is None or r.key is None or not r.key[-1]:
+        return None
+    return r if r.key == build_key(choice.choices, True) else None
+
+
+def _keep(choice: Choice, built: Built, sequential: bool) -> None:
+    choice.built, choice.plan.factors, choice.budget["sequential"] = built, built.factors, sequential
+
+
 def choose_measured(run: Run, *, metric: str, fraction: float, guard=None) -> Choice:
     """The candidate with the lowest output error on the calibration data; the baselines are the
-    min-max solve's, and the budget section names every candidate's error."""
-    tried, best, baselines = [], None, None
+    min-max solve's, and the budget section names every candidate's error.  Candidates are built
+    one-shot; a refitted build of one the default search judged already competes too, and the plan
+    picked is refitted (:func:`refit`) where it was not."""
+    tried, options, baselines = [], [], None  # options: (error, label, choice, build, refitted)
     for i, (method, objective) in enumerate(MEASURED_CANDIDATES):
         try:
             got = choose(run, metric=metric, fraction=fraction, guard=guard, method=method, objective=objective,
@@ -52,13 +77,20 @@ def choose_measured(run: Run, *, metric: str, fraction: float, guard=None) -> Ch
                 raise  # the min-max plan is the most permissive: nothing else can meet the budget
             continue
         baselines = got.baselines if baselines is None else baselines
+        label = f"{method}/{objective}"
         with run.stage("candidates"):
             err = score(run, got, sequential=False)
         tried.append({"method": method, "objective": objective, "rel_l2": err})
-        if best is None or err < best[0]:
-            best = (err, f"{method}/{objective}", got)
-    err, picked, kept = best
-    if use_sequential(run, kept.choices):
+        options.append((err, label, got, got.built, False))
+        searched = _searched(run, got)
+        if searched is not None:
+            options.append((searched.rel_l2, label, got, searched, True))
+    err, picked, kept, built, refitted_ = min(options, key=lambda o: o[0])
+    _keep(kept, built, refitted_)
+    if refitted_:
+        kept.budget["sequential_refit"] = {"sequential_rel_l2": err, "kept": "sequential",
+                                           "from": "the default search"}
+    elif use_sequential(run, kept.choices):
         with run.stage("sequential"):
             refit(run, kept, err)
     kept.baselines = baselines  # kept.method names the plan written (alds, or uniform where that won)
@@ -73,13 +105,11 @@ def refit(run: Run, kept: Choice, one_shot_error: float) -> None:
     """Refit the picked plan sequentially and keep the refit where it does no worse on the validation
     inputs than the one-shot factors (always where the user asked for it); the budget section says
     both errors and which was kept."""
-    one_shot, factors = kept.built, kept.plan.factors
-    kept.built, kept.plan.factors = None, None  # the one-shot factors are not to be emitted again
-    err = score(run, kept, sequential=True)
-    asked = run.opts.calibration.sequential is True
-    keep = asked or err <= one_shot_error
-    if not keep:
-        kept.built, kept.plan.factors, kept.budget["sequential"] = one_shot, factors, False
+    one_shot = kept.built
+    seq = refitted(run, kept)
+    err = _error(run, seq)
+    keep = run.opts.calibration.sequential is True or err <= one_shot_error
+    _keep(kept, seq if keep else one_shot, keep)
     kept.budget["sequential_refit"] = {"one_shot_rel_l2": one_shot_error, "sequential_rel_l2": err,
                                        "kept": "sequential" if keep else "one-shot"}
     log.info("sequential refit of the plan picked: relative L2 %.4g against %.4g one-shot; kept %s", err,

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from ..errors import InfeasibleBudget
 from ..io import Source
 from ..options import DEFAULT_FRACTION, DEFAULT_RELAXED
-from ..pipeline.stages import Run, build, choose, speed_guard
+from ..pipeline.candidates import refitted
+from ..pipeline.stages import Run, build, choose, speed_guard, use_sequential
 from ..validate import validate
 from .guarded import run_guarded
 
@@ -46,6 +47,12 @@ class BoundState:
         return rel_l2 <= self.tolerance and (top1 is None or top1 >= TOP1_AGREEMENT)
 
 
+def _judge(run: Run, built):
+    return validate(run.original, built.model, provider=run.opts.validation.provider,
+                    input_shapes=run.info.input_shapes, feeds=run.cal_data, repeats=0, batch=RANDOM_BATCH,
+                    output_kinds=run.opts.validation.output_kinds)
+
+
 def _probe(run: Run, state: BoundState, guard, fraction: float) -> bool:
     """Build the selection at keep-params ``fraction`` and judge its outputs (nothing timed)."""
     try:
@@ -55,15 +62,22 @@ def _probe(run: Run, state: BoundState, guard, fraction: float) -> bool:
         return False
     if not choice.decomposed:
         return True
-    # probes are judged one-shot unless the user asked for the sequential refit: the plan finally
-    # picked is refitted once (candidates.refit) and kept only where that does no worse
-    built = build(run, choice, Source.load(run.original), sequential=run.opts.calibration.sequential is True)
-    v = validate(run.original, built.model, provider=run.opts.validation.provider, input_shapes=run.info.input_shapes,
-                 feeds=run.cal_data, repeats=0, batch=RANDOM_BATCH, output_kinds=run.opts.validation.output_kinds)
+    # a probe is judged as the final build will be made: one-shot, and where that misses and a
+    # sequential refit is due, refitted (the better of the two is what candidates.refit keeps)
+    asked = run.opts.calibration.sequential is True
+    built = build(run, choice, Source.load(run.original), sequential=asked)
+    v = _judge(run, built)
+    if not state.ok(v.rel_l2, v.top1_agreement) and not asked and use_sequential(run, choice.choices):
+        refit = refitted(run, choice)
+        w = _judge(run, refit)
+        log.info("default budget: keep-params %.3f refitted sequentially: relative L2 %.3g against %.3g one-shot",
+                 fraction, w.rel_l2, v.rel_l2)
+        if w.rel_l2 <= v.rel_l2:
+            built, v = refit, w
     state.tried.append((fraction, v.rel_l2, v.top1_agreement))
     good = state.ok(v.rel_l2, v.top1_agreement)
     if good:  # the smallest fraction within the tolerance so far: its build is not made again
-        run.reuse = built
+        built.rel_l2, run.reuse = v.rel_l2, built
     log.info("default budget: keep-params %.3f gives relative L2 %.3g%s on %s: %s", fraction, v.rel_l2,
              "" if v.top1_agreement is None else f", top-1 agreement {100 * v.top1_agreement:.1f} %",
              state.judged_on, "within" if good else "past")
