@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .folding import far_from_one, as_4d, fold, to_conv_weights
+from .folding import as_4d, far_from_one, fold, to_conv_weights
 
 
 @dataclass(frozen=True)
@@ -75,56 +75,162 @@ def truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> tuple[n
 LARGE_FOLD = 1 << 22  # weights with more elements take the memory-bounded path (16 MB of float32)
 GRAM_BLOCK = 1 << 21  # elements of the float64 blocks products are summed from
 
+# the axes of a group (f, c_g, κ1, κ2) that make the rows and the columns of each folding (folding.fold)
+_FOLD_AXES = {"s0": ((0,), (1, 2, 3)), "s1": ((0, 2), (3, 1)), "s2": ((0, 3), (2, 1)), "s3": ((0, 2, 3), (1,))}
+
+
+def group_view(w4: np.ndarray, scheme: str, k: int, i: int) -> tuple[np.ndarray, int]:
+    """Group ``i`` of ``fold(w4, scheme, k)`` as a view of ``w4`` (nothing copied): an array whose
+    leading ``n`` axes are the folded matrix's rows and the others its columns, so that
+    ``fold(w4, scheme, k)[i] == view.reshape(prod(shape[:n]), -1)``.  Returns ``(view, n)``."""
+    f, c, k1, k2 = w4.shape
+    if c % k:
+        raise ValueError(f"k={k} does not divide the {c} input channels")
+    if scheme not in _FOLD_AXES:
+        raise ValueError(f"unknown scheme {scheme!r}")
+    rows, cols = _FOLD_AXES[scheme]
+    return w4.reshape(f, k, c // k, k1, k2)[:, i].transpose(rows + cols), len(rows)
+
+
+def _gram_side(view: np.ndarray, n_rows: int) -> tuple[np.ndarray, int, bool]:
+    """``view`` (rows axes, then column axes) turned so that its leading axes are the smaller side:
+    ``(view, leading axes, wide)``; the Gram matrix of the smaller side sums over the other axes."""
+    rows = int(np.prod(view.shape[:n_rows]))
+    cols = int(np.prod(view.shape[n_rows:]))
+    if rows <= cols:
+        return view, n_rows, True
+    order = tuple(range(n_rows, view.ndim)) + tuple(range(n_rows))
+    return view.transpose(order), view.ndim - n_rows, False
+
+
+def blocks(view: np.ndarray, n_keep: int, budget: int):
+    """Blocks of ``view.reshape(K, L)`` (``K`` the product of its leading ``n_keep`` axes) along
+    ``L``: yields ``(start, stop, block)``, ``block`` being columns ``start:stop`` as a
+    ``K × (stop − start)`` array of about ``budget`` elements (at least one column), made from the
+    view without copying more than the block itself."""
+    keep = int(np.prod(view.shape[:n_keep]))
+    lead = (slice(None),) * n_keep
+
+    def walk(v, dims, offset):
+        inner = int(np.prod(dims[1:]))  # columns per index of the first summed axis
+        if len(dims) == 1 or keep * inner <= budget:
+            per = max(1, budget // max(keep * inner, 1))
+            for a in range(0, dims[0], per):
+                b = min(dims[0], a + per)
+                yield offset + a * inner, offset + b * inner, v[lead + (slice(a, b),)].reshape(keep, (b - a) * inner)
+        else:  # one index of the first summed axis is already too much: split the next one
+            for a in range(dims[0]):
+                yield from walk(v[lead + (a,)], dims[1:], offset + a * inner)
+
+    yield from walk(view, tuple(view.shape[n_keep:]), 0)
+
+
+def _f64(block: np.ndarray, scale: float) -> np.ndarray:
+    """A float64 copy of ``block / scale``."""
+    out = np.array(block, dtype=np.float64)
+    if scale != 1.0:
+        out /= scale
+    return out
+
+
+def _syrk(x: np.ndarray, gram: np.ndarray) -> None:
+    """``gram += x xᵀ`` in place (``gram`` float64 and Fortran-ordered), lower triangle only (BLAS
+    ``dsyrk``: half the products of ``x @ x.T`` and no n × n temporary)."""
+    from scipy.linalg.blas import dsyrk
+
+    if x.flags.c_contiguous:  # xᵀ is Fortran-ordered: (xᵀ)ᵀ xᵀ = x xᵀ
+        dsyrk(1.0, x.T, beta=1.0, c=gram, trans=1, lower=1, overwrite_c=1)
+    else:
+        dsyrk(1.0, np.asfortranarray(x), beta=1.0, c=gram, trans=0, lower=1, overwrite_c=1)
+
+
+def _lower_gram(view: np.ndarray, n_keep: int, scale: float) -> np.ndarray:
+    """The lower triangle of ``V Vᵀ`` for ``V = view.reshape(K, L) / scale`` (``K`` the leading
+    ``n_keep`` axes), in float64, Fortran-ordered (LAPACK then works on it in place), summed from
+    float64 blocks of columns."""
+    n = int(np.prod(view.shape[:n_keep]))
+    gram = np.zeros((n, n), order="F")
+    for _, _, blk in blocks(view, n_keep, GRAM_BLOCK):
+        _syrk(_f64(blk, scale), gram)
+    return gram
+
+
+def _mirror_lower(gram: np.ndarray) -> np.ndarray:
+    """Copy the lower triangle onto the upper one, in place and in blocks."""
+    n = len(gram)
+    step = max(1, GRAM_BLOCK // max(n, 1))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        d = gram[a:b, a:b]
+        d[...] = np.tril(d) + np.tril(d, -1).T
+        if b < n:
+            gram[a:b, b:] = gram[b:, a:b].T
+    return gram
+
 
 def block_gram(m: np.ndarray, scale: float, wide: bool) -> np.ndarray:
-    """``M Mᵀ`` (``wide``) or ``Mᵀ M`` of ``m / scale`` in float64, from float64 blocks of ``m``."""
-    n = m.shape[0] if wide else m.shape[1]
-    length = m.shape[1] if wide else m.shape[0]
-    step = max(1, GRAM_BLOCK // max(n, 1))
-    gram = np.zeros((n, n))
-    for a in range(0, length, step):
-        blk = np.asarray(m[:, a:a + step] if wide else m[a:a + step, :].T, np.float64) / scale
-        gram += blk @ blk.T
-    return gram
+    """``M Mᵀ`` (``wide``) or ``Mᵀ M`` of ``m / scale`` in float64, from float64 blocks of ``m``;
+    symmetric and Fortran-ordered, so that ``scipy.linalg.eigh(..., overwrite_a=True)`` overwrites
+    it instead of copying it."""
+    view, n_keep = (m, 1) if wide else (m.T, 1)
+    return _mirror_lower(_lower_gram(view, n_keep, scale))
+
+
+def group_gram(w4: np.ndarray, scheme: str, k: int, i: int, scale: float) -> tuple[np.ndarray, bool]:
+    """The Gram matrix of the smaller side of ``fold(w4, scheme, k)[i] / scale`` (lower triangle,
+    float64, Fortran-ordered) made from blocks of ``w4`` itself (no folded copy of the weight), and
+    whether that side is the rows (``wide``)."""
+    view, n_keep, wide = _gram_side(*group_view(w4, scheme, k, i))
+    return _lower_gram(view, n_keep, scale), wide
+
+
+def weight_scale(w: np.ndarray) -> float:
+    """``max |w|`` without a temporary of ``w``'s size."""
+    return float(max(w.max(), -w.min())) if w.size else 0.0
 
 
 def _large_truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`truncated_factors` in memory of about one float64 Gram matrix of a
     group plus the factors: the top ``rank`` eigenvectors of the smaller Gram
-    matrix (LAPACK ``syevr``, only those vectors) span the same subspace as the
-    top singular vectors, and ``A B = M V Vᵀ`` (or ``U Uᵀ M``) is the rank-j
+    matrix (LAPACK ``syevr``, only those vectors, in place) span the same subspace
+    as the top singular vectors, and ``A B = M V Vᵀ`` (or ``U Uᵀ M``) is the rank-j
     projection that the SVD gives, up to rounding.  The weight stays in its
-    dtype; products are taken in float64 blocks."""
+    dtype and is never folded into a copy; products are taken in float64 blocks."""
     from scipy.linalg import eigh
 
-    m = fold(np.asarray(w4), scheme, k)
-    rows, cols = m.shape[1], m.shape[2]
+    w4 = np.asarray(w4)
+    view, n_rows = group_view(w4, scheme, k, 0)
+    rows, cols = int(np.prod(view.shape[:n_rows])), int(np.prod(view.shape[n_rows:]))
     if not 1 <= rank <= min(rows, cols):
         raise ValueError(f"rank {rank} is outside 1..{min(rows, cols)} for k={k}, scheme {scheme}")
-    scale = float(max(m.max(), -m.min())) if m.size else 0.0
+    scale = weight_scale(w4)
     scale = scale if scale > 0 else 1.0
-    wide = rows <= cols  # the Gram matrix of the smaller side: its vectors are U (wide) or V
-    a, b = np.empty((k, rows, rank)), np.empty((k, rank, cols))
+    a, b = [], []  # made group by group, after each Gram matrix is gone
     for i in range(k):
+        side, n_keep, wide = _gram_side(*group_view(w4, scheme, k, i))
         n = rows if wide else cols
-        ev, vec = eigh(block_gram(m[i], scale, wide), subset_by_index=[n - rank, n - 1], overwrite_a=True,
-                       check_finite=False)
+        gram = _lower_gram(side, n_keep, scale)
+        ev, vec = eigh(gram, lower=True, subset_by_index=[n - rank, n - 1], overwrite_a=True, check_finite=False)
+        del gram  # overwritten by LAPACK: only the vectors are kept
         ev, vec = ev[::-1], vec[:, ::-1]  # descending
         sv = np.sqrt(np.clip(ev, 0.0, None))
         inv_root = np.where(sv > 0, 1 / np.sqrt(np.where(sv > 0, sv, 1.0)), 0.0)
-        # the other side: M V / √σ (or Uᵀ M / √σ), in blocks of the weight's float64 copy
+        # the other side: M V / √σ (or Uᵀ M / √σ), from float64 blocks of the weight
         other = np.zeros((rank, cols if wide else rows))
-        step = max(1, GRAM_BLOCK // max(n, 1))
-        for s in range(0, cols if wide else rows, step):
-            blk = np.asarray(m[i][:, s:s + step] if wide else m[i][s:s + step, :].T, np.float64) / scale
-            other[:, s:s + step] = vec.T @ blk
+        for s, t, blk in blocks(side, n_keep, GRAM_BLOCK):
+            other[:, s:t] = vec.T @ _f64(blk, scale)
         other *= inv_root[:, None]
         root = np.sqrt(sv)
         if wide:
-            a[i], b[i] = vec * root * np.sqrt(scale), other * np.sqrt(scale)
+            a.append(vec * root * np.sqrt(scale))
+            b.append(other * np.sqrt(scale))
         else:
-            a[i], b[i] = other.T * np.sqrt(scale), (vec * root).T * np.sqrt(scale)
-    return a, b
+            a.append(other.T * np.sqrt(scale))
+            b.append((vec * root).T * np.sqrt(scale))
+        del vec, other
+    if k == 1:  # no stacked copy
+        return a[0][None], b[0][None]
+    return np.stack(a), np.stack(b)
 
 
 def whitened_factors(w4: np.ndarray, k: int, rank: int, chol: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -151,8 +257,11 @@ def factorize(weight: np.ndarray, scheme: str, k: int, rank: int) -> tuple[np.nd
     weights of ``weight`` (2-D ``f×c`` or a 3-D/4-D conv weight) in its dtype."""
     w4 = as_4d(weight)
     a, b = truncated_factors(w4, scheme, k, rank)
-    enc, dec = to_conv_weights(a, b, scheme, w4.shape)
-    return enc.astype(weight.dtype), dec.astype(weight.dtype)
+    # cast before the conv layout: the same values (to_conv_weights only moves them), and the
+    # float64 factors are not copied once more
+    a = a.astype(weight.dtype, copy=False)
+    b = b.astype(weight.dtype, copy=False)
+    return to_conv_weights(a, b, scheme, w4.shape)
 
 
 def weight_factors(w4: np.ndarray, k: int, scheme: str, rank: int) -> Factors:
@@ -174,7 +283,8 @@ def data_factors(w4: np.ndarray, k: int, rank: int, chol: list[np.ndarray], mean
 
 
 def reconstruct(factors: Factors, shape4) -> np.ndarray:
-    """The f×c×κ1×κ2 weight that encoder then decoder compute (float64)."""
+    """The f×c×κ1×κ2 weight that encoder then decoder compute (float64).  Summed in blocks of
+    output channels, so that no product of the weight's size is held beside the result."""
     enc = np.asarray(factors.encoder, np.float64)
     dec = np.asarray(factors.decoder, np.float64)
     f, c, k1, k2 = shape4
@@ -186,10 +296,93 @@ def reconstruct(factors: Factors, shape4) -> np.ndarray:
     out = np.zeros((f, c, k1, k2))
     enc = enc.reshape(k, j, cg, e1, e2)
     dec = dec.reshape(f, k, j, d1, d2)
+    step = max(1, GRAM_BLOCK // max(cg * e1 * e2, 1))  # output channels per product
     # full conv of the decoder kernel with the encoder kernel, per group
     for i in range(k):
+        ei = enc[i].reshape(j, -1)
         for a in range(d1):
             for b in range(d2):
-                blk = (dec[:, i, :, a, b] @ enc[i].reshape(j, -1)).reshape(f, cg, e1, e2)  # BLAS, not einsum
-                out[:, i * cg:(i + 1) * cg, a:a + e1, b:b + e2] += blk
+                for r in range(0, f, step):
+                    blk = (dec[r:r + step, i, :, a, b] @ ei).reshape(-1, cg, e1, e2)  # BLAS, not einsum
+                    out[r:r + step, i * cg:(i + 1) * cg, a:a + e1, b:b + e2] += blk
     return out
+
+
+def factor_matrices(factors: Factors, scheme: str, shape4) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The folded factors back from the conv weights (the inverse of
+    :func:`~onnx_alds.folding.to_conv_weights`), in float64: ``a[i]`` (rows × j) and ``b[i]``
+    (j × cols) with ``fold(reconstruct(factors), scheme, k)[i] == a[i] @ b[i]``."""
+    f, c = shape4[:2]
+    enc = np.asarray(factors.encoder, np.float64)
+    dec = np.asarray(factors.decoder, np.float64)
+    enc = enc.reshape(enc.shape[:2] + ((1, 1) if enc.ndim == 2 else enc.shape[2:]))
+    dec = dec.reshape(dec.shape[:2] + ((1, 1) if dec.ndim == 2 else dec.shape[2:]))
+    kj, cg = enc.shape[:2]
+    k = c // cg
+    j = kj // k
+    enc = enc.reshape(k, j, cg, *enc.shape[2:])
+    dec = dec.reshape(f, k, j, *dec.shape[2:])
+    a, b = [], []
+    for i in range(k):
+        ei, di = enc[i], dec[:, i]  # (j, cg, e1, e2), (f, j, d1, d2)
+        if scheme == "s0":
+            bi, ai = ei.reshape(j, -1), di[:, :, 0, 0]
+        elif scheme == "s1":  # cols (κ2, cg), rows (f, κ1)
+            bi, ai = ei[:, :, 0, :].transpose(0, 2, 1).reshape(j, -1), di[:, :, :, 0].transpose(0, 2, 1).reshape(-1, j)
+        elif scheme == "s2":  # cols (κ1, cg), rows (f, κ2)
+            bi, ai = ei[:, :, :, 0].transpose(0, 2, 1).reshape(j, -1), di[:, :, 0, :].transpose(0, 2, 1).reshape(-1, j)
+        elif scheme == "s3":  # cols cg, rows (f, κ1, κ2)
+            bi, ai = ei.reshape(j, cg), di.transpose(0, 2, 3, 1).reshape(-1, j)
+        else:
+            raise ValueError(f"unknown scheme {scheme!r}")
+        a.append(np.ascontiguousarray(ai))
+        b.append(np.ascontiguousarray(bi))
+    return a, b
+
+
+def residual_norm(w4: np.ndarray, factors: Factors, scheme: str, kind: str = "op") -> float:
+    """``‖fold_s(W − Ŵ)‖₂`` (``kind="op"``) or ``‖W − Ŵ‖_F`` (``"fro"``) of the weight ``w4`` and
+    what ``factors`` compute, in memory of the weight plus one float64 Gram matrix of the folded
+    residual's smaller side (``"fro"``: the weight alone): the residual is made in float64 blocks
+    and never whole (``reconstruct`` then a norm holds it twice, in float64: four times a float32
+    weight).  The Gram matrix is that of the residual's groups side by side, whose columns (or
+    rows) are those of ``fold_s(E)`` in another order: the same spectral norm."""
+    from scipy.linalg import eigh
+
+    w4 = as_4d(np.asarray(w4))
+    a, b = factor_matrices(factors, scheme, w4.shape)
+    k = len(a)
+    scale = weight_scale(w4)  # work near 1: squares of weights near 1e200 do not overflow
+    scale = scale if scale > 0 and np.isfinite(scale) else 1.0
+    views = [group_view(w4, scheme, k, i) for i in range(k)]
+    rows, cols = a[0].shape[0], b[0].shape[1]
+    if kind == "fro":
+        total = 0.0
+        for i, (v, n_rows) in enumerate(views):
+            for s, t, blk in blocks(v.transpose(tuple(range(n_rows, v.ndim)) + tuple(range(n_rows))),
+                                    v.ndim - n_rows, GRAM_BLOCK):  # blocks of rows: rows s:t of group i
+                e = _f64(blk.T, scale)
+                e -= (a[i][s:t] @ b[i]) / scale
+                total += float(np.einsum("ij,ij->", e, e))
+        return float(np.sqrt(total)) * scale
+    if rows <= k * cols:  # E Eᵀ: a sum over blocks of every group's columns
+        gram = np.zeros((rows, rows), order="F")
+        for i, (v, n_rows) in enumerate(views):
+            for s, t, blk in blocks(v, n_rows, GRAM_BLOCK):
+                e = _f64(blk, scale)
+                e -= (a[i] @ b[i][:, s:t]) / scale
+                _syrk(e, gram)
+    else:  # Eᵀ E: a sum over blocks of rows, which every group shares (outputs first)
+        gram = np.zeros((k * cols, k * cols), order="F")
+        turned = [v.transpose(tuple(range(n_rows, v.ndim)) + tuple(range(n_rows))) for v, n_rows in views]
+        n_keep = views[0][0].ndim - views[0][1]
+        for parts in zip(*(blocks(v, n_keep, max(1, GRAM_BLOCK // k)) for v in turned)):
+            s, t = parts[0][0], parts[0][1]
+            et = np.empty((k * cols, t - s))  # Eᵀ for rows s:t, the groups stacked
+            for i, (_, _, blk) in enumerate(parts):
+                et[i * cols:(i + 1) * cols] = _f64(blk, scale) - (b[i].T @ a[i][s:t].T) / scale
+            _syrk(et, gram)
+    n = len(gram)
+    top = eigh(gram, lower=True, eigvals_only=True, subset_by_index=[n - 1, n - 1], overwrite_a=True,
+               check_finite=False)[0]
+    return float(np.sqrt(max(top, 0.0))) * scale

@@ -28,7 +28,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .cache import load_spectra, save_spectra, spectra_key
-from .factorize import LARGE_FOLD, block_gram
+from .factorize import LARGE_FOLD, group_gram, group_view, weight_scale
 from .folding import far_from_one, divisors, fold
 from .progress import progress_iter
 
@@ -72,21 +72,23 @@ def group_singular_values(w4: np.ndarray, scheme: str, k: int) -> np.ndarray:
 
 def _large_group_singular_values(w4: np.ndarray, scheme: str, k: int) -> np.ndarray:
     """:func:`group_singular_values` within about one float64 Gram matrix of
-    memory: the folded weight stays in its dtype, the Gram matrix of each group
-    is summed from float64 blocks of columns (or rows), and LAPACK's ``syevd``
-    overwrites it in place (scipy), instead of float64 copies of the weight, its
-    scaled copy and numpy's copy of the Gram matrix (a 4096×4096 layer took 21×
-    its weight bytes).  Same values up to rounding."""
+    memory besides the weight: the weight stays in its dtype and is never folded
+    into a copy, the Gram matrix of each group's smaller side is summed (BLAS
+    ``syrk``, lower triangle) from float64 blocks of the weight, and LAPACK's
+    ``syevd`` works on it in place (scipy, Fortran order), instead of float64
+    copies of the weight, its scaled copy and numpy's copy of the Gram matrix (a
+    4096×4096 layer took 21× its weight bytes).  Same values up to rounding."""
     from scipy.linalg import eigh
 
-    m = fold(np.asarray(w4), scheme, k)
-    wide = m.shape[-2] <= m.shape[-1]
-    scale = float(max(m.max(), -m.min())) if m.size else 0.0
+    w4 = np.asarray(w4)
+    scale = weight_scale(w4)
     scale = scale if far_from_one(scale) else 1.0
-    out = np.empty((k, min(m.shape[-2], m.shape[-1])))
+    view, n_rows = group_view(w4, scheme, k, 0)
+    out = np.empty((k, min(int(np.prod(view.shape[:n_rows])), int(np.prod(view.shape[n_rows:])))))
     for i in range(k):
-        ev = eigh(block_gram(m[i], scale, wide), eigvals_only=True, driver="evd", overwrite_a=True,
-                  check_finite=False)
+        gram, _ = group_gram(w4, scheme, k, i, scale)
+        ev = eigh(gram, lower=True, eigvals_only=True, driver="evd", overwrite_a=True, check_finite=False)
+        del gram
         out[i] = np.sqrt(np.clip(ev[::-1], 0.0, None)) * scale
     return out
 
