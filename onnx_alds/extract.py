@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from .cost import Geometry, factorized_params
 from .errors import UsageError
-from .io import copy_model_fields
+from .io import copy_model_fields, values_not_kept
 from .ops import SPECS, LayerAttrs, constant_value, has_bias, known, spec_for
 from .ops.base import FLOAT_DTYPES
 
@@ -340,7 +340,9 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
             flops_total = None if flops_total is None or nf is None else flops_total + nf
         if len(node.inputs) < 2:
             continue
-        layer = _analyse(node, index, unique(node.name or node.inputs[1].name), shapes, consumers, opset, interface)
+        with values_not_kept(node.inputs[1:3]):  # the weights stay in the protobuf, not also on the graph
+            layer = _analyse(node, index, unique(node.name or node.inputs[1].name), shapes, consumers, opset,
+                             interface)
         if layer.status != "candidate" and node.op in LAYER_OPS:
             layer = replace(layer, flops=nf)  # what the layer costs where it stays as it is
         layers.append(layer)
@@ -353,8 +355,10 @@ def extract(model: onnx.ModelProto, graph: gs.Graph, input_shapes: dict[str, lis
         if n.op in LAYER_OPS:
             weight = n.inputs[1] if len(n.inputs) > 1 else None
             name = unique(n.name or (weight.name if weight is not None else n.op))
-            w = constant_value(weight) if weight is not None else None
+            with values_not_kept([weight] if weight is not None else []):
+                w = constant_value(weight) if weight is not None else None
+                described = _describe(w)
             layers.append(Layer(name=name, op=n.op, weight_name=weight.name if weight is not None else "",
-                                status="skipped", reason=reason, **_describe(w)))
+                                status="skipped", reason=reason, **described))
     return ModelInfo(layers=tuple(layers), params_total=count_params(model), flops_total=flops_total,
                      input_shapes=fixed, shapes=shapes, opset=opset)

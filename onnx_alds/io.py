@@ -11,16 +11,18 @@ import os
 import re
 import signal
 import stat
+import sys
 import tempfile
-from pathlib import Path
-
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx.external_data_helper
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, Message
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import ModelError, UsageError, first_line
 from .graph import names_read_inside, subgraph_bodies
@@ -446,13 +448,88 @@ def copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
     dst.metadata_props.extend(src.metadata_props)
 
 
+_RAW_FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+               onnx.TensorProto.FLOAT16: np.float16}
+
+
+class ProtoValues(LazyValues):
+    """graphsurgeon's lazily loaded constant, read with one copy instead of three: a float tensor
+    stored as raw little-endian bytes becomes a read-only array over one copy of those bytes
+    (graphsurgeon's ``numpy_helper.to_array`` then ``np.array`` held the protobuf's bytes, their
+    copy and the array at once: three times a 64 MB weight)."""
+
+    def load(self):
+        t = self.tensor
+        dtype = _RAW_FLOATS.get(t.data_type)
+        if dtype is not None and sys.byteorder == "little" and t.HasField("raw_data") \
+                and t.data_location != onnx.TensorProto.EXTERNAL and not t.HasField("segment"):
+            raw = t.raw_data
+            shape = tuple(t.dims)
+            if len(raw) == int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+                return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return super().load()
+
+
+def _graph_constants(graph: gs.Graph):
+    """Every constant of ``graph`` and of its subgraphs, node attributes included."""
+    for g in [graph] + [sg for n in graph.nodes for sg in n.subgraphs(recursive=True)]:
+        for t in list(g.tensors().values()) + [v for n in g.nodes for v in n.attrs.values()]:
+            if isinstance(t, gs.Constant):
+                yield t
+
+
+def _import(model: onnx.ModelProto) -> gs.Graph:
+    """``gs.import_onnx`` whose constants are read through :class:`ProtoValues`."""
+    graph = gs.import_onnx(model)
+    for c in _graph_constants(graph):
+        if type(c._values) is LazyValues:  # exactly graphsurgeon's, not a subclass
+            c._values = ProtoValues(c._values.tensor)
+    return graph
+
+
+def _backing(t) -> gs.Constant | None:
+    """The constant that holds the value of ``t`` (itself, or a Constant node's value)."""
+    if isinstance(t, gs.Constant):
+        return t
+    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        v = t.inputs[0].attrs.get("value")
+        if isinstance(v, gs.Constant):
+            return v
+    return None
+
+
+def peek_value(t):
+    """``constant_value(t)`` without keeping the array on the graph: a constant still in the
+    protobuf is read again on every call, so that the weights stay there once, and a layer's
+    array lives only while a stage works on it."""
+    c = _backing(t)
+    if c is not None and isinstance(c._values, LazyValues):
+        return c._values.load()
+    return constant_value(t)
+
+
+@contextmanager
+def values_not_kept(tensors):
+    """Constants among ``tensors`` that are read inside the block (graphsurgeon keeps what it
+    loads) go back to being read from the protobuf when it ends: extraction reads every weight
+    once, and would otherwise leave a second copy of all of them on the graph."""
+    lazy = [(c, c._values) for c in map(_backing, tensors) if c is not None and isinstance(c._values, LazyValues)]
+    try:
+        yield
+    finally:
+        for c, values in lazy:
+            c._values = values
+
+
 @dataclass
 class Source:
     """The model being rewritten and its graphsurgeon graph: the one owner of
     the weights.  Analysis results (:mod:`onnx_alds.extract`) refer to layers
     by node position and read weights through :meth:`weight4`; emission
     (:mod:`onnx_alds.emit`) edits ``graph`` and releases weights it no longer
-    needs."""
+    needs.  The weights stay in ``model`` (the protobuf) only: :meth:`weight4`
+    reads a layer's weight from it each time, and nothing keeps that array
+    once its stage is done (:func:`peek_value`)."""
 
     model: onnx.ModelProto
     graph: gs.Graph
@@ -462,9 +539,9 @@ class Source:
     def load(cls, model_or_path) -> "Source":
         if isinstance(model_or_path, onnx.ModelProto):
             check_strings(model_or_path)  # as load_model does for files
-            return cls(model_or_path, gs.import_onnx(model_or_path), None)
+            return cls(model_or_path, _import(model_or_path), None)
         model = load_model(model_or_path)
-        return cls(model, gs.import_onnx(model), str(model_or_path))
+        return cls(model, _import(model), str(model_or_path))
 
     @property
     def large(self) -> bool:
@@ -475,7 +552,7 @@ class Source:
 
     def weight4(self, layer) -> np.ndarray:
         """The layer's weight as ``f × c × κ1 × κ2`` in its stored dtype."""
-        w = np.asarray(constant_value(self.node(layer).inputs[1]))
+        w = np.asarray(peek_value(self.node(layer).inputs[1]))
         return layer.spec.weight4(w, layer.attrs)
 
     def bias(self, layer) -> np.ndarray | None:
@@ -495,10 +572,8 @@ class Source:
         so that the protobuf that held the original bytes is freed.  Peak memory
         then stays near two copies of the weights, not three."""
         graph, model = self.graph, self.model
-        for g in [graph] + [sg for n in graph.nodes for sg in n.subgraphs(recursive=True)]:
-            for t in list(g.tensors().values()) + [v for n in g.nodes for v in n.attrs.values()]:
-                if isinstance(t, gs.Constant):
-                    t.values  # noqa: B018 - loads LazyValues, dropping the reference to the protobuf
+        for t in _graph_constants(graph):
+            t.values  # noqa: B018 - loads LazyValues, dropping the reference to the protobuf
         shell = onnx.ModelProto()
         copy_model_fields(model, shell)
         shell.functions.extend(model.functions)
