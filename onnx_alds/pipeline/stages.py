@@ -37,7 +37,7 @@ from ..plan import LayerPlan, Plan, resolve
 from ..report import Report, build_report
 from ..select import Config, Selection, layer_configs, layer_options, solve
 from ..sequential import sequential_factors
-from ..validate import gate, validate
+from ..validate import _same_graph as same_graph, gate, validate
 from .attempt import Attempt, Built, Choice, LatencyMeasurement, build_key
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,11 @@ class Run:
         return self.source.large
 
     def fresh_source(self) -> None:
-        """Emission edits the graph: the next build starts from the input again."""
+        """Emission edits the graph: the next build starts from the input again (whose file, if it
+        came from one, still stands for it)."""
+        path = self.source.path
         self.source = Source.load(self.original)
+        self.source.path = path
 
     def stage(self, name: str):
         return timed(self.timings, name)
@@ -365,6 +368,7 @@ def check(run: Run, choice: Choice, built: Built, table=None) -> Attempt:
         trim_memory()
     with temp_dir("onnx-alds-") as tmp:
         orig_ref, new_ref = _refs(run, built.model, Path(tmp))
+        low_memory = isinstance(new_ref, Path)  # over 2 GB: one session at a time
         with run.stage("check"):
             if isinstance(new_ref, Path):
                 check_model_file(new_ref, "the rewritten model")
@@ -378,10 +382,13 @@ def check(run: Run, choice: Choice, built: Built, table=None) -> Attempt:
         validation = None
         if opts.validation.validate:
             with run.stage("validate"):
-                validation = validate(orig_ref, new_ref, provider=opts.validation.provider,
+                orig_file, new_file = _validation_refs(run, built.model, Path(tmp), orig_ref, new_ref)
+                validation = validate(orig_file, new_file, provider=opts.validation.provider,
                                       input_shapes=run.info.input_shapes, feeds=run.cal_data,
-                                      low_memory=isinstance(new_ref, Path), int8=opts.latency.int8,
+                                      low_memory=low_memory, int8=opts.latency.int8,
                                       int8_copies=run.int8_copies, output_kinds=opts.validation.output_kinds)
+                if new_file is not new_ref:  # validation saw files: whether the graphs are the same is the protos'
+                    validation.same_graph = same_graph(run.original, built.model)
             report.validation = validation.to_dict()
     return Attempt(choice, built, report, validation, latency)
 
@@ -395,6 +402,21 @@ def _refs(run: Run, new: onnx.ModelProto, tmp: Path):
         save_model(run.original, orig_ref, external_data=True)
     new_ref = tmp / "rewritten.onnx"
     save_model(new, new_ref, external_data=True)
+    return orig_ref, new_ref
+
+
+def _validation_refs(run: Run, new: onnx.ModelProto, tmp: Path, orig_ref, new_ref):
+    """The models validation loads, as files where that holds fewer copies of the weights: a
+    session made from a ModelProto serializes it first (a copy of all its weights beside the
+    protobuf and onnxruntime's own), one made from a file does not.  So the input model is given
+    as its file (read unchanged) and the rewrite is written to ``tmp``; not for int8 validation
+    (its quantized copies are cached by the ModelProto's content) nor where the input is no file."""
+    if isinstance(new_ref, Path) or run.opts.latency.int8 or run.source.path is None:
+        return orig_ref, new_ref
+    if not isinstance(orig_ref, Path):
+        orig_ref = Path(run.source.path)
+    new_ref = tmp / "rewritten.onnx"
+    save_model(new, new_ref)
     return orig_ref, new_ref
 
 
