@@ -36,8 +36,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -69,7 +73,6 @@ def _bert(path: Path) -> None:
 def single_layer(name: str) -> onnx.ModelProto | None:
     """``gemmN`` (x: N×?, Gemm with transB, weight N×N) or ``convCkK`` (x: C×8×8, a K×K Conv from C
     to C channels); weights ``standard_normal / √fan-in`` in float32, seed 0."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     m = re.fullmatch(r"gemm(\d+)|conv(\d+)k(\d+)", name)
