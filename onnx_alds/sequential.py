@@ -42,9 +42,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
+from scipy.linalg import cho_solve, solve_triangular
 
 from .calibration import iter_batches, iter_patches, tap_for_layer
-from .error_model import regularised_cholesky
+from .error_model import regularised_cholesky, trace_form
 from .factorize import blas_threads_for
 from .folding import to_conv_weights
 from .graph import names_read_inside, subgraphs
@@ -110,7 +111,7 @@ def fit(w4: np.ndarray, k: int, rank: int, C, Gt, mu, mut, correct_bias: bool) -
     dg = d // k
     Lfull = regularised_cholesky(_ridge(Gt))
     # T = W C G̃⁻¹ via the Cholesky factor: G̃⁻¹ = L̃⁻ᵀ L̃⁻¹
-    T = np.linalg.solve(Lfull.T, np.linalg.solve(Lfull, (w2 @ C).T)).T
+    T = cho_solve((Lfull, True), (w2 @ C).T, check_finite=False).T
     a = np.empty((k, f, rank))
     b = np.empty((k, rank, dg))
     for i in range(k):
@@ -119,7 +120,7 @@ def fit(w4: np.ndarray, k: int, rank: int, C, Gt, mu, mut, correct_bias: bool) -
         p, sv, qt = np.linalg.svd(T[:, sl] @ L, full_matrices=False)
         root = np.sqrt(sv[:rank])
         a[i] = p[:, :rank] * root
-        b[i] = np.linalg.solve(L.T, qt[:rank].T * root).T
+        b[i] = solve_triangular(L, qt[:rank].T * root, trans="T", lower=True, check_finite=False).T
     enc, dec = to_conv_weights(a, b, "s0", w4.shape)
     delta = None
     if correct_bias:
@@ -140,8 +141,7 @@ def _fit_and_measure(base: Source, l, cfg, emodel, C, Gt, mu, mut) -> tuple[Fact
     # on W/scale, as st.energy is (error_model.LayerStats): weights near 1e200 would overflow to inf here
     w2 = np.asarray(w4, np.float64).reshape(w4.shape[0], -1) / st.scale
     wh = reconstruct(fac, w4.shape).reshape(w4.shape[0], -1) / st.scale
-    err = np.einsum("fd,de,fe->", w2, st.cov, w2) - 2 * np.einsum("fd,de,fe->", wh, C.T, w2) \
-        + np.einsum("fd,de,fe->", wh, Gt, wh)
+    err = trace_form(w2, st.cov) - 2 * trace_form(wh, C.T, w2) + trace_form(wh, Gt)
     if not correct:  # the mean shift stays in the error
         m = w2 @ mu - wh @ mut
         err += float(m @ m)
