@@ -17,8 +17,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from math import prod
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from ..calibration import collect_moments, first_samples, load_calibration, model_inputs, taps_for
@@ -42,7 +44,9 @@ from .attempt import Attempt, Built, Choice, LatencyMeasurement, build_key
 
 log = logging.getLogger(__name__)
 
-SEQUENTIAL_MACS = 5e11  # sequential calibration by default while its forward passes stay this cheap
+# sequential calibration by default while its sweep stays this cheap (sequential_macs): tens of seconds
+# on 2 cores; on for the real models of docs/real-models.md with 192-256 samples, the shipped ResNet20
+SEQUENTIAL_MACS = 1e12
 
 
 @contextmanager
@@ -192,6 +196,10 @@ def options_for(info: ModelInfo, source: Source, emodel, cmodel, configs, *, pro
     """Error curves (error model) and costs (cost model) → each layer's options."""
     cands = info.candidates
     configs = {l.name: [(k, s) for k, s in configs[l.name] if s in emodel.schemes(l, l.schemes)] for l in cands}
+    if admissible is not None:  # no curve for a (k, scheme) the speed guard admits at no rank (CPU convs: k > 1)
+        configs = {l.name: [(k, s) for k, s in configs[l.name]
+                            if np.asarray(admissible(l, k, s, np.arange(1, full_rank(l.geometry, k, s) + 1))).any()]
+                   for l in cands}
     curves = emodel.curves(source, cands, configs, progress=progress)
 
     def costs(layer):
@@ -298,21 +306,31 @@ def unchanged(run: Run, guard, why: str) -> Choice:
     return Choice({l.name: None for l in run.info.candidates}, plan, budget, {}, "alds", unchanged=True)
 
 
-def sequential_affordable(info: ModelInfo, choices: dict, cal_data, emodel) -> bool:
-    """Sequential calibration runs the calibration data through the model: on by default for
-    data-aware errors while that stays under :data:`SEQUENTIAL_MACS` multiply-accumulates."""
+def sequential_macs(info: ModelInfo, choices: dict, n: int) -> float:
+    """Multiply-accumulates of one sequential sweep over ``n`` samples (:mod:`onnx_alds.sequential`): the
+    original and the compressed model run once each, and each decomposed layer sums two Gram matrices
+    of its input patches (``positions × d²`` a sample, ``d = c·κ1·κ2``: its MACs times ``d/f``)."""
+    grams = sum(l.geometry.flops * l.geometry.c * prod(l.geometry.kernel) / l.geometry.f
+                for l in info.candidates if choices.get(l.name) is not None and l.geometry.flops is not None)
+    return n * 2 * (info.flops_total + grams)
+
+
+def sequential_affordable(info: ModelInfo, choices: dict, cal_data, emodel, cal_all=None) -> bool:
+    """Sequential calibration runs the data fitted on (``cal_all``; else the validation feeds
+    ``cal_data``) through the model once (one sweep): on by default for data-aware errors while that
+    stays under :data:`SEQUENTIAL_MACS` multiply-accumulates."""
     if emodel.name != "data" or not cal_data or info.flops_total is None:
         return False
-    n = len(next(iter(cal_data.values())))
-    layers = sum(c is not None for c in choices.values())
-    return n * layers * info.flops_total <= SEQUENTIAL_MACS
+    data = cal_all if isinstance(cal_all, dict) and cal_all else cal_data
+    return sequential_macs(info, choices, len(next(iter(data.values())))) <= SEQUENTIAL_MACS
 
 
 def use_sequential(run: Run, choices: dict) -> bool:
     """Whether a build refits sequentially: as asked, else while it is cheap; never without a
     decomposed layer, nor for a model over 2 GB."""
     asked = run.opts.calibration.sequential
-    seq = asked if asked is not None else sequential_affordable(run.info, choices, run.cal_data, run.emodel)
+    seq = asked if asked is not None else sequential_affordable(run.info, choices, run.cal_data, run.emodel,
+                                                                run.cal_all)
     seq = seq and any(c is not None for c in choices.values())
     if seq and run.large:
         log.warning("sequential calibration is skipped for a model over 2 GB")
