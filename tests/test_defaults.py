@@ -181,3 +181,27 @@ def test_the_search_goes_on_where_the_error_falls_fast_enough():
     assert not out_of_reach([(0.5, 1.087, None), (0.75, 0.220, None)], 0.1)
     assert not out_of_reach([(0.5, 0.3, None), (0.75, 0.09, None)], 0.1)
     assert not out_of_reach([(0.75, 0.2, None)], 0.1)
+
+
+def test_open_input_dims_are_analysed_at_the_calibration_samples_size():
+    """A model whose image size is left open is analysed at the size of its calibration samples (batch
+    1), not at a placeholder: FLOPs are counted there, and a size given with --input-shape still wins
+    where it agrees with the data."""
+    model = cnn_model()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for d, name in zip(dims, ("N", "C", "H", "W")):
+        if name != "C":
+            d.ClearField("dim_value")
+            d.dim_param = name
+    cal = {"x": np.random.default_rng(0).standard_normal((24, 3, 20, 12)).astype(np.float32)}
+    _, rep = onnx_alds.rewrite(model, keep_params=0.7, calibration=cal, provider="cpu", allow_slower=True,
+                               validate=False, compare=False)
+    assert rep.input_shapes == {"x": [1, 3, 20, 12]}
+    fixed = cnn_model()  # the same layers at a fixed 20 × 12: the same FLOPs
+    fixed.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 20
+    fixed.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 12
+    _, ref = onnx_alds.rewrite(fixed, keep_params=0.7, validate=False, compare=False, allow_slower=True)
+    assert rep.flops_before == ref.flops_before > 0
+    _, given = onnx_alds.rewrite(model, keep_params=0.7, calibration=cal, input_shapes={"x": [4, 3, 20, 12]},
+                                 provider="cpu", allow_slower=True, validate=False, compare=False)
+    assert given.input_shapes == {"x": [4, 3, 20, 12]}

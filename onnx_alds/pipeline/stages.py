@@ -145,13 +145,19 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
     with timed(timings, "load"):
         source = Source.load(model_or_path)
     original = source.model
-    with timed(timings, "extract"):
-        info = extract(source.model, source.graph, opts.input_shapes)
     c, plan = opts.calibration, opts.budget.plan
-    moments, cal_data, cal_all, judged = None, None, None, "random inputs"
+    data, shapes = None, opts.input_shapes
     if c.data is not None:
         with timed(timings, "calibrate"):
-            cal_data, moments, cal_all, judged = calibrate(source, info, c.data, provider=opts.validation.provider,
+            data = load_calibration(c.data, model_inputs(source.model))
+            _check_shapes(opts.input_shapes, data if isinstance(data, dict) else data.first())
+            shapes = shapes_from_data(source.model, opts.input_shapes, data)
+    with timed(timings, "extract"):
+        info = extract(source.model, source.graph, shapes)
+    moments, cal_data, cal_all, judged = None, None, None, "random inputs"
+    if data is not None:
+        with timed(timings, "calibrate"):
+            cal_data, moments, cal_all, judged = calibrate(source, info, data, provider=opts.validation.provider,
                                                            progress=opts.progress, moments=_needs_moments(c.error, plan),
                                                            hold_out=c.hold_out, input_shapes=opts.input_shapes)
     if source.large and opts.latency.int8:
@@ -165,6 +171,22 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
     objective = objective_for(opts, emodel.name, bool(cal_data), source.large)
     return Run(opts, source, original, info, emodel, cal_data, cal_all, timings,
                Int8Copies() if opts.latency.int8 else None, objective, cal_split=judged)
+
+
+def shapes_from_data(model: onnx.ModelProto, given: dict | None, data) -> dict | None:
+    """The shapes to analyse the model at: ``--input-shape`` as given, and for every other input whose
+    dims the model leaves open beyond the batch axis (a sequence length, an image size), a calibration
+    sample's, at batch 1.  FLOPs, the speed guard, the latency table and the sequential refit's cost then
+    see the sizes the model runs at on this data, not a placeholder (32 for every open dim)."""
+    sample = data if isinstance(data, dict) else data.first()
+    shapes = dict(given or {})
+    for name, (_, dims) in model_inputs(model).items():
+        got = sample.get(name)
+        if name in shapes or got is None or not dims or len(got.shape) != len(dims):
+            continue
+        if any(not (isinstance(d, int) and d > 0) for d in dims[1:]):
+            shapes[name] = [1] + [int(n) for n in got.shape[1:]]
+    return shapes or None
 
 
 def _check_shapes(input_shapes: dict | None, feeds: dict | None) -> None:
