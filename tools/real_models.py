@@ -92,7 +92,8 @@ ROWS = [f"{r}{c}" for r in ROW_FLAGS for c in ("", "+cal")]
 def row_flags(row: str, cal: Path) -> list[str]:
     """``plain``, ``paramsF``, ``flopsF`` or ``latencyF``, with ``+cal`` for
     ``--calibration`` and ``+slower`` for ``--allow-slower`` (a budget the speed guard
-    refuses, measured for its accuracy); any F works (``params0.95+cal``)."""
+    refuses, measured for its accuracy) and ``+tolX`` for ``--max-output-error X``; any F works
+    (``params0.95+cal``)."""
     base, *suffixes = row.split("+")
     m = re.fullmatch(r"(params|flops|latency)([0-9.]+)", base)
     if base == "plain":
@@ -101,12 +102,15 @@ def row_flags(row: str, cal: Path) -> list[str]:
         flags = [f"--keep-{m.group(1)}", m.group(2)]
     else:
         raise argparse.ArgumentTypeError(f"unknown row {row!r}: plain, paramsF, flopsF or latencyF, optionally +cal")
-    if not set(suffixes) <= {"cal", "slower"} or len(set(suffixes)) != len(suffixes):
-        raise argparse.ArgumentTypeError(f"unknown row {row!r}: only +cal and +slower may follow")
+    tols = [x for x in suffixes if re.fullmatch(r"tol[0-9.]+", x)]
+    if not set(suffixes) - set(tols) <= {"cal", "slower"} or len(set(suffixes)) != len(suffixes) or len(tols) > 1:
+        raise argparse.ArgumentTypeError(f"unknown row {row!r}: only +cal, +slower and +tolX may follow")
     if "cal" in suffixes:
         flags += ["--calibration", str(cal)]
     if "slower" in suffixes:
         flags += ["--allow-slower"]
+    if tols:
+        flags += ["--max-output-error", tols[0][3:]]
     return flags
 
 
