@@ -233,25 +233,6 @@ def _large_truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> 
     return np.stack(a), np.stack(b)
 
 
-def whitened_factors(w4: np.ndarray, k: int, rank: int, chol: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Data-aware ``a (k, f, rank)``, ``b (k, rank, d/k)`` for scheme s0, where
-    ``chol[i]`` is the lower Cholesky factor of group i's patch covariance."""
-    m = fold(np.asarray(w4, dtype=np.float64), "s0", k)
-    full = min(m.shape[1], m.shape[2])
-    if not 1 <= rank <= full:
-        raise ValueError(f"rank {rank} is outside 1..{full} for k={k}, scheme s0")
-    a = np.empty((k, m.shape[1], rank))
-    b = np.empty((k, rank, m.shape[2]))
-    for i in range(k):
-        with blas_threads_for(m[i].size):
-            p, s, qt = np.linalg.svd(m[i] @ chol[i], full_matrices=False)
-        root = np.sqrt(s[:rank])
-        a[i] = p[:, :rank] * root
-        # B = √Σ Qᵀ L⁻¹  ⇔  Lᵀ Bᵀ = Q √Σ  (a triangular solve)
-        b[i] = np.linalg.solve(chol[i].T, (qt[:rank].T * root)).T
-    return a, b
-
-
 def factorize(weight: np.ndarray, scheme: str, k: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Encoder ``(k·rank, c/k, e1, e2)`` and decoder ``(f, k·rank, d1, d2)`` conv
     weights of ``weight`` (2-D ``f×c`` or a 3-D/4-D conv weight) in its dtype."""
@@ -268,18 +249,6 @@ def weight_factors(w4: np.ndarray, k: int, scheme: str, rank: int) -> Factors:
     """Weight-only factors of ``w4`` (f×c×κ1×κ2) as conv weights in its dtype."""
     enc, dec = factorize(w4, scheme, k, rank)
     return Factors(enc, dec)
-
-
-def data_factors(w4: np.ndarray, k: int, rank: int, chol: list[np.ndarray], mean: np.ndarray | None) -> Factors:
-    """Data-aware factors (scheme s0); with ``mean`` (the patch mean) the
-    decoder bias gets ``δ = (W − Ŵ) μ``, which removes the mean output shift."""
-    a, b = whitened_factors(w4, k, rank, chol)
-    enc, dec = to_conv_weights(a, b, "s0", w4.shape)
-    delta = None
-    if mean is not None:
-        approx = np.concatenate([a[i] @ b[i] for i in range(k)], axis=1)  # f × d, s0 order
-        delta = (np.asarray(w4, np.float64).reshape(w4.shape[0], -1) - approx) @ mean
-    return Factors(enc.astype(w4.dtype), dec.astype(w4.dtype), delta)
 
 
 def reconstruct(factors: Factors, shape4) -> np.ndarray:
