@@ -4,12 +4,9 @@ Weight-only: ``fold_s(W)_i ≈ A_i B_i`` with ``A_i = U_i[:, :j] √S_i`` and
 ``B_i = √S_i V_iᵀ[:j]`` (splitting √S evenly keeps both factors equally
 scaled, which matters for float16).
 
-Data-aware (truncation-aware whitening, SVD-LLM arXiv 2403.07378; Zhang et
-al. 2015 for convs): with ``C_i = L_i L_iᵀ`` the (regularised) covariance of
-group i's input patches, the rank-j ``Ŵ_i`` minimising ``‖(W_i − Ŵ_i) X_i‖_F``
-comes from the SVD ``W_i L_i = P Σ Qᵀ``: ``A_i = P_j √Σ_j``,
-``B_i = √Σ_j Q_jᵀ L_i⁻¹``.  Patches are folded as scheme s0 (kernel in the
-encoder), the only folding whose columns are a whole input patch.
+Data-aware factors (truncation-aware whitening, SVD-LLM arXiv 2403.07378) are
+made from each group's left basis in ``error_model`` (``group_basis``,
+``data_factors``).
 
 The returned conv weights are cast back to the weight's dtype.
 """
