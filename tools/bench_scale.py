@@ -154,7 +154,7 @@ def import_baseline_mb(modules: list[str]) -> float:
     return int(rss.group(1)) / 1024 if rss else float("nan")
 
 
-IMPORTS = ["numpy", "scipy.linalg", "onnx", "onnx_graphsurgeon", "onnxruntime", "threadpoolctl", "tqdm",
+IMPORTS = ["numpy", "scipy.linalg", "onnx", "onnx_graphsurgeon", "onnxruntime", "threadpoolctl", "tqdm.auto",
            "onnx_alds.cli", "onnx_alds.api", "onnx_alds.spectra", "onnx_alds.validate"]
 
 
