@@ -43,7 +43,14 @@ from threadpoolctl import threadpool_limits
 
 from .cost import full_rank
 from .errors import UsageError
-from .factorize import LARGE_FOLD, block_gram, reconstruct, weight_factors
+from .factorize import (
+    LARGE_FOLD,
+    block_gram,
+    reconstruct,
+    residual_norm,
+    top_eigenvalue,
+    weight_factors,
+)
 from .folding import far_from_one, fold, to_conv_weights
 from .ops.base import Factors
 from .progress import progress_iter
@@ -100,26 +107,7 @@ def _op_norm(m: np.ndarray) -> float:
         return float(np.sqrt(max(top, 0.0))) * scale
     m = m / scale
     g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    return float(np.sqrt(max(_top_eigenvalue(g), 0.0))) * scale
-
-
-LANCZOS_MIN = 384  # from this Gram size on, the top eigenvalue by Lanczos (a few dozen products, not n³)
-LANCZOS_MAXITER = 300  # restarts; past them the full eigen-solve
-
-
-def _top_eigenvalue(g: np.ndarray) -> float:
-    """The largest eigenvalue of the symmetric ``g``: ARPACK's Lanczos to machine precision where ``g``
-    is large (a 512×512 Gram: 0.01 s against 1 s for every eigenvalue), else, or where it does
-    not converge, all eigenvalues."""
-    if len(g) >= LANCZOS_MIN:
-        from scipy.sparse.linalg import ArpackError, eigsh
-
-        try:
-            return float(eigsh(g, k=1, which="LA", tol=0, v0=np.ones(len(g)), maxiter=LANCZOS_MAXITER,
-                               return_eigenvectors=False)[0])
-        except ArpackError:  # no convergence (a flat top of the spectrum), or a start orthogonal to it
-            pass
-    return float(np.linalg.eigvalsh(g)[-1])
+    return float(np.sqrt(max(top_eigenvalue(g), 0.0))) * scale
 
 
 @dataclass
@@ -163,16 +151,16 @@ class WeightError:
         """The real error of the emitted factors: ``‖fold_s(E)‖₂/‖fold_s(W)‖₂``
         (``‖E‖_F/‖W‖_F`` for frobenius)."""
         w = source.weight4(layer)
-        e = reconstruct(factors, w.shape)
-        e -= w  # Ŵ − W in place (float64): the same norms as W − Ŵ, one copy fewer of a large weight
+        fro = self.name == "frobenius"
+        # the residual in float64 blocks, never whole (a large layer's peak memory was here)
+        num = residual_norm(w, factors, cfg.scheme, "fro" if fro else "op")
         den = self._norms.get((layer.name, cfg.scheme))
-        if self.name == "frobenius":
-            sc = float(np.abs(w).max()) or 1.0
-            num = float(np.linalg.norm(e / sc)) * sc
-            den = den if den is not None else float(np.linalg.norm(np.asarray(w, np.float64) / sc)) * sc
-        else:
-            num = _op_norm(fold(e, cfg.scheme, 1)[0])
-            den = den if den is not None else _op_norm(fold(np.asarray(w, np.float64), cfg.scheme, 1)[0])
+        if den is None:
+            if fro:
+                sc = float(np.abs(w).max()) or 1.0
+                den = float(np.linalg.norm(np.asarray(w, np.float64) / sc)) * sc
+            else:
+                den = _op_norm(fold(np.asarray(w, np.float64), cfg.scheme, 1)[0])
         return num / den if den > 0 else 0.0
 
 
@@ -211,7 +199,7 @@ class LayerStats:
     scale: float = 1.0
 
     @classmethod
-    def from_moments(cls, m, w2: np.ndarray) -> "LayerStats":
+    def from_moments(cls, m, w2: np.ndarray) -> LayerStats:
         n = max(int(m.count), 1)
         mean = m.sum / n
         second = m.gram / n
