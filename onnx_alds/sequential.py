@@ -192,12 +192,38 @@ def sequential_factors(original, info, choices: dict, data, emodel, *, provider:
     base = Source.load(original)
     try:
         with temp_dir("onnx-alds-sweep-") as tmp:
-            sweep = _Sweep(original, layers, providers_for(provider), threads, _Store(Path(tmp), max_bytes))
-            return sweep.run(base, choices, data, emodel, batch_size, progress)
+            model, swept = constant_weights_as_initializers(original, layers)
+            sweep = _Sweep(model, swept, providers_for(provider), threads, _Store(Path(tmp), max_bytes))
+            return sweep.run(base, layers, choices, data, emodel, batch_size, progress)
     except Uncuttable as e:
         log.warning("sequential calibration runs once per layer (the graph cannot be swept: %s)", e)
         return per_layer_factors(original, info, choices, data, emodel, provider=provider, threads=threads,
                                  batch_size=batch_size, progress=progress)
+
+
+def constant_weights_as_initializers(model: onnx.ModelProto, layers: list) -> tuple[onnx.ModelProto, list]:
+    """``model`` with the Constant nodes that give a layer its weight turned into initializers, and the
+    layers at their nodes' new positions (exporters such as paddle2onnx write weights as Constant
+    nodes: the sweep cuts the graph between nodes, and a weight must go with its layer's segment).
+    The model itself where there is none (no copy)."""
+    weights = {l.weight_name for l in layers}
+    drop = {i for i, n in enumerate(model.graph.node)
+            if n.op_type == "Constant" and len(n.output) == 1 and n.output[0] in weights
+            and [a.name for a in n.attribute] == ["value"]}
+    if not drop:
+        return model, layers
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i in sorted(drop, reverse=True):
+        node = out.graph.node[i]
+        t = onnx.TensorProto()
+        t.CopyFrom(node.attribute[0].t)
+        t.name = node.output[0]
+        out.graph.initializer.append(t)
+        del out.graph.node[i]
+    dropped_before = np.cumsum([i in drop for i in range(len(model.graph.node))])
+    return out, [dataclasses.replace(l, node_index=l.node_index - int(dropped_before[l.node_index]))
+                 for l in layers]
 
 
 class _Store:
@@ -315,7 +341,9 @@ class _Sweep:
         return emit(Source.load(seg), SimpleNamespace(candidates=[prev]), {prev.name: choices[prev.name]},
                     {prev.name: factors[prev.name]})
 
-    def run(self, base: Source, choices, data, emodel, batch_size: int, progress: bool):
+    def run(self, base: Source, layers, choices, data, emodel, batch_size: int, progress: bool):
+        """The sweep; ``layers`` are the swept layers as ``base`` (the input model) has them, read for
+        their weights and moments."""
         orig = [{n: feeds[n] for n in self.inputs} for feeds in iter_batches(data, batch_size)]
         comp = orig
         dtypes = {}
@@ -333,7 +361,7 @@ class _Sweep:
                 sums = _Sums(tap.d)
                 for o, c in zip(orig, comp):
                     sums.add(o[l.input_name], c[l.input_name], tap)
-                fac, err = _fit_and_measure(base, l, choices[l.name], emodel, *sums.centred())
+                fac, err = _fit_and_measure(base, layers[i], choices[l.name], emodel, *sums.centred())
                 factors[l.name], measured[l.name] = fac, err
                 self._done.append(l.name)
                 bar.update()

@@ -138,3 +138,28 @@ def test_activations_past_max_bytes_go_to_disk(monkeypatch):
     assert any(spilled) and not all(spilled)  # some activations on disk, the first ones in memory
     for name, f in rep.plan.factors.items():
         assert np.array_equal(f.encoder, rep2.plan.factors[name].encoder)
+
+
+def test_weights_in_constant_nodes_are_swept_like_initializers(monkeypatch, caplog):
+    """Exporters such as paddle2onnx give weights as Constant nodes: the sweep takes them as it takes
+    initializers (no fallback to the per-layer refit), with the same factors as that refit."""
+    m = residual_chain()
+    consts = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in m.graph.initializer
+              if t.name.startswith("w")]
+    kept = [t for t in m.graph.initializer if not t.name.startswith("w")]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept)
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(consts[:2] + nodes[:3] + consts[2:] + nodes[3:])  # Constants between layers too
+    onnx.checker.check_model(m)
+    x = np.random.default_rng(1).standard_normal((40, 8, 6, 6)).astype(np.float32)
+    with caplog.at_level(logging.WARNING):
+        sweep, rep, _ = build(m, x, monkeypatch, sequential.sequential_factors)
+    assert "cannot be swept" not in caplog.text and rep.budget["sequential"]
+    _, rep2, _ = build(m, x, monkeypatch, sequential.per_layer_factors)
+    a, b = rep.plan.factors, rep2.plan.factors
+    assert set(a) == set(b) == {f"c{i}" for i in range(DEPTH)} | {"fc"}
+    for name in a:
+        for u, v in ((a[name].encoder, b[name].encoder), (a[name].decoder, b[name].decoder)):
+            assert np.linalg.norm(u - v) <= 1e-4 * np.linalg.norm(v)
