@@ -155,7 +155,7 @@ def test_weights_in_constant_nodes_are_swept_like_initializers(monkeypatch, capl
     onnx.checker.check_model(m)
     x = np.random.default_rng(1).standard_normal((40, 8, 6, 6)).astype(np.float32)
     with caplog.at_level(logging.WARNING):
-        sweep, rep, _ = build(m, x, monkeypatch, sequential.sequential_factors)
+        _, rep, _ = build(m, x, monkeypatch, sequential.sequential_factors)
     assert "cannot be swept" not in caplog.text and rep.budget["sequential"]
     _, rep2, _ = build(m, x, monkeypatch, sequential.per_layer_factors)
     a, b = rep.plan.factors, rep2.plan.factors
