@@ -200,15 +200,19 @@ class LayerStats:
 
     @classmethod
     def from_moments(cls, m, w2: np.ndarray) -> LayerStats:
+        """From streamed moments, with one d × d array (the covariance, made in place from the second
+        moment): a ResNet-50's 3×3 convs have d = 4,608, 170 MB each in float64."""
         n = max(int(m.count), 1)
         mean = m.sum / n
-        second = m.gram / n
-        cov = second - np.outer(mean, mean)
-        cov = (cov + cov.T) / 2
+        cov = m.gram / n  # the second moment, for the energy, then centred in place
+        if not np.array_equal(cov, cov.T):  # BLAS syrk sums are symmetric already; a stream's may not be
+            cov += cov.T
+            cov *= 0.5
         scale = float(np.abs(w2).max()) if w2.size else 1.0
         scale = scale if far_from_one(scale) else 1.0
         w2 = w2 / scale if scale != 1.0 else w2
-        energy = trace_form(w2, second)
+        energy = trace_form(w2, cov)
+        cov -= np.outer(mean, mean)
         return cls(cov, mean, max(energy, 0.0), scale)
 
 
@@ -311,10 +315,16 @@ class DataError:
         """The bias correction gives a layer without bias one: f parameters more."""
         return layer.geometry.f if self.bias_correction and not layer.has_bias and layer.bias_constant else 0
 
+    def __post_init__(self):
+        self.moments = dict(self.moments)  # its entries are let go below, not the caller's
+
     def stats(self, source, layer) -> LayerStats:
+        """The layer's statistics, made once; its moments are let go then (the statistics hold what
+        they held: with both, a calibrated ResNet-50 kept every layer's d × d twice, 2 GB)."""
         if layer.name not in self._stats:
             w2 = np.asarray(source.weight4(layer), np.float64).reshape(layer.geometry.f, -1)
             self._stats[layer.name] = LayerStats.from_moments(self.moments[layer.name], w2)
+            self.moments[layer.name] = None
         return self._stats[layer.name]
 
     def curves(self, source, layers, configs, *, progress: bool = False) -> Curves:
