@@ -304,7 +304,7 @@ class DataError:
     name: str = "data"
     bound: str = "exact"
     _stats: dict = field(default_factory=dict, repr=False)
-    _bases: dict = field(default_factory=dict, repr=False)  # (layer, k) → the groups' bases
+    _bases: dict = field(default_factory=dict, repr=False)  # (layer, k) → the groups' bases, once factorized
     _memo: dict = field(default_factory=dict, repr=False)  # see memoized_curves
 
     def schemes(self, layer, wanted):
@@ -338,20 +338,23 @@ class DataError:
         if missing:
             raise UsageError(f"the calibration run captured no inputs for layer {missing[0]!r}")
         tasks = [(l, k) for l in layers for k in sorted({k for k, s in configs[l.name] if s == "s0"})]
-        w2s = {l.name: np.asarray(source.weight4(l), np.float64).reshape(l.geometry.f, -1) for l in layers}
+        # in their stored dtype (float64 a task at a time): a BERT-base encoder's weights are 680 MB in float64
+        w2s = {l.name: np.asarray(source.weight4(l)).reshape(l.geometry.f, -1) for l in layers}
         stats = {l.name: self.stats(source, l) for l in layers}
 
         def work(task):
             l, k = task
             with threadpool_limits(1):
-                return task, data_curve(w2s[l.name], stats[l.name], k)
+                # the bases are not kept: one (layer, k) in a dozen is ever factorized (factors() makes
+                # its basis again), and keeping every one held f·min(f·k, d) floats a task (a BERT-base
+                # encoder's tables grew past 8 GB)
+                return task, data_curve(np.asarray(w2s[l.name], np.float64), stats[l.name], k)[0]
 
         tasks.sort(key=lambda t: -w2s[t[0].name].size * w2s[t[0].name].shape[1])
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for (l, k), (eps, bases) in progress_iter(pool.map(work, tasks), total=len(tasks),
-                                                      desc="data-aware errors", unit="svd", enabled=progress):
+            for (l, k), eps in progress_iter(pool.map(work, tasks), total=len(tasks), desc="data-aware errors",
+                                             unit="svd", enabled=progress):
                 out[l.name][(k, "s0")] = eps[: full_rank(l.geometry, k, "s0") + 1]
-                self._bases[(l.name, k)] = bases
         return out
 
     def factors(self, source, layer, cfg) -> Factors:
