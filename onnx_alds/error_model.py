@@ -98,15 +98,11 @@ def _op_norm(m: np.ndarray) -> float:
     scale = float(np.abs(m).max()) if m.size else 0.0
     if not scale > 0 or not np.isfinite(scale):
         return 0.0 if scale == 0 else float("inf")
-    if m.size > LARGE_FOLD:  # the top eigenvalue only, of a Gram matrix summed from blocks (memory, time)
-        from scipy.linalg import eigh
-
+    if m.size > LARGE_FOLD:  # a Gram matrix summed from blocks (memory)
         g = block_gram(m, scale, m.shape[0] <= m.shape[1])
-        top = eigh(g, eigvals_only=True, subset_by_index=[len(g) - 1, len(g) - 1], overwrite_a=True,
-                   check_finite=False)[0]
-        return float(np.sqrt(max(top, 0.0))) * scale
-    m = m / scale
-    g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    else:
+        m = m / scale
+        g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
     return float(np.sqrt(max(top_eigenvalue(g), 0.0))) * scale
 
 

@@ -425,7 +425,7 @@ def residual_norm(w4: np.ndarray, factors: Factors, scheme: str, kind: str = "op
             _syrk(et, gram)
     n = len(gram)
     if w4.size <= LARGE_FOLD:  # small: both triangles, and Lanczos where it pays
-        top = top_eigenvalue(np.tril(gram) + np.tril(gram, -1).T)
+        top = top_eigenvalue(_mirror_lower(gram))
     else:
         top = eigh(gram, lower=True, eigvals_only=True, subset_by_index=[n - 1, n - 1], overwrite_a=True,
                    check_finite=False)[0]

@@ -158,11 +158,11 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
         latency_ms_after=float(np.median(lat[1])) if lat else None,
         batch=batch, seed=seed, interleaved=not low_memory, data=data,
         top1_agreement=min(top1) if top1 else None, int8=bool(int8 and lat),
-        same_graph=_same_graph(original, rewritten),
+        same_graph=same_graph(original, rewritten),
     )
 
 
-def _same_graph(a, b) -> bool:
+def same_graph(a, b) -> bool:
     """Both models hold the same nodes (op, inputs, outputs): a rewrite that decomposed nothing."""
     import onnx
 

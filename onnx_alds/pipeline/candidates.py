@@ -29,11 +29,16 @@ log = logging.getLogger(__name__)
 MEASURED_CANDIDATES = (("alds", "max"), ("alds", "sum"), ("uniform", "max"))
 
 
-def _error(run: Run, built: Built) -> float:
-    """A build's worst output relative L2 on the validation inputs (nothing is timed)."""
+def judge(run: Run, built: Built, **kw):
+    """A build's outputs against the original's on the validation inputs (nothing is timed)."""
     return validate(run.original, built.model, provider=run.opts.validation.provider,
                     input_shapes=run.info.input_shapes, feeds=run.cal_data, repeats=0,
-                    output_kinds=run.opts.validation.output_kinds).rel_l2
+                    output_kinds=run.opts.validation.output_kinds, **kw)
+
+
+def _error(run: Run, built: Built) -> float:
+    """A build's worst output relative L2 on the validation inputs."""
+    return judge(run, built).rel_l2
 
 
 def score(run: Run, choice: Choice, *, sequential: bool = True) -> float:

@@ -39,7 +39,7 @@ from ..plan import LayerPlan, Plan, resolve
 from ..report import Report, build_report
 from ..select import Config, Selection, layer_configs, layer_options, solve
 from ..sequential import sequential_factors
-from ..validate import _same_graph as same_graph, gate, validate
+from ..validate import gate, same_graph, validate
 from .attempt import Attempt, Built, Choice, LatencyMeasurement, build_key
 
 log = logging.getLogger(__name__)
@@ -113,16 +113,13 @@ HOLD_OUT = 4  # one calibration sample in this many is held back to judge what w
 MIN_HOLD_OUT = 16  # where there are at least this many samples (fewer: judged on the samples fitted on)
 
 
-def calibrate(source: Source, info: ModelInfo, calibration, *, provider: str = "auto", progress: bool = False,
-              moments: bool = True, max_validation_samples: int = 256, hold_out: bool = False,
-              input_shapes: dict | None = None):
-    """Load and check the calibration data; returns the validation feeds (at most
-    ``max_validation_samples``, name → array), with ``moments`` the second moments of every
+def calibrate(source: Source, info: ModelInfo, data, *, provider: str = "auto", progress: bool = False,
+              moments: bool = True, max_validation_samples: int = 256, hold_out: bool = False):
+    """From the loaded and checked calibration ``data`` (:func:`prepare`), the validation feeds (at
+    most ``max_validation_samples``, name → array), with ``moments`` the second moments of every
     candidate layer's input patches (else None), the data fitted on, and what the validation feeds
     are.  ``hold_out``: the last quarter of an array dataset (at least :data:`MIN_HOLD_OUT` samples) is
     held back for validation and nothing is fitted on it."""
-    data = load_calibration(calibration, model_inputs(source.model))
-    _check_shapes(input_shapes, data if isinstance(data, dict) else data.first())
     n = len(next(iter(data.values()))) if isinstance(data, dict) and data else 0
     if hold_out and n >= MIN_HOLD_OUT:
         h = min(max_validation_samples, n // HOLD_OUT)
@@ -159,7 +156,7 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
         with timed(timings, "calibrate"):
             cal_data, moments, cal_all, judged = calibrate(source, info, data, provider=opts.validation.provider,
                                                            progress=opts.progress, moments=_needs_moments(c.error, plan),
-                                                           hold_out=c.hold_out, input_shapes=opts.input_shapes)
+                                                           hold_out=c.hold_out)
     if source.large and opts.latency.int8:
         raise UsageError("--int8 times int8 copies of the models in memory, and this model is over 2 GB; "
                          "drop --int8 and quantize the rewrite with 'onnx-alds quantize'")

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from ..errors import InfeasibleBudget
 from ..io import Source
 from ..options import DEFAULT_FRACTION, DEFAULT_RELAXED
-from ..pipeline.candidates import refitted
+from ..pipeline.candidates import judge, refitted
 from ..pipeline.stages import Run, build, choose, speed_guard, use_sequential
-from ..validate import validate
 from .guarded import run_guarded
 
 log = logging.getLogger(__name__)
@@ -48,9 +47,7 @@ class BoundState:
 
 
 def _judge(run: Run, built):
-    return validate(run.original, built.model, provider=run.opts.validation.provider,
-                    input_shapes=run.info.input_shapes, feeds=run.cal_data, repeats=0, batch=RANDOM_BATCH,
-                    output_kinds=run.opts.validation.output_kinds)
+    return judge(run, built, batch=RANDOM_BATCH)
 
 
 def _probe(run: Run, state: BoundState, guard, fraction: float) -> bool:
