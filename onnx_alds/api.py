@@ -4,6 +4,7 @@
       → a parameter or FLOP budget, or a plan as given          policy/guarded.py
       → a latency budget: the closed loop (+ second route)      policy/latency_loop.py, policy/second_route.py
       → a latency budget with an output-error bound: a search   policy/error_search.py
+      → no budget: the smallest plan within the tolerance       policy/error_bounded.py
     → finish (gates: --max-output-error, --min-speedup)          pipeline/stages.py
 """
 
