@@ -84,10 +84,7 @@ def _rewrite_parser(sub) -> None:
     seq.add_argument("--no-sequential", dest="sequential", action="store_const", const=False)
     r.add_argument("--no-bias-correction", action="store_true",
                    help="data-aware factors without the closed-form bias correction")
-    r.add_argument("--max-output-error", type=non_negative, metavar="X",
-                   help="exit 5 and write nothing when an output's relative L2 error exceeds X")
-    r.add_argument("--min-speedup", type=positive, metavar="X",
-                   help="exit 5 and write nothing when the rewritten model is not X times as fast")
+    _gate_arguments(r)
     r.add_argument("--int8", action="store_true",
                    help="for a pipeline that quantizes the rewrite: time the int8 QDQ models that 'onnx-alds "
                         "quantize' makes (validation's latency, the speed guard's retries and the default "
@@ -103,6 +100,21 @@ def _rewrite_parser(sub) -> None:
     r.add_argument("-q", "--quiet", action="store_true",
                    help="print nothing on success: no summary, and no progress on stderr (otherwise a bar on a "
                         "terminal, 'INFO onnx_alds.progress: ...' lines in a log)")
+
+
+def _gate_arguments(r) -> None:
+    """rewrite's gates: output error, speed and the task metric."""
+    r.add_argument("--max-output-error", type=non_negative, metavar="X",
+                   help="exit 5 and write nothing when an output's relative L2 error exceeds X")
+    r.add_argument("--min-speedup", type=positive, metavar="X",
+                   help="exit 5 and write nothing when the rewritten model is not X times as fast")
+    r.add_argument("--metric-script", metavar="FILE.py[:FUNC]",
+                   help="your task metric: a function (default name evaluate) of a model file's path that "
+                        "returns a number, higher is better, on your own validation data; with no budget the "
+                        "smallest plan within --max-metric-drop is searched, and the report gives the score")
+    r.add_argument("--max-metric-drop", type=non_negative, metavar="D",
+                   help="the largest drop of the --metric-script score accepted, in its units (default: 1 %% of "
+                        "the original's score with no budget); past it exit 5 and nothing is written")
 
 
 def _inspect_parser(sub) -> None:
@@ -212,10 +224,12 @@ def _calibration(a):
     return a.calibration
 
 
-def _script_path(a):
-    """The file of ``--data-loader-script FILE.py[:FUNC]`` (an input no output may overwrite)."""
-    spec = getattr(a, "data_loader_script", None)
-    return spec.partition(":")[0] if spec else None
+def _script_path(a, flag: str = "data_loader_script"):
+    """The file of a ``FILE.py[:FUNC]`` option (an input no output may overwrite), or None."""
+    from .script import script_file
+
+    spec = getattr(a, flag, None)
+    return script_file(spec) if spec else None
 
 
 def _output_kinds(specs) -> dict | None:
@@ -294,7 +308,8 @@ def cmd_rewrite(a) -> int:
                ("--report", a.report), ("--plan", a.plan), ("--plot", a.plot),
                ("--plan's factors file", Plan.factors_path(a.plan) if a.plan else None)]
     others = [("--apply-plan", a.apply_plan), ("--apply-plan's factors file", Plan.sidecar_of(a.apply_plan)),
-              ("--calibration", a.calibration), ("--data-loader-script", _script_path(a))]
+              ("--calibration", a.calibration), ("--data-loader-script", _script_path(a)),
+              ("--metric-script", _script_path(a, "metric_script"))]
     check_outputs(a.input, outputs, other_inputs=others, out_dirs=[("--cache-dir", a.cache_dir)])
     plan = Plan.load(a.apply_plan) if a.apply_plan else None
     if plan is not None and plan.factors:
@@ -318,7 +333,8 @@ def cmd_rewrite(a) -> int:
         calibration=_calibration(a),
         bias_correction=not a.no_bias_correction, max_output_error=a.max_output_error, min_speedup=a.min_speedup,
         allow_slower=a.allow_slower, sequential=a.sequential, int8=a.int8, objective=a.objective,
-        best_effort=a.best_effort, output_kinds=_output_kinds(a.output_kind), hold_out=not a.no_hold_out)
+        best_effort=a.best_effort, output_kinds=_output_kinds(a.output_kind), hold_out=not a.no_hold_out,
+        metric=a.metric_script, max_metric_drop=a.max_metric_drop)
     new, report = rewrite(a.input, options=options)
     report.output = str(out)
     written = save_model(new, out)

@@ -110,6 +110,8 @@ class ValidationOptions:
     min_speedup: float | None = None
     max_speed_retries: int = 2
     output_kinds: dict | None = field(default=None, hash=False)  # output name → scores | embedding | map
+    metric: object = field(default=None, hash=False, compare=False)  # FILE.py[:FUNC] or fn(model_path) -> float
+    max_metric_drop: float | None = None  # in the metric's units (None: 1 % of the original's score)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,11 @@ class RewriteOptions:
             raise UsageError("--k-max must be at least 1")
         _bound(v.max_output_error, "--max-output-error")
         _bound(v.min_speedup, "--min-speedup")
+        _bound(v.max_metric_drop, "--max-metric-drop")
+        if v.max_metric_drop is not None and v.metric is None:
+            raise UsageError("--max-metric-drop bounds the drop of the task metric: give the metric with --metric-script")
+        if v.metric is not None and not v.validate:
+            raise UsageError("--metric-script judges the rewrite, which --no-validate skips; drop --no-validate")
         if lat.int8 and not v.validate and not b.latency:
             raise UsageError("--int8 times the int8 models in validation (and for --keep-latency); with "
                              "--no-validate there is nothing for it to time")
@@ -167,7 +174,7 @@ class RewriteOptions:
                     calibration=None, bias_correction=True, max_output_error=None, min_speedup=None,
                     allow_slower=False, max_speed_retries=2, sequential=None, max_latency_rounds=3,
                     fill_budget=True, objective=None, int8=False, best_effort=False,
-                    output_kinds=None, hold_out=True) -> "RewriteOptions":
+                    output_kinds=None, hold_out=True, metric=None, max_metric_drop=None) -> "RewriteOptions":
         """The keyword API (:func:`onnx_alds.rewrite`'s arguments, the CLI's flags) as options."""
         if plan is not None:
             plan = replace(plan) if isinstance(plan, Plan) else Plan.from_dict(plan) if isinstance(plan, dict) \
@@ -178,7 +185,7 @@ class RewriteOptions:
                                        fill_budget, compare, allow_slower),
             calibration=CalibrationOptions(calibration, error, bias_correction, sequential, hold_out),
             validation=ValidationOptions(validate, provider, max_output_error, min_speedup, max_speed_retries,
-                                         dict(output_kinds) if output_kinds else None),
+                                         dict(output_kinds) if output_kinds else None, metric, max_metric_drop),
             latency=LatencyOptions(latency_table, max_latency_rounds, int8, best_effort),
             input_shapes=input_shapes, progress=progress, cache_dir=cache_dir)
 

@@ -118,12 +118,8 @@ class Report:
             what = f"{measure} {err:.4f}" if err is not None else "cannot meet the budget"
             lines.append(f"  {name:<10} at the same budget: {what}")
         b = self.budget
-        d = b.get("default")
-        if d and d.get("tolerance") is not None:
-            lines.append(f"no budget given: keep-params {d['kept']:.3g}, the smallest of {len(d['tried'])} tried whose "
-                         f"outputs stay within relative L2 {d['tolerance']:g} on {d['judged_on']}")
-        elif d:
-            lines.append("no budget given and no calibration data: the model is written unchanged")
+        if b.get("default"):
+            lines.append(_default_line(b["default"]))
         if b.get("metric") == "latency" and b.get("measured_ms") is not None:
             predicted = (f"predicted speed-up {b['model_ms'] / b['predicted_ms']:.2f}x, "
                          if b.get("model_ms") and b.get("predicted_ms") and math.isfinite(b["predicted_ms"]) else "")
@@ -146,7 +142,24 @@ class Report:
                 lines.append(f"latency{' of the int8 copies' if v.get('int8') else ''} "
                              f"{v['latency_ms_before']:.3f} ms -> {v['latency_ms_after']:.3f} ms "
                              f"({v['latency_ms_before'] / max(v['latency_ms_after'], 1e-9):.2f}x)")
+            if v.get("metric"):
+                m = v["metric"]
+                lines.append(f"metric ({m['script']}): {m['original']:.4g} -> {m['rewritten']:.4g}, a drop of "
+                             f"{m['drop']:.3g} (at most {m['max_drop']:.3g})")
         return "\n".join(lines)
+
+
+def _default_line(d: dict) -> str:
+    """The summary's line for the default budget's search (no budget given)."""
+    within = []
+    if d.get("metric"):
+        within.append(f"task metric drops at most {d['max_metric_drop']:.3g}")
+    if d.get("tolerance") is not None:
+        within.append(f"outputs stay within relative L2 {d['tolerance']:g} on {d['judged_on']}")
+    if not within:
+        return "no budget given and no calibration data: the model is written unchanged"
+    return (f"no budget given: keep-params {d['kept']:.3g}, the smallest of {len(d['tried'])} tried whose "
+            f"{' and whose '.join(within)}")
 
 
 def _short(name: str, width: int = 28) -> str:

@@ -22,6 +22,7 @@ class Built:
     factors: dict | None = None  # data-aware factors (the plan carries them)
     key: tuple | None = None  # the configurations and refit it was built from (:func:`build_key`)
     rel_l2: float | None = None  # its worst output error on the validation inputs, where judged already
+    score: float | None = None  # its task metric (--metric-script), where judged already
 
 
 def build_key(choices: dict, sequential: bool) -> tuple:

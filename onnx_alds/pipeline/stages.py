@@ -27,13 +27,14 @@ from ..calibration import collect_moments, first_samples, load_calibration, mode
 from ..cost import cost_model, full_rank
 from ..emit import dropped, emit
 from ..error_model import error_model
-from ..errors import InfeasibleBudget, UsageError
+from ..errors import InfeasibleBudget, UsageError, ValidationFailed
 from ..extract import ModelInfo, count_params, extract, model_flops
 from ..io import EXTERNAL_DATA_THRESHOLD, Source, check_model_file, check_rewritten, proto_size, save_model, \
     temp_dir, trim_memory
 from ..measure.int8 import Int8Copies
 from ..measure.latency_table import measure_speedup, profile_pair
 from ..measure.speed import SpeedModel
+from ..metric import TaskMetric
 from ..options import RewriteOptions, objective_for
 from ..plan import LayerPlan, Plan, resolve
 from ..report import Report, build_report
@@ -88,6 +89,14 @@ class Run:
     measurer: Measurer = field(default_factory=Measurer)
     cal_split: str = "random inputs"  # what the validation inputs are (held-out calibration samples, ...)
     reuse: Built | None = None  # a build a policy kept to be used again (the default search's kept probe)
+    metric: TaskMetric | None = None  # --metric-script, with the original's score
+
+    def score(self, built: Built) -> float | None:
+        """The task metric of a build (once per build; None without --metric-script)."""
+        if self.metric is not None and built.score is None:
+            with self.stage("metric"):
+                built.score = self.metric.score(built.model)
+        return built.score
 
     @property
     def large(self) -> bool:
@@ -166,8 +175,12 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
     if plan is None and not info.candidates and opts.budget.fraction < 1.0:
         raise InfeasibleBudget("the model has no compressible layer, so the smallest reachable fraction is 1.0", 1.0)
     objective = objective_for(opts, emodel.name, bool(cal_data), source.large)
+    metric = TaskMetric.from_option(opts.validation.metric, opts.validation.max_metric_drop)
+    if metric is not None:
+        with timed(timings, "metric"):
+            metric.measure_original(source.path if source.path is not None else original)
     return Run(opts, source, original, info, emodel, cal_data, cal_all, timings,
-               Int8Copies() if opts.latency.int8 else None, objective, cal_split=judged)
+               Int8Copies() if opts.latency.int8 else None, objective, cal_split=judged, metric=metric)
 
 
 def shapes_from_data(model: onnx.ModelProto, given: dict | None, data) -> dict | None:
@@ -483,7 +496,25 @@ def finish(run: Run, attempt: Attempt) -> tuple[onnx.ModelProto, Report]:
         attempt.report.budget.setdefault("warnings", []).extend(
             gate(v, max_output_error=opts.max_output_error, min_speedup=opts.min_speedup,
                  unchanged=attempt.choice.unchanged, speedup=int8_speedup))
+    if run.metric is not None:
+        _metric_gate(run, attempt)
     return attempt.model, attempt.report
+
+
+def _metric_gate(run: Run, attempt: Attempt) -> None:
+    """The kept attempt's task metric in the report; past the drop allowed, exit 5 (nothing written)
+    where the drop was bounded (``--max-metric-drop``, or the default budget that searched by it), a
+    warning otherwise."""
+    m = run.metric
+    same = attempt.choice.unchanged or (attempt.validation is not None and attempt.validation.same_graph)
+    value = m.original if same else run.score(attempt.built)
+    attempt.report.validation = dict(attempt.report.validation or {}, metric=m.to_dict(value))
+    if m.ok(value):
+        return
+    said = f"{m.describe(value)}, past the {m.allowed_drop:.3g} allowed)"
+    if m.max_drop is not None or run.opts.budget.default:
+        raise ValidationFailed(f"{said}; nothing was written")
+    attempt.report.budget.setdefault("warnings", []).append(f"{said}; bound it with --max-metric-drop")
 
 
 __all__ = ["Run", "prepare", "analyze", "calibrate", "speed_guard", "options_for", "select", "plan_from_selection",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InfeasibleBudget
 from ..io import Source
+from ..metric import TaskMetric
 from ..options import DEFAULT_FRACTION, DEFAULT_RELAXED
 from ..pipeline.candidates import judge, refitted
 from ..pipeline.stages import Run, build, choose, speed_guard, use_sequential
@@ -37,13 +38,20 @@ RANDOM_BATCH = 8  # random inputs drawn to judge a probe without calibration dat
 
 @dataclass
 class BoundState:
-    tolerance: float
+    tolerance: float | None  # worst output relative L2 (None: not bounded, the task metric judges alone)
     judged_on: str  # "held-out calibration", "calibration" or "random inputs"
-    tried: list = field(default_factory=list)  # (fraction, worst rel L2, worst top-1 agreement or None)
+    tried: list = field(default_factory=list)  # (fraction, worst rel L2, worst top-1 agreement or None[, score])
     stopped: str | None = None  # why the search ended before its last probe
+    metric: TaskMetric | None = None  # --metric-script: a probe passes where its score drops at most as allowed
 
-    def ok(self, rel_l2: float, top1: float | None) -> bool:
+    def ok(self, rel_l2: float, top1: float | None, score: float | None = None) -> bool:
+        if self.metric is not None:
+            return self.metric.ok(score) and (self.tolerance is None or rel_l2 <= self.tolerance)
         return rel_l2 <= self.tolerance and (top1 is None or top1 >= TOP1_AGREEMENT)
+
+    def better(self, a, b) -> bool:
+        """Whether judgement ``a`` (validation, score) is at least as good as ``b``."""
+        return a[1] >= b[1] if self.metric is not None else a[0].rel_l2 <= b[0].rel_l2
 
 
 def _judge(run: Run, built):
@@ -63,20 +71,22 @@ def _probe(run: Run, state: BoundState, guard, fraction: float) -> bool:
     # sequential refit is due, refitted (the better of the two is what candidates.refit keeps)
     asked = run.opts.calibration.sequential is True
     built = build(run, choice, Source.load(run.original), sequential=asked)
-    v = _judge(run, built)
-    if not state.ok(v.rel_l2, v.top1_agreement) and not asked and use_sequential(run, choice.choices):
+    v = _judge(run, built), run.score(built)
+    if not state.ok(v[0].rel_l2, v[0].top1_agreement, v[1]) and not asked and use_sequential(run, choice.choices):
         refit = refitted(run, choice)
-        w = _judge(run, refit)
+        w = _judge(run, refit), run.score(refit)
         log.info("default budget: keep-params %.3f refitted sequentially: relative L2 %.3g against %.3g one-shot",
-                 fraction, w.rel_l2, v.rel_l2)
-        if w.rel_l2 <= v.rel_l2:
+                 fraction, w[0].rel_l2, v[0].rel_l2)
+        if state.better(w, v):
             built, v = refit, w
-    state.tried.append((fraction, v.rel_l2, v.top1_agreement))
-    good = state.ok(v.rel_l2, v.top1_agreement)
+    (v, score) = v
+    state.tried.append((fraction, v.rel_l2, v.top1_agreement) + (() if state.metric is None else (score,)))
+    good = state.ok(v.rel_l2, v.top1_agreement, score)
     if good:  # the smallest fraction within the tolerance so far: its build is not made again
         built.rel_l2, run.reuse = v.rel_l2, built
-    log.info("default budget: keep-params %.3f gives relative L2 %.3g%s on %s: %s", fraction, v.rel_l2,
+    log.info("default budget: keep-params %.3f gives relative L2 %.3g%s%s on %s: %s", fraction, v.rel_l2,
              "" if v.top1_agreement is None else f", top-1 agreement {100 * v.top1_agreement:.1f} %",
+             "" if score is None else f", metric {score:.4g} (original {state.metric.original:.4g})",
              state.judged_on, "within" if good else "past")
     return good
 
@@ -90,7 +100,7 @@ def out_of_reach(tried: list, tolerance: float) -> bool:
     saved two of its five builds this way, each as long as a rewrite)."""
     if len(tried) < 2:
         return False
-    (f0, e0, _), (f1, e1, _) = sorted(tried[-2:])
+    (f0, e0), (f1, e1) = sorted(t[:2] for t in tried[-2:])
     if e1 <= tolerance or f1 <= f0:
         return False
     if e1 >= e0:  # no better for more parameters: nothing to extrapolate towards
@@ -108,7 +118,8 @@ def bounded_fraction(run: Run, state: BoundState, guard) -> float | None:
         else:
             lo, hi, best = DEFAULT_FRACTION, 1.0, None
         for _ in range(PROBES - 1):
-            if best is None and out_of_reach(state.tried, state.tolerance):
+            # (a task metric need not fall smoothly with the fraction: no extrapolation from it)
+            if best is None and state.metric is None and out_of_reach(state.tried, state.tolerance):
                 state.stopped = "the tolerance is out of reach below keep-params 1 (extrapolated from the last two)"
                 log.info("default budget: %s", state.stopped)
                 break
@@ -130,6 +141,8 @@ def run_error_bounded(run: Run):
     opts = run.opts
     data = run.cal_data is not None
     tolerance = opts.validation.max_output_error
+    if run.metric is not None:  # the user's metric judges; relative L2 only where bounded as well
+        return _bounded(run, BoundState(tolerance, run.cal_split if data else "random inputs", metric=run.metric))
     if tolerance is None and not data:
         # random inputs say too little of a real model to compress it on their word (docs/real-models.md:
         # a detector's error on them was 5-23 while its recall held; a recogniser's 0.25 when it read nothing)
@@ -139,23 +152,34 @@ def run_error_bounded(run: Run):
         return attempt
     if tolerance is None:
         tolerance = TOLERANCE
-    state = BoundState(tolerance, run.cal_split if data else "random inputs")
+    attempt = _bounded(run, BoundState(tolerance, run.cal_split if data else "random inputs"))
+    if not data:  # --max-output-error given: judged on random inputs, as asked
+        attempt.choice.budget.setdefault("warnings", []).append(
+            f"the default budget judged the outputs on random inputs (relative L2 at most {tolerance:g}); "
+            f"give --calibration CAL.npz to judge them on your data")
+    return attempt
+
+
+def _bounded(run: Run, state: BoundState):
+    """The search and the kept attempt, with the report's ``default`` section."""
+    opts, tolerance = run.opts, state.tolerance
     guard = None if opts.selection.allow_slower else speed_guard(opts.validation.provider)
     fraction = bounded_fraction(run, state, guard)
     report_section = {"tolerance": tolerance, "judged_on": state.judged_on, "top1_agreement": TOP1_AGREEMENT,
                       "tried": [list(t) for t in state.tried], "kept": fraction or 1.0}
+    if state.metric is not None:
+        report_section.update(metric=state.metric.name, metric_original=state.metric.original,
+                              max_metric_drop=state.metric.allowed_drop)
     if state.stopped:
         report_section["stopped"] = state.stopped
     if fraction is None:
         why = (f"every compression tried changed the outputs past relative L2 {tolerance:g} on {state.judged_on} "
-               f"(--max-output-error X sets the tolerance)")
+               f"(--max-output-error X sets the tolerance)") if state.metric is None else \
+            (f"every compression tried dropped the metric of --metric-script {state.metric.name!r} by more than "
+             f"{state.metric.allowed_drop:.3g} (--max-metric-drop D sets the drop allowed)")
         attempt = run_guarded(run, fraction=1.0, guard=guard, relax=[], unchanged_why=why)
     else:
         attempt = run_guarded(run, fraction=fraction, guard=guard,
                               relax=[r for r in DEFAULT_RELAXED if r > fraction])
     attempt.choice.budget["default"] = report_section
-    if not data:  # --max-output-error given: judged on random inputs, as asked
-        attempt.choice.budget.setdefault("warnings", []).append(
-            f"the default budget judged the outputs on random inputs (relative L2 at most {tolerance:g}); "
-            f"give --calibration CAL.npz to judge them on your data")
     return attempt
