@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -209,10 +210,15 @@ def _shapes(specs, batch: int = 2):
         for d in dims[1:]:
             n *= d
         total += n * 4
+    _check_input_bytes(total)
+    return shapes
+
+
+def _check_input_bytes(total: int) -> None:
+    """Refuse ``--input-shape`` values whose float32 inputs take ``total`` bytes, past the limit."""
     if total > MAX_INPUT_BYTES:
         raise UsageError(f"--input-shape asks for about {total / 2**30:.1f} GiB of float32 input data, over the "
                          f"{MAX_INPUT_BYTES >> 30} GiB limit; give smaller shapes")
-    return shapes
 
 
 def _calibration(a):
@@ -452,6 +458,7 @@ def cmd_export(a) -> int:
             shapes.append(tuple(int(d) for d in s.replace("x", ",").split(",") if d))
         except ValueError:
             raise UsageError(f"--input-shape {s!r} is not a comma-separated list of integers") from None
+    _check_input_bytes(sum(4 * math.prod(s) for s in shapes if min(s, default=1) > 0))  # (others: refused below)
     out = Path(a.output)
     from .io import check_outputs
 

@@ -275,7 +275,7 @@ def check_outputs(in_path, outputs: list[tuple[str, object]], other_inputs=(), o
     consist of, external data included, and from every other input
     (``(what, path)``: calibration data, a plan and its factors file, a
     checkpoint, a teacher, a source file...).  ``out_dirs`` (``(what, dir)``,
-    e.g. a checkpoint directory) must not be an input either.  "Differs"
+    e.g. a checkpoint directory) must be neither an input nor an output.  "Differs"
     compares resolved paths and, where the files exist, device and inode
     (hard links).  A UsageError (exit 2) of one sentence otherwise; returns
     the output paths."""
@@ -285,9 +285,13 @@ def check_outputs(in_path, outputs: list[tuple[str, object]], other_inputs=(), o
         for what2, q in paths[:i]:
             if same_file(p, q):
                 raise UsageError(f"{what} {str(p)!r} is the same file as {what2}; each output needs its own name")
+    dirs = [(what, q) for what, q in out_dirs if q is not None]
+    for what, p in paths:
+        for what_dir, q in dirs:
+            if same_file(p, q):
+                raise UsageError(f"{what} {str(p)!r} is also given as {what_dir}; each output needs its own name")
     inputs = [(what, q) for what, q in other_inputs if q is not None]
     inputs += [("the input model", m) for m in models]
-    dirs = [(what, q) for what, q in out_dirs if q is not None]
     for what_in, q in inputs:
         for what, p in paths + dirs:
             if same_file(p, q):

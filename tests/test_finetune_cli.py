@@ -126,6 +126,54 @@ def test_bad_finetune_data_is_one_sentence(setup, capsys):
         assert not (d / "bad.onnx").exists()
 
 
+def _declaring(path, shape, y=None):
+    """An .npz whose x declares ``shape`` (float32) but holds 1 MB: reading x fails, its header does not."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", header.getvalue() + bytes(1 << 20))
+        if y is not None:
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, y)
+            z.writestr("y.npy", buf.getvalue())
+
+
+def test_finetune_data_is_judged_by_its_header_before_it_is_read(setup, capsys):
+    """x of the wrong shape, or y of another length, as their headers declare them: refused before the
+    gigabytes they declare are read (a file that only declares them could not be read at all)."""
+    d = setup
+    _declaring(d / "wide.npz", (1 << 20, 3, 16, 16))  # 3 GiB declared, 3 channels for a 1-channel model
+    _declaring(d / "long.npz", (1 << 20, 1, 16, 16), y=np.zeros(4, np.int64))
+    for name, words in (("wide", "(1048576, 3, 16, 16)"), ("long", "x has 1048576 samples, y 4")):
+        rc, _, err = main_in_process(capsys, *_base(d), "--data", d / f"{name}.npz", "--epochs", "1",
+                                     "--out", d / "bad.onnx")
+        assert rc == 2 and words in err, (name, err)
+        assert_one_sentence(err)
+        assert not (d / "bad.onnx").exists()
+
+
+def test_teacher_that_is_no_regular_file_is_refused(setup, capsys, tmp_path):
+    """--teacher-onnx naming a FIFO: onnxruntime would block opening it; refused instead."""
+    import signal
+
+    d = setup
+    os.mkfifo(tmp_path / "t.onnx")
+    old = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("finetune hung")))
+    signal.alarm(120)
+    try:
+        rc, _, err = main_in_process(capsys, *_base(d), "--data", d / "train.npz", "--epochs", "1",
+                                     "--teacher-onnx", tmp_path / "t.onnx", "--out", tmp_path / "bad.onnx")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert rc == 2 and "not a regular file" in err, err
+    assert_one_sentence(err)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 def test_nan_in_the_weights_or_the_factors_is_refused(setup, capsys):
     from onnx_alds.factorize import weight_factors
     from onnx_alds.plan import Plan

@@ -64,15 +64,21 @@ NV = ["--no-validate", "--no-compare", "-q"]
     (["rewrite", "m.onnx", "o.onnx", "--calibration", "cal.npz", "--plot", "cal.npz"] + NV, ["cal.npz"]),
     (["rewrite", "m.onnx", "o.onnx", "--plan", "cal.json", "--calibration", "cal.factors.npz"] + NV, ["m.onnx"]),
     (["rewrite", "m.onnx", "o.onnx", "--report", "r.json", "--plot", "r.json"] + NV, ["m.onnx"]),
+    (["rewrite", "m.onnx", "o.onnx", "--report", "r.json", "--cache-dir", "r.json"] + NV, ["m.onnx"]),
+    (["rewrite", "m.onnx", "sym.onnx"] + NV, ["m.onnx"]),
 ], ids=["quantize-out-is-calibration", "quantize-json-is-input", "quantize-json-is-output",
         "bench-json-is-calibration", "bench-json-is-second-model", "rewrite-out-is-sidecar",
         "rewrite-report-is-sidecar", "rewrite-out-hard-link", "rewrite-plot-is-calibration",
-        "rewrite-plan-sidecar-is-calibration", "rewrite-two-outputs-one-file"])
+        "rewrite-plan-sidecar-is-calibration", "rewrite-two-outputs-one-file", "rewrite-report-is-cache-dir",
+        "rewrite-out-symlink"])
 def test_no_output_is_an_input_or_another_output(files, capsys, args, given):
     if "cal.factors.npz" in args:
         os.link("cal.npz", "cal.factors.npz")
         given = given + ["cal.factors.npz"]
+    if "sym.onnx" in args:
+        os.symlink("m.onnx", "sym.onnx")
     _refused(capsys, args, given)
+    assert not os.path.exists("o.onnx") and not os.path.exists("r.json")  # refused before any work
 
 
 @pytest.mark.parametrize("args, given", [
@@ -81,13 +87,25 @@ def test_no_output_is_an_input_or_another_output(files, capsys, args, given):
     (FT + ["--out", "teacher.onnx", "--teacher-onnx", "teacher.onnx"], ["teacher.onnx", "p.json", "d.npz"]),
     (FT + ["--out", "ft.onnx", "--checkpoint-dir", "d.npz"], ["d.npz"]),
     (FT + ["--out", "p.factors.onnx"], ["p.json"]),
+    (["finetune", "net.py:make", "--plan", "empty.json", "--data", "d.npz", "--epochs", "1", "--out", "ft.onnx",
+      "--checkpoint-dir", "ft.onnx"], ["d.npz"]),
 ], ids=["export-out-is-checkpoint", "export-out-is-source", "finetune-out-is-teacher", "finetune-ckdir-is-data",
-        "finetune-out-hard-link-of-plan"])
+        "finetune-out-hard-link-of-plan", "finetune-out-is-ckdir"])
 def test_torch_commands_never_overwrite_an_input(files, capsys, args, given):
     pytest.importorskip("torch")
     if "p.factors.onnx" in args:
         os.link("p.json", "p.factors.onnx")
+    if "empty.json" in args:  # a plan that loads: the run would get as far as writing
+        (files / "empty.json").write_text(json.dumps({"version": 1, "layers": []}))
     _refused(capsys, args, given)
+    assert not os.path.exists("ft.onnx")  # refused before any work (not after training, at the write)
+
+
+def test_export_refuses_input_shapes_past_the_limit(files, capsys):
+    """Export allocates its example inputs: shapes past the inputs' limit are a usage error, not an internal one."""
+    pytest.importorskip("torch")
+    err = _refused(capsys, ["export", "net.py:make", "e.onnx", "--input-shape", "100000,3,1000,1000"], ["net.py"])
+    assert "GiB" in err and not os.path.exists("e.onnx")
 
 
 @pytest.mark.parametrize("args", [
@@ -210,6 +228,20 @@ def test_untampered_factors_file_applies(data_plan, tmp_path, capsys):
     assert rc == 0, err
 
 
+def test_plan_with_factors_applies_with_calibration_and_data_error(data_plan, tmp_path, capsys):
+    """--apply-plan with --calibration --error data: the data is there, so the data-aware errors are measured
+    (it said '--error data needs calibration inputs' before)."""
+    d = data_plan
+    rc, _, err = main_in_process(capsys, "rewrite", d / "p.onnx", tmp_path / "o.onnx", "--apply-plan", d / "p.json",
+                                 "--calibration", d / "cal.npz", "--error", "data", "--report", tmp_path / "r.json",
+                                 *NV)
+    assert rc == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    decomposed = [layer for layer in r["layers"] if layer["status"] == "decomposed"]
+    assert r["error_model"].startswith("data") and decomposed
+    assert all(np.isfinite(layer["rel_error"]) for layer in decomposed)
+
+
 # ----------------------------------------------------------------------------- int8 tells the truth
 
 
@@ -268,14 +300,36 @@ def test_calibration_header_declaring_gigabytes_is_refused_before_reading(tmp_pa
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 512 << 10  # KiB: under 512 MB more
 
 
-def test_quantize_caps_random_samples_and_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    onnx.save(cnn_model(), "m.onnx")
+def test_quantize_caps_random_samples_and_says_so(tmp_path, monkeypatch, capsys, caplog):
+    from graphs import gemm_model
+
     from onnx_alds.calibration.data import MAX_CALIBRATION_SAMPLES
     from onnx_alds.quantize import calibration_batches
 
+    monkeypatch.chdir(tmp_path)
     batches, used, _ = calibration_batches(cnn_model(), None, samples=10**8, batch=MAX_CALIBRATION_SAMPLES)
     assert used == MAX_CALIBRATION_SAMPLES and len(batches) == 1
+    onnx.save(gemm_model(f=16, c=24), "g.onnx")
+    rc, _, err = main_in_process(capsys, "quantize", "g.onnx", "q.onnx", "--samples", "100000000")
+    assert rc == 0, err
+    assert f"at most {MAX_CALIBRATION_SAMPLES} samples" in caplog.text + err
+
+
+def test_calibration_file_past_the_sample_cap_uses_the_first_and_says_so(tmp_path, monkeypatch, capsys, caplog):
+    """1 M samples in a 0.5 MB file: the first MAX_CALIBRATION_SAMPLES are used, with a warning, in seconds."""
+    from graphs import gemm_model
+
+    from onnx_alds.calibration.data import MAX_CALIBRATION_SAMPLES
+
+    monkeypatch.chdir(tmp_path)
+    onnx.save(gemm_model(f=16, c=24), "g.onnx")
+    x = np.zeros((1_000_000, 24), np.float32)
+    x[:MAX_CALIBRATION_SAMPLES] = np.random.default_rng(0).standard_normal((MAX_CALIBRATION_SAMPLES, 24))
+    np.savez_compressed("cal.npz", x=x)
+    rc, _, err = main_in_process(capsys, "rewrite", "g.onnx", "o.onnx", "--calibration", "cal.npz", "--keep-params",
+                                 "0.7", "--allow-slower", "--no-sequential", *NV)
+    assert rc == 0, err
+    assert f"1000000 samples; the first {MAX_CALIBRATION_SAMPLES} are used" in caplog.text + err
 
 
 # ----------------------------------------------------------------------------- cache entries are values

@@ -555,6 +555,7 @@ def test_keep_latency_one_writes_the_model_unchanged_whatever_the_noise(cache):
     new, report = finish(run, run_latency(run))
     assert all(l.status != "decomposed" for l in report.layers)
     assert not any("slower" in w for w in report.warnings)
+    assert any("written unchanged" in w for w in report.warnings)  # and it says so
     with pytest.raises(InfeasibleBudget, match="no rewrite tried ran faster"):  # a real target still is judged
         run = prepare(model, RewriteOptions.from_kwargs(keep_latency=0.7, latency_table=table, provider="cpu",
                                                         compare=False, validate=False))

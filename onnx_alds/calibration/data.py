@@ -154,16 +154,24 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def npy_header(data: np.lib.npyio.NpzFile, member) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype that ``member`` (a name or ZipInfo) of an open ``.npz``
+    declares in its .npy header, read without reading the array; any exception
+    means the member is no .npy file."""
+    with data.zip.open(member) as m:
+        version = np.lib.format.read_magic(m)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)(m)
+    return shape, dtype
+
+
 def _check_declared_sizes(data, path: Path) -> None:
     """Refuse an archive whose arrays declare more than MAX_CALIBRATION_BYTES,
     from the zip and .npy headers, before any array is read."""
     total = 0
     for info in data.zip.infolist():
         try:
-            with data.zip.open(info) as m:
-                version = np.lib.format.read_magic(m)
-                shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)(m)
+            shape, dtype = npy_header(data, info)
             declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
         except Exception:  # noqa: BLE001 - not an .npy member: reading it reports the problem
             declared = 0

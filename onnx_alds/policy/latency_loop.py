@@ -175,7 +175,10 @@ def _conclude(run: Run, state: LoopState, keep: float) -> Attempt:
     (state.solved_by if state.solved_by is not None and not route else state.table).remember()
     kept = state.kept
     predicted = _predicted(state.table, kept.choice)
-    kept.choice.budget.setdefault("warnings", []).extend(latency_verdict(
+    warnings = kept.choice.budget.setdefault("warnings", [])
+    if kept.choice.unchanged:  # said here: validation's gate leaves an unchanged choice's warning to its maker
+        warnings.append(f"--keep-latency {keep:g}: no layer was decomposed, so the model is written unchanged")
+    warnings.extend(latency_verdict(
         keep, _speedup(kept), predicted, state.rounds + 1, state.table, best_effort=run.opts.latency.best_effort))
     return kept
 

@@ -90,6 +90,9 @@ def as_teacher(teacher: Any, *, threads: int | None = 1) -> Callable[..., list[t
         return None
     if isinstance(teacher, nn.Module):
         return _TorchTeacher(teacher)
+    if isinstance(teacher, (str, os.PathLike)) and not os.path.isfile(teacher):
+        # onnxruntime would block forever opening a FIFO, or read a device without end
+        raise UsageError(f"the ONNX teacher {str(teacher)[:200]!r} does not exist or is not a regular file")
     if isinstance(teacher, (str, os.PathLike)) or hasattr(teacher, "SerializeToString"):
         try:
             return OnnxTeacher(teacher, threads=threads)

@@ -54,7 +54,40 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     return f
 
 
-def _load_npz(path: str, what: str):
+def _tensor(a):
+    """An array as training takes it: floats as float32, integers as they are."""
+    import numpy as np
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(a))
+    return x.float() if x.is_floating_point() else x
+
+
+def _check_declared(z, model, path: str, what: str) -> None:
+    """x, as its .npy header declares it, fits the model and y has as many samples: checked before any
+    array is read, so a small file declaring gigabytes of the wrong shape is refused at once."""
+    import numpy as np
+
+    from ..calibration.data import npy_header
+    from ..runtime import MAX_INPUT_BYTES
+
+    try:
+        shape, dtype = npy_header(z, "x.npy")
+        y_shape = npy_header(z, "y.npy")[0] if "y" in z.files else None
+    except Exception:  # noqa: BLE001 - not an .npy member: reading it reports the problem
+        return
+    if dtype.kind not in "biuf" or not shape or not shape[0]:
+        return  # reading it says what is wrong
+    if y_shape and y_shape[0] != shape[0]:
+        raise UsageError(f"{what} file {path!r}: x has {shape[0]} samples, y {y_shape[0]}")
+    sample = int(np.prod(shape[1:], dtype=object)) * dtype.itemsize
+    if sample > MAX_INPUT_BYTES:
+        raise UsageError(f"{what} file {path!r}: x declares samples of {sample / 2**30:.1f} GiB each, over the "
+                         f"{MAX_INPUT_BYTES >> 30} GiB limit")
+    _check_fit(model, _tensor(np.zeros((1, *shape[1:]), dtype)), None, what, shape=shape)
+
+
+def _load_npz(path: str, what: str, model=None):
     import numpy as np
     import torch
 
@@ -63,7 +96,11 @@ def _load_npz(path: str, what: str):
         raise UsageError(f"{what} file {path!r} does not exist")
     try:
         with np.load(p, allow_pickle=False) as z:
+            if model is not None and "x" in z.files:
+                _check_declared(z, model, path, what)
             arrays = {k: z[k] for k in z.files}
+    except UsageError:
+        raise
     except Exception as e:  # noqa: BLE001 - zip and format errors come in many types
         raise UsageError(f"{what} file {path!r} is not a readable .npz ({type(e).__name__})") from None
     if "x" not in arrays:
@@ -76,9 +113,7 @@ def _load_npz(path: str, what: str):
         if a is not None and a.dtype.kind == "f" and not np.isfinite(a).all():
             raise UsageError(f"{what} file {path!r}: {name} holds NaN or inf values; training on them would "
                              f"turn the model's weights into NaN")
-    x = torch.from_numpy(np.ascontiguousarray(arrays["x"]))
-    if x.is_floating_point():
-        x = x.float()
+    x = _tensor(arrays["x"])
     y = arrays.get("y")
     if y is not None:
         y = torch.from_numpy(np.ascontiguousarray(y))
@@ -90,8 +125,9 @@ def _load_npz(path: str, what: str):
     return x, y
 
 
-def _check_fit(model, x, y, what: str) -> None:
-    """One sentence unless ``model`` runs on ``x`` and integer labels ``y`` index its class scores."""
+def _check_fit(model, x, y, what: str, shape=None) -> None:
+    """One sentence unless ``model`` runs on ``x`` and integer labels ``y`` index its class scores
+    (``shape``: the one to name, where ``x`` stands for an array not read yet)."""
     import torch
 
     try:
@@ -99,8 +135,8 @@ def _check_fit(model, x, y, what: str) -> None:
             out = model(x[:2])
     except Exception as e:  # noqa: BLE001 - a shape or dtype mismatch is raised by whichever layer meets it
         hint = "; it holds integers, and most models take float inputs" if not x.is_floating_point() else ""
-        raise UsageError(f"{what}'s x (shape {tuple(x.shape)}, {str(x.dtype).replace('torch.', '')}) does not fit "
-                         f"the model ({first_line(e)}){hint}") from None
+        raise UsageError(f"{what}'s x (shape {tuple(shape or x.shape)}, {str(x.dtype).replace('torch.', '')}) does "
+                         f"not fit the model ({first_line(e)}){hint}") from None
     if y is not None and not y.is_floating_point() and isinstance(out, torch.Tensor) and out.dim() == 2:
         classes = out.shape[1]
         if int(y.min()) < 0 or int(y.max()) >= classes:
@@ -210,9 +246,9 @@ def cmd_finetune(a) -> int:
         raise UsageError(f"factory {a.factory!r} did not return a torch.nn.Module")
     model.eval()
     _check_weights(model, "the original model" + (f" (checkpoint {a.checkpoint!r})" if a.checkpoint else ""))
-    x, y = _load_npz(a.data, "--data")
+    x, y = _load_npz(a.data, "--data", model)
     _check_fit(model, x, y, "--data")
-    val = _load_npz(a.val, "--val") if a.val else None
+    val = _load_npz(a.val, "--val", model) if a.val else None
     if val:
         _check_fit(model, *val, "--val")
     if y is None and a.no_teacher:
