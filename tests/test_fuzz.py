@@ -234,13 +234,19 @@ def run_cli_in_process(args: list[str], capfd) -> tuple[int, str, str]:
     from onnx_alds.cli import main
 
     root = logging.getLogger()
-    for h in list(root.handlers):  # so that main's basicConfig logs to the captured stderr
+    saved = list(root.handlers)
+    for h in saved:  # so that main's basicConfig logs to the captured stderr
         root.removeHandler(h)
     capfd.readouterr()
     try:
         rc = main(args)
     except SystemExit as e:  # argparse
         rc = e.code
+    finally:  # main's handler writes to this test's capture, closed after it: later tests must not log there
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved:
+            root.addHandler(h)
     cap = capfd.readouterr()
     return rc, cap.out, cap.err
 
