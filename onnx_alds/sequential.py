@@ -255,6 +255,17 @@ class _Store:
         return mapped
 
 
+def _input_specs(states: list[dict]) -> dict[str, tuple[int, list]]:
+    """Each tensor of a cut as a segment declares it: its element type, and its shape with the sizes every
+    batch shares (a smaller last batch leaves the batch axis open)."""
+    specs = {}
+    for n, a in states[0].items():
+        if isinstance(a, np.ndarray):
+            dims = [d if all(st[n].shape[j] == d for st in states[1:]) else None for j, d in enumerate(a.shape)]
+            specs[n] = (onnx.helper.np_dtype_to_tensor_dtype(a.dtype), dims)
+    return specs
+
+
 def _reads(node: onnx.NodeProto) -> list[str]:
     extra = names_read_inside([node]) if any(subgraphs(node)) else ()
     return [n for n in list(node.input) + sorted(extra) if n]
@@ -291,8 +302,12 @@ class _Sweep:
                 raise Uncuttable(f"the input of layer {layers[i].name!r} is not an activation at its cut")
             self.cuts.append(sorted(alive))
 
-    def segment(self, i: int, dtypes: dict[str, int]) -> onnx.ModelProto:
-        """Nodes ``bounds[i] .. bounds[i+1]-1`` as a model: the previous cut in, the new cut's tensors made here out."""
+    def segment(self, i: int, specs: dict[str, tuple[int, list]]) -> onnx.ModelProto:
+        """Nodes ``bounds[i] .. bounds[i+1]-1`` as a model: the previous cut in (each with its element type
+        and shape, ``specs``: :func:`_input_specs`), the new cut's tensors made here out.  Shapes are
+        declared: onnxruntime's shape inference takes an input of unknown shape that feeds a shape
+        computation (a ViT's position embeddings resized to the image: Shape → Gather/Slice → Concat →
+        Resize ``sizes``) for an empty tensor and refuses the segment."""
         m = onnx.ModelProto()
         copy_model_fields(self.model, m)
         m.functions.extend(self.model.functions)
@@ -303,7 +318,7 @@ class _Sweep:
         g.initializer.extend(self.inits[n] for n in sorted(read) if n in self.inits)
         made = {o for node in nodes for o in node.output}
         before = self.cuts[i - 1] if i else self.inputs
-        g.input.extend(onnx.helper.make_tensor_value_info(n, dtypes[n], None) for n in before if n in read)
+        g.input.extend(onnx.helper.make_tensor_value_info(n, *specs[n]) for n in before if n in read)
         g.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in self.cuts[i] if n in made)
         return m
 
@@ -346,13 +361,12 @@ class _Sweep:
         their weights and moments."""
         orig = [{n: feeds[n] for n in self.inputs} for feeds in iter_batches(data, batch_size)]
         comp = orig
-        dtypes = {}
+        specs = {}
         factors, measured, self._done = {}, {}, []
         with Progress(len(self.layers), "sequential calibration", "layer", progress) as bar:
             for i, l in enumerate(self.layers):
-                dtypes.update({n: onnx.helper.np_dtype_to_tensor_dtype(a.dtype) for n, a in orig[0].items()
-                               if isinstance(a, np.ndarray)})
-                seg = self.segment(i, dtypes)
+                specs.update(_input_specs(orig))
+                seg = self.segment(i, specs)
                 self.store.new_cut()
                 orig, comp = self._run(seg, orig), (self._run(self._compressed(seg, i, choices, factors), comp)
                                                     if i else None)

@@ -163,3 +163,56 @@ def test_weights_in_constant_nodes_are_swept_like_initializers(monkeypatch, capl
     for name in a:
         for u, v in ((a[name].encoder, b[name].encoder), (a[name].decoder, b[name].decoder)):
             assert np.linalg.norm(u - v) <= 1e-4 * np.linalg.norm(v)
+
+
+def test_a_shape_computation_across_a_cut_is_swept(monkeypatch, caplog):
+    """A ViT's position embeddings resized to the image: scalars from Shape/Gather made before one layer,
+    read after it by a Concat that gives a Resize its ``sizes``.  The cut declares each tensor's rank
+    (onnxruntime refused a segment whose scalar inputs had none, and the sweep fell back to the
+    per-layer refit); the factors are the per-layer refit's."""
+    rng = np.random.default_rng(0)
+    c = 8
+    inits = {"w0": rng.standard_normal((c, c, 3, 3)).astype(np.float32) / 3,
+             "w1": rng.standard_normal((c, c, 3, 3)).astype(np.float32) / 3,
+             "fw": rng.standard_normal((5, c)).astype(np.float32),
+             "i2": np.array(2, np.int64), "lo": np.array([0], np.int64), "hi": np.array([2], np.int64),
+             "two": np.array(2, np.int64), "ax": np.array([0], np.int64)}
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, {c}, 6, 6] x) => (float y) {{
+        s = Shape (x)
+        h = Gather <axis = 0> (s, i2)
+        nc = Slice (s, lo, hi)
+        h0 = Conv <pads = [1, 1, 1, 1]> (x, w0)
+        r0 = Relu (h0)
+        h2 = Mul (h, two)
+        hu = Unsqueeze (h2, ax)
+        sizes = Concat <axis = 0> (nc, hu, hu)
+        up = Resize <mode = "nearest"> (r0, , , sizes)
+        h1 = Conv <pads = [1, 1, 1, 1]> (up, w1)
+        r1 = Relu (h1)
+        p = GlobalAveragePool (r1)
+        q = Flatten (p)
+        y = Gemm <transB = 1> (q, fw)
+    }}"""
+    m = onnx.parser.parse_model(text)
+    names = iter(["c0", "c1"])
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "Gemm"):
+            n.name = next(names) if n.op_type == "Conv" else "fc"
+    m.graph.initializer.extend(onnx.numpy_helper.from_array(a, k) for k, a in inits.items())
+    onnx.checker.check_model(m)
+    plan = Plan([LayerPlan("c0", "w0", 1, "s0", 3), LayerPlan("c1", "w1", 1, "s0", 3), LayerPlan("fc", "fw", 1, "s0", 2)])
+    x = np.random.default_rng(1).standard_normal((40, c, 6, 6)).astype(np.float32)
+    factors = []
+    for refit in (sequential.sequential_factors, sequential.per_layer_factors):
+        monkeypatch.setattr("onnx_alds.pipeline.stages.sequential_factors", refit)
+        with caplog.at_level(logging.WARNING):
+            _, rep = onnx_alds.rewrite(m, plan=plan, calibration={"x": x}, error="data", validate=False,
+                                       hold_out=False, sequential=True)
+        factors.append(rep.plan.factors)
+    assert "cannot be swept" not in caplog.text
+    a, b = factors
+    assert set(a) == set(b) == {"c0", "c1", "fc"}
+    for name in a:
+        for u, v in ((a[name].encoder, b[name].encoder), (a[name].decoder, b[name].decoder)):
+            assert np.linalg.norm(u - v) <= 1e-4 * np.linalg.norm(v)
