@@ -206,6 +206,8 @@ def fixtures(d: Path) -> None:
     ti = cnn_model()
     ti.training_info.add().algorithm.name = "train"
     _save(ti, d / "ti.onnx")
+    os.mkfifo(d / "fifo_teacher.onnx")
+    _header_npz(d / "dhdr.npz", "x", (1 << 22, 1, 8, 8))  # 1 GiB declared, 1 channel for a 3-channel net
 
 
 def _finite_weights(path):
@@ -240,6 +242,18 @@ def _has(text):
     return check
 
 
+def _absent(path):
+    def check(out, err, d):
+        return f"{path} exists afterwards (written or made)" if (d / path).exists() else None
+    return check
+
+
+def _all(*checks):
+    def check(out, err, d):
+        return "; ".join(p for p in (c(out, err, d) for c in checks) if p) or None
+    return check
+
+
 def _training_info_kept_or_said(out, err, d):
     m = onnx.load(str(d / "ti_out.onnx"))
     return None if m.training_info or "training_info" in err + out else "training_info dropped silently"
@@ -251,7 +265,10 @@ def _pristine(d: Path) -> dict:
             if p.is_file() and not p.is_symlink() and p.stat().st_size < 64 << 20}
 
 
-def _restore(d: Path, pristine: dict) -> None:
+def _restore(d: Path, pristine: dict, names: set) -> None:
+    for p in d.iterdir():  # what a case wrote (an output, a cache dir): the next case starts without it
+        if p.name not in names:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     for name, (sha, data) in pristine.items():
         p = d / name
         if p.is_symlink() or not p.is_file() or digest(p) != sha:
@@ -288,6 +305,10 @@ def cases() -> list[Case]:
         Case("rewrite OUT=hard link of IN", ["rewrite", "m.onnx", "hard.onnx"] + nv, 2, ["m.onnx"]),
         Case("rewrite --plot=--calibration", ["rewrite", "m.onnx", "o.onnx", "--calibration", "cal.npz", "--plot",
                                               "cal.npz"] + nv, 2, ["m.onnx", "cal.npz"]),
+        Case("rewrite --report=--cache-dir", ["rewrite", "m.onnx", "o.onnx", "--report", "r.json", "--cache-dir",
+                                              "r.json"] + nv, 2, ["m.onnx"], _absent("o.onnx")),
+        Case("finetune --out=--checkpoint-dir", ft + ["--out", "ft.onnx", "--checkpoint-dir", "ft.onnx"], 2,
+             ["np.json", "d.npz"], _absent("ft.onnx")),
         # 4. gates and numeric options
         Case("rewrite --max-output-error nan", ["rewrite", "m.onnx", "o.onnx", "--max-output-error", "nan",
                                                 "--no-compare", "-q"], 2, ["m.onnx"]),
@@ -337,6 +358,13 @@ def cases() -> list[Case]:
              0, ["b1.onnx", "cal.npz"]),
         Case("quantize --samples 100000000", ["quantize", "m.onnx", "q.onnx", "--samples", "100000000"], 0,
              ["m.onnx"], _has("samples"), timeout=120),
+        Case("finetune --data declaring 1 GiB of the wrong shape", ft[:5] + ["dhdr.npz", "--epochs", "1", "--out",
+                                                                            "ft.onnx"], 2,
+             ["dhdr.npz"], _has("does not fit the model"), timeout=60),
+        Case("finetune --teacher-onnx FIFO", ft + ["--out", "ft.onnx", "--teacher-onnx", "fifo_teacher.onnx"], 2,
+             ["np.json", "d.npz"], timeout=60),
+        Case("export --input-shape past the limit", ["export", "net.py:make", "e.onnx", "--input-shape",
+                                                     "100000,3,1000,1000"], 2, ["net.py"]),
         # 6. int8 tells the truth
         Case("quantize a float64 model", ["quantize", "f64.onnx", "q.onnx"], 2, ["f64.onnx"]),
         Case("rewrite --int8 of a float64 model", ["rewrite", "f64.onnx", "o.onnx", "--int8", "-q"], 2,
@@ -352,7 +380,7 @@ def cases() -> list[Case]:
         Case("training_info kept or said", ["rewrite", "ti.onnx", "ti_out.onnx", "--no-validate"], 0,
              ["ti.onnx"], _training_info_kept_or_said),
         Case("--keep-latency 1 writes the model unchanged", ["rewrite", "m.onnx", "o.onnx", "--keep-latency", "1"],
-             0, ["m.onnx"], _not_in("slower than the input"), timeout=300),
+             0, ["m.onnx"], _all(_not_in("slower than the input"), _has("written unchanged")), timeout=300),
         Case("hostile checkpoint advice", ["export", "net.py:make", "e.onnx", "--checkpoint", "evil.pt",
                                            "--input-shape", "1,3,8,8"], 2, ["evil.pt"],
              _not_in("weights_only")),
@@ -376,7 +404,7 @@ def main(argv=None) -> int:
             fixtures(d)
         log.info("fixtures built in %.0f s in %s", time.time() - t0, d)
         rows = []
-        pristine = _pristine(d)
+        pristine, names = _pristine(d), {p.name for p in d.iterdir()}
         for c in cases():
             if a.only and not any(s in c.name for s in a.only.split(",")):
                 continue
@@ -395,7 +423,7 @@ def main(argv=None) -> int:
                     problems.append(f"check failed: {type(e).__name__}: {str(e)[:80]}")
             ok = rc == c.expect and not problems
             last = (err.strip().splitlines() or [""])[-1][:110]
-            _restore(d, pristine)
+            _restore(d, pristine, names)
             rows.append((c.name, c.expect, got, "OK" if ok else "FAIL", f"{time.time() - t:.0f}s",
                          "; ".join(problems) or last))
             log.info("%-46s %s %-4s %-4s %s", c.name, c.expect, got, rows[-1][3], rows[-1][5])
