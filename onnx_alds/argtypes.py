@@ -36,6 +36,9 @@ def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: b
     return parse
 
 
+MAX_THREADS = 1024  # a thread count past this is a typo (torch segfaults creating 100,000)
+
+
 def bounded_int(lo: int | None = None, hi: int | None = None):
     """An argparse ``type`` accepting integers from ``lo`` to ``hi`` (inclusive)."""
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .argtypes import bounded_int, fraction as _fraction, non_negative, positive
+from .argtypes import MAX_THREADS, bounded_int, fraction as _fraction, non_negative, positive
 from .errors import AldsError, UsageError, first_line
 
 log = logging.getLogger("onnx_alds")
@@ -134,7 +134,7 @@ def _bench_parser(sub) -> None:
     be.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     be.add_argument("--repeats", type=bounded_int(1), default=30)
     be.add_argument("--warmup", type=bounded_int(0), default=5)
-    be.add_argument("--threads", type=bounded_int(1), default=2, help="intra-op threads (default 2)")
+    be.add_argument("--threads", type=bounded_int(1, MAX_THREADS), default=2, help="intra-op threads (default 2)")
     be.add_argument("--spinning", action="store_true",
                     help="let onnxruntime's idle threads spin (faster runs, but interleaved models then take "
                          "each other's cores: ratios become noisy)")

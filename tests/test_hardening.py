@@ -123,6 +123,8 @@ def test_export_refuses_input_shapes_past_the_limit(files, capsys):
     FT + ["--out", "ft.onnx", "--lr", "nan"],
     FT + ["--out", "ft.onnx", "--lr", "-1e-3"],
     FT + ["--out", "ft.onnx", "--lr", "inf"],
+    FT + ["--out", "ft.onnx", "--threads", "100000"],
+    ["bench", "m.onnx", "--threads", "100000"],
 ])
 def test_numeric_options_refuse_nan_infinite_and_out_of_range(files, capsys, args):
     """argparse's usage error: exit 2, the option named, nothing written."""

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..argtypes import positive
+from ..argtypes import MAX_THREADS, bounded_int, positive
 from ..errors import ModelError, UsageError, first_line
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--teacher-onnx", metavar="IN.onnx", help="distil from this ONNX file through onnxruntime")
     f.add_argument("--no-bn", action="store_true", help="do not insert BatchNorm for the fine-tune")
     f.add_argument("--checkpoint-dir", metavar="DIR", help="per-epoch checkpoints; a rerun resumes")
-    f.add_argument("--threads", type=int, default=None, help="torch threads (default: auto, see finetune)")
+    f.add_argument("--threads", type=bounded_int(1, MAX_THREADS), default=None,
+                   help="torch threads (default: auto, see finetune)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--opset", type=int, default=None)
     return f

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from ..argtypes import MAX_THREADS
 from ..errors import UsageError
 
 __all__ = ["FinetuneConfig", "DEFAULTS", "config_from"]
@@ -91,8 +92,9 @@ class FinetuneConfig:
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise UsageError(f"patience must be an integer of at least 1, or None, not {self.patience!r}")
         if not (self.threads is None or self.threads == "auto"
-                or (isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads >= 1)):
-            raise UsageError(f"threads must be 'auto', None or an integer of at least 1, not {self.threads!r}")
+                or (isinstance(self.threads, int) and not isinstance(self.threads, bool)
+                    and 1 <= self.threads <= MAX_THREADS)):
+            raise UsageError(f"threads must be 'auto', None or an integer from 1 to {MAX_THREADS}, not {self.threads!r}")
 
 
 _NAMES = frozenset(f.name for f in fields(FinetuneConfig))
