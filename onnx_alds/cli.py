@@ -509,6 +509,45 @@ def _install_signal_handlers() -> dict:
     return previous
 
 
+def _watch_signals(handled):
+    """Python runs a signal handler only once the main thread is back from C: a long onnxruntime run
+    would delay the exit until it ends.  So the signal's number is also written to a pipe
+    (``signal.set_wakeup_fd``) whose reader thread stops every run in flight
+    (:func:`onnx_alds.runtime.cancel_runs`), and the handler raises as soon as the run returns.
+    Returns the function that undoes it (None where signals are not ours to watch)."""
+    if not handled:
+        return None
+    import threading
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        before = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+        os.close(r)
+        os.close(w)
+        return None
+
+    def reader():
+        while data := os.read(r, 64):
+            if any(b in handled for b in data):
+                from .runtime import cancel_runs
+
+                cancel_runs()
+        os.close(r)
+
+    threading.Thread(target=reader, name="onnx-alds-signals", daemon=True).start()
+
+    def undo():
+        from .runtime import allow_runs
+
+        signal.set_wakeup_fd(before)
+        os.close(w)  # the reader sees the end of the pipe and stops
+        allow_runs()
+
+    return undo
+
+
 def _interrupted() -> int:
     term = signal.SIGTERM in _signals
     print("onnx-alds: terminated" if term else "onnx-alds: interrupted", file=sys.stderr)
@@ -527,6 +566,7 @@ class _PrintableFormatter(logging.Formatter):
 def main(argv=None) -> int:
     _signals.clear()
     previous = _install_signal_handlers()
+    unwatch = _watch_signals(set(previous))
     verbose = False
     try:
         args = _parser().parse_args(argv)
@@ -576,6 +616,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     finally:
+        if unwatch is not None:
+            unwatch()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -8,6 +8,7 @@ missing, and then silently falls back to the CPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -87,11 +88,54 @@ def session(model, providers: list[str], threads: int | None = None, low_memory:
         model = model.SerializeToString()
     elif not isinstance(model, (bytes, bytearray)):
         model = os.fspath(model)
-    sess = rt.InferenceSession(model, sess_options=so, providers=providers)
+    sess = _session_class()(model, sess_options=so, providers=providers)
     if providers == [CUDA] and used_provider(sess) != CUDA:
         raise UsageError("onnxruntime could not start the CUDA provider (its CUDA or cuDNN libraries are missing "
                          "or do not match); use --provider cpu, or install onnx-alds[gpu] on this machine")
     return sess
+
+
+_cancelled = False
+_run_options = None  # shared by every run: its terminate flag stops all of them at once
+
+
+def _options():
+    global _run_options
+    if _run_options is None:
+        _run_options = ort().RunOptions()
+        _run_options.terminate = _cancelled
+    return _run_options
+
+
+def cancel_runs() -> None:
+    """Stop every onnxruntime run in flight, and any started after (from any thread: the CLI calls it
+    from its signal watcher, so SIGTERM or Ctrl-C never waits for a long run to end)."""
+    global _cancelled
+    _cancelled = True
+    if _run_options is not None:
+        _run_options.terminate = True
+
+
+def allow_runs() -> None:
+    """Runs may go on again (the CLI's main returns; the next call in the same process starts afresh)."""
+    global _cancelled
+    _cancelled = False
+    if _run_options is not None:
+        _run_options.terminate = False
+
+
+@functools.cache
+def _session_class():
+    """onnxruntime's InferenceSession whose runs take the shared RunOptions unless given others."""
+
+    class Session(ort().InferenceSession):
+        def run(self, output_names, input_feed, run_options=None):
+            return super().run(output_names, input_feed, run_options or _options())
+
+        def run_with_iobinding(self, iobinding, run_options=None):
+            return super().run_with_iobinding(iobinding, run_options or _options())
+
+    return Session
 
 
 def used_provider(sess) -> str:

@@ -411,3 +411,47 @@ def test_ctrl_c_while_a_temporary_directory_is_made_leaves_nothing(tmp_path):
                        text=True, timeout=120, preexec_fn=_shell_like_signals)
     assert p.stdout.strip() == "interrupted", p.stdout + p.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _matmul_chain(n: int, d: int) -> onnx.ModelProto:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.random.default_rng(0).standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", [f"h{i - 1}" if i else "x", "w"], [f"h{i}"]) for i in range(n)]
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [d, d])],
+                          [helper.make_tensor_value_info(f"h{n - 1}", TensorProto.FLOAT, [d, d])],
+                          [numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_signal_stops_the_onnxruntime_run_in_flight():
+    """Python runs a signal handler only once the main thread is back from onnxruntime, so SIGTERM
+    waited for the run to end (13-16 s on a long one).  Every run takes the shared RunOptions, and
+    runtime.cancel_runs (which the CLI's signal watcher calls from its thread) stops the run in flight:
+    it raises instead of returning, far short of its 2.6e12 multiply-adds.  allow_runs lets runs go
+    on again."""
+    import threading
+
+    import numpy as np
+
+    from onnx_alds import runtime
+
+    x = np.ones((2048, 2048), np.float32)
+    sess = runtime.session(_matmul_chain(300, 2048), [runtime.CPU], 2, low_memory=True)
+    timer = threading.Timer(0.3, runtime.cancel_runs)
+    timer.start()
+    try:
+        with pytest.raises(Exception, match="terminate"):
+            sess.run(None, {"x": x})
+    finally:
+        timer.cancel()
+        runtime.allow_runs()
+    small = runtime.session(_matmul_chain(2, 8), [runtime.CPU], 1)
+    runtime.cancel_runs()  # a run started after the signal stops too
+    try:
+        with pytest.raises(Exception, match="terminate"):
+            small.run(None, {"x": np.ones((8, 8), np.float32)})
+    finally:
+        runtime.allow_runs()
+    assert small.run(None, {"x": np.ones((8, 8), np.float32)})[0].shape == (8, 8)
