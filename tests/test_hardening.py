@@ -455,3 +455,27 @@ def test_float64_weights_near_1e200_have_the_errors_of_the_same_weights_near_1(t
     for mode in modes:
         h, n = np.array(errors["h", mode], float), np.array(errors["n", mode], float)
         np.testing.assert_allclose(h, n, rtol=1e-6)
+
+
+def test_a_calibration_stream_past_the_sample_cap_uses_the_first_and_says_so(tmp_path, monkeypatch, capsys, caplog):
+    """A --data-loader-script that yields a million samples: the first MAX_CALIBRATION_SAMPLES are read (the
+    generator is not drained), with a warning, as for a file."""
+    from graphs import gemm_model
+
+    from onnx_alds.calibration.data import MAX_CALIBRATION_SAMPLES
+
+    monkeypatch.chdir(tmp_path)
+    onnx.save(gemm_model(f=16, c=24), "g.onnx")
+    open("loader.py", "w").write(
+        "import numpy as np\n"
+        "def load_data():\n"
+        "    rng = np.random.default_rng(0)\n"
+        "    for i in range(10_000):\n"
+        "        open('read.txt', 'a').write(f'{i}\\n')\n"
+        "        yield {'x': rng.standard_normal((100, 24)).astype(np.float32)}\n")
+    rc, _, err = main_in_process(capsys, "rewrite", "g.onnx", "o.onnx", "--data-loader-script", "loader.py",
+                                 "--keep-params", "0.7", "--allow-slower", "--no-sequential", *NV)
+    assert rc == 0, err
+    assert f"more than {MAX_CALIBRATION_SAMPLES} samples; the first {MAX_CALIBRATION_SAMPLES} are used" in caplog.text + err
+    read = [int(line) for line in open("read.txt")]
+    assert max(read) <= MAX_CALIBRATION_SAMPLES // 100  # no pass read past the feed that met the cap

@@ -195,6 +195,7 @@ class CalibrationStream:
         self._passes = 0
         self._first: dict[str, np.ndarray] | None = None
         self._resume = None  # (first feed, the rest) of an iterator that first() began
+        self._capped = False  # the sample cap was met and said
 
     def first(self) -> dict[str, np.ndarray]:
         """The first checked feed (an iterator's next pass starts with it again)."""
@@ -222,7 +223,19 @@ class CalibrationStream:
             if not isinstance(feed, Mapping):
                 raise UsageError(f"{what} is a {type(feed).__name__}, not a dict of input name to array")
             arrays = _check_feed(feed, self.inputs, what)
-            total += _samples(arrays)
+            n = _samples(arrays)
+            if total + n > MAX_CALIBRATION_SAMPLES:  # as a file's: more add time, not accuracy
+                if not self._capped:
+                    self._capped = True
+                    log.warning("the calibration feeds hold more than %d samples; the first %d are used",
+                                MAX_CALIBRATION_SAMPLES, MAX_CALIBRATION_SAMPLES)
+                keep = MAX_CALIBRATION_SAMPLES - total
+                arrays = {k: a[:keep] if np.ndim(a) else a for k, a in arrays.items()}
+                total += keep
+                if keep:
+                    yield arrays
+                break
+            total += n
             yield arrays
         if total == 0:
             raise UsageError("the calibration feeds hold no samples")
