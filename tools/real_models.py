@@ -977,9 +977,14 @@ def table(out: Path, models: list[str], rows: list[str]) -> str:
             b = r.get("budget") or {}
             if isinstance(b.get("default"), dict):  # the error-bounded default (no budget given)
                 d = b["default"]
-                tried = ", ".join(f"{t[0]:.3g}→{t[1]:.2f}" for t in d.get("tried", []))
-                note = (f"default: keep-params bisected for out rel L2 ≤ {d.get('tolerance')} on {d.get('judged_on')} "
-                        f"(tried keep→rel L2: {tried}); kept {d.get('kept')}. ") + note
+                if d.get("metric"):  # --metric-script: the search judged each probe by the task metric
+                    tried = ", ".join(f"{t[0]:.3g}→{t[3]:.1f}" for t in d.get("tried", []))
+                    note = (f"default: keep-params bisected for a metric drop ≤ {d['max_metric_drop']:.3g} on the "
+                            f"metric's validation split (tried keep→metric: {tried}); kept {d.get('kept')}. ") + note
+                else:
+                    tried = ", ".join(f"{t[0]:.3g}→{t[1]:.2f}" for t in d.get("tried", []))
+                    note = (f"default: keep-params bisected for out rel L2 ≤ {d.get('tolerance')} on "
+                            f"{d.get('judged_on')} (tried keep→rel L2: {tried}); kept {d.get('kept')}. ") + note
             elif isinstance(b.get("default_relaxed"), dict):
                 note = f"default keep-params {b['default_relaxed']['requested']} relaxed to {b['default_relaxed']['kept']} (speed guard). " + note
             if not note and r.get("warnings"):
