@@ -249,7 +249,13 @@ def report_figure(report: Report):
     names = [_short(l.name) for l in layers]
     x = list(range(len(layers)))
     width = max(8.0, 0.32 * len(layers) + 2.0)
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(width + 2.8, 7.5), sharex=True)
+    search = (report.budget.get("default") or {}).get("tried") or []
+    fig = plt.figure(figsize=(width + 2.8, 10.5 if search else 7.5))
+    outer = fig.add_gridspec(2 if search else 1, 1, height_ratios=[2.6, 1] if search else [1])
+    bars = outer[0].subgridspec(2, 1, hspace=0.08)
+    a1 = fig.add_subplot(bars[0])
+    a2 = fig.add_subplot(bars[1], sharex=a1)
+    a1.tick_params(labelbottom=False)
     decomposed = [l.status == "decomposed" for l in layers]
     a1.bar(x, [l.rel_error for l in layers], color=["tab:red" if d else "tab:gray" for d in decomposed])
     a1.axhline(report.max_rel_error, color="k", lw=0.8, ls="--")
@@ -272,7 +278,34 @@ def report_figure(report: Report):
     a1.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     a2.text(1.01, 1.0, "\n".join(plot_notes(report)), transform=a2.transAxes, va="top", ha="left", fontsize=9,
             family="monospace", bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.7"))
+    if search:
+        _search_panel(fig.add_subplot(outer[1]), report.budget["default"])
     fig.suptitle(f"{report.method}: params {report.params_fraction:.3f} of original, "
                  f"max ε {report.max_rel_error:.3f}", fontsize=12)
     fig.tight_layout(rect=(0, 0, width / (width + 2.8), 1))
     return fig
+
+
+def _search_panel(ax, d: dict) -> None:
+    """The default budget's search (no budget given): each probe's output error, and with
+    ``--metric-script`` its task metric, against the kept fraction of parameters; the tolerance
+    and the fraction kept."""
+    tried = sorted(d["tried"])
+    fr = [t[0] for t in tried]
+    ax.plot(fr, [t[1] for t in tried], "o-", color="tab:red", label="output rel L2")
+    if d.get("tolerance") is not None:
+        ax.axhline(d["tolerance"], color="tab:red", lw=0.8, ls="--", label=f"tolerance {d['tolerance']:g}")
+    ax.axvline(d["kept"], color="k", lw=0.8, ls=":", label=f"kept {d['kept']:.3g}")
+    ax.set_xlabel("keep-params (default budget search)", fontsize=10)
+    ax.set_ylabel("output rel L2", fontsize=10, color="tab:red")
+    handles, labels = ax.get_legend_handles_labels()
+    if d.get("metric"):
+        m = ax.twinx()
+        m.plot(fr, [t[3] for t in tried], "s-", color="tab:blue", label="task metric")
+        m.axhline(d["metric_original"] - d["max_metric_drop"], color="tab:blue", lw=0.8, ls="--",
+                  label=f"metric floor {d['metric_original'] - d['max_metric_drop']:.4g}")
+        m.set_ylabel("task metric", fontsize=10, color="tab:blue")
+        more = m.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.1 if d.get("metric") else 1.01, 1.0), fontsize=9,
+              frameon=False)

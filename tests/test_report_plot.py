@@ -49,3 +49,24 @@ def test_notes_give_baselines_and_validation(report, tmp_path):
     out = tmp_path / "r.png"
     plot_report(report, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_default_search_is_plotted_against_the_kept_fraction(tmp_path):
+    """No budget: a third panel draws every probe of the search (output error and, with a task metric,
+    its score) against the fraction it kept, with the tolerance, the metric's floor and the fraction kept."""
+    import numpy as np
+
+    model = cnn_model()
+    cal = {"x": np.random.default_rng(1).standard_normal((48, 3, 16, 16)).astype(np.float32)}
+    _, rep = rewrite(model, calibration=cal, metric=lambda path: 100.0 - 10 * float(np.random.default_rng(0).random()),
+                     max_metric_drop=50, max_output_error=0.3, provider="cpu", allow_slower=True, compare=False)
+    fig = report_figure(rep)
+    d = rep.budget["default"]
+    search, metric = fig.axes[2], fig.axes[3]
+    xs, ys = search.lines[0].get_data()
+    assert list(xs) == sorted(t[0] for t in d["tried"]) and list(ys) == [t[1] for t in sorted(d["tried"])]
+    assert list(metric.lines[0].get_data()[1]) == [t[3] for t in sorted(d["tried"])]
+    labels = [t.get_text() for t in search.get_legend().get_texts()]
+    assert f"kept {d['kept']:.3g}" in labels and "tolerance 0.3" in labels and any("metric floor" in l for l in labels)
+    plot_report(rep, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
