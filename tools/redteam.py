@@ -365,6 +365,8 @@ def cases() -> list[Case]:
              ["np.json", "d.npz"], timeout=60),
         Case("export --input-shape past the limit", ["export", "net.py:make", "e.onnx", "--input-shape",
                                                      "100000,3,1000,1000"], 2, ["net.py"]),
+        Case("finetune --threads 100000", ft + ["--out", "ft.onnx", "--threads", "100000"], 2, ["np.json", "d.npz"],
+             _has("--threads"), timeout=60),
         # 6. int8 tells the truth
         Case("quantize a float64 model", ["quantize", "f64.onnx", "q.onnx"], 2, ["f64.onnx"]),
         Case("rewrite --int8 of a float64 model", ["rewrite", "f64.onnx", "o.onnx", "--int8", "-q"], 2,
