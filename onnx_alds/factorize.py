@@ -125,9 +125,9 @@ def blocks(view: np.ndarray, n_keep: int, budget: int):
     yield from walk(view, tuple(view.shape[n_keep:]), 0)
 
 
-def _f64(block: np.ndarray, scale: float) -> np.ndarray:
-    """A float64 copy of ``block / scale``."""
-    out = np.array(block, dtype=np.float64)
+def _f64(block: np.ndarray, scale: float, dtype=np.float64) -> np.ndarray:
+    """A float64 (or ``dtype``) copy of ``block / scale``."""
+    out = np.array(block, dtype=dtype)
     if scale != 1.0:
         out /= scale
     return out
@@ -154,8 +154,7 @@ def _lower_gram(view: np.ndarray, n_keep: int, scale: float, dtype=np.float64) -
     n = int(np.prod(view.shape[:n_keep]))
     gram = np.zeros((n, n), dtype=dtype, order="F")
     for _, _, blk in blocks(view, n_keep, GRAM_BLOCK):
-        x = _f64(blk, scale)
-        _syrk(x if dtype == np.float64 else x.astype(dtype), gram)
+        _syrk(_f64(blk, scale, dtype), gram)
     return gram
 
 
@@ -214,7 +213,7 @@ def _large_truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> 
         raise ValueError(f"rank {rank} is outside 1..{min(rows, cols)} for k={k}, scheme {scheme}")
     scale = weight_scale(w4)
     scale = scale if scale > 0 else 1.0
-    single = np.finfo(w4.dtype).eps >= np.finfo(np.float32).eps if w4.dtype.kind == "f" else False
+    single = w4.dtype.kind == "f" and w4.dtype.itemsize <= 4
     a, b = [], []  # made group by group, after each Gram matrix is gone
     for i in range(k):
         side, n_keep, wide = _gram_side(*group_view(w4, scheme, k, i))
@@ -223,7 +222,7 @@ def _large_truncated_factors(w4: np.ndarray, scheme: str, k: int, rank: int) -> 
         gram = _lower_gram(side, n_keep, scale, np.float32 if single else np.float64)
         ev, vec = eigh(gram, lower=True, subset_by_index=[n - rank, n - 1], overwrite_a=True, check_finite=False)
         del gram  # overwritten by LAPACK: only the vectors are kept
-        ev, vec = ev.astype(np.float64), vec.astype(np.float64)
+        ev, vec = ev.astype(np.float64, copy=False), vec.astype(np.float64, copy=False)
         ev, vec = ev[::-1], vec[:, ::-1]  # descending
         sv = np.sqrt(np.clip(ev, 0.0, None))
         inv_root = np.where(sv > 0, 1 / np.sqrt(np.where(sv > 0, sv, 1.0)), 0.0)

@@ -49,9 +49,9 @@ class BoundState:
             return self.metric.ok(score) and (self.tolerance is None or rel_l2 <= self.tolerance)
         return rel_l2 <= self.tolerance and (top1 is None or top1 >= TOP1_AGREEMENT)
 
-    def better(self, a, b) -> bool:
-        """Whether judgement ``a`` (validation, score) is at least as good as ``b``."""
-        return a[1] >= b[1] if self.metric is not None else a[0].rel_l2 <= b[0].rel_l2
+    def better(self, v, score, than_v, than_score) -> bool:
+        """Whether validation ``v`` with task metric ``score`` is at least as good as the other pair."""
+        return score >= than_score if self.metric is not None else v.rel_l2 <= than_v.rel_l2
 
 
 def _judge(run: Run, built):
@@ -71,15 +71,14 @@ def _probe(run: Run, state: BoundState, guard, fraction: float) -> bool:
     # sequential refit is due, refitted (the better of the two is what candidates.refit keeps)
     asked = run.opts.calibration.sequential is True
     built = build(run, choice, Source.load(run.original), sequential=asked)
-    v = _judge(run, built), run.score(built)
-    if not state.ok(v[0].rel_l2, v[0].top1_agreement, v[1]) and not asked and use_sequential(run, choice.choices):
+    v, score = _judge(run, built), run.score(built)
+    if not state.ok(v.rel_l2, v.top1_agreement, score) and not asked and use_sequential(run, choice.choices):
         refit = refitted(run, choice)
-        w = _judge(run, refit), run.score(refit)
+        w, refit_score = _judge(run, refit), run.score(refit)
         log.info("default budget: keep-params %.3f refitted sequentially: relative L2 %.3g against %.3g one-shot",
-                 fraction, w[0].rel_l2, v[0].rel_l2)
-        if state.better(w, v):
-            built, v = refit, w
-    (v, score) = v
+                 fraction, w.rel_l2, v.rel_l2)
+        if state.better(w, refit_score, v, score):
+            built, v, score = refit, w, refit_score
     state.tried.append((fraction, v.rel_l2, v.top1_agreement) + (() if state.metric is None else (score,)))
     good = state.ok(v.rel_l2, v.top1_agreement, score)
     if good:  # the smallest fraction within the tolerance so far: its build is not made again
