@@ -174,13 +174,16 @@ def regularised_cholesky(c: np.ndarray) -> np.ndarray:
     d = c.shape[0]
     tr = float(np.trace(c))
     lam = 1e-6 * tr / d if tr > 0 else 1e-12
-    eye = np.eye(d)
+    work = np.array(c, dtype=np.float64)  # c + λI: one copy, the ridge on its diagonal (no d × d identity)
+    diag = work.reshape(-1)[:: d + 1]  # a view of the diagonal
+    base = diag.copy()
     for _ in range(12):
+        diag[:] = base + lam
         try:
-            return np.linalg.cholesky(c + lam * eye)
+            return np.linalg.cholesky(work)
         except np.linalg.LinAlgError:
             lam *= 10.0
-    return np.sqrt(max(tr / d, 1e-12)) * eye
+    return np.sqrt(max(tr / d, 1e-12)) * np.eye(d)
 
 
 @dataclass

@@ -175,6 +175,18 @@ def test_max_bytes_splits_the_taps_into_passes(cnn, caplog):
             assert_moments_equal(got[t.name], ref[t.name])
 
 
+def test_large_activations_take_a_smaller_batch_not_more_passes(cnn, caplog, monkeypatch):
+    """Past BATCH_BYTES a batch's activations are brought under it by a smaller batch (the same one
+    pass over the data); the moments do not depend on it."""
+    model, x, ref = cnn
+    monkeypatch.setattr(cal.moments, "BATCH_BYTES", 50_000)  # at batch 8: 128 + 64 KiB + 1 KiB
+    with caplog.at_level(logging.INFO, logger="onnx_alds.calibration"):
+        got = collect_moments(model, CNN_TAPS, {"x": x}, batch_size=8, provider="cpu", threads=1)
+    assert "in 1 pass(es)" in caplog.text and "batches of 2" in caplog.text  # 8 · 50,000 // 197,760
+    for t in CNN_TAPS:
+        assert_moments_equal(got[t.name], ref[t.name])
+
+
 def test_plan_passes_keeps_each_pass_within_the_budget():
     sizes = {"a": 600, "b": 300, "c": 300, "d": 2500, "e": 100}
     passes = plan_passes(sizes, batch_size=8, max_bytes=1000)
@@ -261,6 +273,22 @@ def test_two_taps_on_one_tensor_and_a_tap_on_a_graph_input():
     # the 1×1 tap's gram is the 3×3 tap's centre-pixel block (kernel row 1, col 1 of every channel)
     centre = np.arange(6) * 9 + 4
     np.testing.assert_allclose(got["c2"].gram[np.ix_(centre, centre)], got["c3"].gram, rtol=1e-12)
+
+
+def test_taps_that_unfold_one_tensor_alike_share_their_moments(caplog):
+    """Q, K and V of a transformer read one tensor as the same patches: one accumulation serves all."""
+    model = two_taps_model()
+    taps = [Tap("q", "r", "conv", (3, 3), pads=(1, 1, 1, 1), channels=6),
+            Tap("k", "r", "conv", (3, 3), pads=(1, 1, 1, 1), channels=6),
+            Tap("v", "r", "conv", (1, 1), channels=6)]
+    x = RNG.standard_normal((5, 3, 8, 8)).astype(np.float32)
+    acts = activations(model, ["r"], {"x": x})
+    with caplog.at_level(logging.INFO, logger="onnx_alds.calibration"):
+        got = collect_moments(model, taps, {"x": x}, batch_size=2, provider="cpu", threads=1)
+    assert "capturing 3 taps (2 distinct" in caplog.text
+    assert got["q"] is got["k"] and got["v"] is not got["q"]
+    for t in taps:
+        assert_moments_equal(got[t.name], reference(acts[t.input], t))
 
 
 def test_a_tap_on_an_existing_graph_output():

@@ -54,3 +54,31 @@ def test_operator_norm_of_a_large_matrix_is_the_plain_one(monkeypatch):
     monkeypatch.setattr(error_model, "LARGE_FOLD", 0)
     assert error_model._op_norm(m) == pytest.approx(plain, rel=1e-12)
     assert error_model._op_norm(m.T) == pytest.approx(plain, rel=1e-12)
+
+
+def test_per_layer_keeps_the_order_and_runs_large_layers_alone(monkeypatch):
+    """``per_layer`` spreads the small layers over threads (one BLAS thread each) and runs the large
+    ones one at a time, yet returns what a plain loop does, in the items' order."""
+    import threading
+
+    monkeypatch.setattr(factorize, "LARGE_FOLD", 100)
+    rng = np.random.default_rng(2)
+    mats = [rng.standard_normal((n, n)) for n in (5, 12, 3, 11, 9, 2, 10)]  # 25..144 elements
+    running, seen = [], []
+    lock = threading.Lock()
+
+    def work(m):
+        with lock:
+            running.append(m.size)
+            seen.append((m.size, [r for r in running if r != m.size]))
+        try:
+            return np.linalg.svd(m, compute_uv=False)
+        finally:
+            with lock:
+                running.remove(m.size)
+
+    got = factorize.per_layer(work, mats, lambda m: m.size, workers=2)
+    for m, sv in zip(mats, got):
+        assert np.array_equal(sv, np.linalg.svd(m, compute_uv=False))
+    for size, others in seen:  # a large layer never runs beside another one
+        assert size <= 100 or not others

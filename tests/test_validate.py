@@ -29,6 +29,26 @@ def test_identical_models_validate_exactly():
     assert validate(m, m, repeats=0).latency_ms_before is None  # and not timed without
 
 
+def test_latency_is_timed_on_one_sample_whichever_the_inputs(monkeypatch):
+    """The outputs are compared on every sample (random or calibration), the latency timed at batch 1,
+    as docs/cli.md says; a spy on the real timing function reads the feeds it is given."""
+    from onnx_alds import validate as validate_module
+
+    shapes, real = [], validate_module.interleaved_latency
+
+    def spy(sessions, feeds_list, **kw):
+        shapes.extend(f["x"].shape[0] for f in feeds_list)
+        return real(sessions, feeds_list, **kw)
+
+    monkeypatch.setattr(validate_module, "interleaved_latency", spy)
+    m = cnn_model()
+    x = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    for kw in ({"batch": 4}, {"feeds": {"x": x}}):
+        shapes.clear()
+        v = validate(m, m, repeats=3, **kw)
+        assert v.inputs["x"]["shape"][0] in (4, 6) and shapes == [1, 1]
+
+
 def test_nan_outputs_fail():
     with pytest.raises(ValidationFailed, match="NaN or Inf"):
         validate(unary("Abs"), unary("Log"), repeats=0)  # log of negative inputs

@@ -18,7 +18,8 @@ a stride-1 conv over ``u`` with the kernel reversed.  Its patch is therefore
 the window of ``u`` at ``o`` with the kernel axes reversed, and the output is
 ``fold_s0(weight4) @ x`` again, exactly.
 
-Patches come in float64 row blocks of bounded size.
+Patches come in float64 row blocks of bounded size (float32 where the caller asks: the sequential
+sweep's products, summed into float64 block by block).
 """
 
 from __future__ import annotations
@@ -52,21 +53,23 @@ def conv_pads(tap: Tap, size: tuple[int, int]) -> tuple[int, int, int, int]:
     return (begin[0], begin[1], end[0], end[1])
 
 
-def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
-    """The patches of activation ``x`` as float64 row blocks (rows × d), each at
+def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES,
+                 dtype=np.float64) -> Iterator[np.ndarray]:
+    """The patches of activation ``x`` as row blocks (rows × d) of ``dtype``, each at
     most ``chunk_bytes`` (or one output line); rows in the order of the output
     positions (sample, then output row, then output col)."""
+    size = np.dtype(dtype).itemsize
     if tap.kind == "linear":
         c = x.shape[-1]
         if tap.channels and c != tap.channels:
             raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has {c} features, not {tap.channels}")
         rows = x.reshape(-1, c)
-        step = max(1, chunk_bytes // (8 * c))
+        step = max(1, chunk_bytes // (size * c))
         for i in range(0, len(rows), step):
-            yield rows[i : i + step].astype(np.float64)
+            yield rows[i : i + step].astype(dtype)
         return
     if tap.kind == "convtranspose":
-        yield from _transposed_patches(x, tap, chunk_bytes)
+        yield from _transposed_patches(x, tap, chunk_bytes, dtype)
         return
     if tap.kind != "conv":
         raise ValueError(f"tap {tap.name!r} has kind {tap.kind!r} (conv, convtranspose or linear)")
@@ -85,7 +88,7 @@ def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES) -> Ite
     if ho < 1 or wo < 1:
         raise ValueError(f"tap {tap.name!r}: input {h}×{w} is smaller than the padded kernel")
     d = c * k1 * k2
-    max_rows = max(1, chunk_bytes // (8 * d))
+    max_rows = max(1, chunk_bytes // (size * d))
     if ho * wo <= max_rows:  # several samples per chunk
         samples, lines = max_rows // (ho * wo), ho
     else:  # one sample, a few output lines per chunk
@@ -98,7 +101,7 @@ def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES) -> Ite
         win = np.lib.stride_tricks.sliding_window_view(xp, (span1, span2), axis=(2, 3))
         win = win[:, :, ::s1, ::s2, ::d1, ::d2][:, :, :ho, :wo].transpose(0, 2, 3, 1, 4, 5)
         for r in range(0, ho, lines):
-            yield np.ascontiguousarray(win[:, r : r + lines], dtype=np.float64).reshape(-1, d)
+            yield np.ascontiguousarray(win[:, r : r + lines], dtype=dtype).reshape(-1, d)
 
 
 def upsampled(x: np.ndarray, tap: Tap) -> np.ndarray:
@@ -119,7 +122,7 @@ def upsampled(x: np.ndarray, tap: Tap) -> np.ndarray:
              max(-before[1], 0) : full[1] - max(-after[1], 0)]
 
 
-def _transposed_patches(x: np.ndarray, tap: Tap, chunk_bytes: int) -> Iterator[np.ndarray]:
+def _transposed_patches(x: np.ndarray, tap: Tap, chunk_bytes: int, dtype=np.float64) -> Iterator[np.ndarray]:
     """ConvTranspose patches: windows of ``upsampled(x)`` (stride 1, no pads),
     kernel axes reversed (module docstring)."""
     if tap.auto_pad != "NOTSET":
@@ -131,9 +134,9 @@ def _transposed_patches(x: np.ndarray, tap: Tap, chunk_bytes: int) -> Iterator[n
     k1, k2 = tap.kernel
     conv = replace(tap, kind="conv", strides=(1, 1), pads=(0, 0, 0, 0), output_padding=(0, 0), spatial_rank=2)
     per_sample = max(1, x[:1].nbytes * tap.strides[0] * tap.strides[1])
-    step = max(1, chunk_bytes // (8 * per_sample))  # bounds the upsampled copy as well
+    step = max(1, chunk_bytes // (np.dtype(dtype).itemsize * per_sample))  # bounds the upsampled copy as well
     for i in range(0, len(x), step):
-        for block in iter_patches(upsampled(x[i : i + step], tap), conv, chunk_bytes):
+        for block in iter_patches(upsampled(x[i : i + step], tap), conv, chunk_bytes, dtype):
             yield np.ascontiguousarray(block.reshape(-1, x.shape[1], k1, k2)[:, :, ::-1, ::-1]).reshape(len(block), -1)
 
 

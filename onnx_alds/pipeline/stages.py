@@ -29,6 +29,7 @@ from ..emit import dropped, emit
 from ..error_model import error_model
 from ..errors import InfeasibleBudget, UsageError, ValidationFailed
 from ..extract import ModelInfo, count_params, extract, model_flops
+from ..factorize import per_layer
 from ..io import EXTERNAL_DATA_THRESHOLD, Source, check_model_file, check_rewritten, proto_size, save_model, \
     temp_dir, trim_memory
 from ..measure.int8 import Int8Copies
@@ -392,13 +393,23 @@ def build(run: Run, choice: Choice, source: Source | None = None, *, sequential:
             factors, measured = sequential_factors(run.original, run.info, choices, run.cal_all, emodel,
                                                    provider=run.opts.validation.provider, progress=run.opts.progress)
         else:
-            factors = {l.name: given.get(l.name) or emodel.factors(source, l, choices[l.name]) for l in chosen}
-            measured = {l.name: emodel.measure(source, l, choices[l.name], factors[l.name]) for l in chosen}
+            factors, measured = factor_layers(emodel, source, chosen, choices, given)
     if emodel.name == "data":
         plan.factors = factors  # they depend on the calibration data: the plan carries them
     with run.stage("emit"):
         new = emit(source, run.info, choices, factors, progress=run.opts.progress)
     return Built(new, measured, factors if emodel.name == "data" else None, key)
+
+
+def factor_layers(emodel, source: Source, layers: list, choices: dict, given: dict) -> tuple[dict, dict]:
+    """Each layer's factors (``given``'s where it has them) and their measured error, the layers
+    spread over the cores (:func:`~onnx_alds.factorize.per_layer`)."""
+    def work(l):
+        fac = given.get(l.name) or emodel.factors(source, l, choices[l.name])
+        return fac, emodel.measure(source, l, choices[l.name], fac)
+
+    got = per_layer(work, layers, lambda l: l.geometry.params)
+    return ({l.name: g[0] for l, g in zip(layers, got)}, {l.name: g[1] for l, g in zip(layers, got)})
 
 
 def measure(run: Run, model, table, choices: dict, original=None) -> LatencyMeasurement:
