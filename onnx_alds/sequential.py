@@ -42,11 +42,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
-from scipy.linalg import cho_solve, solve_triangular
+from scipy.linalg import cho_solve, eigh, solve_triangular
 
 from .calibration import CHUNK_BYTES, iter_batches, iter_patches, tap_for_layer
 from .error_model import regularised_cholesky, trace_form
-from .factorize import blas_threads_for
+from .factorize import GRAM_FACTORS, blas_threads_for
 from .folding import to_conv_weights
 from .graph import names_read_inside, subgraphs
 from .io import Source, copy_model_fields, temp_dir
@@ -55,7 +55,7 @@ from .progress import Progress
 
 log = logging.getLogger(__name__)
 
-MAX_BYTES = 1 << 30  # a cut's activations over all calibration batches kept in memory; past it, on disk
+MAX_BYTES = 512 << 20  # a cut's activations over all calibration batches kept in memory; past it, on disk
 
 
 def _session(model, name, providers, threads):
@@ -126,25 +126,47 @@ def _ridge(g: np.ndarray) -> np.ndarray:
     return h
 
 
-def fit(w4: np.ndarray, k: int, rank: int, C, Gt, mu, mut, correct_bias: bool) -> Factors:
+def _top_pair(m: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(U_r √Σ_r, V_r √Σ_r)`` of the rank-``rank`` truncated SVD of ``m``: from the top eigenpairs
+    of the smaller Gram matrix where ``m`` is large (a quarter of the time of the SVD of a 512×4608
+    group; the product ``U_r Σ_r V_rᵀ`` is the same projection of ``m``, within rounding), else from
+    the SVD."""
+    f, dg = m.shape
+    if f * dg < GRAM_FACTORS:
+        with blas_threads_for(f * dg):  # a small SVD on one thread
+            p, sv, qt = np.linalg.svd(m, full_matrices=False)
+        root = np.sqrt(sv[:rank])
+        return p[:, :rank] * root, qt[:rank].T * root
+    wide = f <= dg
+    g = m @ m.T if wide else m.T @ m  # numpy takes it to BLAS syrk
+    n = len(g)
+    ev, vec = eigh(g, subset_by_index=[n - rank, n - 1], overwrite_a=True, check_finite=False)
+    ev, vec = ev[::-1], vec[:, ::-1]
+    sv = np.sqrt(np.clip(ev, 0.0, None))
+    inv_root = np.where(sv > 0, 1 / np.sqrt(np.where(sv > 0, sv, 1.0)), 0.0)
+    root = np.sqrt(sv)
+    other = (m.T @ vec if wide else m @ vec) * inv_root  # V √Σ = Mᵀ U / √Σ (or U √Σ = M V / √Σ)
+    return (vec * root, other) if wide else (other, vec * root)
+
+
+def fit(w4: np.ndarray, k: int, rank: int, C, Gt, mu, mut, correct_bias: bool, wc=None) -> Factors:
+    """The layer's factors from its centred moments (module docstring); ``wc`` is ``W C`` where the
+    caller has it."""
     f = w4.shape[0]
     w2 = np.asarray(w4, np.float64).reshape(f, -1)
     d = w2.shape[1]
     dg = d // k
     # d × d factorisations on every BLAS thread (they thread well; the sweep waits for them)
-    Lfull = regularised_cholesky(_ridge(Gt))
+    Lfull = regularised_cholesky(_ridge(Gt), overwrite=True)  # _ridge's array is the work space
     # T = W C G̃⁻¹ via the Cholesky factor: G̃⁻¹ = L̃⁻ᵀ L̃⁻¹
-    T = cho_solve((Lfull, True), (w2 @ C).T, check_finite=False).T
+    T = cho_solve((Lfull, True), (w2 @ C if wc is None else wc).T, check_finite=False).T
     a = np.empty((k, f, rank))
     b = np.empty((k, rank, dg))
     for i in range(k):
         sl = slice(i * dg, (i + 1) * dg)
-        L = regularised_cholesky(_ridge(Gt[sl, sl])) if k > 1 else Lfull  # k = 1: the same factor
-        with blas_threads_for(f * dg):  # a small SVD on one thread
-            p, sv, qt = np.linalg.svd(T[:, sl] @ L, full_matrices=False)
-        root = np.sqrt(sv[:rank])
-        a[i] = p[:, :rank] * root
-        b[i] = solve_triangular(L, qt[:rank].T * root, trans="T", lower=True, check_finite=False).T
+        L = regularised_cholesky(_ridge(Gt[sl, sl]), overwrite=True) if k > 1 else Lfull  # k = 1: the same
+        a[i], vr = _top_pair(T[:, sl] @ L, rank)
+        b[i] = solve_triangular(L, vr, trans="T", lower=True, check_finite=False).T
     enc, dec = to_conv_weights(a, b, "s0", w4.shape)
     delta = None
     if correct_bias:
@@ -159,12 +181,17 @@ def _fit_and_measure(base: Source, l, cfg, emodel, C, Gt, mu, mut) -> tuple[Fact
 
     w4 = base.weight4(l)
     correct = emodel.bias_correction and l.bias_constant
-    fac = fit(w4, cfg.k, cfg.rank, C, Gt, mu, mut, correct)
+    wc = np.asarray(w4, np.float64).reshape(w4.shape[0], -1) @ C  # W C, for the fit and the error
+    fac = fit(w4, cfg.k, cfg.rank, C, Gt, mu, mut, correct, wc=wc)
     st = emodel.stats(base, l)  # the original inputs' covariance and output energy
     # on W/scale, as st.energy is (error_model.LayerStats): weights near 1e200 would overflow to inf here
     w2 = np.asarray(w4, np.float64).reshape(w4.shape[0], -1) / st.scale
     wh = reconstruct(fac, w4.shape).reshape(w4.shape[0], -1) / st.scale
-    err = trace_form(w2, st.cov) - 2 * trace_form(wh, C.T, w2) + trace_form(wh, Gt)
+    # ‖W X − Ŵ X̃‖² / n = tr(W Σ Wᵀ) − 2 tr(W C Ŵᵀ) + tr(Ŵ G̃ Ŵᵀ); the first is the output energy less its
+    # mean's (LayerStats: energy = tr(W E[xxᵀ] Wᵀ)), the second reuses the fit's W C: one d × d
+    # product a layer instead of three
+    mean_out = w2 @ st.mean
+    err = st.energy - float(mean_out @ mean_out) - 2 * float(np.sum(wc * wh)) / st.scale + trace_form(wh, Gt)
     if not correct:  # the mean shift stays in the error
         m = w2 @ mu - wh @ mut
         err += float(m @ m)

@@ -46,7 +46,9 @@ def reference(x: np.ndarray, tap: Tap) -> Moments:
     return Moments(p.T @ p, p.sum(axis=0), len(p))
 
 
-def assert_moments_equal(a: Moments, b: Moments, tol=1e-10):
+def assert_moments_equal(a: Moments, b: Moments, tol=2e-6):
+    """Within the rounding of float32 products (a float32 activation's patches are multiplied in
+    float32 a block at a time, moments.accumulate), against a float64 reference."""
     assert a.count == b.count
     assert a.gram.shape == b.gram.shape
     assert rel_err(b.gram, a.gram) <= tol
@@ -347,6 +349,21 @@ def test_covariance_and_mean():
     np.testing.assert_allclose(m.mean, p.mean(0), rtol=1e-12)
     np.testing.assert_allclose(m.covariance(), np.cov(p.T, bias=True), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(m.covariance(centered=False), p.T @ p / len(p), rtol=1e-12)
+
+
+def test_float32_activations_multiply_in_float32_blocks_float64_ones_exactly(monkeypatch):
+    """A float32 activation's moments from float32 products, block by block, are within the float32
+    rounding of the float64 ones (the blocks summed in float64); a float64 activation's are float64's."""
+    x = (np.random.default_rng(5).standard_normal((64, 8, 12, 12)) + 3.0)  # a mean far from zero
+    tap = Tap("conv", "x", "conv", (3, 3), pads=(1, 1, 1, 1), channels=8)
+    exact = patches(x.astype(np.float32).astype(np.float64), tap)
+    monkeypatch.setattr(cal.moments, "SINGLE_CHUNK", 72 * 4 * 1000)  # blocks of 1,000 patches: 10 of them
+    single = cal.accumulate(None, x.astype(np.float32), tap)
+    double = cal.accumulate(None, x.astype(np.float32).astype(np.float64), tap)
+    assert single.gram.dtype == np.float64 and single.count == len(exact)
+    assert rel_err(exact.T @ exact, double.gram) <= 1e-12
+    assert 1e-10 < rel_err(exact.T @ exact, single.gram) <= 2e-6  # float32 rounding, not float64's
+    np.testing.assert_allclose(single.covariance(), np.cov(exact.T, bias=True), rtol=1e-4, atol=1e-5)
 
 
 def test_iter_batches_rebatches_a_stream():

@@ -40,6 +40,23 @@ def output_error(model, new, feeds, bias=None):
     return float(np.linalg.norm(y1 - y0) / np.linalg.norm(wx))
 
 
+@pytest.mark.parametrize("k,bias", [(1, False), (2, True), (3, False)])
+def test_sequential_fit_measures_its_real_output_error(k, bias):
+    """The sequential fit's measured error (the output energy less its mean's, the fit's W C reused)
+    is the output error onnxruntime sees; inputs with a mean far from zero, as after a ReLU."""
+    model = conv_model(f=8, c=6, kernel=(3, 3), in_hw=(9, 11), pads=(1, 1, 1, 1), bias=bias, spectrum_decay=0.8)
+    x = correlated_inputs(40, 6, (9, 11), seed=3)
+    plan = Plan([LayerPlan("conv", "conv.weight", k, "s0", 3)])
+    new, rep = onnx_alds.rewrite(model, plan=plan, calibration={"x": x}, error="data", validate=False,
+                                 hold_out=False, sequential=True)
+    assert rep.budget.get("sequential") is True
+    b = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "conv.bias")) \
+        if bias else None
+    measured = output_error(model, new, {"x": x}, bias=b)
+    assert rep.layers[0].measured_error == pytest.approx(measured, rel=1e-4)
+    assert 0.01 < measured < 1.0
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("kernel,strides,pads", [((3, 3), None, (1, 1, 1, 1)), ((3, 1), (2, 1), (0, 0, 1, 0))])
 def test_data_error_equals_output_error_on_calibration_data(k, kernel, strides, pads):

@@ -91,6 +91,7 @@ def choose_measured(run: Run, *, metric: str, fraction: float, guard=None) -> Ch
         if searched is not None:
             options.append((searched.rel_l2, label, got, searched, True))
     err, picked, kept, built, refitted_ = min(options, key=lambda o: o[0])
+    options = got = searched = None  # the other candidates' models go before the refit's sweep (memory)
     _keep(kept, built, refitted_)
     if refitted_:
         kept.budget["sequential_refit"] = {"sequential_rel_l2": err, "kept": "sequential",
