@@ -114,8 +114,11 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
     if fixed is not None and data == "calibration":
         feeds = _whole_batches(feeds, fixed)
         batch = int(next(iter(feeds.values())).shape[0]) if feeds else batch
-    # latency at batch 1 (the model's fixed batch where it has one), as documented, whichever the inputs
-    timing_feeds = {k: v[:fixed or 1] for k, v in feeds.items()}
+    # latency at batch 1 (the model's fixed batch where it has one), as documented, whichever the inputs;
+    # random inputs are made again at batch 1 (only a dynamic first axis is a batch: a scalar or a
+    # fixed-length input stays as it is)
+    timing_feeds = random_inputs(s0, input_shapes, batch=1, seed=seed) if data == "random" else \
+        {k: v[:fixed or 1] for k, v in feeds.items()}
     names = [o.name for o in s0.get_outputs()]
     try:
         before = run_batched(s0, feeds, fixed)
