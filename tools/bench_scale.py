@@ -13,7 +13,8 @@ candidates, factorize = factors and the sequential fit, emit, validate).
 Models: ``resnet20`` (the shipped models/resnet20_digits.onnx), ``resnet50``
 (tools/synthetic_models.py, random weights), ``bert`` (a 12-layer
 BERT-base-sized ``nn.TransformerEncoder``, random weights, exported with
-``onnx_alds.torch.export``), ``chainN`` (N 1×1 convs), and one large layer:
+``onnx_alds.torch.export``), ``encN`` (the same with N layers 128 wide, 4 heads, for depth:
+``--models enc2,enc8 --samples 64``), ``chainN`` (N 1×1 convs), and one large layer:
 ``gemmN`` (an N×N Gemm, ``gemm4096``: 64 MB of float32) and ``convCkK`` (a C×C
 Conv with a K×K kernel, ``conv1024k4``: 64 MB), seeded normal weights scaled
 by 1/√fan-in.  Peak RSS is also given less the imports' (``python`` importing
@@ -51,7 +52,8 @@ STAGES = ("extract", "calibrate", "errors", "select", "candidates", "factorize",
 DEFAULT_MODELS = "resnet20,resnet50,bert,chain5000"
 
 
-def _bert(path: Path) -> None:
+def _encoder(path: Path, layers: int = 12, width: int = 768, heads: int = 12, ffn: int = 3072) -> None:
+    """An ``nn.TransformerEncoder`` (random weights, seed 0) exported with ``onnx_alds.torch.export``."""
     import torch
     from torch import nn
 
@@ -60,14 +62,14 @@ def _bert(path: Path) -> None:
     class Encoder(nn.Module):
         def __init__(self):
             super().__init__()
-            layer = nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, batch_first=True)
-            self.enc = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+            layer = nn.TransformerEncoderLayer(width, heads, ffn, dropout=0.0, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
         def forward(self, x):
             return self.enc(x)
 
     torch.manual_seed(0)
-    export(Encoder().eval(), (torch.randn(2, 32, 768),), path)
+    export(Encoder().eval(), (torch.randn(2, 32, width),), path)
 
 
 def single_layer(name: str) -> onnx.ModelProto | None:
@@ -107,7 +109,9 @@ def model_path(name: str, work: Path) -> Path:
         return path
     work.mkdir(parents=True, exist_ok=True)
     if name == "bert":
-        _bert(path)
+        _encoder(path)
+    elif re.fullmatch(r"enc\d+", name):
+        _encoder(path, layers=int(name[3:]), width=128, heads=4, ffn=512)
     elif name.startswith("chain"):
         onnx.save(synthetic_models.chain(int(name[5:] or 400)), str(path))
     elif name == "resnet50":
