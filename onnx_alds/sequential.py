@@ -45,6 +45,7 @@ import onnx
 from scipy.linalg import cho_solve, eigh, solve_triangular
 
 from .calibration import CHUNK_BYTES, iter_batches, iter_patches, tap_for_layer
+from .calibration.moments import add_product
 from .error_model import regularised_cholesky, trace_form
 from .factorize import GRAM_FACTORS, blas_threads_for
 from .folding import to_conv_weights
@@ -73,8 +74,9 @@ class _Sums:
 
     A float32 activation's products are taken in float32 (BLAS ``sgemm``/``ssyrk``, twice as fast
     as float64: the sweep's products were half of a calibrated ResNet-50's refit) over blocks of a
-    few thousand patches, and the blocks summed in float64; the refit's factors move by about 1e-6
-    relative, the rounding of the float32 activations themselves.  Other dtypes sum in float64."""
+    few thousand patches shifted by their means (:func:`~onnx_alds.calibration.moments.add_product`),
+    and the blocks summed in float64; the refit's factors move by about 1e-6 relative, the rounding
+    of the float32 activations themselves.  Other dtypes sum in float64."""
 
     def __init__(self, d: int):
         self.C, self.G = np.zeros((d, d)), np.zeros((d, d))
@@ -84,10 +86,8 @@ class _Sums:
         single = x.dtype == np.float32 and xt.dtype == np.float32
         dtype, chunk = (np.float32, SUM_CHUNK) if single else (np.float64, CHUNK_BYTES)
         for p, pt in zip(iter_patches(x, tap, chunk, dtype), iter_patches(xt, tap, chunk, dtype)):
-            self.C += p.T @ pt
-            self.G += pt.T @ pt  # numpy takes a.T @ a to BLAS syrk
-            self.s += p.sum(0, dtype=np.float64)
-            self.st += pt.sum(0, dtype=np.float64)
+            self.s += add_product(self.C, p, pt)  # float32 blocks shifted by their means first
+            self.st += add_product(self.G, pt)
             self.n += len(p)
 
     def centred(self):

@@ -364,6 +364,12 @@ def test_float32_activations_multiply_in_float32_blocks_float64_ones_exactly(mon
     assert rel_err(exact.T @ exact, double.gram) <= 1e-12
     assert 1e-10 < rel_err(exact.T @ exact, single.gram) <= 2e-6  # float32 rounding, not float64's
     np.testing.assert_allclose(single.covariance(), np.cov(exact.T, bias=True), rtol=1e-4, atol=1e-5)
+    # a mean far larger than the spread (1,000 ± 0.01): the blocks are shifted by their means before the
+    # float32 product, so the covariance survives (unshifted float32 sums are off by 1,000× its size)
+    far = (1000 + 0.01 * np.random.default_rng(6).standard_normal((64, 8, 12, 12))).astype(np.float32)
+    ref = np.cov(patches(far.astype(np.float64), tap).T, bias=True)
+    got = cal.accumulate(None, far, tap).covariance()
+    assert np.abs(got - ref).max() <= 1e-3 * np.abs(np.diag(ref)).max()
 
 
 def test_iter_batches_rebatches_a_stream():
