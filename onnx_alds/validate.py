@@ -73,6 +73,15 @@ def _whole_batches(feeds: dict, batch: int) -> dict:
     return {k: v[: n - n % batch] for k, v in feeds.items()}
 
 
+def _timing_feeds(sess, feeds: dict, data: str, fixed: int | None, input_shapes, seed: int) -> dict:
+    """Latency is timed at batch 1 (the model's fixed batch where it has one), as documented, whichever
+    the inputs: random ones are made again at batch 1 (only a dynamic first axis is a batch: a scalar
+    or a fixed-length input stays as it is), calibration samples are the first of them."""
+    if data == "random":
+        return random_inputs(sess, input_shapes, batch=1, seed=seed)
+    return {k: v[:fixed or 1] for k, v in feeds.items()}
+
+
 def run_batched(sess, feeds: dict, batch: int | None) -> list:
     """``sess.run`` on ``feeds``, in slices of the model's fixed ``batch`` (outputs joined on the first axis)."""
     n = len(next(iter(feeds.values()))) if feeds else 0
@@ -114,11 +123,7 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
     if fixed is not None and data == "calibration":
         feeds = _whole_batches(feeds, fixed)
         batch = int(next(iter(feeds.values())).shape[0]) if feeds else batch
-    # latency at batch 1 (the model's fixed batch where it has one), as documented, whichever the inputs;
-    # random inputs are made again at batch 1 (only a dynamic first axis is a batch: a scalar or a
-    # fixed-length input stays as it is)
-    timing_feeds = random_inputs(s0, input_shapes, batch=1, seed=seed) if data == "random" else \
-        {k: v[:fixed or 1] for k, v in feeds.items()}
+    timing_feeds = _timing_feeds(s0, feeds, data, fixed, input_shapes, seed)
     names = [o.name for o in s0.get_outputs()]
     try:
         before = run_batched(s0, feeds, fixed)

