@@ -45,7 +45,7 @@ import onnx
 from scipy.linalg import cho_solve, eigh, solve_triangular
 
 from .calibration import CHUNK_BYTES, iter_batches, iter_patches, tap_for_layer
-from .calibration.moments import add_product
+from .calibration.moments import block_shift, single_chunk
 from .error_model import regularised_cholesky, trace_form
 from .factorize import GRAM_FACTORS, blas_threads_for
 from .folding import to_conv_weights
@@ -66,41 +66,46 @@ def _session(model, name, providers, threads):
     return session(serialized_with_outputs(model, [name]), providers, threads)
 
 
-SUM_CHUNK = 16 << 20  # bytes of float32 patches per product: a few thousand rows summed in float32
-
-
 class _Sums:
     """Streamed moments of a layer's original patches ``x`` and compressed-prefix patches ``x̃``.
 
     A float32 activation's products are taken in float32 (BLAS ``sgemm``/``ssyrk``, twice as fast
     as float64: the sweep's products were half of a calibrated ResNet-50's refit) over blocks of a
-    few thousand patches shifted by their means (:func:`~onnx_alds.calibration.moments.add_product`),
-    and the blocks summed in float64; the refit's factors move by about 1e-6 relative, the rounding
-    of the float32 activations themselves.  Other dtypes sum in float64."""
+    few thousand patches, summed in float64, after fixed shifts near the means (``block_shift`` of
+    the first block): the centred moments do not depend on a shift, and the rounding is then
+    relative to the data's spread, not its mean.  The refit's factors move by about 1e-6 relative,
+    the rounding of the float32 activations themselves.  Other dtypes sum in float64."""
 
     def __init__(self, d: int):
         self.C, self.G = np.zeros((d, d)), np.zeros((d, d))
         self.s, self.st, self.n = np.zeros(d), np.zeros(d), 0
+        self.c = self.ct = None  # the shifts of x and x̃ (zero for float64 patches)
 
     def add(self, x, xt, tap) -> None:
         single = x.dtype == np.float32 and xt.dtype == np.float32
-        dtype, chunk = (np.float32, SUM_CHUNK) if single else (np.float64, CHUNK_BYTES)
+        dtype, chunk = (np.float32, single_chunk(tap.d)) if single else (np.float64, CHUNK_BYTES)
         for p, pt in zip(iter_patches(x, tap, chunk, dtype), iter_patches(xt, tap, chunk, dtype)):
-            self.s += add_product(self.C, p, pt)  # float32 blocks shifted by their means first
-            self.st += add_product(self.G, pt)
+            if self.c is None:
+                self.c, self.ct = (block_shift(p), block_shift(pt)) if single else (np.zeros(p.shape[1]),) * 2
+            p -= self.c.astype(p.dtype)  # the blocks are temporaries of iter_patches
+            pt -= self.ct.astype(pt.dtype)
+            self.C += p.T @ pt
+            self.G += pt.T @ pt  # numpy takes a.T @ a to BLAS syrk
+            self.s += p.sum(0, dtype=np.float64)
+            self.st += pt.sum(0, dtype=np.float64)
             self.n += len(p)
 
     def centred(self):
         """``(C, G̃, μ, μ̃)`` of the module docstring, made in place of the sums (they are d × d: a
         ResNet-50 layer's are 170 MB each), which are gone after this."""
-        mu, mut = self.s / self.n, self.st / self.n
+        mu, mut = self.s / self.n, self.st / self.n  # of the shifted patches
         C, G = self.C, self.G
         self.C = self.G = None
         for m, left in ((C, mu), (G, mut)):
             m /= self.n
             for i in range(0, len(m), 256):  # the outer product a block of rows at a time
                 m[i:i + 256] -= np.outer(left[i:i + 256], mut)
-        return C, G, mu, mut
+        return C, G, mu + self.c.astype(np.float64), mut + self.ct.astype(np.float64)
 
 
 def _moments(s_orig, s_comp, name, tap, data, batch_size):

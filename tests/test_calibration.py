@@ -372,6 +372,17 @@ def test_float32_activations_multiply_in_float32_blocks_float64_ones_exactly(mon
     assert np.abs(got - ref).max() <= 1e-3 * np.abs(np.diag(ref)).max()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_patch_blocks_are_new_arrays(dtype):
+    """Moments shift float32 blocks in place: a block must never be a view of the activation, even
+    where its layout would allow one (one channel, a 1×1 kernel, no padding; a linear tap)."""
+    x = np.random.default_rng(7).standard_normal((3, 1, 4, 5)).astype(np.float32)
+    for tap, a in ((Tap("c", "x", "conv", (1, 1), channels=1), x),
+                   (Tap("l", "x", "linear", channels=5, spatial_rank=0), x.reshape(12, 5))):
+        for block in cal.iter_patches(a, tap, dtype=dtype):
+            assert not np.shares_memory(block, a)
+
+
 def test_iter_batches_rebatches_a_stream():
     spec = {"x": (np.dtype(np.float32), ["N", 2])}
     feeds = [{"x": np.full((n, 2), i, np.float32)} for i, n in enumerate((1, 4, 2, 6))]

@@ -46,15 +46,43 @@ def taps_for(layers) -> list[Tap]:
     return [t for t in map(tap_for_layer, layers) if t is not None]
 
 
+def block_shift(p: np.ndarray) -> np.ndarray:
+    """A float32 shift near the column means of a float32 block (from a sample of its rows): products
+    of the shifted block round relative to the data's spread, not to its mean."""
+    return p[:: max(1, len(p) // 64)].mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
 @dataclass
 class Moments:
-    gram: np.ndarray  # (d, d) float64: Σ over all patches of x xᵀ
+    """``Σ x xᵀ``, ``Σ x`` and the count of a stream of patches ``x``, in float64.
+
+    Float32 patches are multiplied in float32 (BLAS ``ssyrk``: half the time of float64, most of a
+    calibrated ResNet-50's capture) in blocks of a few thousand rows (:func:`accumulate`), after a
+    fixed shift ``c`` near their mean (:func:`block_shift`, from the first block): ``raw`` then holds
+    ``Σ (x−c)(x−c)ᵀ`` and the rounding is relative to the data's spread, not its mean (an activation
+    of mean 1,000 and spread 0.01 keeps its covariance; unshifted float32 sums lose it entirely).
+    :attr:`gram` puts the shift back once, in float64, when it is read."""
+
+    raw: np.ndarray  # (d, d) float64: Σ x xᵀ, or Σ (x−shift)(x−shift)ᵀ while ``shift`` is set
     sum: np.ndarray  # (d,) float64: Σ x
     count: int  # number of patches (rows)
+    shift: np.ndarray | None = None  # (d,) float32 shift of the float32 patches in ``raw``
+    shifted_sum: np.ndarray | None = None  # (d,) float64: Σ (x − shift)
 
     @classmethod
     def zeros(cls, d: int) -> Moments:
         return cls(np.zeros((d, d)), np.zeros(d), 0)
+
+    @property
+    def gram(self) -> np.ndarray:
+        """``Σ x xᵀ`` (the shift put back: ``+ s cᵀ + c (s + n c)ᵀ``, ``s = Σ (x − c)``)."""
+        if self.shift is not None:
+            c = self.shift.astype(np.float64)
+            s = self.shifted_sum
+            self.raw += np.outer(s, c)
+            self.raw += np.outer(c, s + self.count * c)
+            self.shift = self.shifted_sum = None
+        return self.raw
 
     @property
     def d(self) -> int:
@@ -72,12 +100,23 @@ class Moments:
         m = self.mean
         return second - np.outer(m, m)
 
-    def add(self, patches: np.ndarray) -> None:
-        """Add the rows of ``patches`` (rows × d) in place: their product in their own precision
-        (float32 patches: a block of a few thousand, :func:`accumulate`; see :func:`add_product`),
-        summed in float64."""
-        x = np.asarray(patches) if patches.dtype in (np.float32, np.float64) else np.asarray(patches, np.float64)
-        self.sum += add_product(self.gram, x)
+    def add(self, patches: np.ndarray, overwrite: bool = False) -> None:
+        """Add the rows of ``patches`` (rows × d) in place (float32 ones as the class docstring says;
+        ``overwrite``: they may be shifted in place)."""
+        x = np.asarray(patches)
+        if x.dtype == np.float32 and (self.shift is not None or self.count == 0):
+            if self.shift is None:
+                self.shift, self.shifted_sum = block_shift(x), np.zeros(self.d)
+            xs = np.subtract(x, self.shift, out=x if overwrite and x.flags.writeable else None)
+            self.raw += xs.T @ xs  # ssyrk, added into float64 without a float64 copy
+            s = xs.sum(axis=0, dtype=np.float64)
+            self.shifted_sum += s
+            self.sum += s + len(x) * self.shift.astype(np.float64)
+        else:
+            x = np.asarray(x, np.float64)
+            gram = self.gram  # the shift put back first, if any
+            gram += x.T @ x  # numpy takes x.T @ x to BLAS syrk
+            self.sum += x.sum(axis=0)
         self.count += len(x)
 
     def merge(self, other: Moments) -> Moments:
@@ -86,62 +125,27 @@ class Moments:
         return Moments(self.gram + other.gram, self.sum + other.sum, self.count + other.count)
 
 
-SINGLE_CHUNK = 16 << 20  # bytes of float32 patches a product sums in float32 (a few thousand rows)
+SINGLE_CHUNK = 16 << 20  # bytes of float32 patches a product sums in float32 (a few thousand rows) ...
+SINGLE_ROWS = 4096  # ... and at least this many rows, so that adding the d × d product stays a small part
 
 
-def _outer_into(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """``acc += a bᵀ`` in place (BLAS ``dger`` on the transposed view: no d × d temporary)."""
-    from scipy.linalg.blas import dger
-
-    if acc.flags.c_contiguous:
-        dger(1.0, b, a, a=acc.T, overwrite_a=1)
-    else:
-        acc += np.outer(a, b)
-
-
-def add_product(acc: np.ndarray, p: np.ndarray, q: np.ndarray | None = None) -> np.ndarray:
-    """``acc += pᵀ q`` (``pᵀ p`` without ``q``) for row blocks ``p``, ``q`` (rows × d, the same rows);
-    returns ``Σ p`` over the rows, in float64.  Float64 blocks are multiplied as they are.  A float32
-    block is first shifted by its column means (``p = p_s + c``), multiplied in float32 (BLAS
-    ``ssyrk``/``sgemm``: twice as fast) and the shift put back in float64:
-    ``pᵀ q = p_sᵀ q_s + s_p c_qᵀ + c_p (s_q + n c_q)ᵀ`` with ``s`` the shifted blocks' column sums.
-    The float32 rounding is then relative to the data's spread, not to its mean: an activation of
-    mean 1,000 and spread 0.01 keeps its covariance (unshifted, float32 sums lose it entirely)."""
-    if p.dtype != np.float32 or (q is not None and q.dtype != np.float32):
-        p = np.asarray(p, np.float64)
-        q = p if q is None else np.asarray(q, np.float64)
-        acc += p.T @ q  # numpy takes p.T @ p to BLAS syrk
-        return p.sum(axis=0, dtype=np.float64)
-    n = len(p)
-    cp = p.mean(axis=0, dtype=np.float64).astype(np.float32)
-    ps = p - cp
-    sp = ps.sum(axis=0, dtype=np.float64)
-    cp64 = cp.astype(np.float64)
-    if q is None:
-        acc += ps.T @ ps  # ssyrk; added into float64 without a float64 copy
-        qs, sq, cq64 = ps, sp, cp64
-    else:
-        cq = q.mean(axis=0, dtype=np.float64).astype(np.float32)
-        qs = q - cq
-        sq, cq64 = qs.sum(axis=0, dtype=np.float64), cq.astype(np.float64)
-        acc += ps.T @ qs
-    _outer_into(acc, sp, cq64)
-    _outer_into(acc, cp64, sq + n * cq64)
-    return sp + n * cp64
+def single_chunk(d: int) -> int:
+    """Bytes of one block of float32 patches of length ``d`` (:data:`SINGLE_CHUNK`, :data:`SINGLE_ROWS`)."""
+    return max(SINGLE_CHUNK, SINGLE_ROWS * 4 * max(d, 1))
 
 
 def accumulate(moments: Moments | None, x: np.ndarray, tap: Tap) -> Moments:
     """``moments`` (new ones when None) plus the patches of activation ``x``.  A float32 activation's
     patches are multiplied in float32 (BLAS ``ssyrk``: half the time of float64, the most of a
-    calibrated ResNet-50's capture) over blocks of at most :data:`SINGLE_CHUNK` bytes, and the
+    calibrated ResNet-50's capture) over blocks of :func:`single_chunk` bytes, and the
     blocks summed in float64: each entry of the second moment within about 1e-6 of the float64 one,
     relative to its row's and column's energy."""
     single = x.dtype == np.float32
-    blocks = iter_patches(x, tap, SINGLE_CHUNK, np.float32) if single else iter_patches(x, tap)
+    blocks = iter_patches(x, tap, single_chunk(tap.d), np.float32) if single else iter_patches(x, tap)
     for block in blocks:
         if moments is None:
             moments = Moments.zeros(block.shape[1])
-        moments.add(block)
+        moments.add(block, overwrite=True)  # the block is a temporary of iter_patches
     if moments is not None and not np.isfinite(moments.sum).all():
         raise UsageError(f"the input of layer {tap.name!r} contains NaN or Inf on the calibration data")
     return moments

@@ -57,7 +57,8 @@ def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES,
                  dtype=np.float64) -> Iterator[np.ndarray]:
     """The patches of activation ``x`` as row blocks (rows × d) of ``dtype``, each at
     most ``chunk_bytes`` (or one output line); rows in the order of the output
-    positions (sample, then output row, then output col)."""
+    positions (sample, then output row, then output col).  Every block is a new array,
+    never a view of ``x``: callers may change it in place."""
     size = np.dtype(dtype).itemsize
     if tap.kind == "linear":
         c = x.shape[-1]
@@ -101,7 +102,7 @@ def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES,
         win = np.lib.stride_tricks.sliding_window_view(xp, (span1, span2), axis=(2, 3))
         win = win[:, :, ::s1, ::s2, ::d1, ::d2][:, :, :ho, :wo].transpose(0, 2, 3, 1, 4, 5)
         for r in range(0, ho, lines):
-            yield np.ascontiguousarray(win[:, r : r + lines], dtype=dtype).reshape(-1, d)
+            yield np.array(win[:, r : r + lines], dtype=dtype, order="C").reshape(-1, d)  # a copy, always
 
 
 def upsampled(x: np.ndarray, tap: Tap) -> np.ndarray:
