@@ -46,6 +46,7 @@ from .errors import UsageError
 from .factorize import (
     LARGE_FOLD,
     block_gram,
+    per_layer,
     reconstruct,
     residual_norm,
     top_eigenvalue,
@@ -201,19 +202,19 @@ class LayerStats:
 
     @classmethod
     def from_moments(cls, m, w2: np.ndarray) -> LayerStats:
-        """From streamed moments, with one d × d array (the covariance, made in place from the second
-        moment): a ResNet-50's 3×3 convs have d = 4,608, 170 MB each in float64."""
+        """From streamed moments, with one d × d array (the covariance): a ResNet-50's 3×3 convs have
+        d = 4,608, 170 MB each in float64."""
         n = max(int(m.count), 1)
         mean = m.sum / n
-        cov = m.gram / n  # the second moment, for the energy, then centred in place
+        cov = m.covariance()  # centred (from the shifted sums where the patches were float32)
         if not np.array_equal(cov, cov.T):  # BLAS syrk sums are symmetric already; a stream's may not be
             cov += cov.T
             cov *= 0.5
         scale = float(np.abs(w2).max()) if w2.size else 1.0
         scale = scale if far_from_one(scale) else 1.0
         w2 = w2 / scale if scale != 1.0 else w2
-        energy = trace_form(w2, cov)
-        cov -= np.outer(mean, mean)
+        out_mean = w2 @ mean
+        energy = trace_form(w2, cov) + float(out_mean @ out_mean)  # tr(W E[xxᵀ] Wᵀ) = tr(W Σ Wᵀ) + ‖W μ‖²
         return cls(cov, mean, max(energy, 0.0), scale)
 
 
@@ -347,7 +348,9 @@ class DataError:
         tasks = [(l, k) for l in layers for k in sorted({k for k, s in configs[l.name] if s == "s0"})]
         # in their stored dtype (float64 a task at a time): a BERT-base encoder's weights are 680 MB in float64
         w2s = {l.name: np.asarray(source.weight4(l)).reshape(l.geometry.f, -1) for l in layers}
-        stats = {l.name: self.stats(source, l) for l in layers}
+        # each layer's statistics (a d × d covariance from its moments) in threads, one BLAS thread each
+        stats = dict(zip((l.name for l in layers), per_layer(lambda l: self.stats(source, l), layers,
+                                                             lambda l: l.geometry.params)))
 
         def work(task):
             l, k = task

@@ -93,12 +93,17 @@ class Moments:
         return self.sum / max(self.count, 1)
 
     def covariance(self, centered: bool = True) -> np.ndarray:
-        """``gram/count − mean meanᵀ`` (or ``gram/count`` when not centered)."""
-        second = self.gram / max(self.count, 1)
+        """``gram/count − mean meanᵀ`` (or ``gram/count`` when not centered), a new array.  Centred,
+        it is taken from the shifted sums as they are (a covariance does not depend on a shift), in
+        blocks of rows: no d × d temporary, and exactly symmetric where the sums are."""
+        n = max(self.count, 1)
         if not centered:
-            return second
-        m = self.mean
-        return second - np.outer(m, m)
+            return self.gram / n
+        cov = self.raw / n
+        m = (self.shifted_sum if self.shift is not None else self.sum) / n
+        for i in range(0, len(cov), 256):
+            cov[i:i + 256] -= np.outer(m[i:i + 256], m)
+        return cov
 
     def add(self, patches: np.ndarray, overwrite: bool = False) -> None:
         """Add the rows of ``patches`` (rows × d) in place (float32 ones as the class docstring says;
