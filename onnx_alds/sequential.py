@@ -45,7 +45,7 @@ import onnx
 from scipy.linalg import cho_solve, eigh, solve_triangular
 
 from .calibration import CHUNK_BYTES, iter_batches, iter_patches, tap_for_layer
-from .calibration.moments import block_shift, single_chunk
+from .calibration.moments import add_outer, block_shift, single_chunk
 from .error_model import regularised_cholesky, trace_form
 from .factorize import GRAM_FACTORS, blas_threads_for
 from .folding import to_conv_weights
@@ -87,8 +87,9 @@ class _Sums:
         for p, pt in zip(iter_patches(x, tap, chunk, dtype), iter_patches(xt, tap, chunk, dtype)):
             if self.c is None:
                 self.c, self.ct = (block_shift(p), block_shift(pt)) if single else (np.zeros(p.shape[1]),) * 2
-            p -= self.c.astype(p.dtype)  # the blocks are temporaries of iter_patches
-            pt -= self.ct.astype(pt.dtype)
+            if single:  # the blocks are temporaries of iter_patches: shifted in place
+                p -= self.c
+                pt -= self.ct
             self.C += p.T @ pt
             self.G += pt.T @ pt  # numpy takes a.T @ a to BLAS syrk
             self.s += p.sum(0, dtype=np.float64)
@@ -103,8 +104,7 @@ class _Sums:
         self.C = self.G = None
         for m, left in ((C, mu), (G, mut)):
             m /= self.n
-            for i in range(0, len(m), 256):  # the outer product a block of rows at a time
-                m[i:i + 256] -= np.outer(left[i:i + 256], mut)
+            add_outer(m, left, mut, -1.0)
         return C, G, mu + self.c.astype(np.float64), mut + self.ct.astype(np.float64)
 
 
