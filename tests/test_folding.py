@@ -5,7 +5,7 @@ import pytest
 from onnx import numpy_helper
 
 from graphs import conv_model
-from onnx_alds import apply_plan
+from onnx_alds import apply_plan, rewrite
 from onnx_alds.cost import Geometry, factorized_params, full_rank
 from onnx_alds.factorize import factorize
 from onnx_alds.folding import SCHEMES, distinct_schemes, divisors, fold, unfold
@@ -84,3 +84,31 @@ def test_float16_factors_stay_float16():
     w = np.random.default_rng(2).standard_normal((8, 4, 3, 3)).astype(np.float16)
     enc, dec = factorize(w, "s0", 2, 3)
     assert enc.dtype == np.float16 and dec.dtype == np.float16
+
+
+@pytest.mark.parametrize("error,k,scheme", [("spectral", 1, "s0"), ("spectral", 1, "s1"), ("paper", 1, "s3"),
+                                            ("frobenius", 2, "s0"), ("frobenius", 3, "s2")])
+@pytest.mark.parametrize("shape,decay", [((8, 6, 3, 3), None), ((8, 6, 3, 3), 0.7),
+                                         ((192, 192, 3, 3), None), ((192, 192, 3, 3), 0.97)])
+def test_reported_error_of_a_truncated_svd_is_its_residual(error, k, scheme, shape, decay):
+    """Where the error curve is a truncated SVD's residual itself (k = 1 under the operator norm, any k
+    under Frobenius), the rewrite reports the curve's value instead of measuring the residual again
+    (``WeightError.known_error``): it must equal the norm of the residual of the float32 weights
+    written to the file, computed here in float64, for small layers (SVD) and large ones (factors from
+    a float32 Gram matrix), flat spectra and decaying ones."""
+    f, c, k1, k2 = shape
+    model = conv_model(f=f, c=c, kernel=(k1, k2), in_hw=(7, 7), spectrum_decay=decay)
+    w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    rank = full_rank(Geometry(f, c, (k1, k2), None, None), k, scheme) // 3
+    new, rep = rewrite(model, plan=Plan([LayerPlan("conv", "conv.weight", k, scheme, rank)]), error=error,
+                       validate=False, compare=False)
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in new.graph.initializer}
+    e = w - compose(inits["conv/alds_encoder.weight"], inits["conv/alds_decoder.weight"], k)
+    if error == "frobenius":
+        real = np.linalg.norm(e) / np.linalg.norm(w)
+    else:
+        real = np.linalg.norm(fold(e, scheme, 1)[0], 2) / np.linalg.norm(fold(w, scheme, 1)[0], 2)
+    (layer,) = rep.layers
+    assert 0.01 < real < 1
+    assert layer.measured_error == pytest.approx(real, rel=1e-6)
+    assert layer.rel_error == pytest.approx(real, rel=1e-6)

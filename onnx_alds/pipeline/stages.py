@@ -405,8 +405,12 @@ def factor_layers(emodel, source: Source, layers: list, choices: dict, given: di
     """Each layer's factors (``given``'s where it has them) and their measured error, the layers
     spread over the cores (:func:`~onnx_alds.factorize.per_layer`)."""
     def work(l):
-        fac = given.get(l.name) or emodel.factors(source, l, choices[l.name])
-        return fac, emodel.measure(source, l, choices[l.name], fac)
+        cfg = choices[l.name]
+        if given.get(l.name) is not None:
+            return given[l.name], emodel.measure(source, l, cfg, given[l.name])
+        fac = emodel.factors(source, l, cfg)
+        known = emodel.known_error(l, cfg)  # the curve itself, where it is the factors' real error
+        return fac, known if known is not None else emodel.measure(source, l, cfg, fac)
 
     got = per_layer(work, layers, lambda l: l.geometry.params)
     return ({l.name: g[0] for l, g in zip(layers, got)}, {l.name: g[1] for l, g in zip(layers, got)})
