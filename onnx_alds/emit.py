@@ -106,10 +106,16 @@ def emit(source: Source, info, choices: dict, factors: dict, *, progress: bool =
 
 
 def keep_untouched(original: onnx.ModelProto, new: onnx.ModelProto) -> None:
-    """What the rewrite does not touch stays: initializers no node reads
-    (graphsurgeon's export drops them) and the order of the graph inputs.
+    """What the rewrite does not touch stays: the graph inputs' and outputs' types and shapes,
+    initializers no node reads (graphsurgeon's export drops them) and the order of the graph inputs.
     ``training_info`` refers to the original weights, so it cannot stay;
     :func:`dropped` lists it for the report."""
+    # the interface keeps its types and shapes: graphsurgeon lets a shapeless value_info entry of an
+    # output's name replace the output's shape (ddddocr's models), which the strict check then refuses
+    declared = {v.name: v for v in list(original.graph.input) + list(original.graph.output)}
+    for v in list(new.graph.input) + list(new.graph.output):
+        if v.name in declared and v.type != declared[v.name].type:
+            v.type.CopyFrom(declared[v.name].type)
     have = {t.name for t in new.graph.initializer}
     read = {i for n in original.graph.node for i in n.input} | {o.name for o in original.graph.output}
     read |= names_read_inside(subgraph_bodies(original.graph))

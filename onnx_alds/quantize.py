@@ -37,7 +37,7 @@ from .calibration import first_samples, load_calibration, model_inputs
 from .calibration.data import MAX_CALIBRATION_SAMPLES  # the one calibration loader
 from .compare import compare_outputs
 from .errors import ModelError, UsageError, ValidationFailed, first_line
-from .measure.inputs import random_inputs
+from .measure.inputs import fixed_batch, random_inputs
 from .runtime import CPU, session, used_provider
 from .io import EXTERNAL_DATA_THRESHOLD, check_output_path, load_model, proto_size, save_model
 
@@ -114,13 +114,9 @@ def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, sam
     ``(batches, samples used, batch size)``.  Without calibration data,
     ``samples`` seeded random samples (``validate.random_inputs``)."""
     inputs = _graph_inputs(model)
-    fixed_batch = {}
-    for vi in inputs:
-        dims = _input_dims(vi)
-        if dims and dims[0] is not None:
-            fixed_batch[vi.name] = dims[0]
-    # a fixed first axis is the batch the model takes; otherwise ours
-    bs = next(iter(fixed_batch.values()), None) or batch
+    # a fixed first axis is the batch the model takes (measure.inputs.fixed_batch); otherwise ours
+    fixed = fixed_batch(dims[0] for dims in map(_input_dims, inputs) if dims)
+    bs = fixed or batch
     if calibration is None:
         if samples > MAX_CALIBRATION_SAMPLES:  # each random sample is held until quantization ends
             log.warning("int8 calibration uses at most %d samples, not %d", MAX_CALIBRATION_SAMPLES, samples)
@@ -136,12 +132,12 @@ def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, sam
         raise UsageError(f"the calibration arrays hold different numbers of samples ({sorted(counts)}); "
                          f"the first axis must count the same samples in every input")
     n = counts.pop() if counts else 0
-    if n == 0 or (fixed_batch and n < bs):
+    if n == 0 or (fixed is not None and n < bs):
         raise UsageError(f"the calibration data holds {n} samples, fewer than the {max(bs, 1)} the model "
                          f"takes in one batch")
-    if not fixed_batch:
+    if fixed is None:
         bs = min(bs, n)
-    n_used = n - n % bs if fixed_batch else n
+    n_used = n - n % bs if fixed is not None else n
     feeds = [{k: a[i:i + bs] for k, a in arrays.items()} for i in range(0, n_used, bs)]
     return feeds, n_used, bs
 

@@ -151,6 +151,8 @@ class Report:
 
 def _default_line(d: dict) -> str:
     """The summary's line for the default budget's search (no budget given)."""
+    if d.get("judged_on") == "no compressible layer":
+        return "no budget given and no compressible layer: the model is written unchanged"
     within = []
     if d.get("metric"):
         within.append(f"task metric drops at most {d['max_metric_drop']:.3g}")

@@ -24,7 +24,7 @@ import numpy as np
 
 from .compare import WARN_OUTPUT_ERROR, compare_outputs
 from .errors import ModelError, UsageError, ValidationFailed, first_line
-from .measure.inputs import random_inputs
+from .measure.inputs import random_inputs, session_fixed_batch
 from .measure.int8 import Int8Copies, timed_pair
 from .measure.timing import TIMING_BLOCKS, TIMING_SECONDS, interleaved_latency
 from .runtime import providers_for, session, used_provider
@@ -56,12 +56,6 @@ class Validation:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def fixed_batch(sess) -> int | None:
-    """The batch a session's inputs fix on their first axis (None when it is dynamic)."""
-    dims = [i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0]
-    return dims[0] if dims else None
 
 
 def _whole_batches(feeds: dict, batch: int) -> dict:
@@ -119,7 +113,7 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
         batch = int(next(iter(feeds.values())).shape[0]) if feeds else batch
     else:
         feeds = random_inputs(s0, input_shapes, batch=batch, seed=seed)
-    fixed = fixed_batch(s0)
+    fixed = session_fixed_batch(s0)
     if fixed is not None and data == "calibration":
         feeds = _whole_batches(feeds, fixed)
         batch = int(next(iter(feeds.values())).shape[0]) if feeds else batch
@@ -128,7 +122,10 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
     try:
         before = run_batched(s0, feeds, fixed)
     except Exception as e:
-        raise ModelError(f"the input model fails to run in onnxruntime on {data} inputs: {first_line(e)}") from None
+        hint = "" if data == "calibration" else \
+            " (give the shapes it takes with --input-shape NAME:DIMS, or real inputs with --calibration)"
+        raise ModelError(f"the input model fails to run in onnxruntime on {data} inputs{hint}: "
+                         f"{first_line(e)}") from None
     lat0 = None
     if low_memory:
         lat0 = interleaved_latency([s0], [timing_feeds], repeats=repeats, min_seconds=TIMING_SECONDS)[0] \

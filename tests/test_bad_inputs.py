@@ -269,11 +269,40 @@ def test_model_without_compressible_layers(tmp_path, with_depthwise):
     src = save(m, tmp_path / "m.onnx")
     rc, _, err = cli("rewrite", src, tmp_path / "o.onnx", "--keep-params", "0.5")
     assert rc == 4 and "no compressible layer" in one_error_line(err) and "fraction is 1.0" in err
+    assert ("1 of its 1 layers" in err) == with_depthwise  # why: the skipped layers' reason, or no layer at all
+    assert with_depthwise or "no Conv, ConvTranspose, Gemm or MatMul" in err
     assert not (tmp_path / "o.onnx").exists()
     rc, so, err = cli("rewrite", src, tmp_path / "o.onnx", "--keep-params", "1", "--provider", "cpu")
     assert rc == 0, err
     new = onnx.load(str(tmp_path / "o.onnx"))
     assert_same_outputs(m, new, feeds_for(m), tol=0.0)
+    # no budget (the deploy step's plain command): nothing to compress is no failure; written as it is
+    (tmp_path / "o.onnx").unlink()
+    rc, so, err = cli("rewrite", src, tmp_path / "o.onnx", "--provider", "cpu")
+    assert rc == 0, err
+    assert "no compressible layer" in err and "--keep-params F compresses anyway" not in err
+    assert "no compressible layer: the model is written unchanged" in so
+    assert_same_outputs(m, onnx.load(str(tmp_path / "o.onnx")), feeds_for(m), tol=0.0)
+
+
+def test_interface_types_survive_a_shapeless_value_info(tmp_path):
+    """An output that the graph's value_info also lists, without a shape (ddddocr's OCR models ship
+    so), keeps its declared shape in the written model, which then passes the strict checker: it was
+    exit 3 ("the rewritten model fails onnx.checker") for a model written unchanged."""
+    from graphs import conv_model
+
+    m = conv_model(f=8, c=6, kernel=(3, 3), in_hw=(7, 7))
+    out = m.graph.output[0]
+    m.graph.value_info.append(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, None))
+    onnx.checker.check_model(m, full_check=True)  # the input itself is valid
+    src = save(m, tmp_path / "m.onnx")
+    for args in ([], ["--keep-params", "0.6", "--allow-slower"]):
+        rc, _, err = cli("rewrite", src, tmp_path / "o.onnx", "--provider", "cpu", *args)
+        assert rc == 0, err
+        new = onnx.load(str(tmp_path / "o.onnx"))
+        assert new.graph.output[0].type == out.type
+        onnx.checker.check_model(new, full_check=True)
+        (tmp_path / "o.onnx").unlink()
 
 
 @pytest.mark.parametrize("which", ["cnn", "naninf", "transformer"])

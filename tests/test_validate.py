@@ -127,3 +127,47 @@ def test_bench_measures_real_work(tmp_path):
     assert 0 < s["p10_ms"] and b["median_ms"] > 5 * s["median_ms"]
     assert b["speedup"] < 0.2 and s["speedup"] == 1.0
     assert b["p90_ms"] >= b["p10_ms"] > s["p90_ms"]  # the spreads do not even overlap
+
+
+def _state_model(state_dims, per_sample: bool):
+    """An input ``x`` with a dynamic batch beside a state input ``s`` of ``state_dims`` (a recurrent
+    model's ``[layers, batch, hidden]``): ``y = [x W, Σ_0 s]`` where the state holds one row per sample
+    (``per_sample``), else ``y = x W + Σ s``."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
+    axes = numpy_helper.from_array(np.array([0] if per_sample else [0, 1, 2], np.int64), "axes")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"], name="mm"),
+             helper.make_node("ReduceSum", ["s", "axes"], ["r"], keepdims=0),
+             helper.make_node("Concat", ["xw", "r"], ["y"], axis=1) if per_sample
+             else helper.make_node("Add", ["xw", "r"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
+                          helper.make_tensor_value_info("s", TensorProto.FLOAT, list(state_dims))],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 12 if per_sample else 8])],
+                  [w, axes])
+
+
+def test_a_named_dynamic_size_takes_one_value_in_every_input():
+    """The state ``[2, batch, 4]`` gets the batch the other input has (it took the default 32 for its
+    second axis, and the model could not run on its random inputs)."""
+    from onnx_alds.measure.inputs import random_inputs
+
+    m = _state_model([2, "batch", 4], per_sample=True)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=[CPU])
+    feeds = random_inputs(sess, batch=3)
+    assert feeds["x"].shape == (3, 8) and feeds["s"].shape == (2, 3, 4)
+    assert validate(m, m, repeats=1).rel_l2 == 0.0
+
+
+def test_a_fixed_state_beside_a_dynamic_batch_is_no_fixed_batch():
+    """A state input fixed at ``[1, 1, 4]`` beside an input with a dynamic batch (silero-vad's
+    sequence model): the batch stays dynamic (the state's first axis was taken for a fixed batch of 1,
+    the inputs were cut into slices of one and the state's second slice was empty)."""
+    from onnx_alds.measure.inputs import fixed_batch, session_fixed_batch
+
+    m = _state_model([1, 1, 4], per_sample=False)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=[CPU])
+    assert session_fixed_batch(sess) is None
+    assert fixed_batch([4, 4]) == 4 and fixed_batch([4, 1]) is None and fixed_batch([4, "N"]) is None
+    v = validate(m, m, repeats=1)
+    assert v.rel_l2 == 0.0 and v.inputs["x"]["shape"] == [2, 8] and v.inputs["s"]["shape"] == [1, 1, 4]

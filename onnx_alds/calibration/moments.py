@@ -28,6 +28,7 @@ import onnx
 
 from ..errors import UsageError
 from ..io import EXTERNAL_DATA_THRESHOLD, proto_size, save_model, temp_dir
+from ..measure.inputs import fixed_batch
 from ..runtime import providers_for, session, used_provider
 from .data import CalibrationStream, InputSpec, _samples, iter_batches, load_calibration, model_inputs
 from .patches import Tap, iter_patches
@@ -326,8 +327,7 @@ def _distinct(taps: list[Tap]) -> tuple[list[Tap], dict[str, str]]:
 
 
 def _fixed_batch(inputs: InputSpec) -> int | None:
-    sizes = {dims[0] for _, dims in inputs.values() if dims and isinstance(dims[0], int) and dims[0] > 0}
-    return sizes.pop() if len(sizes) == 1 else None
+    return fixed_batch(dims[0] for _, dims in inputs.values() if dims)
 
 
 def _passes(sizes: dict[str, int], batch_size: int, max_bytes: int, fixed: int | None, calibration) -> list[Pass]:

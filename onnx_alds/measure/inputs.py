@@ -15,12 +15,36 @@ ORT_DTYPES = {
 }
 
 
+def fixed_batch(first_dims) -> int | None:
+    """The batch a model fixes, from the first axis of each of its inputs (scalars left out): that
+    size where every input fixes the same one; None where any input leaves its first axis dynamic
+    (the batch is the caller's) or where they fix different sizes (the first axis is then no batch:
+    a recurrent state's ``[1, 1, 128]`` beside an audio input's ``[sequence, 576]``)."""
+    sizes = set()
+    for d in first_dims:
+        if not (isinstance(d, int) and d > 0):
+            return None
+        sizes.add(d)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def session_fixed_batch(sess) -> int | None:
+    """:func:`fixed_batch` of an onnxruntime session's inputs."""
+    return fixed_batch(i.shape[0] for i in sess.get_inputs() if i.shape)
+
+
 def random_inputs(sess, input_shapes: dict[str, list] | None = None, *, batch: int = 2, seed: int = 0,
                   default_dim: int = 32) -> dict[str, np.ndarray]:
     """Seeded inputs for every model input: dynamic batch → ``batch``, other
-    dynamic sizes from ``input_shapes`` or ``default_dim``."""
+    dynamic sizes from ``input_shapes`` or ``default_dim``.  A named dynamic size
+    (``dim_param``) takes one value wherever it appears, so that a state
+    ``[2, batch, 128]`` gets the batch its audio input ``[batch, sequence]`` has."""
     rng = np.random.default_rng(seed)
     specs, total = [], 0
+    named: dict[str, int] = {}  # dim_param → the size it was given first
+    for inp in sess.get_inputs():  # the batch's names first: axis 0 of any input
+        if inp.shape and isinstance(inp.shape[0], str) and inp.shape[0]:
+            named.setdefault(inp.shape[0], batch)
     for inp in sess.get_inputs():
         given = (input_shapes or {}).get(inp.name)
         dims = []
@@ -31,8 +55,12 @@ def random_inputs(sess, input_shapes: dict[str, list] | None = None, *, batch: i
                 dims.append(batch)
             elif given is not None and axis < len(given) and isinstance(given[axis], int):
                 dims.append(given[axis])
+            elif isinstance(d, str) and d in named:
+                dims.append(named[d])
             else:
                 dims.append(default_dim)
+            if isinstance(d, str) and d:
+                named.setdefault(d, dims[-1])
         dtype = ORT_DTYPES.get(inp.type)
         if dtype is None:
             raise ValidationFailed(f"input {inp.name!r} has type {inp.type}, which validation cannot generate")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -173,8 +174,8 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
     if source.large and source.path is not None:
         source.detach()
     emodel = error_model(c.error, moments=moments, cache_dir=opts.cache_dir, bias_correction=c.bias_correction)
-    if plan is None and not info.candidates and opts.budget.fraction < 1.0:
-        raise InfeasibleBudget("the model has no compressible layer, so the smallest reachable fraction is 1.0", 1.0)
+    if plan is None and not info.candidates and opts.budget.fraction < 1.0 and not opts.budget.default:
+        raise InfeasibleBudget(f"{no_layer_reason(info)}, so the smallest reachable fraction is 1.0", 1.0)
     objective = objective_for(opts, emodel.name, bool(cal_data), source.large)
     metric = TaskMetric.from_option(opts.validation.metric, opts.validation.max_metric_drop)
     if metric is not None:
@@ -326,6 +327,19 @@ def choose(run: Run, *, metric: str, fraction: float, guard=None, table=None, me
                   predicted_ms=sel.details.get("predicted_ms"))
 
 
+def no_layer_reason(info: ModelInfo) -> str:
+    """Why a model has no compressible layer, as the start of one sentence: the commonest reasons its
+    layers were skipped (a layer inside an If branch, a weight computed at run time, ...), or that
+    it has no layer of a kind the rewrite knows (an int8 ConvInteger model, say)."""
+    if not info.layers:
+        return ("the model has no compressible layer (no Conv, ConvTranspose, Gemm or MatMul with a float "
+                "weight; a quantized model is compressed before it is quantized)")
+    reasons = Counter(l.reason or l.status for l in info.layers if l.status != "candidate")
+    (first, n), rest = reasons.most_common(1)[0], sum(reasons.values()) - reasons.most_common(1)[0][1]
+    more = f"; {rest} more for other reasons" if rest else ""
+    return f"the model has no compressible layer ({n} of its {len(info.layers)} layers {first}{more})"
+
+
 def unchanged(run: Run, guard, why: str) -> Choice:
     """The default budget's last resort: the model is written with no layer decomposed, ``why`` (no
     factorization measured faster than its layer on this provider, or none within the output
@@ -334,7 +348,8 @@ def unchanged(run: Run, guard, why: str) -> Choice:
     log.info("the model is written with no layer decomposed: %s%s", why, int8)
     budget = {"metric": "params", "fraction": 1.0, "unchanged": True,
               "speed_guard": guard.summary() if guard is not None else None,
-              "warnings": [f"no layer was decomposed: {why}{int8}; --keep-params F compresses anyway"]}
+              "warnings": [f"no layer was decomposed: {why}{int8}"
+                           + ("; --keep-params F compresses anyway" if run.info.candidates else "")]}
     plan = Plan(layers=[], budget={"metric": "params", "fraction": 1.0, "method": "none"})
     return Choice({l.name: None for l in run.info.candidates}, plan, budget, {}, "alds", unchanged=True)
 

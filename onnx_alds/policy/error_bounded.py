@@ -24,7 +24,7 @@ from ..io import Source
 from ..metric import TaskMetric
 from ..options import DEFAULT_FRACTION, DEFAULT_RELAXED
 from ..pipeline.candidates import judge, refitted
-from ..pipeline.stages import Run, build, choose, speed_guard, use_sequential
+from ..pipeline.stages import Run, build, choose, no_layer_reason, speed_guard, use_sequential
 from .guarded import run_guarded
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,11 @@ def run_error_bounded(run: Run):
     tolerance = opts.validation.max_output_error
     if run.metric is not None:  # the user's metric judges; relative L2 only where bounded as well
         return _bounded(run, BoundState(tolerance, run.cal_split if data else "random inputs", metric=run.metric))
+    if not run.info.candidates:  # nothing to search: written as it is, and said why
+        attempt = run_guarded(run, fraction=1.0, guard=None, relax=[], unchanged_why=no_layer_reason(run.info))
+        attempt.choice.budget["default"] = {"tolerance": None, "judged_on": "no compressible layer",
+                                            "tried": [], "kept": 1.0}
+        return attempt
     if tolerance is None and not data:
         # random inputs say too little of a real model to compress it on their word (docs/real-models.md:
         # a detector's error on them was 5-23 while its recall held; a recogniser's 0.25 when it read nothing)
