@@ -371,3 +371,21 @@ def test_rewrite_is_deterministic_across_processes(resnet_onnx, tmp_path):
         assert rc == 0, err
         outs.append((out.read_bytes(), (tmp_path / f"p{seed}.json").read_bytes()))
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("command", ["rewrite", "quantize"])
+def test_calibration_for_a_fixed_state_beside_a_dynamic_batch(tmp_path, command):
+    """A state input fixed at [1, 1, 4] beside an input with a dynamic batch (silero-vad's sequence
+    model) cannot take samples on its first axis: one sentence, exit 2 (it was an internal error,
+    onnxruntime's "invalid dimensions", exit 1)."""
+    from test_validate import _state_model
+
+    src = save(_state_model([1, 1, 4], per_sample=False), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((16, 8)).astype(np.float32),
+             s=rng.standard_normal((16, 1, 4)).astype(np.float32))
+    rc, _, err = cli(command, src, tmp_path / "o.onnx", "--calibration", tmp_path / "cal.npz")
+    assert rc == 2, err
+    line = one_error_line(err)
+    assert "input 's' fixes its first axis at 1" in line and "'x'" in line
+    assert not (tmp_path / "o.onnx").exists()
