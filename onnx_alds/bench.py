@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .compare import rel_l2 as output_rel_l2
+from .errors import ModelError, first_line
 from .io import load_model
 from .measure.inputs import random_inputs
 from .measure.timing import interleaved_latency
@@ -32,6 +33,17 @@ def _same_feeds(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and np.array_equal(a[k], b[k]) for k in a)
 
 
+def _first_run(label: str, sess, feeds: dict) -> list:
+    """One run on the seeded random inputs, or one sentence naming the model (exit 3) where it cannot
+    run on them (a speech model's STFT needs more samples than the default size of a dynamic axis)."""
+    try:
+        return sess.run(None, feeds)
+    except Exception as e:
+        shapes = ", ".join(f"{k}:{list(v.shape)}" for k, v in feeds.items())
+        raise ModelError(f"{label} fails to run in onnxruntime on random inputs of shapes {shapes} (give the shapes "
+                         f"it takes with --input-shape NAME:DIMS): {first_line(e)}") from None
+
+
 def bench(paths, *, provider: str = "cpu", batches=(1,), repeats: int = 30, warmup: int = 5,
           threads: int = 2, input_shapes=None, seed: int = 0, order_log: list | None = None,
           labels: list[str] | None = None, spinning: bool = False, min_seconds: float = 0.5) -> list[dict]:
@@ -51,9 +63,8 @@ def bench(paths, *, provider: str = "cpu", batches=(1,), repeats: int = 30, warm
     rows = []
     for batch in batches:
         feeds = [random_inputs(s, input_shapes, batch=batch, seed=seed) for s in sessions]
-        ref = sessions[0].run(None, feeds[0])
-        errors = [rel_l2(ref, s.run(None, f)) if _same_feeds(feeds[0], f) else None
-                  for s, f in zip(sessions, feeds)]
+        outputs = [_first_run(label, s, f) for label, s, f in zip(labels, sessions, feeds)]
+        errors = [rel_l2(outputs[0], y) if _same_feeds(feeds[0], f) else None for y, f in zip(outputs, feeds)]
         times = interleaved_latency(sessions, feeds, warmup=warmup, repeats=repeats, order_log=order_log,
                                     min_seconds=min_seconds)
         base = float(np.median(times[0]))

@@ -71,6 +71,7 @@ class QuantizeResult:
     rel_l2: float
     outputs: dict = field(default_factory=dict)
     provider: str = "CPUExecutionProvider"
+    opset_converted: str | None = None  # "11 -> 13": converted for per-channel QDQ (_per_channel_opset)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +80,8 @@ class QuantizeResult:
         return (f"int8 ({self.activation_type} activations, {self.weight_type} weights, "
                 f"{'per-channel' if self.per_channel else 'per-tensor'}): {self.quantized_weights} weights quantized, "
                 f"calibrated on {self.samples} {self.calibration} samples; rel L2 vs fp32 {self.rel_l2:.4f} "
-                f"on {self.provider}")
+                f"on {self.provider}" + (f"; opset {self.opset_converted} for per-channel weights"
+                                         if self.opset_converted else ""))
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -245,6 +247,9 @@ def quantize(model_path, out_path, calibration=None, *, per_channel: bool = True
             pre = _preprocess(src, tmp / "pre.onnx", large)
             if pre != "none":
                 src = tmp / "pre.onnx"
+        opset = None
+        if per_channel:
+            src, per_channel, opset = _per_channel_opset(src, tmp / "opset13.onnx", large)
         q_path = tmp / "int8.onnx"
         extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}  # where shape inference left a type unknown
         if method == "minmax":
@@ -279,7 +284,37 @@ def quantize(model_path, out_path, calibration=None, *, per_channel: bool = True
         per_channel=per_channel, activation_type=activation_type, weight_type=weight_type,
         reduce_range=reduce_range, method=method, calibration="random" if calibration is None else "given",
         samples=n_samples, batch=bs, preprocess=pre, quantized_weights=n_weights, rel_l2=v[1], outputs=v[0],
-        provider=v[2])
+        provider=v[2], opset_converted=opset)
+
+
+PER_CHANNEL_OPSET = 13  # DequantizeLinear takes the per-channel axis from opset 13 on
+
+
+def _per_channel_opset(src: Path, dst: Path, large: bool) -> tuple[Path, bool, str | None]:
+    """Per-channel QDQ needs opset 13: onnxruntime quantizes an older model (ddddocr's OCR models are
+    opset 11 and 12) into DequantizeLinear nodes with an ``axis`` their opset does not have, which
+    no runtime loads.  Such a model is converted to opset 13 first (onnx's version converter);
+    where that fails, or the model is over 2 GB, it is quantized per tensor, with a warning.
+    Returns ``(model to quantize, per_channel, "OLD -> 13" or None)``."""
+    model = onnx.load(str(src), load_external_data=False)
+    old = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    if old >= PER_CHANNEL_OPSET:
+        return src, True, None
+    why = "it is over 2 GB"
+    if not large:
+        try:
+            from onnx import version_converter
+
+            new = version_converter.convert_version(onnx.load(str(src)), PER_CHANNEL_OPSET)
+            onnx.checker.check_model(new)
+            save_model(new, dst)
+            log.info("opset %d -> %d for per-channel int8 (DequantizeLinear's axis)", old, PER_CHANNEL_OPSET)
+            return dst, True, f"{old} -> {PER_CHANNEL_OPSET}"
+        except Exception as e:  # the converter does not know every op at every opset
+            why = f"onnx's version converter cannot take it to opset {PER_CHANNEL_OPSET} ({first_line(e)})"
+    log.warning("per-tensor int8: the model is opset %d, per-channel needs opset %d, and %s", old,
+                PER_CHANNEL_OPSET, why)
+    return src, False, None
 
 
 def _check(fp32, int8, feeds, session, used_provider, compare_outputs):

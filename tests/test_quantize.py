@@ -254,3 +254,39 @@ def test_bench_rel_l2_column_and_int8(tmp_path, resnet20_rewritten, capsys):
     text = capsys.readouterr().out
     assert text.count("(int8)  ") == 2 and text.count("weights quantized") == 2 and "rel L2 vs first" in text
     assert main(["bench", str(RESNET20), "--per-tensor"]) == 2
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_per_channel_int8_of_an_older_opset(tmp_path, opset):
+    """ddddocr's OCR models are opset 11 and 12: onnxruntime quantizes them per channel into
+    DequantizeLinear nodes with an axis their opset lacks, which no runtime loads (it was exit 5).
+    The model is taken to opset 13 first, and the int8 copy loads, runs and stays close."""
+    from graphs import cnn_model
+
+    src = tmp_path / "m.onnx"
+    onnx.save(cnn_model(opset=opset), str(src))
+    res = quantize(src, tmp_path / "q.onnx")
+    assert res.per_channel and res.opset_converted == f"{opset} -> 13"
+    assert res.quantized_weights >= 4 and res.rel_l2 < 0.1
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) == 13
+    onnx.checker.check_model(q)
+    assert quantize(src, tmp_path / "t.onnx", per_channel=False).opset_converted is None  # per tensor: as it is
+
+
+def test_bench_of_a_model_that_cannot_run_on_random_inputs(tmp_path):
+    """A model that needs more than the default size of a dynamic axis (a speech model's STFT, here
+    a Reshape into rows of 64) is one sentence naming it and the shapes tried, exit 3 (it was an
+    internal error); with --input-shape it is timed."""
+    m = parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N, T] x) => (float[R, 64] y) {
+            shape = Constant <value = int64[2] {-1, 64}> ()
+            y = Reshape(x, shape)
+        }""")
+    src = tmp_path / "m.onnx"
+    onnx.save(m, str(src))
+    with pytest.raises(ModelError, match=r"m.onnx fails to run in onnxruntime on random inputs of shapes x:\[1, 32\]"):
+        bench([src])
+    assert main(["bench", str(src)]) == 3
+    assert main(["bench", str(src), "--input-shape", "x:1,128"]) == 0
