@@ -127,21 +127,29 @@ def original(name: str, out_dir: Path) -> nn.Module:
     return model.eval()
 
 
-def plan_for(name: str, model: nn.Module, keep: float, out_dir: Path):
-    """The weight-only plan of ``rewrite(onnx, keep_params=keep)`` on the exported original (cached)."""
+def plan_for(name: str, model: nn.Module, keep: float, out_dir: Path, calibration: int = 0):
+    """The plan of ``rewrite(onnx, keep_params=keep)`` on the exported original (cached): weight-only,
+    or with ``calibration`` > 0 data-aware, from that many training images (the first of the training
+    split; the test split is never seen), its factors carried in the plan's sidecar."""
+    import onnx
     import onnx_alds
     from onnx_alds.plan import Plan
     from onnx_alds.torch import export
 
-    path = out_dir / "plans" / f"{name}-{keep:g}.json"
+    tag = f"-cal{calibration}" if calibration else ""
+    path = out_dir / "plans" / f"{name}-{keep:g}{tag}.json"
     if path.is_file():
         return Plan.load(path)
     onnx_path = out_dir / "onnx" / f"{name}.onnx"
     if not onnx_path.is_file():
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
         export(model, load_digits_split()[0][:8], onnx_path)
+    kw = {}
+    if calibration:
+        x_train = load_digits_split()[0][:calibration].numpy()
+        kw["calibration"] = {onnx.load(str(onnx_path)).graph.input[0].name: x_train}
     _, rep = onnx_alds.rewrite(str(onnx_path), keep_params=keep, validate=False, compare=False,
-                                allow_slower=True)
+                                allow_slower=True, **kw)
     path.parent.mkdir(parents=True, exist_ok=True)
     rep.plan.save(path)
     return rep.plan
@@ -159,9 +167,10 @@ def run_one(name: str, keep: float, seed: int, args, overrides: dict) -> dict:
     from onnx_alds.torch import apply_plan, finetune
 
     model = original(name, args.out_dir)
-    plan = plan_for(name, model, keep, args.out_dir)
+    plan = plan_for(name, model, keep, args.out_dir, args.calibration)
     student = apply_plan(model, plan, example_inputs=load_digits_split()[0][:8])
-    row = dict(net=name, keep=keep, seed=seed, epochs=args.epochs, original=accuracy(model),
+    row = dict(net=name, keep=keep, seed=seed, epochs=args.epochs, calibration=args.calibration,
+               original=accuracy(model),
                oneshot=accuracy(student), overrides=overrides)
     torch.manual_seed(seed)
     train, _ = digits_loaders(batch_size=64, seed=0, shuffle_seed=seed)
@@ -206,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-teacher", action="store_true", help="labels only (for comparison)")
+    p.add_argument("--calibration", type=int, default=0, metavar="N",
+                   help="data-aware plans from N training images (default 0: weight-only plans)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a finetune default")
     p.add_argument("--tag", default="defaults", help="name of the rows file (one per experiment)")
     p.add_argument("--out-dir", type=Path, default=REPO / "artifacts" / "finetune_matrix")
