@@ -72,6 +72,10 @@ def _rewrite_parser(sub) -> None:
     r.add_argument("--no-hold-out", action="store_true",
                    help="judge the rewrite on the calibration samples it was fitted on (default: a quarter of "
                         "a calibration file, at least 16 samples, is held back to judge it)")
+    r.add_argument("--sensitivity", action="store_true",
+                   help="with --calibration: weigh each layer's error by how much of it reaches the outputs "
+                        "(one probe run of the model per layer), so that the selector spares the layers the "
+                        "outputs depend on most")
     r.add_argument("--output-kind", action="extend", nargs="+", metavar="NAME:KIND",
                    help="how an output is judged: scores (top-1 agreement), embedding (cosine) or map "
                         "(relative L2 only); default: scores for a 2-D float output, else map")
@@ -339,7 +343,7 @@ def cmd_rewrite(a) -> int:
         calibration=_calibration(a),
         bias_correction=not a.no_bias_correction, max_output_error=a.max_output_error, min_speedup=a.min_speedup,
         allow_slower=a.allow_slower, sequential=a.sequential, int8=a.int8, objective=a.objective,
-        best_effort=a.best_effort, output_kinds=_output_kinds(a.output_kind), hold_out=not a.no_hold_out,
+        best_effort=a.best_effort, output_kinds=_output_kinds(a.output_kind), hold_out=not a.no_hold_out, sensitivity=a.sensitivity,
         metric=a.metric_script, max_metric_drop=a.max_metric_drop)
     new, report = rewrite(a.input, options=options)
     report.output = str(out)

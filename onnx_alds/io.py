@@ -556,8 +556,11 @@ class Source:
 
     def weight4(self, layer) -> np.ndarray:
         """The layer's weight as ``f × c × κ1 × κ2`` in its stored dtype."""
-        w = np.asarray(peek_value(self.node(layer).inputs[1]))
-        return layer.spec.weight4(w, layer.attrs)
+        return layer.spec.weight4(self.stored_weight(layer), layer.attrs)
+
+    def stored_weight(self, layer) -> np.ndarray:
+        """The layer's weight as the graph stores it (layout and dtype)."""
+        return np.asarray(peek_value(self.node(layer).inputs[1]))
 
     def bias(self, layer) -> np.ndarray | None:
         node = self.node(layer)

@@ -100,6 +100,7 @@ class CalibrationOptions:
     bias_correction: bool = True
     sequential: bool | None = None  # None: while it is cheap (see pipeline.stages.use_sequential)
     hold_out: bool = True  # judge what is fitted on calibration arrays on a held-back quarter of them
+    sensitivity: bool = False  # weigh each layer's error by how much of it reaches the outputs (sensitivity.py)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ class RewriteOptions:
                     calibration=None, bias_correction=True, max_output_error=None, min_speedup=None,
                     allow_slower=False, max_speed_retries=2, sequential=None, max_latency_rounds=3,
                     fill_budget=True, objective=None, int8=False, best_effort=False,
-                    output_kinds=None, hold_out=True, metric=None, max_metric_drop=None) -> "RewriteOptions":
+                    output_kinds=None, hold_out=True, metric=None, max_metric_drop=None,
+                    sensitivity=False) -> "RewriteOptions":
         """The keyword API (:func:`onnx_alds.rewrite`'s arguments, the CLI's flags) as options."""
         if plan is not None:
             plan = replace(plan) if isinstance(plan, Plan) else Plan.from_dict(plan) if isinstance(plan, dict) \
@@ -183,7 +185,7 @@ class RewriteOptions:
             budget=BudgetOptions(keep_params, keep_flops, keep_latency, plan),
             selection=SelectionOptions(method, tuple(schemes) if schemes else None, k_max, objective,
                                        fill_budget, compare, allow_slower),
-            calibration=CalibrationOptions(calibration, error, bias_correction, sequential, hold_out),
+            calibration=CalibrationOptions(calibration, error, bias_correction, sequential, hold_out, bool(sensitivity)),
             validation=ValidationOptions(validate, provider, max_output_error, min_speedup, max_speed_retries,
                                          dict(output_kinds) if output_kinds else None, metric, max_metric_drop),
             latency=LatencyOptions(latency_table, max_latency_rounds, int8, best_effort),

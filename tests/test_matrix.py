@@ -340,3 +340,58 @@ def test_convtranspose_with_calibration_through_the_cli(tmp_path):
     y, y_new = run(m, {"x": held})[0].astype(np.float64), run(new, {"x": held})[0].astype(np.float64)
     rel_l2 = np.linalg.norm(y_new - y) / np.linalg.norm(y)
     assert rep["validation"]["rel_l2"] == pytest.approx(rel_l2, rel=1e-3) and rel_l2 < 0.1
+
+
+@pytest.mark.parametrize("op", sorted(SPECS))
+def test_stored_weight_inverts_weight4(op):
+    """``OpSpec.stored_weight`` puts an f×c×κ1×κ2 weight back into the stored layout (what the
+    sensitivity probes override): the exact inverse of ``weight4`` for every spec's layers."""
+    from onnx_alds.io import Source
+
+    for g in graphs_for(op):
+        model = g.model()
+        _, _, info = analyze(model, {"x": list(g.input_shape)})
+        source = Source.load(model)
+        for layer in info.candidates:
+            stored = source.stored_weight(layer)
+            back = layer.spec.stored_weight(source.weight4(layer), stored, layer.attrs)
+            assert back.shape == stored.shape
+            np.testing.assert_allclose(back, stored, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("op", sorted(SPECS))
+def test_sensitivity_probe_is_the_output_error_of_the_layer_alone(op):
+    """``--sensitivity`` for every spec: a layer's weight times its own error is the output error of
+    the model with that layer alone replaced by its probe factors (the probe's claim), up to the
+    normalisation by the weights' geometric mean; and the weighted rewrite meets its budget."""
+    from onnx_alds.io import Source
+    from onnx_alds.ops.base import Factors
+    from onnx_alds.sensitivity import PROBE_RANK, ProbeConfig, layer_sensitivity
+
+    for g in graphs_for(op):
+        model = g.model()
+        _, _, info = analyze(model, {"x": list(g.input_shape)})
+        x = g.calibration()
+        emodel = error_model("data", moments=collect_moments(model, taps_for(info.candidates), x))
+        source = Source.load(model)
+        weights = layer_sensitivity(model, source, info.candidates, emodel, x)
+        assert set(weights) == {l.name for l in info.candidates}
+        assert np.isclose(np.exp(np.mean(np.log(list(weights.values())))), 1.0)
+        raw = {}
+        for layer in info.candidates:  # the same probe made by hand: an emitted one-layer plan
+            r = max(1, full_rank(layer.geometry, 1, "s0") // PROBE_RANK)
+            cfg = ProbeConfig(1, "s0", r)
+            fac = emodel.factors(source, layer, cfg)
+            fac = Factors(fac.encoder, fac.decoder, None)
+            new = onnx_alds.apply_plan(model, Plan([LayerPlan(layer.name, layer.weight_name, 1, "s0", r)],
+                                                   factors={layer.name: fac}),
+                                       input_shapes={"x": list(g.input_shape)})
+            y, y_new = run(model, x)[0], run(new, x)[0]
+            out = np.linalg.norm(y_new - y) / np.linalg.norm(y)
+            raw[layer.name] = out / emodel.measure(source, layer, cfg, fac)
+        mean = np.exp(np.mean(np.log(list(raw.values()))))
+        for name, w in weights.items():
+            assert w == pytest.approx(raw[name] / mean, rel=1e-3), (op, name)
+        new, rep = rewrite(model, g, "data", keep_params=0.6, sensitivity=True)
+        assert count_params(new) <= 0.6 * count_params(model)
+        assert "decomposed" in [l.status for l in rep.layers]

@@ -176,6 +176,16 @@ class OpSpec:
     def weight4(self, w: np.ndarray, attrs: LayerAttrs) -> np.ndarray:
         raise NotImplementedError
 
+    def stored_weight(self, w4: np.ndarray, like: np.ndarray, attrs: LayerAttrs) -> np.ndarray:
+        """The inverse of :meth:`weight4`: ``w4`` (f×c×κ1×κ2) in the layout of the stored weight
+        ``like``.  Where ``weight4`` only moves elements (every spec here but a Gemm with alpha ≠ 1,
+        which overrides this), the move is read off ``weight4`` applied to the elements' indices, so
+        that a new spec needs nothing more."""
+        where = self.weight4(np.arange(like.size, dtype=np.int64).reshape(like.shape), attrs)
+        out = np.empty(like.size, dtype=np.asarray(w4).dtype)
+        out[np.asarray(where).ravel()] = np.asarray(w4).ravel()
+        return out.reshape(like.shape)
+
     def emit(self, layer, node: gs.Node, cfg, factors: Factors, names) -> list[gs.Node]:
         raise NotImplementedError
 

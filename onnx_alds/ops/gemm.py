@@ -39,6 +39,10 @@ class GemmSpec(LinearSpec):
                 m = (m.astype(np.float64) * attrs.alpha).astype(w.dtype)
         return m[:, :, None, None]
 
+    def stored_weight(self, w4, like, attrs):
+        m = np.asarray(w4, np.float64)[:, :, 0, 0] / attrs.alpha  # weight4 scales by alpha
+        return m if attrs.trans_b else m.T
+
     def decoder(self, layer, node, z, dec_w, factors, names) -> gs.Node:
         inputs = [z, gs.Constant(names.fresh(f"{layer.name}/alds_decoder.weight"), dec_w)]
         beta = layer.attrs.beta

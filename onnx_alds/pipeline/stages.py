@@ -174,6 +174,8 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
     if source.large and source.path is not None:
         source.detach()
     emodel = error_model(c.error, moments=moments, cache_dir=opts.cache_dir, bias_correction=c.bias_correction)
+    if c.sensitivity:
+        emodel = _sensitivity_weighted(emodel, source, info, cal_all, opts, timings)
     if plan is None and not info.candidates and opts.budget.fraction < 1.0 and not opts.budget.default:
         raise InfeasibleBudget(f"{no_layer_reason(info)}, so the smallest reachable fraction is 1.0", 1.0)
     objective = objective_for(opts, emodel.name, bool(cal_data), source.large)
@@ -325,6 +327,27 @@ def choose(run: Run, *, metric: str, fraction: float, guard=None, table=None, me
         budget.update(table.summary(sel.details["predicted_ms"]))
     return Choice(sel.choices, plan_from_selection(sel, run.info, run.emodel.name), budget, baselines, method,
                   predicted_ms=sel.details.get("predicted_ms"))
+
+
+def _sensitivity_weighted(emodel, source: Source, info: ModelInfo, fitted, opts: RewriteOptions, timings: dict):
+    """The data-aware error model weighted by each layer's output sensitivity (:mod:`onnx_alds.sensitivity`),
+    probed on the first samples of the data the factors are fitted on."""
+    from ..sensitivity import PROBE_SAMPLES, WeightedError, layer_sensitivity
+
+    if fitted is None or emodel.name != "data":
+        raise UsageError("--sensitivity weighs the data-aware errors: it needs --calibration (and the data error "
+                         "model)")
+    if source.large or not info.candidates:
+        log.warning("--sensitivity skipped: %s", "the model is over 2 GB" if source.large else "no compressible layer")
+        return emodel
+    with timed(timings, "sensitivity"):
+        weights = layer_sensitivity(source.model, source, info.candidates, emodel,
+                                    first_samples(fitted, PROBE_SAMPLES), provider=opts.validation.provider,
+                                    progress=opts.progress)
+    top = sorted(weights.items(), key=lambda kv: -kv[1])
+    log.info("output sensitivity per unit of layer error: highest %s, lowest %s",
+             ", ".join(f"{n} {w:.2f}" for n, w in top[:3]), ", ".join(f"{n} {w:.2f}" for n, w in top[-3:]))
+    return WeightedError(emodel, weights)
 
 
 def no_layer_reason(info: ModelInfo) -> str:
