@@ -119,6 +119,10 @@ class WeightedError:
     def weight(self, name: str) -> float:
         return self.weights.get(name, 1.0)
 
+    def weigh(self, errors: dict) -> dict:
+        """Layer name → error, each times its layer's weight (the sequential refit's measurements)."""
+        return {n: None if e is None else e * self.weight(n) for n, e in errors.items()}
+
     def curves(self, source, layers, configs, *, progress: bool = False):
         got = self.base.curves(source, layers, configs, progress=progress)
         return {n: {cfg: np.asarray(c) * self.weight(n) for cfg, c in curves.items()} for n, curves in got.items()}

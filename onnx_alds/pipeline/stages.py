@@ -430,6 +430,8 @@ def build(run: Run, choice: Choice, source: Source | None = None, *, sequential:
         if seq and emodel.name == "data" and not given:
             factors, measured = sequential_factors(run.original, run.info, choices, run.cal_all, emodel,
                                                    provider=run.opts.validation.provider, progress=run.opts.progress)
+            weigh = getattr(emodel, "weigh", None)  # --sensitivity: measured as the predictions are
+            measured = weigh(measured) if weigh is not None else measured
         else:
             factors, measured = factor_layers(emodel, source, chosen, choices, given)
     if emodel.name == "data":
