@@ -257,11 +257,17 @@ def sequential_factors(original, info, choices: dict, data, emodel, *, provider:
 
 
 def constant_weights_as_initializers(model: onnx.ModelProto, layers: list) -> tuple[onnx.ModelProto, list]:
-    """``model`` with the Constant nodes that give a layer its weight turned into initializers, and the
-    layers at their nodes' new positions (exporters such as paddle2onnx write weights as Constant
-    nodes: the sweep cuts the graph between nodes, and a weight must go with its layer's segment).
+    """``model`` with the Constant nodes that give a layer its weight (and its bias) turned into
+    initializers, and the layers at their nodes' new positions (exporters such as paddle2onnx write
+    weights as Constant nodes: the sweep cuts the graph between nodes, and a weight must go with its
+    layer's segment; so must a bias that the bias correction adds to: left in an earlier segment it
+    reached the emitted decoder as an unknown input, and PP-OCR's recogniser came out NaN).
     The model itself where there is none (no copy)."""
     weights = {l.weight_name for l in layers}
+    for l in layers:  # and their constant biases, which a bias correction adds to (in the same segment)
+        node = model.graph.node[l.node_index]
+        if l.has_bias and len(node.input) > 2 and node.input[2]:
+            weights.add(node.input[2])
     drop = {i for i, n in enumerate(model.graph.node)
             if n.op_type == "Constant" and len(n.output) == 1 and n.output[0] in weights
             and [a.name for a in n.attribute] == ["value"]}

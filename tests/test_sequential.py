@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 import onnx_alds
+from graphs import run
 from onnx_alds import runtime, sequential
 from onnx_alds.plan import LayerPlan, Plan
 
@@ -140,23 +141,30 @@ def test_activations_past_max_bytes_go_to_disk(monkeypatch):
         assert np.array_equal(f.encoder, rep2.plan.factors[name].encoder)
 
 
-def test_weights_in_constant_nodes_are_swept_like_initializers(monkeypatch, caplog):
+@pytest.mark.parametrize("biases", [False, True])
+def test_weights_in_constant_nodes_are_swept_like_initializers(monkeypatch, caplog, biases):
     """Exporters such as paddle2onnx give weights as Constant nodes: the sweep takes them as it takes
-    initializers (no fallback to the per-layer refit), with the same factors as that refit."""
+    initializers (no fallback to the per-layer refit), with the same factors as that refit.  With
+    ``biases`` the biases are Constant nodes too, all at the top of the graph as paddle2onnx writes
+    them: a later layer's bias then lay in the first segment, reached the emitted decoder as an unknown
+    input, and its bias correction made the compressed prefix NaN (PP-OCR's recogniser, exit 1)."""
     m = residual_chain()
+    moved = ("w", "b") if biases else ("w",)
     consts = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in m.graph.initializer
-              if t.name.startswith("w")]
-    kept = [t for t in m.graph.initializer if not t.name.startswith("w")]
+              if t.name.startswith(moved)]
+    kept = [t for t in m.graph.initializer if not t.name.startswith(moved)]
     del m.graph.initializer[:]
     m.graph.initializer.extend(kept)
     nodes = list(m.graph.node)
     del m.graph.node[:]
-    m.graph.node.extend(consts[:2] + nodes[:3] + consts[2:] + nodes[3:])  # Constants between layers too
+    # Constants between layers too, or (biases) every one at the top
+    m.graph.node.extend(consts + nodes if biases else consts[:2] + nodes[:3] + consts[2:] + nodes[3:])
     onnx.checker.check_model(m)
     x = np.random.default_rng(1).standard_normal((40, 8, 6, 6)).astype(np.float32)
     with caplog.at_level(logging.WARNING):
-        _, rep, _ = build(m, x, monkeypatch, sequential.sequential_factors)
+        new, rep, _ = build(m, x, monkeypatch, sequential.sequential_factors)
     assert "cannot be swept" not in caplog.text and rep.budget["sequential"]
+    assert np.isfinite(run(new, {"x": x[:4]})[0]).all()
     _, rep2, _ = build(m, x, monkeypatch, sequential.per_layer_factors)
     a, b = rep.plan.factors, rep2.plan.factors
     assert set(a) == set(b) == {f"c{i}" for i in range(DEPTH)} | {"fc"}

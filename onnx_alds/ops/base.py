@@ -103,6 +103,16 @@ def constant_value(t: gs.Tensor):
     return None
 
 
+def constant_bias(layer, t: gs.Tensor) -> np.ndarray:
+    """The value of the bias ``t`` that a bias correction adds to, in float64; a bias whose value is not
+    known here is an error, never a NaN in the written model."""
+    v = constant_value(t)
+    if v is None:
+        raise ValueError(f"the bias {t.name!r} of layer {layer.name!r} is not a constant here, so the bias "
+                         f"correction cannot be folded into it")
+    return np.asarray(v, np.float64)
+
+
 def known(dims) -> bool:
     return dims is not None and all(isinstance(d, int) for d in dims)
 

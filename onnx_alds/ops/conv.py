@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 from ..cost import Geometry
-from .base import Classified, Factors, LayerAttrs, OpSpec, constant_value, has_bias, known, load_factors
+from .base import Classified, Factors, LayerAttrs, OpSpec, constant_bias, constant_value, has_bias, known, load_factors
 
 # which conv (encoder or decoder) holds each kernel axis
 AXIS_OWNER = {"s0": ("enc", "enc"), "s1": ("dec", "enc"), "s2": ("enc", "dec"), "s3": ("dec", "dec")}
@@ -202,7 +202,7 @@ def corrected_bias(layer, node, factors: Factors, names):
     orig = node.inputs[2] if has_bias(node) else None
     if factors.bias_delta is None:
         return orig
-    base = np.zeros(layer.geometry.f) if orig is None else np.asarray(constant_value(orig), np.float64)
+    base = np.zeros(layer.geometry.f) if orig is None else constant_bias(layer, orig)
     b = base + factors.bias_delta
     return gs.Constant(names.fresh(f"{layer.name}/alds_decoder.bias"), b.astype(factors.decoder.dtype))
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import Geometry
-from .base import Classified, LayerAttrs, constant_value, has_bias, known
+from .base import Classified, LayerAttrs, constant_bias, constant_value, has_bias, known
 from .conv import standalone_model
 from .linear import LinearSpec
 
@@ -49,7 +49,7 @@ class GemmSpec(LinearSpec):
         c = node.inputs[2] if has_bias(node) else None
         if factors.bias_delta is not None:
             # Y = z·Dᵀ + (beta·C + δ): one constant C' with beta 1 (extract corrects constant C only)
-            base = 0.0 if c is None else beta * np.asarray(constant_value(c), np.float64)
+            base = 0.0 if c is None else beta * constant_bias(layer, c)
             c = gs.Constant(names.fresh(f"{layer.name}/alds_decoder.bias"),
                             np.asarray(base + factors.bias_delta).astype(factors.decoder.dtype))
             beta = 1.0
