@@ -92,7 +92,8 @@ ROWS = [f"{r}{c}" for r in ROW_FLAGS for c in ("", "+cal")]
 def row_flags(row: str, cal: Path) -> list[str]:
     """``plain``, ``paramsF``, ``flopsF`` or ``latencyF``, with ``+cal`` for
     ``--calibration`` and ``+slower`` for ``--allow-slower`` (a budget the speed guard
-    refuses, measured for its accuracy), ``+tolX`` for ``--max-output-error X`` and ``+metric``
+    refuses, measured for its accuracy), ``+sens`` for ``--sensitivity``, ``+tolX`` for
+    ``--max-output-error X`` and ``+metric``
     for ``--metric-script`` with the model's own metric on a validation split disjoint from the
     evaluation images (models that have one: :data:`METRIC_SCRIPTS`); any F works
     (``params0.95+cal``)."""
@@ -105,13 +106,16 @@ def row_flags(row: str, cal: Path) -> list[str]:
     else:
         raise argparse.ArgumentTypeError(f"unknown row {row!r}: plain, paramsF, flopsF or latencyF, optionally +cal")
     tols = [x for x in suffixes if re.fullmatch(r"tol[0-9.]+", x)]
-    if not set(suffixes) - set(tols) <= {"cal", "slower", "metric"} or len(set(suffixes)) != len(suffixes) \
+    if not set(suffixes) - set(tols) <= {"cal", "slower", "metric", "sens"} or len(set(suffixes)) != len(suffixes) \
             or len(tols) > 1:
-        raise argparse.ArgumentTypeError(f"unknown row {row!r}: only +cal, +slower, +metric and +tolX may follow")
+        raise argparse.ArgumentTypeError(f"unknown row {row!r}: only +cal, +slower, +metric, +sens and +tolX may "
+                                         f"follow")
     if "cal" in suffixes:
         flags += ["--calibration", str(cal)]
     if "slower" in suffixes:
         flags += ["--allow-slower"]
+    if "sens" in suffixes:
+        flags += ["--sensitivity"]
     if tols:
         flags += ["--max-output-error", tols[0][3:]]
     if "metric" in suffixes:
