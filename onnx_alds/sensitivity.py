@@ -14,7 +14,8 @@ split, never the held-out one that judges the result).  Its weight is
 the output error per unit of layer error; the selector then minimises the largest ``w_ℓ·ε_ℓ(j)``,
 the largest output error any one layer is predicted to cause (:class:`WeightedError`).  The weights
 are divided by their geometric mean (a plan's scale of errors stays that of the layer errors);
-layers that cannot be probed (a weight that is not an initializer, or is shared) keep weight 1.
+a weight given by a Constant node is taken as an initializer (as the sequential sweep takes it);
+layers that cannot be probed (a weight computed at run time, or shared) keep weight 1.
 
 Cost: one run of the model on ``samples`` inputs per layer (MiniLM: 36 runs of 32 sentences).
 """
@@ -79,7 +80,10 @@ def layer_sensitivity(model: onnx.ModelProto, source, layers, emodel, feeds: dic
                       progress: bool = False, samples: int = PROBE_SAMPLES) -> dict[str, float]:
     """``w_ℓ`` for every layer of ``layers`` (see the module's docstring), from ``feeds`` (name → array,
     samples first; the first ``samples`` are used) and the data-aware ``emodel``."""
+    from .sequential import constant_weights_as_initializers
+
     feeds = {k: np.ascontiguousarray(v[:samples]) for k, v in feeds.items()}
+    model, _ = constant_weights_as_initializers(model, layers)  # paddle2onnx's Constant-node weights too
     probed = _probed_layers(model, layers)
     if not probed:
         return {l.name: 1.0 for l in layers}

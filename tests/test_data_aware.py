@@ -356,11 +356,19 @@ def _two_branches(scale_b: float):
     return m
 
 
-def test_sensitivity_spares_the_layer_the_output_depends_on():
+@pytest.mark.parametrize("constants", [False, True])
+def test_sensitivity_spares_the_layer_the_output_depends_on(constants):
     """Two layers alike but for how much of them reaches the output (1 against 0.02): plain min-max
     gives them the same rank; with ``sensitivity`` the quiet one gives up rank to the loud one, and
-    the output error at the same budget is smaller."""
+    the output error at the same budget is smaller.  ``constants``: the weights are Constant nodes
+    (paddle2onnx), which the probes take as initializers."""
     m = _two_branches(0.02)
+    if constants:
+        consts = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in m.graph.initializer]
+        del m.graph.initializer[:]
+        nodes = list(m.graph.node)
+        del m.graph.node[:]
+        m.graph.node.extend(consts + nodes)
     x = {"x": np.random.default_rng(1).standard_normal((256, 32)).astype(np.float32)}
     ranks, errors = {}, {}
     for sens in (False, True):
