@@ -23,7 +23,6 @@ Cost: one run of the model on ``samples`` inputs per layer (MiniLM: 36 runs of 3
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -34,6 +33,7 @@ from .factorize import reconstruct
 from .ops.base import Factors
 from .progress import progress_iter
 from .runtime import providers_for, session
+from .select import Config
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,10 @@ PROBE_SAMPLES = 32  # calibration samples each probe runs on
 PROBE_RANK = 4  # the probe keeps full rank // PROBE_RANK
 
 
-@dataclass(frozen=True)
-class ProbeConfig:
-    """The configuration a probe factorizes with (what ``emodel.factors`` reads of a choice)."""
-
-    k: int
-    scheme: str
-    rank: int
+def probe_config(layer) -> Config:
+    """The configuration a layer's probe factorizes with: k = 1, s0, a quarter of the full rank (its
+    error is not known beforehand: NaN)."""
+    return Config(1, "s0", max(1, full_rank(layer.geometry, 1, "s0") // PROBE_RANK), float("nan"))
 
 
 def _probe_model(model: onnx.ModelProto, names: set[str]) -> bytes:
@@ -92,12 +89,13 @@ def layer_sensitivity(model: onnx.ModelProto, source, layers, emodel, feeds: dic
     raw: dict[str, float] = {}
     for l in progress_iter([l for l in layers if l.name in probed], desc="sensitivity", unit="layer",
                            enabled=progress):
-        cfg = ProbeConfig(1, "s0", max(1, full_rank(l.geometry, 1, "s0") // PROBE_RANK))
+        cfg = probe_config(l)
         fac = emodel.factors(source, l, cfg)
         fac = Factors(fac.encoder, fac.decoder, None)  # the mean shift stays in both measurements alike
         layer_error = emodel.measure(source, l, cfg, fac)
         stored = np.asarray(source.stored_weight(l))
-        perturbed = l.spec.stored_weight(reconstruct(fac, source.weight4(l).shape), stored, l.attrs)
+        shape4 = l.spec.weight4(stored, l.attrs).shape  # the weight read once
+        perturbed = l.spec.stored_weight(reconstruct(fac, shape4), stored, l.attrs)
         out = sess.run(None, {**feeds, probed[l.name]: perturbed.astype(stored.dtype, copy=False)})
         out_error = max(rel_l2(a, b) for a, b in zip(base, out) if np.asarray(a).dtype.kind == "f")
         if layer_error > 0 and np.isfinite(out_error) and out_error > 0:

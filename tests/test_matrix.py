@@ -366,7 +366,7 @@ def test_sensitivity_probe_is_the_output_error_of_the_layer_alone(op):
     normalisation by the weights' geometric mean; and the weighted rewrite meets its budget."""
     from onnx_alds.io import Source
     from onnx_alds.ops.base import Factors
-    from onnx_alds.sensitivity import PROBE_RANK, ProbeConfig, layer_sensitivity
+    from onnx_alds.sensitivity import layer_sensitivity, probe_config
 
     for g in graphs_for(op):
         model = g.model()
@@ -379,8 +379,8 @@ def test_sensitivity_probe_is_the_output_error_of_the_layer_alone(op):
         assert np.isclose(np.exp(np.mean(np.log(list(weights.values())))), 1.0)
         raw = {}
         for layer in info.candidates:  # the same probe made by hand: an emitted one-layer plan
-            r = max(1, full_rank(layer.geometry, 1, "s0") // PROBE_RANK)
-            cfg = ProbeConfig(1, "s0", r)
+            cfg = probe_config(layer)
+            r = cfg.rank
             fac = emodel.factors(source, layer, cfg)
             fac = Factors(fac.encoder, fac.decoder, None)
             new = onnx_alds.apply_plan(model, Plan([LayerPlan(layer.name, layer.weight_name, 1, "s0", r)],

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from ..errors import UsageError
-from ..measure.inputs import fixed_batch
+from ..measure.inputs import fixed_batch, is_fixed
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ def _check_feed(feed: Mapping, inputs: InputSpec, what: str) -> dict[str, np.nda
     arrays = {k: _check_array(k, feed[k], inputs[k], f"array {k!r} of {what}") for k in inputs}
     batch = fixed_batch(dims[0] for _, dims in inputs.values() if dims)
     for k, (_, dims) in inputs.items():  # a first axis the model fixes while its batch is free is no samples axis
-        if batch is None and dims and isinstance(dims[0], int) and dims[0] > 0 and len(arrays[k]) != dims[0]:
-            free = next((n for n, (_, d) in inputs.items() if d and not (isinstance(d[0], int) and d[0] > 0)), None)
+        if batch is None and dims and is_fixed(dims[0]) and len(arrays[k]) != dims[0]:
+            free = next((n for n, (_, d) in inputs.items() if d and not is_fixed(d[0])), None)
             beside = f"beside input {free!r}, whose batch is dynamic" if free else "beside inputs that fix other sizes"
             raise UsageError(f"input {k!r} fixes its first axis at {dims[0]} ({_dims_text(dims)}) {beside}, so its "
                              f"array in {what} cannot count samples on that axis (it has {len(arrays[k])}); "

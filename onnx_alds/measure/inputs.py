@@ -22,10 +22,15 @@ def fixed_batch(first_dims) -> int | None:
     a recurrent state's ``[1, 1, 128]`` beside an audio input's ``[sequence, 576]``)."""
     sizes = set()
     for d in first_dims:
-        if not (isinstance(d, int) and d > 0):
+        if not is_fixed(d):
             return None
         sizes.add(d)
     return sizes.pop() if len(sizes) == 1 else None
+
+
+def is_fixed(dim) -> bool:
+    """A size a model declares (not a ``dim_param``, an unknown or a 0)."""
+    return isinstance(dim, int) and dim > 0
 
 
 def session_fixed_batch(sess) -> int | None:

@@ -358,7 +358,8 @@ def no_layer_reason(info: ModelInfo) -> str:
         return ("the model has no compressible layer (no Conv, ConvTranspose, Gemm or MatMul with a float "
                 "weight; a quantized model is compressed before it is quantized)")
     reasons = Counter(l.reason or l.status for l in info.layers if l.status != "candidate")
-    (first, n), rest = reasons.most_common(1)[0], sum(reasons.values()) - reasons.most_common(1)[0][1]
+    (first, n), = reasons.most_common(1)
+    rest = sum(reasons.values()) - n
     more = f"; {rest} more for other reasons" if rest else ""
     return f"the model has no compressible layer ({n} of its {len(info.layers)} layers {first}{more})"
 
