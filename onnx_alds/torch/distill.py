@@ -179,17 +179,18 @@ class FeatureMatch:
     layer-wise reconstruction from the teacher's inputs).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module):
+    def __init__(self, student: nn.Module, teacher: nn.Module, select=None):
+        """``select``: which factorized modules to match (a predicate; default: every one)."""
         from .batchnorm import FactorizedConvBN
-        from .modules import FactorizedConv, FactorizedLinear
+        from .modules import is_factorized
 
         t_mods = dict(teacher.named_modules())
         with_bn = {n for n, m in student.named_modules() if isinstance(m, FactorizedConvBN)}
         pairs = []
         for name, mod in student.named_modules():
-            wanted = name in with_bn or (isinstance(mod, (FactorizedConv, FactorizedLinear))
-                                         and name.rpartition(".")[0] not in with_bn)
-            if wanted and name in t_mods:
+            wanted = name in with_bn or (is_factorized(mod) and name.rpartition(".")[0] not in with_bn)
+            inner = mod[0] if name in with_bn else mod  # the factorized module inside its BatchNorm wrapper
+            if wanted and name in t_mods and (select is None or select(inner)):
                 pairs.append((mod, t_mods[name]))
         if not pairs:
             raise UsageError("feature matching found no factorized layer of the student at the teacher's "

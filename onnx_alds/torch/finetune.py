@@ -4,9 +4,10 @@
 
 * **loss**: with a ``teacher`` (the original torch module or ONNX file), the
   distillation loss of :mod:`onnx_alds.torch.distill` — KL on
-  temperature-softened class scores mixed with the label loss, or a relative
-  MSE / cosine match of the outputs for models whose outputs are not class
-  scores; without one, cross-entropy on the labels;
+  temperature-softened class scores (by default alone: ``alpha=1``; a smaller
+  ``alpha`` mixes in the label loss), or a relative MSE / cosine match of the
+  outputs for models whose outputs are not class scores; without one,
+  cross-entropy on the labels;
 * **schedule**: linear warm-up over the first ``warmup`` fraction of the
   steps, then a cosine to 0, per batch;
 * **stability**: the gradient's norm is clipped to ``max_grad_norm`` (the
@@ -201,8 +202,12 @@ def finetune(
       Batches may then be inputs alone (no labels): the teacher is the target.
     * ``feature_weight``: weight of the feature matching at the factorized
       layers (:class:`~onnx_alds.torch.distill.FeatureMatch`); ``"auto"`` is
-      30 when the teacher is a torch module and the student has factorized
-      layers, else 0 (it needs the teacher's modules).
+      30 when the teacher is a torch module, at every factorized convolution
+      and at every factorized Linear whose factors came from its weights
+      alone (not from a data-aware plan's sidecar:
+      :func:`~onnx_alds.torch.finetune_loop.feature_matched`); 0 where
+      no layer qualifies or the teacher is not a torch module (it needs the
+      teacher's modules). A number matches every factorized layer.
     * ``lr``, ``warmup`` (fraction of all steps for the linear warm-up; 0 for
       none), ``optimizer`` (``"sgd"`` with Nesterov momentum, or ``"adamw"``),
       ``weight_decay``, ``momentum``, ``label_smoothing``, ``max_grad_norm``

@@ -20,7 +20,7 @@ __all__ = ["FinetuneConfig", "DEFAULTS", "config_from"]
 LOSSES = ("kl", "mse", "cosine")  # the output-matching losses of distill.py (kept here: no torch import)
 
 # The defaults (docs/finetune.md says how they were measured).
-DEFAULTS = dict(lr=0.02, warmup=0.1, alpha=0.5, temperature=2.0, feature_weight=30.0, patience=3, weight_decay=5e-4,
+DEFAULTS = dict(lr=0.02, warmup=0.1, alpha=1.0, temperature=2.0, feature_weight=30.0, patience=3, weight_decay=5e-4,
                 momentum=0.9, max_grad_norm=5.0)
 
 

@@ -23,7 +23,7 @@ from .finetune_config import DEFAULTS, FinetuneConfig
 from .finetune_data import (batch_size, batch_xy, calibration_inputs, check_batches, check_class_targets,
                             check_finite_inputs, forward, inputs_of, to_device)
 from .finetune_state import TrainState, score, snapshot
-from .modules import FactorizedConv, FactorizedLinear
+from .modules import FactorizedLinear, data_fitted, is_factorized
 
 __all__ = ["run"]
 
@@ -118,15 +118,27 @@ class Run:
     train_loader: Iterable  # unsharded: BatchNorm statistics and the start check read it in order
 
 
-def _feature_weight(cfg: FinetuneConfig, model: nn.Module, teacher: Any) -> float:
+def feature_matched(module: nn.Module) -> bool:
+    """Whether ``feature_weight="auto"`` matches a factorized module's output to the teacher's layer: every
+    factorized convolution, and a factorized Linear whose factors were computed from its weights alone.
+    Not a Linear whose factors were fitted to data (a data-aware plan): its factors already fit the
+    layer's outputs on real inputs in closed form, and on transformer_small and patch_vit feature
+    matching there cost 2-3 points at keep 0.15 against none, where convolutions from the same plans
+    gained (docs/finetune.md)."""
+    return is_factorized(module) and not (isinstance(module, FactorizedLinear) and data_fitted(module))
+
+
+def _feature_weight(cfg: FinetuneConfig, model: nn.Module, teacher: Any):
+    """The feature-matching weight and which factorized modules it matches (None: every one)."""
     if cfg.feature_weight != "auto":
-        return float(cfg.feature_weight)
-    factorized = any(isinstance(m, (FactorizedConv, FactorizedLinear)) for m in model.modules())
-    return DEFAULTS["feature_weight"] if isinstance(teacher, nn.Module) and factorized else 0.0
+        return float(cfg.feature_weight), None
+    if not isinstance(teacher, nn.Module) or not any(feature_matched(m) for m in model.modules()):
+        return 0.0, None
+    return DEFAULTS["feature_weight"], feature_matched
 
 
 def _loss(model, train_loader, teacher, cfg: FinetuneConfig, dev, cleanup) -> TrainingLoss:
-    features, weight = None, _feature_weight(cfg, model, teacher)
+    features, (weight, select) = None, _feature_weight(cfg, model, teacher)
     if weight:
         if not isinstance(teacher, nn.Module):
             raise UsageError("feature_weight needs the original torch module as the teacher")
@@ -134,7 +146,7 @@ def _loss(model, train_loader, teacher, cfg: FinetuneConfig, dev, cleanup) -> Tr
 
         # the plan's layers are the BN-folded ones: match against those
         teacher = fold_batchnorm(teacher, next(calibration_inputs(train_loader, dev, 1))).to(dev)
-        features = FeatureMatch(model, teacher)
+        features = FeatureMatch(model, teacher, select)
         cleanup.callback(features.remove)
     return TrainingLoss(as_teacher(teacher), cfg, features, weight)
 

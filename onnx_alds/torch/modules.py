@@ -21,12 +21,26 @@ from ..errors import UsageError
 from ..factorize import weight_factors
 from ..ops import SPECS
 from ..ops.conv import torch_class as _conv_class
+from ..ops.convtranspose import torch_class as _convtranspose_class
 from ..ops.linear import torch_class as _linear_class
 from ..plan import LayerPlan, Plan, check_factor_arrays
 from .export import fold_batchnorm, weight_to_module
 
 FactorizedConv = _conv_class()
 FactorizedLinear = _linear_class()
+FactorizedConvTranspose = _convtranspose_class()
+FACTORIZED = (FactorizedConv, FactorizedConvTranspose, FactorizedLinear)  # every spec's torch module
+
+
+def is_factorized(module: nn.Module) -> bool:
+    """Whether ``module`` is the factorized module of an operator spec (what :func:`apply_plan` installs)."""
+    return isinstance(module, FACTORIZED)
+
+
+def data_fitted(module: nn.Module) -> bool:
+    """Whether a factorized module's factors were fitted to data (a data-aware plan's sidecar), not
+    recomputed from its weights alone."""
+    return bool(getattr(module, "data_fitted", False))
 
 
 def with_batchnorm(model: nn.Module, calibration_x) -> nn.Module:
@@ -129,12 +143,15 @@ def apply_plan(model: nn.Module, plan: Plan | dict | str, example_inputs: Any = 
                              f"plan, or write the attention with nn.Linear projections")
         spec = _spec_for_module(mod, path)
         factors = (plan.factors or {}).get(entry.name)
+        fitted = factors is not None
         if factors is None:
             factors = weight_factors(spec.torch_weight4(mod), entry.k, spec.torch_scheme(entry.scheme), entry.rank)
         else:  # a sidecar is untrusted: shapes, dtype and values checked as the ONNX rewrite does
             w4 = spec.torch_weight4(mod)
             check_factor_arrays(plan, entry, w4.shape, w4.dtype)
-        model.set_submodule(path, spec.torch_module(mod, entry, factors))
+        new = spec.torch_module(mod, entry, factors)
+        new.data_fitted = fitted  # the fine-tune's feature matching asks (finetune_loop.feature_layers)
+        model.set_submodule(path, new)
         parent = model.get_submodule(path.rpartition(".")[0])
         if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
             # their inference fast path reads linear1/linear2.weight, which a factorized layer does not have;

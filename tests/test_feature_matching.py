@@ -1,0 +1,102 @@
+"""Which factorized layers the fine-tune's feature matching reaches: every operator spec's torch module
+(Conv, ConvTranspose, Linear), and under ``feature_weight="auto"`` all but the Linear layers whose
+factors a data-aware plan fitted (docs/finetune.md). Real export, rewrite and onnxruntime."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import onnx_alds  # noqa: E402
+from onnx_alds.api import analyze  # noqa: E402
+from onnx_alds.plan import LayerPlan, Plan  # noqa: E402
+from onnx_alds.torch import apply_plan, export  # noqa: E402
+from onnx_alds.torch.distill import FeatureMatch  # noqa: E402
+from onnx_alds.torch.finetune_config import DEFAULTS, FinetuneConfig  # noqa: E402
+from onnx_alds.torch.finetune_loop import _feature_weight, feature_matched  # noqa: E402
+from onnx_alds.torch.modules import FACTORIZED, FactorizedLinear, data_fitted  # noqa: E402
+
+
+class UpDown(nn.Module):
+    """A conv, a transposed conv and a Linear head: one layer of each operator spec."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 16, 3, padding=1)
+        self.up = nn.ConvTranspose2d(16, 12, 3, stride=2, padding=1, output_padding=1)
+        self.head = nn.Linear(12 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(torch.relu(self.conv(x)))).flatten(1))
+
+
+def _half_rank_plan(path) -> Plan:
+    _, _, info = analyze(onnx.load(str(path)))
+    assert len(info.candidates) == 3
+    return Plan([LayerPlan(l.name, l.weight_name, 1, "s0", max(1, min(l.geometry.f, l.geometry.c) // 2))
+                 for l in info.candidates])
+
+
+@pytest.fixture(scope="module")
+def net_and_plans(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fm")
+    torch.manual_seed(0)
+    net = UpDown().eval()
+    x = torch.randn(64, 6, 4, 4)
+    export(net, x[:4], tmp / "m.onnx")
+    plan = _half_rank_plan(tmp / "m.onnx")
+    name = onnx.load(str(tmp / "m.onnx")).graph.input[0].name
+    _, rep = onnx_alds.rewrite(str(tmp / "m.onnx"), plan=plan, calibration={name: x.numpy()}, validate=False,
+                               compare=False)
+    assert rep.plan.factors and set(rep.plan.factors) == {l.name for l in plan.layers}  # data-aware: carried
+    return net, x, plan, rep.plan
+
+
+def test_apply_plan_marks_which_factors_were_fitted_to_data(net_and_plans):
+    net, x, weight_only, data_aware = net_and_plans
+    for plan, fitted in ((weight_only, False), (data_aware, True)):
+        student = apply_plan(net, plan)
+        mods = [m for m in student.modules() if isinstance(m, FACTORIZED)]
+        assert len(mods) == 3 and len({type(m) for m in mods}) == 3  # one per spec
+        assert [data_fitted(m) for m in mods] == [fitted] * 3
+
+
+def test_feature_matching_reaches_every_spec_and_sees_the_error(net_and_plans):
+    net, x, weight_only, _ = net_and_plans
+    student = apply_plan(net, weight_only)
+    fm = FeatureMatch(student, net)
+    assert len(fm.handles) == 2 * 3  # the transposed conv is matched too
+    with torch.no_grad():
+        student(x[:8])
+        net(x[:8])
+    assert float(fm.loss()) > 1e-3  # half rank: every matched layer is off
+    fm.remove()
+    fm = FeatureMatch(student, net, select=lambda m: not isinstance(m, FactorizedLinear))
+    assert len(fm.handles) == 2 * 2  # the predicate picks the layers
+    fm.remove()
+
+
+def test_auto_feature_weight_leaves_out_data_fitted_linears_only(net_and_plans):
+    net, _, weight_only, data_aware = net_and_plans
+    cfg = FinetuneConfig()
+    student = apply_plan(net, weight_only)
+    weight, select = _feature_weight(cfg, student, net)
+    assert weight == DEFAULTS["feature_weight"]
+    assert all(select(m) for m in student.modules() if isinstance(m, FACTORIZED))
+    student = apply_plan(net, data_aware)
+    weight, select = _feature_weight(cfg, student, net)
+    kinds = {type(m).__name__: select(m) for m in student.modules() if isinstance(m, FACTORIZED)}
+    assert weight == DEFAULTS["feature_weight"]
+    assert kinds == {"FactorizedConv": True, "FactorizedConvTranspose": True, "FactorizedLinear": False}
+    # a student whose only factorized layer is a data-fitted Linear gets no feature term at all
+    head_only = Plan([l for l in data_aware.layers if l.weight == "head.weight"],
+                     factors={k: v for k, v in data_aware.factors.items()
+                              if k in {l.name for l in data_aware.layers if l.weight == "head.weight"}})
+    student = apply_plan(net, head_only)
+    assert not any(feature_matched(m) for m in student.modules())
+    assert _feature_weight(cfg, student, net)[0] == 0.0
+    # a number given matches every factorized layer, as before
+    assert _feature_weight(FinetuneConfig(feature_weight=5.0), student, net) == (5.0, None)
