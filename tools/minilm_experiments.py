@@ -6,6 +6,8 @@ run in CI; needs the artifacts of ``tools/real_models.py --models minilm`` (rm-v
     python tools/minilm_experiments.py mask 0.9         # moments over real tokens only (attention_mask 1)
     python tools/minilm_experiments.py shrink 0.9 0.1   # covariance shrunk towards its diagonal by 0.1
     python tools/minilm_experiments.py twosided 0.81 v  # V weighted by O's per-head Gram (also q,k f1 f2 f1diag)
+    python tools/minilm_experiments.py probe 0.9 tokens --probe-samples 32 --probe-rank 4
+                                                        # --sensitivity measuring real tokens (or all, pooled)
 
 Each prints the mean cosine of the pooled, normalised embeddings to the original's on the 100
 held-out sentences, against the same rewrite without the change (``--keep-params F --calibration``,
@@ -59,6 +61,31 @@ def masked_run_pass(sess, p, taps, calibration, fixed, result, bar):
         seen += _samples(feed)
         bar.update(_samples(feed))
     return seen
+
+
+def probe_patch(what: str, samples: int, rank: int) -> None:
+    """``--sensitivity`` with its probe measuring ``what`` (``all``: the raw output, as the product does;
+    ``tokens``: real tokens only; ``pooled``: the mean over real tokens), on ``samples`` sentences at rank r/``rank``."""
+    import onnx_alds.sensitivity as sens
+    from onnx_alds.compare import rel_l2
+
+    plain, state = sens.layer_sensitivity, {}
+
+    def layer_sensitivity(model, source, layers, emodel, feeds, **kw):
+        state["mask"] = np.asarray(feeds["attention_mask"][:samples]).astype(bool)
+        return plain(model, source, layers, emodel, feeds, **kw)
+
+    def measured(a, b):
+        m = state["mask"]
+        if what == "all" or a.ndim != 3 or a.shape[:2] != m.shape:
+            return rel_l2(a, b)
+        if what == "tokens":
+            return rel_l2(a[m], b[m])
+        w = m[..., None].astype(np.float64)
+        return rel_l2((a * w).sum(1) / w.sum(1), (b * w).sum(1) / w.sum(1))
+
+    sens.layer_sensitivity, sens.rel_l2 = layer_sensitivity, measured
+    sens.PROBE_SAMPLES, sens.PROBE_RANK = samples, rank
 
 
 def shrunk_stats(alpha: float):
@@ -156,9 +183,11 @@ def two_sided(orig: onnx.ModelProto, cal: dict, plan, kinds: set[str]):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["mask", "shrink", "twosided"])
+    p.add_argument("mode", choices=["mask", "shrink", "twosided", "probe"])
     p.add_argument("keep", type=float)
     p.add_argument("arg", nargs="?", default="", help="shrink: the weight on the diagonal; twosided: kinds, a,b")
+    p.add_argument("--probe-samples", type=int, default=32)
+    p.add_argument("--probe-rank", type=int, default=4)
     p.add_argument("--artifacts", type=Path, default=Path("/work/rm-artifacts/minilm"))
     a = p.parse_args(argv)
     logging.disable(logging.WARNING)
@@ -169,15 +198,21 @@ def main(argv=None) -> int:
     def cosine(model):
         return float((ms.embed(model, ev) * ref).sum(1).mean())
 
-    def rewritten():
+    def rewritten(sensitivity=False):
         return onnx_alds.rewrite(orig, keep_params=a.keep, calibration=cal, allow_slower=True, validate=False,
-                                 compare=False, sequential=False)
+                                 compare=False, sequential=None if sensitivity else False, sensitivity=sensitivity)
 
     new, rep = rewritten()
     print(f"keep-params {a.keep} (plan {rep.plan.budget.get('picked')}): cosine {cosine(new):.4f}", flush=True)
     if a.mode == "twosided":
         changed = two_sided(orig, cal, rep.plan, set(a.arg.split(",")))
         print(f"two-sided {a.arg}: cosine {cosine(onnx_alds.apply_plan(orig, changed)):.4f}")
+        return 0
+    if a.mode == "probe":
+        probe_patch(a.arg or "all", a.probe_samples, a.probe_rank)
+        new, rep = rewritten(sensitivity=True)
+        print(f"--sensitivity, probe on {a.arg or 'all'}, {a.probe_samples} samples, rank r/{a.probe_rank}: "
+              f"cosine {cosine(new):.4f} (plan {rep.plan.budget.get('picked')})")
         return 0
     if a.mode == "mask":
         moments_mod._run_pass = masked_run_pass
