@@ -6,8 +6,9 @@ of its rank moves the sentence embedding's cosine by 0.0005-0.001, a feed-forwar
 layer error by 0.02, the last block's value and output projections by 0.03-0.07.  So with
 ``sensitivity`` (``--sensitivity``) each layer ℓ is probed once: its weight is replaced, in one
 onnxruntime session where the candidates' weights are overridable inputs, by the data-aware
-rank-``r/4`` reconstruction, and the model is run on a few calibration samples (of the fitted
-split, never the held-out one that judges the result).  Its weight is
+rank-``r/4`` reconstruction, its output shifted by the bias correction those factors carry (an
+overridable addend after the layer), and the model is run on a few calibration samples (of the
+fitted split, never the held-out one that judges the result).  Its weight is
 
     w_ℓ = (worst output relative L2 of the probe) / (the layer's own relative output error),
 
@@ -30,7 +31,6 @@ import onnx
 from .compare import rel_l2
 from .cost import full_rank
 from .factorize import reconstruct
-from .ops.base import Factors
 from .progress import progress_iter
 from .runtime import providers_for, session
 from .select import Config
@@ -47,18 +47,41 @@ def probe_config(layer) -> Config:
     return Config(1, "s0", max(1, full_rank(layer.geometry, 1, "s0") // PROBE_RANK), float("nan"))
 
 
-def _probe_model(model: onnx.ModelProto, names: set[str]) -> bytes:
-    """The model's bytes with the initializers ``names`` also listed as graph inputs, so that a run
-    can override them (the model itself is left as it was)."""
+def _probe_model(model: onnx.ModelProto, probed: dict, layers) -> tuple[bytes, dict[str, str]]:
+    """The model's bytes with each probed layer's weight initializer (``probed``: layer name → its
+    name) also listed as a graph input, so that a run can override it, and an overridable addend on
+    the layer's output, zero unless given: the bias correction the layer's factors carry goes there,
+    broadcast along the output channels (``OpSpec.channel_addend_shape``).  Returns the bytes and
+    layer name → its addend's input name.  The model itself is left as it was."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    listed = {i.name for i in probe.graph.input}
-    for t in probe.graph.initializer:
-        if t.name in names and t.name not in listed:
-            probe.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    g = probe.graph
+    inits = {t.name: t for t in g.initializer}
+    addends: dict[str, str] = {}
+    at = {l.node_index: l for l in layers if l.name in probed}
+    nodes = []
+    for i, node in enumerate(g.node):
+        nodes.append(node)
+        l = at.get(i)
+        if l is None:
+            continue
+        out, name = node.output[0], f"{l.name}/alds_probe_addend"
+        elem = inits[probed[l.name]].data_type
+        shape = l.spec.channel_addend_shape(l)
+        zeros = np.zeros(shape, onnx.helper.tensor_dtype_to_np_dtype(elem))
+        g.initializer.append(onnx.numpy_helper.from_array(zeros, name))
+        node.output[0] = f"{out}/alds_probe_raw"
+        nodes.append(onnx.helper.make_node("Add", [node.output[0], name], [out], name=f"{l.name}/alds_probe_add"))
+        addends[l.name] = name
+    del g.node[:]
+    g.node.extend(nodes)
+    listed = {i.name for i in g.input}
+    for t in g.initializer:
+        if (t.name in probed.values() or t.name in addends.values()) and t.name not in listed:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     if probe.ir_version < 4:
         probe.ir_version = 4
-    return probe.SerializeToString()
+    return probe.SerializeToString(), addends
 
 
 def _probed_layers(model: onnx.ModelProto, layers) -> dict:
@@ -80,23 +103,27 @@ def layer_sensitivity(model: onnx.ModelProto, source, layers, emodel, feeds: dic
     from .sequential import constant_weights_as_initializers
 
     feeds = {k: np.ascontiguousarray(v[:samples]) for k, v in feeds.items()}
-    model, _ = constant_weights_as_initializers(model, layers)  # paddle2onnx's Constant-node weights too
+    model, at = constant_weights_as_initializers(model, layers)  # paddle2onnx's Constant-node weights too
     probed = _probed_layers(model, layers)
     if not probed:
         return {l.name: 1.0 for l in layers}
-    sess = session(_probe_model(model, set(probed.values())), providers_for(provider), threads=None)
+    probe_bytes, addends = _probe_model(model, probed, at)
+    sess = session(probe_bytes, providers_for(provider), threads=None)
     base = sess.run(None, feeds)
     raw: dict[str, float] = {}
     for l in progress_iter([l for l in layers if l.name in probed], desc="sensitivity", unit="layer",
                            enabled=progress):
         cfg = probe_config(l)
-        fac = emodel.factors(source, l, cfg)
-        fac = Factors(fac.encoder, fac.decoder, None)  # the mean shift stays in both measurements alike
+        fac = emodel.factors(source, l, cfg)  # with the bias correction the emitted layer will carry
         layer_error = emodel.measure(source, l, cfg, fac)
         stored = np.asarray(source.stored_weight(l))
         shape4 = l.spec.weight4(stored, l.attrs).shape  # the weight read once
         perturbed = l.spec.stored_weight(reconstruct(fac, shape4), stored, l.attrs)
-        out = sess.run(None, {**feeds, probed[l.name]: perturbed.astype(stored.dtype, copy=False)})
+        override = {probed[l.name]: perturbed.astype(stored.dtype, copy=False)}
+        if fac.bias_delta is not None and l.name in addends:
+            override[addends[l.name]] = np.asarray(fac.bias_delta).reshape(l.spec.channel_addend_shape(l)).astype(
+                stored.dtype)
+        out = sess.run(None, {**feeds, **override})
         out_error = max(rel_l2(a, b) for a, b in zip(base, out) if np.asarray(a).dtype.kind == "f")
         if layer_error > 0 and np.isfinite(out_error) and out_error > 0:
             raw[l.name] = out_error / layer_error

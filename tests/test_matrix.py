@@ -362,10 +362,10 @@ def test_stored_weight_inverts_weight4(op):
 @pytest.mark.parametrize("op", sorted(SPECS))
 def test_sensitivity_probe_is_the_output_error_of_the_layer_alone(op):
     """``--sensitivity`` for every spec: a layer's weight times its own error is the output error of
-    the model with that layer alone replaced by its probe factors (the probe's claim), up to the
+    the model with that layer alone replaced by its probe factors, bias correction included (the
+    probe's claim: its addend after the layer broadcasts as the emitted correction does), up to the
     normalisation by the weights' geometric mean; and the weighted rewrite meets its budget."""
     from onnx_alds.io import Source
-    from onnx_alds.ops.base import Factors
     from onnx_alds.sensitivity import layer_sensitivity, probe_config
 
     for g in graphs_for(op):
@@ -382,7 +382,7 @@ def test_sensitivity_probe_is_the_output_error_of_the_layer_alone(op):
             cfg = probe_config(layer)
             r = cfg.rank
             fac = emodel.factors(source, layer, cfg)
-            fac = Factors(fac.encoder, fac.decoder, None)
+            assert fac.bias_delta is not None  # the data model corrects the mean shift: the probe must add it
             new = onnx_alds.apply_plan(model, Plan([LayerPlan(layer.name, layer.weight_name, 1, "s0", r)],
                                                    factors={layer.name: fac}),
                                        input_shapes={"x": list(g.input_shape)})

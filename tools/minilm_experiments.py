@@ -65,7 +65,8 @@ def masked_run_pass(sess, p, taps, calibration, fixed, result, bar):
 
 def probe_patch(what: str, samples: int, rank: int) -> None:
     """``--sensitivity`` with its probe measuring ``what`` (``all``: the raw output, as the product does;
-    ``tokens``: real tokens only; ``pooled``: the mean over real tokens), on ``samples`` sentences at rank r/``rank``."""
+    ``tokens``: real tokens only; ``pooled``: the mean over real tokens; ``normalised``: that mean
+    normalised, the sentence embedding), on ``samples`` sentences at rank r/``rank``."""
     import onnx_alds.sensitivity as sens
     from onnx_alds.compare import rel_l2
 
@@ -82,7 +83,10 @@ def probe_patch(what: str, samples: int, rank: int) -> None:
         if what == "tokens":
             return rel_l2(a[m], b[m])
         w = m[..., None].astype(np.float64)
-        return rel_l2((a * w).sum(1) / w.sum(1), (b * w).sum(1) / w.sum(1))
+        pa, pb = (a * w).sum(1) / w.sum(1), (b * w).sum(1) / w.sum(1)
+        if what == "normalised":  # the sentence embedding itself: the direction of the pooled vector
+            pa, pb = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (pa, pb))
+        return rel_l2(pa, pb)
 
     sens.layer_sensitivity, sens.rel_l2 = layer_sensitivity, measured
     sens.PROBE_SAMPLES, sens.PROBE_RANK = samples, rank

@@ -180,6 +180,14 @@ class OpSpec:
                        spatial_rank=a.spatial_rank, **common)
         return Tap(kind="linear", spatial_rank=0, **common)
 
+    def channel_addend_shape(self, layer) -> tuple[int, ...]:
+        """The shape of a per-output-channel addend to the layer's output (a bias correction added after
+        the node, as :mod:`onnx_alds.sensitivity`'s probe adds it): ``(f, 1, …)`` over a convolution's
+        spatial axes (output ``N × f × …``), ``(f,)`` for Gemm/MatMul (channels last).  Read off
+        ``attrs.spatial_rank`` as :meth:`calibration_tap` is; an operator with its channels elsewhere
+        overrides it."""
+        return (int(layer.geometry.f),) + (1,) * int(layer.attrs.spatial_rank or 0)
+
     def classify(self, node: gs.Node, w: np.ndarray, in_dims, out_dims) -> Classified:
         raise NotImplementedError
 
