@@ -195,9 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--artifacts", type=Path, default=Path("/work/rm-artifacts/minilm"))
     a = p.parse_args(argv)
     logging.disable(logging.WARNING)
-    d = a.artifacts
-    cal, ev = dict(np.load(d / "cal.npz")), dict(np.load(d / "eval.npz"))
-    ref, orig = np.load(d / "ref_embeddings.npy"), onnx.load(str(d / "original.onnx"))
+    cal, ev, ref, orig = ms.load_artifacts(a.artifacts)
 
     def cosine(model):
         return float((ms.embed(model, ev) * ref).sum(1).mean())

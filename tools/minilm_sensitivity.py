@@ -40,6 +40,12 @@ def embed(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
     return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
+def load_artifacts(d: Path):
+    """The calibration and evaluation feeds, the original's embeddings and the original model."""
+    cal, ev = dict(np.load(d / "cal.npz")), dict(np.load(d / "eval.npz"))
+    return cal, ev, np.load(d / "ref_embeddings.npy"), onnx.load(str(d / "original.onnx"))
+
+
 def probe(orig, cal, out: Path) -> None:
     fit = {k: v[:192] for k, v in cal.items()}
     hold = {k: v[192:] for k, v in cal.items()}
@@ -65,9 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("artifacts/minilm_sensitivity.json"))
     a = p.parse_args(argv)
     logging.disable(logging.WARNING)
-    d = a.artifacts
-    cal, ev = dict(np.load(d / "cal.npz")), dict(np.load(d / "eval.npz"))
-    ref, orig = np.load(d / "ref_embeddings.npy"), onnx.load(str(d / "original.onnx"))
+    cal, ev, ref, orig = load_artifacts(a.artifacts)
     if a.mode == "probe":
         a.work.parent.mkdir(parents=True, exist_ok=True)
         probe(orig, cal, a.work)
