@@ -56,7 +56,7 @@ def net_and_plans(tmp_path_factory):
 
 
 def test_apply_plan_marks_which_factors_were_fitted_to_data(net_and_plans):
-    net, x, weight_only, data_aware = net_and_plans
+    net, _x, weight_only, data_aware = net_and_plans
     for plan, fitted in ((weight_only, False), (data_aware, True)):
         student = apply_plan(net, plan)
         mods = [m for m in student.modules() if isinstance(m, FACTORIZED)]
