@@ -343,7 +343,8 @@ def cmd_rewrite(a) -> int:
         calibration=_calibration(a),
         bias_correction=not a.no_bias_correction, max_output_error=a.max_output_error, min_speedup=a.min_speedup,
         allow_slower=a.allow_slower, sequential=a.sequential, int8=a.int8, objective=a.objective,
-        best_effort=a.best_effort, output_kinds=_output_kinds(a.output_kind), hold_out=not a.no_hold_out, sensitivity=a.sensitivity,
+        best_effort=a.best_effort, output_kinds=_output_kinds(a.output_kind), hold_out=not a.no_hold_out,
+        sensitivity=a.sensitivity,
         metric=a.metric_script, max_metric_drop=a.max_metric_drop)
     new, report = rewrite(a.input, options=options)
     report.output = str(out)

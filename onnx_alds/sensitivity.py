@@ -75,9 +75,9 @@ def _probe_model(model: onnx.ModelProto, probed: dict, layers) -> tuple[bytes, d
         addends[l.name] = name
     del g.node[:]
     g.node.extend(nodes)
-    listed = {i.name for i in g.input}
+    listed, overridable = {i.name for i in g.input}, set(probed.values()) | set(addends.values())
     for t in g.initializer:
-        if (t.name in probed.values() or t.name in addends.values()) and t.name not in listed:
+        if t.name in overridable and t.name not in listed:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     if probe.ir_version < 4:
         probe.ir_version = 4

@@ -23,7 +23,8 @@ stage asks the spec; none of them knows an operator:
   ``torch_weight4(module)`` — a module's weight as ``f × c × κ1 × κ2``;
   ``torch_scheme(scheme)`` — the scheme the torch twin factorizes with;
   ``torch_module(module, layer_plan, factors)`` — the factorized
-  ``nn.Module`` that computes what ``emit`` computes.
+  ``nn.Module`` that computes what ``emit`` computes, an instance of
+  ``torch_factorized_type()``.
 
 Adding an operator is one new file in this package plus its entry in
 ``ops.SPECS``; ``tests/test_matrix.py`` then needs a small test graph for it.
@@ -208,6 +209,10 @@ class OpSpec:
         raise NotImplementedError
 
     def standalone(self, layer, in_dims: list[int], opset: int):
+        raise NotImplementedError
+
+    def torch_factorized_type(self) -> type:
+        """The ``nn.Module`` class :meth:`torch_module` returns (the fine-tune finds factorized layers by it)."""
         raise NotImplementedError
 
     def torch_module(self, module, layer_plan, factors: Factors):

@@ -126,6 +126,9 @@ class ConvSpec(OpSpec):
                      pads=list(a.pads[:n]) + list(a.pads[2:2 + n]))
         return standalone_model(layer, in_dims, opset, attrs)
 
+    def torch_factorized_type(self) -> type:
+        return torch_class()
+
     def torch_module(self, module, entry, factors: Factors):
         return torch_class()(module, entry.k, entry.scheme, entry.rank, factors)
 

@@ -111,6 +111,9 @@ class ConvTransposeSpec(OpSpec):
         return standalone_model(layer, in_dims, opset, dict(strides=list(a.strides), dilations=list(a.dilations),
                                                             pads=list(a.pads)))
 
+    def torch_factorized_type(self) -> type:
+        return torch_class()
+
     def torch_module(self, module, entry, factors: Factors):
         return torch_class()(module, entry.k, entry.scheme, entry.rank, factors)
 

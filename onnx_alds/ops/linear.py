@@ -83,6 +83,9 @@ class LinearSpec(OpSpec):
         dec_w = factors.decoder.reshape(f, cfg.k * cfg.rank)  # (f, k·j)
         return nodes + [self.decoder(layer, node, z, dec_w, factors, names)]
 
+    def torch_factorized_type(self) -> type:
+        return torch_class()
+
     def torch_module(self, module, entry, factors: Factors):
         return torch_class()(module, entry.k, entry.rank, factors)
 

@@ -21,15 +21,14 @@ from ..errors import UsageError
 from ..factorize import weight_factors
 from ..ops import SPECS
 from ..ops.conv import torch_class as _conv_class
-from ..ops.convtranspose import torch_class as _convtranspose_class
 from ..ops.linear import torch_class as _linear_class
 from ..plan import LayerPlan, Plan, check_factor_arrays
 from .export import fold_batchnorm, weight_to_module
 
 FactorizedConv = _conv_class()
 FactorizedLinear = _linear_class()
-FactorizedConvTranspose = _convtranspose_class()
-FACTORIZED = (FactorizedConv, FactorizedConvTranspose, FactorizedLinear)  # every spec's torch module
+# every spec's factorized torch module (a new spec's too), in SPECS order without repeats (Gemm and MatMul share one)
+FACTORIZED = tuple(dict.fromkeys(spec.torch_factorized_type() for spec in SPECS.values()))
 
 
 def is_factorized(module: nn.Module) -> bool:
@@ -150,7 +149,7 @@ def apply_plan(model: nn.Module, plan: Plan | dict | str, example_inputs: Any = 
             w4 = spec.torch_weight4(mod)
             check_factor_arrays(plan, entry, w4.shape, w4.dtype)
         new = spec.torch_module(mod, entry, factors)
-        new.data_fitted = fitted  # the fine-tune's feature matching asks (finetune_loop.feature_layers)
+        new.data_fitted = fitted  # the fine-tune's feature matching asks (finetune_loop.feature_matched)
         model.set_submodule(path, new)
         parent = model.get_submodule(path.rpartition(".")[0])
         if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
