@@ -34,6 +34,28 @@ sys.path.insert(0, str(ROOT))
 MODELS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16")
 
 
+SEGMENTATION = ("fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
+
+
+class _Out:
+    """A segmentation model whose output is ``{"out": ..., "aux": ...}``, returning the ``out`` map
+    (what users deploy)."""
+
+    def __new__(cls, model):
+        import torch
+
+        class Out(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                y = self.inner(x)
+                return y["out"] if isinstance(y, dict) else y
+
+        return Out(model)
+
+
 def export_one(name: str, out_dir: Path, *, opset: int = 18, seed: int = 0) -> dict:
     import numpy as np
     import onnx
@@ -43,7 +65,10 @@ def export_one(name: str, out_dir: Path, *, opset: int = 18, seed: int = 0) -> d
     from onnx_alds.torch.export import export
 
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(weights=None).eval()
+    if name in SEGMENTATION:
+        model = _Out(torchvision.models.get_model(name, weights=None, weights_backbone=None)).eval()
+    else:
+        model = torchvision.models.get_model(name, weights=None).eval()
     # torchvision zero-initialises some heads (vit_b_16's): the output would be all zeros
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -78,7 +103,8 @@ def export_one(name: str, out_dir: Path, *, opset: int = 18, seed: int = 0) -> d
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("models", nargs="*", default=list(MODELS), help=f"torchvision names (default: {' '.join(MODELS)})")
+    ap.add_argument("models", nargs="*", default=list(MODELS),
+                    help=f"torchvision names, classifiers or {', '.join(SEGMENTATION)} (default: {' '.join(MODELS)})")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "onnx"), help="output folder")
     ap.add_argument("--opset", type=int, default=18)
     ap.add_argument("--force", action="store_true", help="export again when the file exists")

@@ -127,16 +127,18 @@ def original(name: str, out_dir: Path) -> nn.Module:
     return model.eval()
 
 
-def plan_for(name: str, model: nn.Module, keep: float, out_dir: Path, calibration: int = 0):
+def plan_for(name: str, model: nn.Module, keep: float, out_dir: Path, calibration: int = 0,
+             sensitivity: bool = False):
     """The plan of ``rewrite(onnx, keep_params=keep)`` on the exported original (cached): weight-only,
     or with ``calibration`` > 0 data-aware, from that many training images (the first of the training
-    split; the test split is never seen), its factors carried in the plan's sidecar."""
+    split; the test split is never seen), its factors carried in the plan's sidecar. ``sensitivity``
+    weighs the layers by the calibration probe (``rewrite(sensitivity=True)``)."""
     import onnx
     import onnx_alds
     from onnx_alds.plan import Plan
     from onnx_alds.torch import export
 
-    tag = f"-cal{calibration}" if calibration else ""
+    tag = (f"-cal{calibration}" if calibration else "") + ("-sens" if sensitivity else "")
     path = out_dir / "plans" / f"{name}-{keep:g}{tag}.json"
     if path.is_file():
         return Plan.load(path)
@@ -148,6 +150,7 @@ def plan_for(name: str, model: nn.Module, keep: float, out_dir: Path, calibratio
     if calibration:
         x_train = load_digits_split()[0][:calibration].numpy()
         kw["calibration"] = {onnx.load(str(onnx_path)).graph.input[0].name: x_train}
+        kw["sensitivity"] = sensitivity
     _, rep = onnx_alds.rewrite(str(onnx_path), keep_params=keep, validate=False, compare=False,
                                 allow_slower=True, **kw)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,9 +170,10 @@ def run_one(name: str, keep: float, seed: int, args, overrides: dict) -> dict:
     from onnx_alds.torch import apply_plan, finetune
 
     model = original(name, args.out_dir)
-    plan = plan_for(name, model, keep, args.out_dir, args.calibration)
+    plan = plan_for(name, model, keep, args.out_dir, args.calibration, args.sensitivity)
     student = apply_plan(model, plan, example_inputs=load_digits_split()[0][:8])
     row = dict(net=name, keep=keep, seed=seed, epochs=args.epochs, calibration=args.calibration,
+               sensitivity=args.sensitivity,
                original=accuracy(model),
                oneshot=accuracy(student), overrides=overrides)
     torch.manual_seed(seed)
@@ -217,6 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-teacher", action="store_true", help="labels only (for comparison)")
     p.add_argument("--calibration", type=int, default=0, metavar="N",
                    help="data-aware plans from N training images (default 0: weight-only plans)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="with --calibration: plans that weigh layers by the calibration probe")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a finetune default")
     p.add_argument("--tag", default="defaults", help="name of the rows file (one per experiment)")
     p.add_argument("--out-dir", type=Path, default=REPO / "artifacts" / "finetune_matrix")

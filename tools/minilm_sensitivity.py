@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("mode", choices=["probe", "base", "weighted", "product"])
     p.add_argument("keep", type=float, nargs="?", default=0.9)
     p.add_argument("--artifacts", type=Path, default=Path("/work/rm-artifacts/minilm"))
+    p.add_argument("--no-hold-out", action="store_true",
+                   help="fit on every calibration sentence (no held-back quarter to judge the candidates on)")
+    p.add_argument("--sequential", action="store_true", help="refit every layer on the compressed prefix's inputs")
     p.add_argument("--work", type=Path, default=Path("artifacts/minilm_sensitivity.json"))
     a = p.parse_args(argv)
     logging.disable(logging.WARNING)
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
         em.DataError.curves = curves
     t = time.time()
     new, rep = rewrite(orig, keep_params=a.keep, calibration=cal, allow_slower=True, validate=False,
-                       compare=False, sensitivity=a.mode == "product")
+                       compare=False, sensitivity=a.mode == "product", hold_out=not a.no_hold_out,
+                       sequential=True if a.sequential else None)
     cos = float((embed(new, ev) * ref).sum(1).mean())
     print(f"{a.mode} keep-params {a.keep}: cosine {cos:.4f}, params {rep.params_fraction:.3f}, "
           f"{time.time() - t:.0f} s", flush=True)
