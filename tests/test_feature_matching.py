@@ -4,6 +4,7 @@ factors a data-aware plan fitted (docs/finetune.md). Real export, rewrite and on
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
@@ -100,3 +101,35 @@ def test_auto_feature_weight_leaves_out_data_fitted_linears_only(net_and_plans):
     assert _feature_weight(cfg, student, net)[0] == 0.0
     # a number given matches every factorized layer, as before
     assert _feature_weight(FinetuneConfig(feature_weight=5.0), student, net) == (5.0, None)
+
+
+def _arrays(f):
+    return [a for a in (f.encoder, f.decoder, f.bias_delta) if a is not None]
+
+
+@pytest.mark.parametrize("rank", ["one", "half"])
+def test_training_a_student_never_writes_the_plan_or_a_sibling(net_and_plans, tmp_path, rank):
+    """apply_plan copies the plan's factors into the student: fine-tuning one student leaves the plan's
+    arrays and another student of the same plan as they were (a rank-1 Linear's encoder once shared the
+    plan's memory), for every spec and both kinds of factors."""
+    net, x, weight_only, _ = net_and_plans
+    plan = weight_only if rank == "half" else Plan([LayerPlan(l.name, l.weight, 1, "s0", 1)
+                                                     for l in weight_only.layers])
+    path = tmp_path / "m.onnx"
+    export(net, x[:4], path)
+    name = onnx.load(str(path)).graph.input[0].name
+    _, rep = onnx_alds.rewrite(str(path), plan=plan, calibration={name: x.numpy()}, validate=False, compare=False)
+    for p in (plan, rep.plan):
+        saved = {k: [np.copy(a) for a in _arrays(f)] for k, f in (p.factors or {}).items()}
+        sibling = apply_plan(net, p)
+        before = {k: v.clone() for k, v in sibling.state_dict().items()}
+        student = apply_plan(net, p)
+        opt = torch.optim.SGD(student.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            (student(x) - net(x).detach()).pow(2).mean().backward()
+            opt.step()
+        assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())  # it did train
+        assert all(torch.equal(before[k], v) for k, v in sibling.state_dict().items())
+        for k, arrays in saved.items():
+            assert all(np.array_equal(a, b) for a, b in zip(arrays, _arrays(p.factors[k])))

@@ -105,7 +105,7 @@ def torch_class():
             f, c = linear.weight.shape
             enc = factors.encoder.reshape(k, rank, c // k).transpose(0, 2, 1)  # (k, c/k, j)
             dt = linear.weight.dtype
-            self.encoder = nn.Parameter(torch.from_numpy(np.ascontiguousarray(enc)).to(dt))
+            self.encoder = nn.Parameter(torch.tensor(enc, dtype=dt))  # a copy: training never writes the plan's arrays
             with_bias = linear.bias is not None or factors.bias_delta is not None
             self.decoder = nn.Linear(k * rank, f, bias=with_bias)
             with torch.no_grad():
