@@ -4,25 +4,33 @@ measured speed-up, and output error, per budget setting.  Never run in CI.
     python tools/bench_real.py                                   # every model and setting (hours on 2 cores)
     python tools/bench_real.py --models resnet18 resnet20 --settings default params0.5 latency0.6
     python tools/bench_real.py --skip-export --repeats 30
+    python tools/bench_real.py --models swin_t fcn_resnet50 --settings default params0.5 default+cal --repeats 0
 
 Models: torchvision's resnet18, mobilenet_v2, efficientnet_b0, convnext_tiny
 and vit_b_16 with random weights (exported by ``tools/export_torchvision.py``
 in its own venv, ``--tv-python``; 1×3×224×224, dynamic batch), the shipped
 ``models/resnet20_digits.onnx`` (trained) and the ResNet-50 layout of
-``tools/synthetic_models.py`` (random).  Random weights have flat spectra:
-the output errors of those say little about accuracy; the speed-ups hold.
+``tools/synthetic_models.py`` (random); any other classifier of
+``torchvision.models`` by name, and the segmentation models that
+``export_torchvision.py`` lists (graph coverage).  Random weights have flat
+spectra: the output errors of those say little about accuracy; the speed-ups
+hold.
 
 Settings: ``default`` (the CLI's default budget), ``latency0.8``,
 ``latency0.6``, ``latency0.4`` (``--keep-latency F``) and ``params0.5``
-(``--keep-params 0.5``); any ``paramsF``/``flopsF``/``latencyF`` works.  Each
+(``--keep-params 0.5``); any ``paramsF``/``flopsF``/``latencyF`` works, and
+``+cal`` after a setting adds ``--calibration`` with 32 seeded random images
+(or the model's own input shape; random data exercises the data-aware path,
+it says nothing about accuracy).  Each
 rewrite runs as ``onnx-alds rewrite IN OUT --report R.json`` in a
 subprocess; a rewrite that fails is a row with its exit code and error
-sentence.  The predicted speed-up is the report's ``budget.predicted_speedup``
+sentence, and every row checks that the input file is byte for byte as it was.  The predicted speed-up is the report's ``budget.predicted_speedup``
 (latency budgets only); the rewrite's own whole-model check is
 ``budget.measured_speedup``.  Then the original and every rewrite are timed
 interleaved (``onnx_alds.bench.bench``, onnxruntime CPU, ``--threads`` 2) at
 batch 1 and 8, and the output rel L2 against the original is taken on the
-same seeded inputs (batch 8).  ``--int8`` adds an int8 copy of the
+same seeded inputs (batch 8); ``--repeats 0`` skips the timing (a coverage run: exit codes,
+params, the rewrite's own validation).  ``--int8`` adds an int8 copy of the
 original and of each rewrite (``onnx-alds quantize``, random calibration) to
 the same interleaved run, with their speed-up over the int8 original.  Table on stdout; CSV, JSON and a plot of
 measured against predicted speed-up in ``artifacts/bench_real/``.
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -46,6 +55,7 @@ from onnx_alds.bench import bench  # noqa: E402
 
 TORCHVISION = ("resnet18", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16")
 MODELS = TORCHVISION + ("resnet20", "resnet50")
+LOCAL = ("resnet20", "resnet50")  # not exported from torchvision
 SETTINGS = ("default", "latency0.8", "latency0.6", "latency0.4", "params0.5")
 
 
@@ -59,7 +69,7 @@ def model_path(name: str, onnx_dir: Path) -> Path:
 
 def ensure_models(names, onnx_dir: Path, tv_python: str, skip_export: bool) -> dict[str, Path]:
     onnx_dir.mkdir(parents=True, exist_ok=True)
-    todo = [n for n in names if n in TORCHVISION and not model_path(n, onnx_dir).exists()]
+    todo = [n for n in names if n not in LOCAL and not model_path(n, onnx_dir).exists()]
     if todo and not skip_export:
         print(f"... exporting {' '.join(todo)} with {tv_python}", file=sys.stderr)
         subprocess.run([tv_python, str(ROOT / "tools" / "export_torchvision.py"), *todo, "--out", str(onnx_dir)],
@@ -77,7 +87,9 @@ def ensure_models(names, onnx_dir: Path, tv_python: str, skip_export: bool) -> d
     return found
 
 
-def setting_flags(setting: str) -> list[str]:
+def setting_flags(setting: str, calibration: Path | None = None) -> list[str]:
+    if setting.endswith("+cal"):
+        return setting_flags(setting.removesuffix("+cal")) + ["--calibration", str(calibration or "CAL.npz")]
     if setting == "default":
         return []
     for metric in ("params", "flops", "latency"):
@@ -87,7 +99,26 @@ def setting_flags(setting: str) -> list[str]:
             except ValueError:
                 break
             return [f"--keep-{metric}", setting[len(metric):]]
-    raise SystemExit(f"unknown setting {setting!r} (use default, paramsF, flopsF or latencyF)")
+    raise SystemExit(f"unknown setting {setting!r} (use default, paramsF, flopsF or latencyF, each optionally +cal)")
+
+
+def random_calibration(src: Path, workdir: Path, samples: int = 32) -> Path:
+    """``samples`` seeded standard-normal inputs at the model's input shape (open dims: 224), saved as an npz
+    named after the model, for the ``+cal`` settings."""
+    import numpy as np
+    import onnx
+
+    path = workdir / f"{src.stem}.cal.npz"
+    if not path.exists():
+        inp = onnx.load(str(src), load_external_data=False).graph.input[0]
+        dims = [d.dim_value if d.dim_value > 0 else 224 for d in inp.type.tensor_type.shape.dim[1:]]
+        x = np.random.default_rng(0).standard_normal((samples, *dims)).astype(np.float32)
+        np.savez(path, **{inp.name: x})
+    return path
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_rewrite(src: Path, setting: str, workdir: Path, timeout: float) -> dict:
@@ -95,7 +126,9 @@ def run_rewrite(src: Path, setting: str, workdir: Path, timeout: float) -> dict:
     rep = workdir / f"{src.stem}_{setting}.report.json"
     for stale in (out, rep):
         stale.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "onnx_alds", "rewrite", str(src), str(out), *setting_flags(setting),
+    cal = random_calibration(src, workdir) if setting.endswith("+cal") else None
+    before = digest(src)
+    cmd = [sys.executable, "-m", "onnx_alds", "rewrite", str(src), str(out), *setting_flags(setting, cal),
            "--report", str(rep), "-q"]
     row = {"setting": setting, "command": " ".join(["onnx-alds"] + cmd[3:]), "file": str(out)}
     t0 = time.perf_counter()
@@ -108,6 +141,7 @@ def run_rewrite(src: Path, setting: str, workdir: Path, timeout: float) -> dict:
         if e.stderr:
             err = (e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr) + "\n" + err
     row["rewrite_s"] = round(time.perf_counter() - t0, 1)
+    row["input_unchanged"] = digest(src) == before
     row["error"] = None
     if row["exit_code"] != 0:
         lines = [l for l in (err or "").splitlines() if l.strip()]
@@ -121,8 +155,14 @@ def run_rewrite(src: Path, setting: str, workdir: Path, timeout: float) -> dict:
                                if r.get("flops_before") and r.get("flops_after") is not None else None),
                    max_rel_error=r.get("max_rel_error"), predicted_speedup=b.get("predicted_speedup"),
                    rewrite_measured_speedup=b.get("measured_speedup"),
-                   validation_rel_l2=(r.get("validation") or {}).get("rel_l2"))
+                   validation_rel_l2=(r.get("validation") or {}).get("rel_l2"),
+                   validation_speedup=_ratio((r.get("validation") or {}).get("latency_ms_before"),
+                                             (r.get("validation") or {}).get("latency_ms_after")))
     return row
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
 
 
 def quantize_rows(rows: list[dict], workdir: Path) -> list[dict]:
@@ -182,14 +222,18 @@ def _fmt(v, spec: str) -> str:
 def format_table(rows: list[dict], batches) -> str:
     int8 = any(r.get("int8") for r in rows)
     cols = ["model", "setting", "params kept", "pred. speed-up"] + [f"meas. b{b}" for b in batches] + \
-           ([f"vs int8 orig b{b}" for b in batches] if int8 else []) + ["rel L2 vs orig", "exit", "error"]
+           ([f"vs int8 orig b{b}" for b in batches] if int8 else []) + \
+        ["rel L2 vs orig", "rewrite's speed-up", "rewrite s", "input kept", "exit", "error"]
     lines = []
     for r in rows:
         cells = [r["model"], r["setting"], _fmt(r.get("params_kept"), ".3f"), _fmt(r.get("predicted_speedup"), ".2f")]
         cells += [_fmt(r.get(f"speedup_b{b}"), ".2f") for b in batches]
         if int8:
             cells += [_fmt(r.get(f"vs_int8_original_b{b}"), ".2f") for b in batches]
-        cells += [_fmt(r.get("rel_l2_vs_original"), ".3g"), str(r.get("exit_code", "")), r.get("error") or ""]
+        rel = r.get("rel_l2_vs_original", r.get("validation_rel_l2"))
+        kept = {True: "yes", False: "NO"}.get(r.get("input_unchanged"), "-")
+        cells += [_fmt(rel, ".3g"), _fmt(r.get("validation_speedup"), ".2f"), _fmt(r.get("rewrite_s"), ".0f"), kept,
+                  str(r.get("exit_code", "")), r.get("error") or ""]
         lines.append(cells)
     widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(cols)]
     widths[-1] = len(cols[-1])  # the error sentence is not padded
@@ -235,11 +279,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, metavar="NAME",
-                    help=f"default: {' '.join(MODELS)}")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), metavar="NAME",
+                    help=f"default: {' '.join(MODELS)}; any other torchvision model export_torchvision.py takes")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="S",
                     help=f"default: {' '.join(SETTINGS)}")
-    ap.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch (interleaved)")
+    ap.add_argument("--repeats", type=int, default=20,
+                    help="timed runs per model and batch (interleaved); 0: no timing (coverage)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-export", action="store_true", help="use only the ONNX files already there")
@@ -272,7 +317,8 @@ def main(argv=None) -> int:
         if a.int8:
             print(f"... {name}: int8 copies", file=sys.stderr)
             rows += quantize_rows(rows, workdir)
-        bench_model(name, src, rows, batches=batches, repeats=a.repeats, threads=a.threads)
+        if a.repeats > 0:
+            bench_model(name, src, rows, batches=batches, repeats=a.repeats, threads=a.threads)
         all_rows += rows
         # written after every model, so that a long run leaves what it has
         (out / "bench_real.json").write_text(json.dumps(all_rows, indent=2) + "\n")
