@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Negative results on the sentence encoder (docs/real-models.md, sixth pass): three changes to the
-data-aware factors that the one-shot cosine of all-MiniLM-L6-v2 does not reward. A benchmark, never
+"""Negative results on the sentence encoder (docs/real-models.md, sixth and seventh passes): changes to
+the data-aware factors that the one-shot cosine of all-MiniLM-L6-v2 does not reward. A benchmark, never
 run in CI; needs the artifacts of ``tools/real_models.py --models minilm`` (rm-venv).
 
     python tools/minilm_experiments.py mask 0.9         # moments over real tokens only (attention_mask 1)
@@ -8,6 +8,7 @@ run in CI; needs the artifacts of ``tools/real_models.py --models minilm`` (rm-v
     python tools/minilm_experiments.py twosided 0.81 v  # V weighted by O's per-head Gram (also q,k f1 f2 f1diag)
     python tools/minilm_experiments.py probe 0.9 tokens --probe-samples 32 --probe-rank 4
                                                         # --sensitivity measuring real tokens (or all, pooled)
+    python tools/minilm_experiments.py groups 0.6       # per-head / grouped low rank against plain, per layer
 
 Each prints the mean cosine of the pooled, normalised embeddings to the original's on the 100
 held-out sentences, against the same rewrite without the change (``--keep-params F --calibration``,
@@ -18,6 +19,12 @@ top left singular vectors of ``M^½ W L`` (L the input's whitening, M an output-
 ``v`` M = blockdiag_h(W_Oʰᵀ W_Oʰ), the attention output's per-head Gram; ``q`` / ``k`` M = the other's
 per-head output second moment (the logits q·k); ``f1`` M = D W₂ᵀ W₂ D with D the RMS of GELU' at each
 hidden unit (Gaussian pre-activations), ``f1diag`` M = D²; ``f2`` M = diag(γ²) of the LayerNorm after.
+
+``groups F`` rewrites nothing: for every Linear layer, at F of its parameters, the whitened output error
+``‖(W − Ŵ) L‖² / ‖W L‖²`` on the first 192 calibration sentences of the best rank-j approximation in k
+groups of its outputs (k = 12: one per attention head; each group its own encoder, closed form) or of its
+inputs (ALDS's channel groups, each group whitened by its own block), against k = 1 (plain low rank), and
+the spread of the ratio over the 36 layers.
 """
 
 from __future__ import annotations
@@ -185,9 +192,63 @@ def two_sided(orig: onnx.ModelProto, cal: dict, plan, kinds: set[str]):
     return changed
 
 
+def grouped_error(w: np.ndarray, gram: np.ndarray, k: int, fraction: float, side: str) -> float | None:
+    """Whitened relative output error of ``w`` (f × c) at ``fraction`` of its parameters as k groups of
+    its outputs (``side="out"``: encoder k·j × c, block-diagonal decoder) or of its inputs (``"in"``)."""
+    f, c = w.shape
+    n = f if side == "out" else c
+    if n % k:
+        return None
+    budget = fraction * f * c
+    j = int(budget // (k * c + f)) if side == "out" else int(budget // (k * f + c))
+    j = min(j, f // k, c) if side == "out" else min(j, c // k, f)
+    if j < 1:
+        return None
+    ridge = 1e-8 * np.trace(gram) / len(gram) * np.eye(len(gram))
+    full = np.linalg.cholesky(gram + ridge)
+    err = 0.0
+    if side == "out":
+        for g in range(k):
+            sv = np.linalg.svd(w[g * f // k:(g + 1) * f // k] @ full, compute_uv=False)
+            err += float((sv[j:] ** 2).sum())
+    else:
+        approx = np.zeros_like(w)
+        for g in range(k):
+            sl = slice(g * c // k, (g + 1) * c // k)
+            chol = np.linalg.cholesky(gram[sl, sl] + ridge[sl, sl])
+            u, sv, vt = np.linalg.svd(w[:, sl] @ chol, full_matrices=False)
+            approx[:, sl] = (u[:, :j] * sv[:j]) @ vt[:j] @ np.linalg.inv(chol)
+        d = w - approx
+        err = float(np.trace(d @ gram @ d.T))
+    return err / float(np.linalg.norm(w @ full) ** 2)
+
+
+def groups(orig: onnx.ModelProto, cal: dict, fraction: float) -> None:
+    _, _, info = analyze(orig)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in orig.graph.initializer}
+    mom = collect_moments(orig, taps_for(info.candidates), {k: v[:192] for k, v in cal.items()})
+    ratios: dict[str, list[float]] = {}
+    plain_best = 0
+    for l in info.candidates:
+        w = l.spec.weight4(inits[l.weight_name], l.attrs).reshape(l.geometry.f, -1).astype(np.float64)
+        gram = mom[l.name].gram / mom[l.name].count
+        base = grouped_error(w, gram, 1, fraction, "out")
+        got = {f"{side}{k}": grouped_error(w, gram, k, fraction, side) for side, ks in
+               (("out", (2, 3, 4, 6, 12)), ("in", (2, 4, 12))) for k in ks}
+        got = {key: v for key, v in got.items() if v is not None}
+        plain_best += all(v >= base for v in got.values())
+        for key, v in got.items():
+            ratios.setdefault(key, []).append(v / base)
+    print(f"{len(info.candidates)} Linear layers at {fraction:g} of their parameters: plain low rank has the "
+          f"lowest whitened error in {plain_best}")
+    for key, r in ratios.items():
+        print(f"  {key:>5} groups of {'outputs' if key.startswith('out') else 'inputs'}: error / plain "
+              f"min {min(r):.2f} median {np.median(r):.2f} max {max(r):.2f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["mask", "shrink", "twosided", "probe"])
+    p.add_argument("mode", choices=["mask", "shrink", "twosided", "probe", "groups"])
     p.add_argument("keep", type=float)
     p.add_argument("arg", nargs="?", default="", help="shrink: the weight on the diagonal; twosided: kinds, a,b")
     p.add_argument("--probe-samples", type=int, default=32)
@@ -196,6 +257,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.disable(logging.WARNING)
     cal, ev, ref, orig = ms.load_artifacts(a.artifacts)
+    if a.mode == "groups":
+        groups(orig, cal, a.keep)
+        return 0
 
     def cosine(model):
         return float((ms.embed(model, ev) * ref).sum(1).mean())
