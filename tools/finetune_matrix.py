@@ -128,17 +128,19 @@ def original(name: str, out_dir: Path) -> nn.Module:
 
 
 def plan_for(name: str, model: nn.Module, keep: float, out_dir: Path, calibration: int = 0,
-             sensitivity: bool = False):
+             sensitivity: bool = False, rewrite_args: dict | None = None):
     """The plan of ``rewrite(onnx, keep_params=keep)`` on the exported original (cached): weight-only,
     or with ``calibration`` > 0 data-aware, from that many training images (the first of the training
     split; the test split is never seen), its factors carried in the plan's sidecar. ``sensitivity``
-    weighs the layers by the calibration probe (``rewrite(sensitivity=True)``)."""
+    weighs the layers by the calibration probe (``rewrite(sensitivity=True)``); ``rewrite_args`` are more
+    keywords of ``rewrite`` (``objective="max"``, ``method="uniform"``)."""
     import onnx
     import onnx_alds
     from onnx_alds.plan import Plan
     from onnx_alds.torch import export
 
-    tag = (f"-cal{calibration}" if calibration else "") + ("-sens" if sensitivity else "")
+    tag = (f"-cal{calibration}" if calibration else "") + ("-sens" if sensitivity else "") + \
+        "".join(f"-{k}={v}" for k, v in sorted((rewrite_args or {}).items()))
     path = out_dir / "plans" / f"{name}-{keep:g}{tag}.json"
     if path.is_file():
         return Plan.load(path)
@@ -146,7 +148,7 @@ def plan_for(name: str, model: nn.Module, keep: float, out_dir: Path, calibratio
     if not onnx_path.is_file():
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
         export(model, load_digits_split()[0][:8], onnx_path)
-    kw = {}
+    kw = dict(rewrite_args or {})
     if calibration:
         x_train = load_digits_split()[0][:calibration].numpy()
         kw["calibration"] = {onnx.load(str(onnx_path)).graph.input[0].name: x_train}
@@ -170,7 +172,8 @@ def run_one(name: str, keep: float, seed: int, args, overrides: dict) -> dict:
     from onnx_alds.torch import apply_plan, finetune
 
     model = original(name, args.out_dir)
-    plan = plan_for(name, model, keep, args.out_dir, args.calibration, args.sensitivity)
+    plan = plan_for(name, model, keep, args.out_dir, args.calibration, args.sensitivity,
+                    {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.rewrite)})
     student = apply_plan(model, plan, example_inputs=load_digits_split()[0][:8])
     row = dict(net=name, keep=keep, seed=seed, epochs=args.epochs, calibration=args.calibration,
                sensitivity=args.sensitivity,
@@ -223,6 +226,8 @@ def main(argv=None) -> int:
                    help="data-aware plans from N training images (default 0: weight-only plans)")
     p.add_argument("--sensitivity", action="store_true",
                    help="with --calibration: plans that weigh layers by the calibration probe")
+    p.add_argument("--rewrite", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="a keyword of onnx_alds.rewrite for the plans (objective=max, method=uniform)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a finetune default")
     p.add_argument("--tag", default="defaults", help="name of the rows file (one per experiment)")
     p.add_argument("--out-dir", type=Path, default=REPO / "artifacts" / "finetune_matrix")
