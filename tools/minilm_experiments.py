@@ -9,6 +9,7 @@ run in CI; needs the artifacts of ``tools/real_models.py --models minilm`` (rm-v
     python tools/minilm_experiments.py probe 0.9 tokens --probe-samples 32 --probe-rank 4
                                                         # --sensitivity measuring real tokens (or all, pooled)
     python tools/minilm_experiments.py groups 0.6       # per-head / grouped low rank against plain, per layer
+    python tools/minilm_experiments.py reprobe 0.8146   # --sensitivity probing each layer at its planned rank
 
 Each prints the mean cosine of the pooled, normalised embeddings to the original's on the 100
 held-out sentences, against the same rewrite without the change (``--keep-params F --calibration``,
@@ -192,6 +193,26 @@ def two_sided(orig: onnx.ModelProto, cal: dict, plan, kinds: set[str]):
     return changed
 
 
+def probe_at_plan(plan) -> None:
+    """``--sensitivity`` probing each layer of ``plan`` at the rank the plan gives it (k·j, as one group)
+    instead of a quarter of its full rank; a layer the plan leaves dense is probed as before."""
+    import onnx_alds.sensitivity as sens
+    from onnx_alds.cost import full_rank
+    from onnx_alds.select import Config
+
+    ranks = {l.name: l.rank * l.k for l in plan.layers}
+    plain = getattr(sens.probe_config, "plain", sens.probe_config)
+
+    def probe_config(layer):
+        r = ranks.get(layer.name)
+        if r is None:
+            return plain(layer)
+        return Config(1, "s0", max(1, min(r, full_rank(layer.geometry, 1, "s0") - 1)), float("nan"))
+
+    probe_config.plain = plain
+    sens.probe_config = probe_config
+
+
 def grouped_error(w: np.ndarray, gram: np.ndarray, k: int, fraction: float, side: str) -> float | None:
     """Whitened relative output error of ``w`` (f × c) at ``fraction`` of its parameters as k groups of
     its outputs (``side="out"``: encoder k·j × c, block-diagonal decoder) or of its inputs (``"in"``)."""
@@ -248,7 +269,7 @@ def groups(orig: onnx.ModelProto, cal: dict, fraction: float) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["mask", "shrink", "twosided", "probe", "groups"])
+    p.add_argument("mode", choices=["mask", "shrink", "twosided", "probe", "groups", "reprobe"])
     p.add_argument("keep", type=float)
     p.add_argument("arg", nargs="?", default="", help="shrink: the weight on the diagonal; twosided: kinds, a,b")
     p.add_argument("--probe-samples", type=int, default=32)
@@ -273,6 +294,14 @@ def main(argv=None) -> int:
     if a.mode == "twosided":
         changed = two_sided(orig, cal, rep.plan, set(a.arg.split(",")))
         print(f"two-sided {a.arg}: cosine {cosine(onnx_alds.apply_plan(orig, changed)):.4f}")
+        return 0
+    if a.mode == "reprobe":
+        new, rep = rewritten(sensitivity=True)
+        print(f"--sensitivity: cosine {cosine(new):.4f}", flush=True)
+        for i in (2, 3):
+            probe_at_plan(rep.plan)
+            new, rep = rewritten(sensitivity=True)
+            print(f"pass {i}, probed at the previous plan's ranks: cosine {cosine(new):.4f}", flush=True)
         return 0
     if a.mode == "probe":
         probe_patch(a.arg or "all", a.probe_samples, a.probe_rank)
