@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="default: ART/distill")
     ap.add_argument("--keep-params", type=float, nargs="+", default=[0.9, 0.81])
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--lr", type=float, default=3e-5, help="0: finetune's default for the optimizer")
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--loss", default="cosine", choices=("mse", "cosine"), help="distill_loss on the hidden states")
     ap.add_argument("--feature-weight", default="auto", help="finetune's feature_weight ('auto' or a number)")
@@ -153,15 +154,17 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         fw = a.feature_weight if a.feature_weight == "auto" else float(a.feature_weight)
         pair = (pooled_module(student), pooled_module(teacher)) if a.target == "embedding" else (student, teacher)
-        hist = finetune(pair[0], batches, epochs=a.epochs, teacher=pair[1], optimizer="adamw", lr=a.lr,
+        lr = {"lr": a.lr} if a.lr else {}
+        hist = finetune(pair[0], batches, epochs=a.epochs, teacher=pair[1], optimizer=a.optimizer, **lr,
                         distill_loss=a.loss, feature_weight=fw, device="cpu", progress=False)
         tune_s = time.perf_counter() - t0
         after = cosine(torch_hidden(student, ev), ev["attention_mask"], ref)
         row = {"keep_params": keep, "linear_kept": linear_fraction(report), "params_kept":
                report["params_after"] / report["params_before"], "one_shot_cosine": one_shot,
                "torch_twin_cosine": twin, "distilled_cosine": after, "epochs": a.epochs, "lr": a.lr,
-               "batch": a.batch, "feature_weight": a.feature_weight, "target": a.target, "kept_start": hist.get("kept_start"), "loss": hist.get("loss"),
-               "rewrite_s": rewrite_s, "distill_s": tune_s}
+               "optimizer": a.optimizer, "batch": a.batch, "feature_weight": a.feature_weight, "target": a.target,
+               "kept_start": hist.get("kept_start"), "loss": hist.get("loss"), "rewrite_s": rewrite_s,
+               "distill_s": tune_s}
         rows.append(row)
         print(json.dumps(row))
     print("\n| keep-params | Linear params kept | one-shot cosine | after distillation | epochs | rewrite s | "
