@@ -37,23 +37,20 @@ MODELS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b
 SEGMENTATION = ("fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
 
 
-class _Out:
-    """A segmentation model whose output is ``{"out": ..., "aux": ...}``, returning the ``out`` map
-    (what users deploy)."""
+def out_map(model):
+    """A segmentation model whose output is ``{"out": ..., "aux": ...}``, as a module returning the ``out``
+    map (what users deploy)."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class OutMap(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
 
-        class Out(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
+        def forward(self, x):
+            return self.inner(x)["out"]
 
-            def forward(self, x):
-                y = self.inner(x)
-                return y["out"] if isinstance(y, dict) else y
-
-        return Out(model)
+    return OutMap(model)
 
 
 def export_one(name: str, out_dir: Path, *, opset: int = 18, seed: int = 0) -> dict:
@@ -66,7 +63,7 @@ def export_one(name: str, out_dir: Path, *, opset: int = 18, seed: int = 0) -> d
 
     torch.manual_seed(seed)
     if name in SEGMENTATION:
-        model = _Out(torchvision.models.get_model(name, weights=None, weights_backbone=None)).eval()
+        model = out_map(torchvision.models.get_model(name, weights=None, weights_backbone=None)).eval()
     else:
         model = torchvision.models.get_model(name, weights=None).eval()
     # torchvision zero-initialises some heads (vit_b_16's): the output would be all zeros

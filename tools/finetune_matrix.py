@@ -234,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--write-docs", type=Path, help="write the markdown table to this file")
     p.add_argument("--table-only", action="store_true", help="tabulate the rows already run; run nothing")
     args = p.parse_args(argv)
+    if args.sensitivity and not args.calibration:
+        p.error("--sensitivity weighs data-aware errors: give --calibration N too")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     overrides = dict(kv.split("=", 1) for kv in args.set)
