@@ -157,7 +157,12 @@ def _default_line(d: dict) -> str:
     if d.get("metric"):
         within.append(f"task metric drops at most {d['max_metric_drop']:.3g}")
     if d.get("tolerance") is not None:
-        within.append(f"outputs stay within relative L2 {d['tolerance']:g} on {d['judged_on']}")
+        scaled = ""
+        if d.get("noise_reference"):
+            n = d["noise_reference"]
+            scaled = (f" ({n['factor']:g}x what {100 * n['input_noise']:g} % input noise moves "
+                      f"{', '.join(sorted(d['output_tolerances']))})")
+        within.append(f"outputs stay within relative L2 {d['tolerance']:.3g}{scaled} on {d['judged_on']}")
     if not within:
         return "no budget given and no calibration data: the model is written unchanged"
     return (f"no budget given: keep-params {d['kept']:.3g}, the smallest of {len(d['tried'])} tried whose "

@@ -85,6 +85,41 @@ def run_batched(sess, feeds: dict, batch: int | None) -> list:
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
+def noise_response(original, feeds: dict, *, provider: str = "auto", noise: float = 0.01, seed: int = 0,
+                   output_kinds: dict | None = None, threads: int | None = None) -> dict[str, float]:
+    """How far the original's own outputs move when its float inputs move a little: per float output
+    not judged as class scores, the relative L2 between its outputs on ``feeds`` and on ``feeds`` with
+    seeded Gaussian noise of ``noise`` × each float input's standard deviation added (1 % of it is
+    under one 8-bit step of a normalised photograph).  The scale of change a model shows on its own,
+    for :mod:`onnx_alds.policy.error_bounded`'s default tolerance; {} without float inputs."""
+    from .compare import output_kind, rel_l2
+
+    rng = np.random.default_rng(seed)
+    noisy = {}
+    for k, v in feeds.items():
+        v = np.asarray(v)
+        if np.issubdtype(v.dtype, np.floating) and v.size:
+            sd = float(np.std(v.astype(np.float64)))
+            v = (v + rng.standard_normal(v.shape) * noise * sd).astype(v.dtype) if np.isfinite(sd) and sd > 0 else v
+        noisy[k] = v
+    if all(noisy[k] is feeds[k] or np.array_equal(noisy[k], feeds[k]) for k in feeds):
+        return {}
+    sess = session(original, providers_for(provider), threads)
+    fixed = session_fixed_batch(sess)
+    if fixed is not None:
+        feeds, noisy = _whole_batches(feeds, fixed), _whole_batches(noisy, fixed)
+    names = [o.name for o in sess.get_outputs()]
+    out = {}
+    for name, a, b in zip(names, run_batched(sess, feeds, fixed), run_batched(sess, noisy, fixed)):
+        a, b = np.asarray(a), np.asarray(b)
+        if np.issubdtype(a.dtype, np.floating) and a.shape == b.shape and a.size \
+                and output_kind(a, (output_kinds or {}).get(name)) != "scores":
+            r = rel_l2(a, b)
+            if np.isfinite(r):
+                out[name] = r
+    return out
+
+
 def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, batch: int = 2,
              seed: int = 0, repeats: int = 20, threads: int | None = None, low_memory: bool = False,
              feeds: dict | None = None, max_samples: int = 256, int8: bool = False,

@@ -205,3 +205,55 @@ def test_open_input_dims_are_analysed_at_the_calibration_samples_size():
     _, given = onnx_alds.rewrite(model, keep_params=0.7, calibration=cal, input_shapes={"x": [4, 3, 20, 12]},
                                  provider="cpu", allow_slower=True, validate=False, compare=False)
     assert given.input_shapes == {"x": [4, 3, 20, 12]}
+
+
+def test_noise_response_is_the_outputs_own_change_under_input_noise():
+    """A linear map moves its output as much as its input moves: 1 % of the input's standard deviation
+    in noise moves ``y = x W`` by about 1 % (zero-mean inputs), 4 % by four times that; class scores
+    are judged by top-1 agreement, not by this, and inputs without floats give no reference."""
+    from graphs import gemm_model, matmul_model
+    from onnx_alds.validate import noise_response
+
+    feeds = {"x": np.random.default_rng(3).standard_normal((64, 5, 12)).astype(np.float32)}
+    small = noise_response(matmul_model(), feeds, provider="cpu", noise=0.01)["y"]
+    large = noise_response(matmul_model(), feeds, provider="cpu", noise=0.04)["y"]
+    assert 0.007 < small < 0.013 and large / small == pytest.approx(4.0, rel=0.15)
+    scores = {"x": feeds["x"][:, 0]}
+    assert noise_response(gemm_model(), scores, provider="cpu") == {}  # (N, 7) float: class scores
+    assert "y" in noise_response(gemm_model(), scores, provider="cpu", output_kinds={"y": "map"})
+    ids = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Cast", ["i"], ["y"], to=onnx.TensorProto.FLOAT)], "g",
+        [onnx.helper.make_tensor_value_info("i", onnx.TensorProto.INT64, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])]),
+        opset_imports=[onnx.helper.make_opsetid("", 17)])
+    ids.ir_version = 8
+    assert noise_response(ids, {"i": np.arange(32, dtype=np.int64).reshape(8, 4)}, provider="cpu") == {}
+
+
+def test_the_default_tolerance_is_tighter_for_an_output_that_hardly_moves_on_its_own():
+    """No tolerance named: an output judged by relative L2 alone may move at most twice what 1 % input
+    noise moves it on the held-out samples, where that is below 0.1; the kept plan holds it.  A named
+    --max-output-error is taken as given, and class scores keep 0.1 with their top-1 agreement."""
+    from onnx_alds.policy.error_bounded import NOISE, NOISE_FACTOR, TOLERANCE
+    from onnx_alds.validate import noise_response
+
+    model, cal = cnn_model(), calibration()
+    held = {"x": cal["x"][36:]}
+    new, rep = onnx_alds.rewrite(model, calibration=cal, output_kinds={"logits": "map"}, provider="cpu",
+                                 allow_slower=True, compare=False)
+    d = rep.budget["default"]
+    moved = noise_response(model, held, provider="cpu", noise=NOISE, output_kinds={"logits": "map"})["logits"]
+    tol = d["output_tolerances"]["logits"]
+    assert tol == pytest.approx(NOISE_FACTOR * moved, rel=1e-3) and tol < TOLERANCE
+    assert d["tolerance"] == tol and d["base_tolerance"] == TOLERANCE
+    err = worst_rel_l2(model, new, held)
+    assert err <= tol + 1e-6
+    within = [f for f, e, _ in d["tried"] if e <= tol]
+    assert d["kept"] == (min(within) if within else 1.0)
+    # the base tolerance alone keeps fewer parameters (or as many): the tightening is what held it
+    _, loose = onnx_alds.rewrite(model, calibration=cal, output_kinds={"logits": "map"}, max_output_error=TOLERANCE,
+                                 provider="cpu", allow_slower=True, compare=False)
+    assert "output_tolerances" not in loose.budget["default"] and loose.params_after <= rep.params_after
+    _, scores = onnx_alds.rewrite(model, calibration=cal, provider="cpu", allow_slower=True, compare=False)
+    assert "output_tolerances" not in scores.budget["default"]
+    assert scores.budget["default"]["tolerance"] == TOLERANCE
