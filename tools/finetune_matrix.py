@@ -175,12 +175,12 @@ def run_one(name: str, keep: float, seed: int, args, overrides: dict) -> dict:
     plan = plan_for(name, model, keep, args.out_dir, args.calibration, args.sensitivity,
                     {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.rewrite)})
     student = apply_plan(model, plan, example_inputs=load_digits_split()[0][:8])
-    row = dict(net=name, keep=keep, seed=seed, epochs=args.epochs, calibration=args.calibration,
+    row = dict(net=name, keep=keep, seed=seed, epochs=args.epochs, batch=args.batch, calibration=args.calibration,
                sensitivity=args.sensitivity,
                original=accuracy(model),
                oneshot=accuracy(student), overrides=overrides)
     torch.manual_seed(seed)
-    train, _ = digits_loaders(batch_size=64, seed=0, shuffle_seed=seed)
+    train, _ = digits_loaders(batch_size=args.batch, seed=0, shuffle_seed=seed)
     t0 = time.perf_counter()
     kw = dict(threads=args.threads, progress=False)
     kw.update(overrides)
@@ -220,6 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--keeps", nargs="+", type=float, default=[0.3, 0.15])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch", type=int, default=64, help="training batch size (the loader's, not a finetune setting)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-teacher", action="store_true", help="labels only (for comparison)")
     p.add_argument("--calibration", type=int, default=0, metavar="N",
