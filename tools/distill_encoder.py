@@ -111,12 +111,16 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="embedding", choices=("embedding", "hidden"),
                     help="distill the pooled sentence embedding (default) or every token's hidden state")
     ap.add_argument("--rewrite-args", default="--allow-slower", help="more rewrite arguments, one string")
+    ap.add_argument("--reconstruct", action="store_true",
+                    help="onnx_alds.torch.reconstruct the twin block by block on the calibration sentences first")
+    ap.add_argument("--reconstruct-epochs", type=int, default=10)
+    ap.add_argument("--reconstruct-lr", type=float, default=1e-3)
     a = ap.parse_args(argv)
 
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from onnx_alds.torch import apply_plan, export, finetune
+    from onnx_alds.torch import apply_plan, export, finetune, reconstruct
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -148,6 +152,17 @@ def main(argv=None) -> int:
         one_shot = cosine(onnx_hidden(out, ev), ev["attention_mask"], ref)
         student = apply_plan(teacher, str(plan))
         twin = cosine(torch_hidden(student, ev), ev["attention_mask"], ref)
+        recon, recon_s = None, 0.0
+        if a.reconstruct:
+            t0 = time.perf_counter()
+            calb = [{"input": tuple(torch.from_numpy(cal[n][i:i + 16]) for n in NAMES)}
+                    for i in range(0, len(cal[NAMES[0]]), 16)]
+            rec = reconstruct(student, teacher, calb, epochs=a.reconstruct_epochs, lr=a.reconstruct_lr,
+                              progress=False)
+            recon_s = time.perf_counter() - t0
+            recon = cosine(torch_hidden(student, ev), ev["attention_mask"], ref)
+            print(f"{tag}: reconstructed in {recon_s:.0f} s: cosine {twin:.4f} -> {recon:.4f} (held-out calibration "
+                  f"rel L2 {rec.held_out_before:.4f} -> {rec.held_out_after:.4f}, kept {rec.kept})", flush=True)
         loader = DataLoader(TensorDataset(*(torch.from_numpy(cal[n]) for n in NAMES)), batch_size=a.batch,
                             shuffle=True, generator=torch.Generator().manual_seed(0))
         batches = [{"input": tuple(b)} for b in loader]  # inputs alone: the teacher is the target
@@ -161,7 +176,8 @@ def main(argv=None) -> int:
         after = cosine(torch_hidden(student, ev), ev["attention_mask"], ref)
         row = {"keep_params": keep, "linear_kept": linear_fraction(report), "params_kept":
                report["params_after"] / report["params_before"], "one_shot_cosine": one_shot,
-               "torch_twin_cosine": twin, "distilled_cosine": after, "epochs": a.epochs, "lr": a.lr,
+               "torch_twin_cosine": twin, "reconstructed_cosine": recon, "reconstruct_s": recon_s,
+               "distilled_cosine": after, "epochs": a.epochs, "lr": a.lr,
                "optimizer": a.optimizer, "batch": a.batch, "feature_weight": a.feature_weight, "target": a.target,
                "kept_start": hist.get("kept_start"), "loss": hist.get("loss"), "rewrite_s": rewrite_s,
                "distill_s": tune_s}

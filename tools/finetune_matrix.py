@@ -169,7 +169,7 @@ def accuracy(model: nn.Module) -> float:
 
 
 def run_one(name: str, keep: float, seed: int, args, overrides: dict) -> dict:
-    from onnx_alds.torch import apply_plan, finetune
+    from onnx_alds.torch import apply_plan, finetune, reconstruct
 
     model = original(name, args.out_dir)
     plan = plan_for(name, model, keep, args.out_dir, args.calibration, args.sensitivity,
@@ -179,6 +179,14 @@ def run_one(name: str, keep: float, seed: int, args, overrides: dict) -> dict:
                sensitivity=args.sensitivity,
                original=accuracy(model),
                oneshot=accuracy(student), overrides=overrides)
+    if args.reconstruct:  # block-wise reconstruction on the first N training images (inputs alone)
+        x_cal = load_digits_split()[0][:args.reconstruct]
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        rec = reconstruct(student, model, [x_cal[i:i + 64] for i in range(0, len(x_cal), 64)], seed=seed,
+                          progress=False)
+        row.update(reconstruct=args.reconstruct, reconstructed=accuracy(student), reconstruct_kept=rec.kept,
+                   reconstruct_s=round(time.perf_counter() - t0, 1))
     torch.manual_seed(seed)
     train, _ = digits_loaders(batch_size=args.batch, seed=0, shuffle_seed=seed)
     t0 = time.perf_counter()
@@ -230,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--rewrite", nargs="*", default=[], metavar="KEY=VALUE",
                    help="a keyword of onnx_alds.rewrite for the plans (objective=max, method=uniform)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a finetune default")
+    p.add_argument("--reconstruct", type=int, default=0, metavar="N",
+                   help="onnx_alds.torch.reconstruct the student on the first N training images before fine-tuning")
     p.add_argument("--tag", default="defaults", help="name of the rows file (one per experiment)")
     p.add_argument("--out-dir", type=Path, default=REPO / "artifacts" / "finetune_matrix")
     p.add_argument("--write-docs", type=Path, help="write the markdown table to this file")
@@ -255,7 +265,9 @@ def main(argv=None) -> int:
                         f.write(json.dumps(row) + "\n")
                     done.append(row)
                     print(f"{name} keep {keep:g} seed {seed}: original {row['original']:.4f} one-shot "
-                          f"{row['oneshot']:.4f} fine-tuned {row['finetuned']:.4f} given back {row['given_back']} "
+                          f"{row['oneshot']:.4f}"
+                          + (f" reconstructed {row['reconstructed']:.4f} ({row['reconstruct_s']} s)" if "reconstructed" in row
+                             else "") + f" fine-tuned {row['finetuned']:.4f} given back {row['given_back']} "
                           f"({row['seconds']} s)", flush=True)
                 wanted += [r for r in done if (r["net"], r["keep"], r["seed"], r["epochs"]) == (name, keep, seed,
                                                                                                  args.epochs)][-1:]

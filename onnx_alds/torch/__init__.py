@@ -19,6 +19,7 @@ _NAMES = {
     "apply_plan": "modules",
     "with_batchnorm": "modules",
     "finetune": "finetune",
+    "reconstruct": "reconstruct",
     "FinetuneConfig": "finetune_config",
     "evaluate": "finetune",
     "compress_and_finetune": "finetune_cli",
