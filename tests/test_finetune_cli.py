@@ -251,3 +251,22 @@ def test_finetune_and_export_leave_no_torchinductor_directory(setup, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out.onnx").is_file()
     assert sorted(p.name for p in tmp.iterdir()) == []  # no torchinductor_<user>, no leftover scratch
+
+
+def test_finetune_command_reconstructs_first_when_asked(setup, capsys):
+    """--reconstruct N: the compressed model is reconstructed block by block on the first N inputs of
+    --data before the fine-tune (no labels needed); the output error it reports fell, or it says it gave
+    the start back; the file written has the plan's structure."""
+    d = setup
+    rc, out, err = main_in_process(capsys, *_base(d), "--data", d / "nolabels.npz", "--epochs", "1",
+                                   "--reconstruct", "64", "--out", d / "rec.onnx")
+    assert rc == 0, err
+    line = next(l for l in out.splitlines() if l.startswith("reconstructed "))
+    assert line.startswith("reconstructed 1 blocks: output relative L2 ")
+    before, after = (float(v) for v in line.split("relative L2 ")[1].split(" on ")[0].split(" -> "))
+    assert after < before or line.endswith("(no better: given back)")
+    convs = [n for n in onnx.load(d / "rec.onnx").graph.node if n.op_type == "Conv"]
+    assert sorted(next((a.i for a in n.attribute if a.name == "group"), 1) for n in convs) == [1, 1, 2]
+    with pytest.raises(SystemExit) as e:  # argparse: exit 2, the option named
+        main_in_process(capsys, *_base(d), "--data", d / "nolabels.npz", "--reconstruct", "-1", "--out", d / "r.onnx")
+    assert e.value.code == 2 and "argument --reconstruct" in capsys.readouterr().err

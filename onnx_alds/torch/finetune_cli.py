@@ -47,6 +47,9 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--no-teacher", action="store_true", help="labels only, no distillation")
     t.add_argument("--teacher-onnx", metavar="IN.onnx", help="distil from this ONNX file through onnxruntime")
     f.add_argument("--no-bn", action="store_true", help="do not insert BatchNorm for the fine-tune")
+    f.add_argument("--reconstruct", type=bounded_int(0, 1 << 30), default=0, metavar="N",
+                   help="before the fine-tune, reconstruct the compressed model block by block on the first N "
+                        "samples of --data (inputs only; see onnx_alds.torch.reconstruct); 0: off")
     f.add_argument("--checkpoint-dir", metavar="DIR", help="per-epoch checkpoints; a rerun resumes")
     f.add_argument("--threads", type=bounded_int(1, MAX_THREADS), default=None,
                    help="torch threads (default: auto, see finetune)")
@@ -165,13 +168,16 @@ def _loader(x, y, batch_size: int, shuffle: bool, seed: int):
 
 
 def compress_and_finetune(original, plan, train_loader, *, example_inputs, out=None, teacher: Any = "original",
-                          output_names=None, opset=None, **finetune_kwargs) -> tuple[Any, dict]:
-    """``apply_plan`` then :func:`~onnx_alds.torch.finetune` then (rank 0 only) export to ``out``.
+                          output_names=None, opset=None, reconstruct: int = 0, **finetune_kwargs) -> tuple[Any, dict]:
+    """``apply_plan``, then with ``reconstruct`` > 0 :func:`~onnx_alds.torch.reconstruct` on the first
+    ``reconstruct`` inputs of ``train_loader``, then :func:`~onnx_alds.torch.finetune`, then (rank 0
+    only) export to ``out``.
 
     ``teacher``: ``"original"`` (the model given, BatchNorm as trained), None,
     or anything :func:`finetune` takes. Returns the fine-tuned student (on the
     CPU, eval mode) and the history; ``history["exported"]`` is the path
-    written, or None (no ``out``, or a rank other than 0).
+    written, or None (no ``out``, or a rank other than 0); ``history["reconstruct"]``
+    what the reconstruction did (or None).
     """
     from .export import export
     from .finetune import finetune
@@ -183,9 +189,16 @@ def compress_and_finetune(original, plan, train_loader, *, example_inputs, out=N
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise UsageError(f"the plan does not fit this model: {msg}") from None
     _check_weights(student, "the compressed model (the plan's factors)")
+    rec = None
+    if reconstruct:
+        from .reconstruct import reconstruct as reconstruct_blocks
+
+        rec = reconstruct_blocks(student, original, train_loader, max_samples=reconstruct,
+                                 progress=bool(finetune_kwargs.get("config") and finetune_kwargs["config"].progress))
     hist = finetune(student, train_loader, teacher=original if teacher == "original" else teacher,
                     **finetune_kwargs)
     student.cpu().eval()
+    hist["reconstruct"] = None if rec is None else rec.to_dict()
     hist["exported"] = None
     if out is not None and hist["rank"] == 0:
         try:
@@ -259,12 +272,17 @@ def cmd_finetune(a) -> int:
     val_loader = _loader(*val, 256, False, 0) if val else None
     teacher = None if a.no_teacher else (a.teacher_onnx or "original")
     _, hist = compress_and_finetune(model, plan, train_loader, example_inputs=x[:8], out=out, teacher=teacher,
-                                    opset=a.opset, val_loader=val_loader, config=config)
+                                    opset=a.opset, val_loader=val_loader, config=config, reconstruct=a.reconstruct)
     if hist["rank"] == 0:
         done = len(hist["epoch"])
         last = f"train loss {hist['train_loss'][-1]:.4f}" if hist["train_loss"] else "no epochs"
         if hist.get("val_acc") and hist["val_acc"][-1] is not None:
             last += f", val acc {max(a for a in hist['val_acc'] if a is not None):.4f} (best epoch {hist['best_epoch']})"
+        rec = hist.get("reconstruct")
+        if rec:
+            print(f"reconstructed {len(rec['blocks'])} blocks: output relative L2 {rec['held_out_before']:.4g} -> "
+                  f"{rec['held_out_after']:.4g} on {rec['judged_on']}" + ("" if rec["kept"] else
+                                                                         " (no better: given back)"))
         print(f"fine-tuned {done} epochs ({hist['loss']} loss, {hist['world_size']} process(es), "
               f"{hist['threads']} thread(s) each{', resumed' if hist['resumed_from'] else ''}): {last}; wrote {out}")
     return 0
