@@ -15,7 +15,8 @@ from onnx_alds.api import analyze  # noqa: E402
 from onnx_alds.errors import UsageError  # noqa: E402
 from onnx_alds.plan import LayerPlan, Plan  # noqa: E402
 from onnx_alds.torch import apply_plan, export, reconstruct  # noqa: E402
-from onnx_alds.torch.modules import FACTORIZED  # noqa: E402
+from onnx_alds.torch.finetune_loop import feature_matched  # noqa: E402
+from onnx_alds.torch.modules import FACTORIZED, data_fitted  # noqa: E402
 from onnx_alds.torch.reconstruct import find_blocks, rebatch  # noqa: E402
 
 
@@ -111,6 +112,8 @@ def test_reconstruction_lowers_the_held_out_error_without_labels(net_and_plan):
     assert [(n, type(m).__name__, tuple(p.shape for p in m.parameters(recurse=False)))
             for n, m in student.named_modules()] == structure  # the plan's structure, parameter for parameter
     assert sum(isinstance(m, FACTORIZED) for m in student.modules()) == len(plan.layers)
+    # fitted to data now: finetune's automatic feature matching leaves their Linear layers alone
+    assert all(data_fitted(m) and not feature_matched(m) for m in student.modules() if isinstance(m, FACTORIZED))
     assert all(torch.equal(v, teacher_state[k]) for k, v in net.state_dict().items())  # the teacher untouched
 
 
@@ -125,6 +128,7 @@ def test_a_student_that_already_matches_is_given_back_unchanged(net_and_plan):
     assert not rec.kept and rec.held_out_after == rec.held_out_before < 1e-5
     assert rec.judged_on.startswith("the calibration batches (also fitted on")  # one batch of 16: none held
     assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
+    assert not any(data_fitted(m) for m in student.modules() if isinstance(m, FACTORIZED))  # flags given back too
 
 
 def _export(net, cache={}):
