@@ -139,3 +139,14 @@ def initializer_floats(model: onnx.ModelProto) -> int:
             if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
                 n += int(np.prod(t.dims))
     return n
+
+
+def rank_share_plan(path, divisor: int = 2):
+    """The plan that keeps 1/``divisor`` of each candidate layer's full rank (one group, at least rank 1)
+    of the ONNX file at ``path``: a fixed plan for tests that need one without a budget."""
+    from onnx_alds.api import analyze
+    from onnx_alds.plan import LayerPlan, Plan
+
+    _, _, info = analyze(onnx.load(str(path)))
+    return Plan([LayerPlan(l.name, l.weight_name, 1, "s0", max(1, min(l.geometry.f, l.geometry.c) // divisor))
+                 for l in info.candidates])

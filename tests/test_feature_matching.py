@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import onnx_alds  # noqa: E402
-from onnx_alds.api import analyze  # noqa: E402
+from graphs import rank_share_plan  # noqa: E402
 from onnx_alds.plan import LayerPlan, Plan  # noqa: E402
 from onnx_alds.torch import apply_plan, export  # noqa: E402
 from onnx_alds.torch.distill import FeatureMatch  # noqa: E402
@@ -35,10 +35,9 @@ class UpDown(nn.Module):
 
 
 def _half_rank_plan(path) -> Plan:
-    _, _, info = analyze(onnx.load(str(path)))
-    assert len(info.candidates) == 3
-    return Plan([LayerPlan(l.name, l.weight_name, 1, "s0", max(1, min(l.geometry.f, l.geometry.c) // 2))
-                 for l in info.candidates])
+    plan = rank_share_plan(path, 2)
+    assert len(plan.layers) == 3
+    return plan
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,13 @@ Real export, rewrite and apply_plan."""
 
 from __future__ import annotations
 
-import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from onnx_alds.api import analyze  # noqa: E402
+from graphs import rank_share_plan  # noqa: E402
 from onnx_alds.errors import UsageError  # noqa: E402
-from onnx_alds.plan import LayerPlan, Plan  # noqa: E402
 from onnx_alds.torch import apply_plan, export, reconstruct  # noqa: E402
 from onnx_alds.torch.finetune_loop import feature_matched  # noqa: E402
 from onnx_alds.torch.modules import FACTORIZED, data_fitted  # noqa: E402
@@ -55,10 +53,8 @@ def _inputs(n=96, seed=0):
     return x, mask
 
 
-def _quarter_rank_plan(path) -> Plan:
-    _, _, info = analyze(onnx.load(str(path)))
-    return Plan([LayerPlan(l.name, l.weight_name, 1, "s0", max(1, min(l.geometry.f, l.geometry.c) // 4))
-                 for l in info.candidates])
+def _quarter_rank_plan(path):
+    return rank_share_plan(path, 4)
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +113,10 @@ def test_reconstruction_lowers_the_held_out_error_without_labels(net_and_plan):
     assert all(torch.equal(v, teacher_state[k]) for k, v in net.state_dict().items())  # the teacher untouched
 
 
-def test_a_student_that_already_matches_is_given_back_unchanged(net_and_plan):
+def test_a_student_that_already_matches_is_given_back_unchanged(net_and_plan, tmp_path):
     net, _ = net_and_plan
-    _, _, info = analyze(onnx.load(str(_export(net))))
-    full = Plan([LayerPlan(l.name, l.weight_name, 1, "s0", min(l.geometry.f, l.geometry.c)) for l in info.candidates])
-    student = apply_plan(net, full)  # full rank: the teacher's function
+    export(net, _inputs(4), tmp_path / "m.onnx")
+    student = apply_plan(net, rank_share_plan(tmp_path / "m.onnx", 1))  # full rank: the teacher's function
     state = {k: v.clone() for k, v in student.state_dict().items()}
     x, mask = _inputs(16)
     rec = reconstruct(student, net, [{"input": (x, mask)}], epochs=1, progress=False)
@@ -129,18 +124,6 @@ def test_a_student_that_already_matches_is_given_back_unchanged(net_and_plan):
     assert rec.judged_on.startswith("the calibration batches (also fitted on")  # one batch of 16: none held
     assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
     assert not any(data_fitted(m) for m in student.modules() if isinstance(m, FACTORIZED))  # flags given back too
-
-
-def _export(net, cache={}):
-    if "p" not in cache:
-        import tempfile
-        from pathlib import Path
-
-        p = Path(tempfile.mkdtemp()) / "m.onnx"
-        x, mask = _inputs(4)
-        export(net, (x, mask), p)
-        cache["p"] = p
-    return cache["p"]
 
 
 def test_rebatch_keeps_the_samples_in_order_and_passes_other_inputs_as_they_are():
