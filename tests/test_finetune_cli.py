@@ -256,7 +256,8 @@ def test_finetune_and_export_leave_no_torchinductor_directory(setup, tmp_path):
 def test_finetune_command_reconstructs_first_when_asked(setup, capsys):
     """--reconstruct N: the compressed model is reconstructed block by block on the first N inputs of
     --data before the fine-tune (no labels needed); the output error it reports fell, or it says it gave
-    the start back; the file written has the plan's structure."""
+    the start back; the file written has the plan's structure.  By default on for a weight-only plan,
+    off for a data-aware one."""
     d = setup
     rc, out, err = main_in_process(capsys, *_base(d), "--data", d / "nolabels.npz", "--epochs", "1",
                                    "--reconstruct", "64", "--out", d / "rec.onnx")
@@ -267,6 +268,20 @@ def test_finetune_command_reconstructs_first_when_asked(setup, capsys):
     assert after < before or line.endswith("(no better: given back)")
     convs = [n for n in onnx.load(d / "rec.onnx").graph.node if n.op_type == "Conv"]
     assert sorted(next((a.i for a in n.attribute if a.name == "group"), 1) for n in convs) == [1, 1, 2]
+    # by default a plan whose factors came from the weights alone is reconstructed first; 0 turns it off
+    rc, out, err = main_in_process(capsys, *_base(d), "--data", d / "nolabels.npz", "--epochs", "1",
+                                   "--out", d / "auto.onnx")
+    assert rc == 0 and "reconstructed 1 blocks" in out, err
+    rc, out, err = main_in_process(capsys, *_base(d), "--data", d / "nolabels.npz", "--epochs", "1",
+                                   "--reconstruct", "0", "--out", d / "off.onnx")
+    assert rc == 0 and "reconstructed" not in out, err
+    from onnx_alds.plan import Plan
+    from onnx_alds.torch.finetune_cli import AUTO_RECONSTRUCT, _reconstruct_samples
+
+    weight_only = Plan.load(d / "plan.json")
+    data_aware = Plan(weight_only.layers, factors={"3": object()})
+    assert (_reconstruct_samples(None, weight_only), _reconstruct_samples(None, data_aware)) == (AUTO_RECONSTRUCT, 0)
+    assert _reconstruct_samples(64, data_aware) == 64
     with pytest.raises(SystemExit) as e:  # argparse: exit 2, the option named
         main_in_process(capsys, *_base(d), "--data", d / "nolabels.npz", "--reconstruct", "-1", "--out", d / "r.onnx")
     assert e.value.code == 2 and "argument --reconstruct" in capsys.readouterr().err

@@ -209,11 +209,13 @@ def _value(text: str):
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    lines = ["| network | keep | seed | original | one-shot | fine-tuned | Δ to original | given back |",
-             "|---|---|---|---|---|---|---|---|"]
+    rec = any("reconstructed" in r for r in rows)
+    lines = ["| network | keep | seed | original | one-shot | " + ("reconstructed | " if rec else "") +
+             "fine-tuned | Δ to original | given back |", "|---|---|---|---|---|" + ("---|" if rec else "") + "---|---|---|"]
     for r in rows:
         lines.append(f"| {r['net']} | {r['keep']:g} | {r['seed']} | {100 * r['original']:.1f} | "
-                     f"{100 * r['oneshot']:.1f} | {100 * r['finetuned']:.1f} | "
+                     f"{100 * r['oneshot']:.1f} | " + (f"{100 * r['reconstructed']:.1f} | " if rec else "") +
+                     f"{100 * r['finetuned']:.1f} | "
                      f"{100 * (r['finetuned'] - r['original']):+.1f} | {'yes' if r['given_back'] else 'no'} |")
     worst = min((r["finetuned"] - r["original"] for r in rows), default=math.nan)
     back = sum(r["given_back"] for r in rows)

@@ -42,6 +42,7 @@ from ..errors import UsageError
 from ..progress import progress_iter
 from .finetune_data import calibration_inputs, forward, inputs_of
 from .modules import data_fitted, is_factorized
+from .scratch import private_inductor_cache
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,39 @@ def _output_error(student: nn.Module, teacher: nn.Module, batches: list) -> floa
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
+def _one_block(student: nn.Module, teacher: nn.Module, name: str, fit: list, *, epochs: int, lr: float,
+               seed: int) -> dict:
+    """Reconstruct block ``name`` of ``student`` on the ``fit`` batches (module docstring); put back as
+    it was where its loss did not fall.  Returns its entry of :attr:`Reconstruction.blocks`."""
+    block = dict(student.named_modules())[name]
+    ins = _capture(student, name, fit, output=False)
+    targets = _capture(teacher, name, fit[:len(ins)], output=True)
+    ins = ins[:len(targets)]
+    before_state = copy.deepcopy(block.state_dict())
+    before = _block_loss(block, ins, targets)
+    _fit_block(block, ins, targets, epochs=epochs, lr=lr, seed=seed)
+    after = _block_loss(block, ins, targets)
+    kept = after < before
+    if not kept:
+        block.load_state_dict(before_state)
+    else:  # its factors are fitted to data now: finetune's "auto" feature matching treats them so
+        for m in block.modules():
+            if is_factorized(m):
+                m.data_fitted = True
+    log.info("reconstruct: block %s: relative MSE %.4g -> %.4g%s", name, before, after,
+             "" if kept else " (no better: put back)")
+    return {"name": name, "loss_before": before, "loss_after": after if kept else before, "kept": kept}
+
+
+def _split(batches: list, hold_out: float, batch_size: int) -> tuple[list, list, str]:
+    """(fitted batches, judging batches, what the judging batches are)."""
+    n_held = max(1, round(len(batches) * hold_out)) if len(batches) > 1 and hold_out > 0 else 0
+    if not n_held:
+        why = "hold_out is 0" if hold_out == 0 else "one batch cannot be split"
+        return batches, batches, f"the calibration batches (also fitted on: {why})"
+    return batches[:-n_held], batches[-n_held:], f"{n_held} held-out calibration batches of {batch_size}"
+
+
 def reconstruct(student: nn.Module, teacher: nn.Module, inputs: Iterable, *, epochs: int = EPOCHS,
                 lr: float = LR, batch_size: int = BATCH, hold_out: float = HOLD_OUT, max_samples: int = MAX_SAMPLES,
                 blocks: list[str] | None = None, seed: int = 0, progress: bool = True) -> Reconstruction:
@@ -260,46 +294,23 @@ def reconstruct(student: nn.Module, teacher: nn.Module, inputs: Iterable, *, epo
     batches = list(calibration_inputs(inputs, device, max_samples))
     if not batches:
         raise UsageError("reconstruct got no calibration inputs")
-    batches = rebatch(batches, batch_size)
-    n_held = max(1, round(len(batches) * hold_out)) if len(batches) > 1 and hold_out > 0 else 0
-    fit, held = batches[:len(batches) - n_held], batches[len(batches) - n_held:] or batches
-    result = Reconstruction(judged_on=f"{n_held} held-out calibration batches of {batch_size}" if n_held else
-                            "the calibration batches (also fitted on: " +
-                            ("hold_out is 0)" if hold_out == 0 else "one batch cannot be split)"))
-    teacher_mods = dict(teacher.named_modules())
+    fit, held, judged_on = _split(rebatch(batches, batch_size), hold_out, batch_size)
+    result = Reconstruction(judged_on=judged_on)
     names = find_blocks(student) if blocks is None else list(blocks)
-    for n in names:
-        if n not in teacher_mods:
-            raise UsageError(f"the teacher has no module {n!r}: give the model the plan was applied to")
+    missing = [n for n in names if n not in dict(teacher.named_modules())]
+    if missing:
+        raise UsageError(f"the teacher has no module {missing[0]!r}: give the model the plan was applied to")
     modes = (student.training, teacher.training)
     student.eval(), teacher.eval()
     start = copy.deepcopy(student.state_dict())
     fitted = {m: data_fitted(m) for m in student.modules() if is_factorized(m)}
     try:
-        result.held_out_before = _output_error(student, teacher, held)
-        order = _call_order(student, names, fit[0])
-        student_mods = dict(student.named_modules())
-        for i, name in enumerate(progress_iter(order, desc="reconstruct", unit="block", enabled=progress)):
-            block = student_mods[name]
-            ins = _capture(student, name, fit, output=False)
-            targets = _capture(teacher, name, fit[:len(ins)], output=True)
-            ins = ins[:len(targets)]
-            before_state = copy.deepcopy(block.state_dict())
-            before = _block_loss(block, ins, targets)
-            _fit_block(block, ins, targets, epochs=epochs, lr=lr, seed=seed + i)
-            after = _block_loss(block, ins, targets)
-            kept = after < before
-            if not kept:
-                block.load_state_dict(before_state)
-            else:  # its factors are fitted to data now: finetune's "auto" feature matching treats them so
-                for m in block.modules():
-                    if is_factorized(m):
-                        m.data_fitted = True
-            result.blocks.append({"name": name, "loss_before": before, "loss_after": after if kept else before,
-                                  "kept": kept})
-            log.info("reconstruct: block %s: relative MSE %.4g -> %.4g%s", name, before, after,
-                     "" if kept else " (no better: put back)")
-        result.held_out_after = _output_error(student, teacher, held)
+        with private_inductor_cache():  # torch.optim imports torch._dynamo, which makes $TMPDIR/torchinductor_<user>
+            result.held_out_before = _output_error(student, teacher, held)
+            order = _call_order(student, names, fit[0])
+            for i, name in enumerate(progress_iter(order, desc="reconstruct", unit="block", enabled=progress)):
+                result.blocks.append(_one_block(student, teacher, name, fit, epochs=epochs, lr=lr, seed=seed + i))
+            result.held_out_after = _output_error(student, teacher, held)
         if not result.held_out_after < result.held_out_before:
             student.load_state_dict(start)
             for m, flag in fitted.items():
