@@ -78,6 +78,9 @@ def test_blocks_are_the_container_children_and_the_layers_outside_them(net_and_p
     student = apply_plan(net, plan)
     assert find_blocks(student) == ["embed", "blocks.0", "blocks.1", "blocks.2", "head"]
     assert find_blocks(net) == []  # nothing factorized: nothing to reconstruct
+    x, mask = _inputs(32)
+    rec = reconstruct(net, net, [{"input": (x, mask)}], progress=False)
+    assert not rec.kept and rec.blocks == [] and rec.held_out_before is None
 
 
 def test_in_a_sequential_model_each_factorized_layer_is_a_block(tmp_path):
