@@ -292,6 +292,10 @@ def reconstruct(student: nn.Module, teacher: nn.Module, inputs: Iterable, *, epo
         raise UsageError("reconstruct needs epochs >= 1, batch_size >= 1, a finite lr > 0 and 0 <= hold_out < 1")
     t0 = time.perf_counter()
     device = next(iter(student.parameters())).device
+    other = {p.device for p in teacher.parameters()} - {device}
+    if other:
+        raise UsageError(f"the teacher is on {sorted(map(str, other))[0]} and the student on {device}: put both on "
+                         f"one device")
     batches = list(calibration_inputs(inputs, device, max_samples))
     if not batches:
         raise UsageError("reconstruct got no calibration inputs")
