@@ -148,5 +148,7 @@ def test_bad_arguments_are_one_sentence(net_and_plan):
         reconstruct(student, net, [{"input": (x, mask)}], epochs=0)
     with pytest.raises(UsageError, match="no calibration inputs"):
         reconstruct(student, net, [])
+    with pytest.raises(UsageError, match="put both on one device"):
+        reconstruct(student, Net().to("meta"), [{"input": (x, mask)}])
     with pytest.raises(UsageError, match="no module 'nope'"):
         reconstruct(student, net, [{"input": (x, mask)}], blocks=["nope"])
