@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .compare import WARN_OUTPUT_ERROR, compare_outputs
+from .compare import WARN_OUTPUT_ERROR, compare_outputs, output_kind, rel_l2
 from .errors import ModelError, UsageError, ValidationFailed, first_line
 from .measure.inputs import random_inputs, session_fixed_batch
 from .measure.int8 import Int8Copies, timed_pair
@@ -92,17 +92,14 @@ def noise_response(original, feeds: dict, *, provider: str = "auto", noise: floa
     seeded Gaussian noise of ``noise`` × each float input's standard deviation added (1 % of it is
     under one 8-bit step of a normalised photograph).  The scale of change a model shows on its own,
     for :mod:`onnx_alds.policy.error_bounded`'s default tolerance; {} without float inputs."""
-    from .compare import output_kind, rel_l2
-
     rng = np.random.default_rng(seed)
-    noisy = {}
+    noisy, moved = dict(feeds), False
     for k, v in feeds.items():
         v = np.asarray(v)
-        if np.issubdtype(v.dtype, np.floating) and v.size:
-            sd = float(np.std(v.astype(np.float64)))
-            v = (v + rng.standard_normal(v.shape) * noise * sd).astype(v.dtype) if np.isfinite(sd) and sd > 0 else v
-        noisy[k] = v
-    if all(noisy[k] is feeds[k] or np.array_equal(noisy[k], feeds[k]) for k in feeds):
+        sd = float(np.std(v.astype(np.float64))) if np.issubdtype(v.dtype, np.floating) and v.size else 0.0
+        if np.isfinite(sd) and sd > 0:
+            noisy[k], moved = (v + rng.standard_normal(v.shape) * noise * sd).astype(v.dtype), True
+    if not moved:
         return {}
     sess = session(original, providers_for(provider), threads)
     fixed = session_fixed_batch(sess)

@@ -994,7 +994,8 @@ def table(out: Path, models: list[str], rows: list[str]) -> str:
                             f"metric's validation split (tried keep→metric: {tried}); kept {d.get('kept')}. ") + note
                 else:
                     tried = ", ".join(f"{t[0]:.3g}→{t[1]:.2f}" for t in d.get("tried", []))
-                    scaled = " (2× what 1 % input noise moves it)" if d.get("output_tolerances") else ""
+                    n = d.get("noise_reference")
+                    scaled = f" ({n['factor']:g}× what {100 * n['input_noise']:g} % input noise moves it)" if n else ""
                     note = (f"default: keep-params bisected for out rel L2 ≤ {d.get('tolerance'):.3g}{scaled} on "
                             f"{d.get('judged_on')} (tried keep→rel L2: {tried}); kept {d.get('kept')}. ") + note
             elif isinstance(b.get("default_relaxed"), dict):
