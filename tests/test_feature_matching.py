@@ -9,29 +9,16 @@ import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
 
 import onnx_alds  # noqa: E402
 from graphs import rank_share_plan  # noqa: E402
+from torch_nets import UpDown  # noqa: E402
 from onnx_alds.plan import LayerPlan, Plan  # noqa: E402
 from onnx_alds.torch import apply_plan, export  # noqa: E402
 from onnx_alds.torch.distill import FeatureMatch  # noqa: E402
 from onnx_alds.torch.finetune_config import DEFAULTS, FinetuneConfig  # noqa: E402
 from onnx_alds.torch.finetune_loop import _feature_weight, feature_matched  # noqa: E402
 from onnx_alds.torch.modules import FACTORIZED, FactorizedLinear, data_fitted  # noqa: E402
-
-
-class UpDown(nn.Module):
-    """A conv, a transposed conv and a Linear head: one layer of each operator spec."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(6, 16, 3, padding=1)
-        self.up = nn.ConvTranspose2d(16, 12, 3, stride=2, padding=1, output_padding=1)
-        self.head = nn.Linear(12 * 8 * 8, 10)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.up(torch.relu(self.conv(x)))).flatten(1))
 
 
 def _half_rank_plan(path) -> Plan:

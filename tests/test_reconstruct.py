@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from graphs import rank_share_plan  # noqa: E402
+from torch_nets import UpDown  # noqa: E402
 from onnx_alds.errors import UsageError  # noqa: E402
 from onnx_alds.torch import apply_plan, export, reconstruct  # noqa: E402
 from onnx_alds.torch.finetune_loop import feature_matched  # noqa: E402
@@ -152,19 +153,6 @@ def test_bad_arguments_are_one_sentence(net_and_plan):
         reconstruct(student, Net().to("meta"), [{"input": (x, mask)}])
     with pytest.raises(UsageError, match="no module 'nope'"):
         reconstruct(student, net, [{"input": (x, mask)}], blocks=["nope"])
-
-
-class UpDown(nn.Module):
-    """One layer of each operator spec: a conv, a transposed conv and a Linear head."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(6, 16, 3, padding=1)
-        self.up = nn.ConvTranspose2d(16, 12, 3, stride=2, padding=1, output_padding=1)
-        self.head = nn.Linear(12 * 8 * 8, 10)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.up(torch.relu(self.conv(x)))).flatten(1))
 
 
 def test_every_operator_spec_is_reconstructed(tmp_path):
