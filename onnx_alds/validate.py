@@ -54,6 +54,14 @@ class Validation:
             return None
         return self.latency_ms_before / self.latency_ms_after
 
+    def quality(self, score: float | None = None) -> tuple[float, float, float]:
+        """A sort key for builds judged on the same inputs, lower is better: the task metric first where
+        there is one (``score``, higher is better), then the share of samples whose top-1 class moved
+        (class-score outputs: what a classifier's user sees, where a lower relative L2 of the logits can
+        still change more answers), then the worst output relative L2."""
+        return (-score if score is not None else 0.0,
+                1.0 - self.top1_agreement if self.top1_agreement is not None else 0.0, self.rel_l2)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -301,12 +301,18 @@ def test_curves_are_computed_once_per_layer_and_configurations(name):
         np.testing.assert_allclose(other[n][cs[0]], first[n][cs[0]])
 
 
-def test_best_objective_keeps_the_candidate_with_the_lowest_measured_output_error():
+def _quality(figures: dict, prefix: str = "") -> tuple:
+    """What 'best' means for a classifier's builds: fewest top-1 changes, then the lowest relative L2."""
+    return 1 - figures[prefix + "top1_agreement"], figures[prefix + "rel_l2"]
+
+
+def test_best_objective_keeps_the_candidate_the_user_would_pick():
     """With calibration data the default objective is 'best': the min-max, min-sum and uniform plans
-    are each built (one-shot factors) and run on the calibration inputs, and the kept one is the
-    lowest of those errors; the plan picked is refitted sequentially (one sweep) and the refit kept
-    only where it does no worse; the final validation (same inputs, same build) measures the kept
-    build's error again."""
+    are each built (one-shot factors) and run on the held-out calibration inputs, and the kept one is
+    the best of them as a classifier's user judges it (the fewest top-1 changes, then the lowest
+    relative L2; the shipped model's output is class scores); the plan picked is refitted
+    sequentially (one sweep) and the refit kept only where it does no worse by the same rule; the
+    final validation (same inputs, same build) measures the kept build's error again."""
     from models.data import load_digits_split
 
     x = load_digits_split(16)[0][:64].numpy()
@@ -316,18 +322,35 @@ def test_best_objective_keeps_the_candidate_with_the_lowest_measured_output_erro
     assert b["objective"] == "best" and len(b["candidates"]) == 3
     assert {(c["method"], c["objective"]) for c in b["candidates"]} == {("alds", "max"), ("alds", "sum"),
                                                                           ("uniform", "max")}
-    best = min(b["candidates"], key=lambda c: c["rel_l2"])
+    assert all(0 <= c["top1_agreement"] <= 1 for c in b["candidates"])
+    best = min(b["candidates"], key=_quality)
     assert f"{best['method']}/{best['objective']}" == b["picked"]
     refit = b["sequential_refit"]  # 64 samples of the shipped model: the sweep is cheap, so it is due
     assert refit["one_shot_rel_l2"] == best["rel_l2"]
-    kept = refit["sequential_rel_l2"] if refit["kept"] == "sequential" else best["rel_l2"]
-    assert kept <= best["rel_l2"] and b["sequential"] == (refit["kept"] == "sequential")
-    assert rep.validation["rel_l2"] == pytest.approx(kept, rel=1e-4)
+    assert refit["one_shot_top1_agreement"] == best["top1_agreement"]
+    kept = "sequential_" if refit["kept"] == "sequential" else "one_shot_"
+    assert _quality(refit, kept) <= _quality(refit, "one_shot_") and b["sequential"] == (kept == "sequential_")
+    assert rep.validation["rel_l2"] == pytest.approx(refit[kept + "rel_l2"], rel=1e-4)
+    assert rep.validation["top1_agreement"] == pytest.approx(refit[kept + "top1_agreement"])
     assert rep.params_after <= 0.5 * rep.params_before + 1
     assert rep.plan.budget["picked"] == b["picked"]
     _, plain = onnx_alds.rewrite(SHIPPED, keep_params=0.5, provider="cpu", validate=False, compare=False,
                                  allow_slower=True)
     assert plain.budget["objective"] == "max"  # no calibration data to judge candidates by
+
+
+def test_quality_puts_the_task_metric_first_then_top1_then_the_error():
+    """The order every choice between judged builds uses (candidates, the refit, the default search)."""
+    from onnx_alds.validate import Validation
+
+    def v(rel, top1=None):
+        return Validation(provider="cpu", max_abs_diff=0.0, rel_l2=rel, top1_agreement=top1)
+
+    # a lower logit error that changes more answers is worse for a classifier
+    assert v(0.99, 0.11).quality() > v(1.07, 0.66).quality()
+    assert v(0.2, 0.9).quality() < v(0.3, 0.9).quality()  # same answers: the lower error
+    assert v(0.2).quality() < v(0.3).quality()  # maps, embeddings: the error alone
+    assert v(0.5, 0.5).quality(score=80.0) < v(0.1, 1.0).quality(score=79.0)  # the user's metric first
 
 
 def test_best_objective_needs_calibration_data():

@@ -21,7 +21,7 @@ class Built:
     measured: dict
     factors: dict | None = None  # data-aware factors (the plan carries them)
     key: tuple | None = None  # the configurations and refit it was built from (:func:`build_key`)
-    rel_l2: float | None = None  # its worst output error on the validation inputs, where judged already
+    judged: Validation | None = None  # its outputs against the original's on the validation inputs, where judged
     score: float | None = None  # its task metric (--metric-script), where judged already
 
 

@@ -3,9 +3,12 @@
 The exact solvers optimise a proxy (each layer's error: its max, or its sum); this measures what
 the user sees.  The min-max plan, the min-sum plan and the uniform plan at the same budget (same
 error model, same speed guard) are each emitted and run on the validation inputs (held-out
-calibration samples: a plan is not judged on the data it was fitted on), and the one with the
-lowest worst-output relative L2 is kept, with its build (it is not built again); the report's
-method names the plan written.
+calibration samples: a plan is not judged on the data it was fitted on), and the best is kept, with
+its build (it is not built again); the report's method names the plan written.  Best means, in this
+order (:meth:`~onnx_alds.validate.Validation.quality`): the task metric where ``--metric-script``
+gives one; the fewest samples whose top-1 class moved, where outputs are class scores (a patch
+transformer's uniform plan at keep 0.15 had the lowest logit error, 0.99 against 1.07, and kept 17 %
+of the answers where the min-sum plan kept 66 %); the lowest worst-output relative L2.
 
 The candidates are judged with one-shot data-aware factors.  Where a sequential refit is due
 (:func:`.stages.use_sequential`), only the plan picked is refitted, one sweep instead of one per
@@ -20,7 +23,7 @@ import logging
 
 from ..errors import InfeasibleBudget
 from ..io import Source
-from ..validate import validate
+from ..validate import Validation, validate
 from .attempt import Built, Choice, build_key
 from .stages import Run, build, choose, use_sequential
 
@@ -36,16 +39,36 @@ def judge(run: Run, built: Built, **kw):
                     output_kinds=run.opts.validation.output_kinds, **kw)
 
 
-def _error(run: Run, built: Built) -> float:
-    """A build's worst output relative L2 on the validation inputs."""
-    return judge(run, built).rel_l2
+def _judged(run: Run, built: Built) -> Validation:
+    """A build's outputs against the original's on the validation inputs (kept on the build), with its
+    task metric where there is one (``built.score``)."""
+    built.judged = judge(run, built)
+    run.score(built)
+    return built.judged
 
 
-def score(run: Run, choice: Choice, *, sequential: bool = True) -> float:
+def _quality(built: Built) -> tuple:
+    return built.judged.quality(built.score)
+
+
+def score(run: Run, choice: Choice, *, sequential: bool = True) -> Validation:
     """Build ``choice`` (with the sequential refit where it is due, unless ``sequential`` is false) and
-    return its error (:func:`_error`); the build is kept on the choice."""
+    judge it (:func:`_judged`); the build is kept on the choice."""
     choice.built = build(run, choice, Source.load(run.original), sequential=sequential)
-    return _error(run, choice.built)
+    return _judged(run, choice.built)
+
+
+def _figures(built: Built) -> dict:
+    """A judged build's figures as the report lists them."""
+    v = built.judged
+    return {"rel_l2": v.rel_l2, **({} if v.top1_agreement is None else {"top1_agreement": v.top1_agreement}),
+            **({} if built.score is None else {"metric": built.score})}
+
+
+def _describe(figures: dict) -> str:
+    return (f"{figures['rel_l2']:.4g}"
+            + (f" (top-1 {100 * figures['top1_agreement']:.1f} %)" if "top1_agreement" in figures else "")
+            + (f" (metric {figures['metric']:.4g})" if "metric" in figures else ""))
 
 
 def refitted(run: Run, choice: Choice) -> Built:
@@ -56,9 +79,9 @@ def refitted(run: Run, choice: Choice) -> Built:
 
 
 def _searched(run: Run, choice: Choice) -> Built | None:
-    """The default search's refitted build of the same plan, judged already (its ``rel_l2``), if any."""
+    """The default search's refitted build of the same plan, judged already, if any."""
     r = run.reuse
-    if r is None or r.rel_l2 is None or r.key is None or not r.key[-1]:
+    if r is None or r.judged is None or r.key is None or not r.key[-1]:
         return None
     return r if r.key == build_key(choice.choices, True) else None
 
@@ -68,11 +91,11 @@ def _keep(choice: Choice, built: Built, sequential: bool) -> None:
 
 
 def choose_measured(run: Run, *, metric: str, fraction: float, guard=None) -> Choice:
-    """The candidate with the lowest output error on the calibration data; the baselines are the
-    min-max solve's, and the budget section names every candidate's error.  Candidates are built
+    """The best candidate on the calibration data (see the module docstring); the baselines are the
+    min-max solve's, and the budget section names every candidate's figures.  Candidates are built
     one-shot; a refitted build of one the default search judged already competes too, and the plan
     picked is refitted (:func:`refit`) where it was not."""
-    tried, options, baselines = [], [], None  # options: (error, label, choice, build, refitted)
+    tried, options, baselines = [], [], None  # options: (quality, order, label, choice, build, refitted)
     for i, (method, objective) in enumerate(MEASURED_CANDIDATES):
         try:
             got = choose(run, metric=metric, fraction=fraction, guard=guard, method=method, objective=objective,
@@ -84,39 +107,40 @@ def choose_measured(run: Run, *, metric: str, fraction: float, guard=None) -> Ch
         baselines = got.baselines if baselines is None else baselines
         label = f"{method}/{objective}"
         with run.stage("candidates"):
-            err = score(run, got, sequential=False)
-        tried.append({"method": method, "objective": objective, "rel_l2": err})
-        options.append((err, label, got, got.built, False))
+            score(run, got, sequential=False)
+        tried.append({"method": method, "objective": objective, **_figures(got.built)})
+        options.append((_quality(got.built), len(options), label, got, got.built, False))
         searched = _searched(run, got)
         if searched is not None:
-            options.append((searched.rel_l2, label, got, searched, True))
-    err, picked, kept, built, refitted_ = min(options, key=lambda o: o[0])
+            options.append((_quality(searched), len(options), label, got, searched, True))
+    _, _, picked, kept, built, refitted_ = min(options, key=lambda o: o[:2])
     options = got = searched = None  # the other candidates' models go before the refit's sweep (memory)
     _keep(kept, built, refitted_)
     if refitted_:
-        kept.budget["sequential_refit"] = {"sequential_rel_l2": err, "kept": "sequential",
-                                           "from": "the default search"}
+        kept.budget["sequential_refit"] = {**{f"sequential_{k}": v for k, v in _figures(built).items()},
+                                           "kept": "sequential", "from": "the default search"}
     elif use_sequential(run, kept.choices):
         with run.stage("sequential"):
-            refit(run, kept, err)
+            refit(run, kept, built)
     kept.baselines = baselines  # kept.method names the plan written (alds, or uniform where that won)
     kept.budget.update(objective="best", picked=picked, candidates=tried)
     kept.plan.budget.update(objective="best", picked=picked)
     log.info("candidate plans on the calibration data: %s; kept %s",
-             ", ".join(f"{t['method']}/{t['objective']} {t['rel_l2']:.4g}" for t in tried), picked)
+             ", ".join(f"{t['method']}/{t['objective']} {_describe(t)}" for t in tried), picked)
     return kept
 
 
-def refit(run: Run, kept: Choice, one_shot_error: float) -> None:
+def refit(run: Run, kept: Choice, one_shot: Built) -> None:
     """Refit the picked plan sequentially and keep the refit where it does no worse on the validation
     inputs than the one-shot factors (always where the user asked for it); the budget section says
     both errors and which was kept."""
-    one_shot = kept.built
     seq = refitted(run, kept)
-    err = _error(run, seq)
-    keep = run.opts.calibration.sequential is True or err <= one_shot_error
+    _judged(run, seq)
+    keep = run.opts.calibration.sequential is True or _quality(seq) <= _quality(one_shot)
     _keep(kept, seq if keep else one_shot, keep)
-    kept.budget["sequential_refit"] = {"one_shot_rel_l2": one_shot_error, "sequential_rel_l2": err,
+    kept.budget["sequential_refit"] = {**{f"one_shot_{k}": v for k, v in _figures(one_shot).items()},
+                                       **{f"sequential_{k}": v for k, v in _figures(seq).items()},
                                        "kept": "sequential" if keep else "one-shot"}
-    log.info("sequential refit of the plan picked: relative L2 %.4g against %.4g one-shot; kept %s", err,
-             one_shot_error, "the refit" if keep else "the one-shot factors")
+    log.info("sequential refit of the plan picked: relative L2 %s against %s one-shot; kept %s",
+             _describe(_figures(seq)), _describe(_figures(one_shot)),
+             "the refit" if keep else "the one-shot factors")

@@ -68,7 +68,7 @@ class BoundState:
 
     def better(self, v, score, than_v, than_score) -> bool:
         """Whether validation ``v`` with task metric ``score`` is at least as good as the other pair."""
-        return score >= than_score if self.metric is not None else v.rel_l2 <= than_v.rel_l2
+        return v.quality(score) <= than_v.quality(than_score)
 
 
 def _judge(run: Run, built):
@@ -101,7 +101,7 @@ def _probe(run: Run, state: BoundState, guard, fraction: float) -> bool:
         state.excess.append((fraction, state.over(v)))
     good = state.ok(v, score)
     if good:  # the smallest fraction within the tolerance so far: its build is not made again
-        built.rel_l2, run.reuse = v.rel_l2, built
+        built.judged, run.reuse = v, built
     log.info("default budget: keep-params %.3f gives relative L2 %.3g%s%s on %s: %s", fraction, v.rel_l2,
              "" if v.top1_agreement is None else f", top-1 agreement {100 * v.top1_agreement:.1f} %",
              "" if score is None else f", metric {score:.4g} (original {state.metric.original:.4g})",
