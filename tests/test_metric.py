@@ -159,3 +159,24 @@ def test_the_api_takes_a_metric_function():
                           allow_slower=True, compare=False)
     with pytest.raises(UsageError, match="--metric-script"):
         onnx_alds.rewrite(model, keep_params=0.5, max_metric_drop=1.0)
+
+
+def test_the_candidate_plans_are_judged_by_the_metric_first():
+    """With calibration data the candidate plans (objective 'best') are judged by the task metric
+    where there is one, not by their output error.  A metric that scores a model higher the more
+    its outputs move (the opposite of what the error prefers) must get the candidate that moves
+    them most."""
+    model, feeds = cnn_model(), inputs()
+    cal = {"x": np.random.default_rng(1).standard_normal((48, 3, 16, 16)).astype(np.float32)}
+
+    def moved(path):
+        return 100.0 - fidelity(onnx.load(path), model, feeds)
+
+    _, rep = onnx_alds.rewrite(model, keep_params=0.4, calibration=cal, metric=moved, provider="cpu",
+                               allow_slower=True, compare=False, sequential=False)
+    tried = rep.budget["candidates"]
+    assert rep.budget["objective"] == "best" and len(tried) == 3 and all("metric" in t for t in tried)
+    label = lambda t: f"{t['method']}/{t['objective']}"  # noqa: E731
+    by_metric, by_error = max(tried, key=lambda t: t["metric"]), min(tried, key=lambda t: t["rel_l2"])
+    assert label(by_metric) != label(by_error)  # the two rules disagree here: the test tells them apart
+    assert rep.budget["picked"] == label(by_metric)
