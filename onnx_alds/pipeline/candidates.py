@@ -5,10 +5,10 @@ the user sees.  The min-max plan, the min-sum plan and the uniform plan at the s
 error model, same speed guard) are each emitted and run on the validation inputs (held-out
 calibration samples: a plan is not judged on the data it was fitted on), and the best is kept, with
 its build (it is not built again); the report's method names the plan written.  Best means, in this
-order (:meth:`~onnx_alds.validate.Validation.quality`): the task metric where ``--metric-script``
-gives one; the fewest samples whose top-1 class moved, where outputs are class scores (a patch
-transformer's uniform plan at keep 0.15 had the lowest logit error, 0.99 against 1.07, and kept 17 %
-of the answers where the min-sum plan kept 66 %); the lowest worst-output relative L2.
+order (:func:`~onnx_alds.validate.best_judged`): the task metric where ``--metric-script`` gives
+one; where outputs are class scores, a top-1 agreement within noise of the best (a patch
+transformer's uniform plan at keep 0.15 had the lowest logit error, 0.99 against 1.07, and kept 11 %
+of the held-out answers where the min-sum plan kept 24 %); the lowest worst-output relative L2.
 
 The candidates are judged with one-shot data-aware factors.  Where a sequential refit is due
 (:func:`.stages.use_sequential`), only the plan picked is refitted, one sweep instead of one per
@@ -23,7 +23,7 @@ import logging
 
 from ..errors import InfeasibleBudget
 from ..io import Source
-from ..validate import Validation, validate
+from ..validate import Validation, best_judged, validate
 from .attempt import Built, Choice, build_key
 from .stages import Run, build, choose, use_sequential
 
@@ -47,8 +47,9 @@ def _judged(run: Run, built: Built) -> Validation:
     return built.judged
 
 
-def _quality(built: Built) -> tuple:
-    return built.judged.quality(built.score)
+def _best(builds: list[Built]) -> int:
+    """The index of the best of judged builds (:func:`~onnx_alds.validate.best_judged`)."""
+    return best_judged([(b.judged, b.score) for b in builds])
 
 
 def score(run: Run, choice: Choice, *, sequential: bool = True) -> Validation:
@@ -95,7 +96,7 @@ def choose_measured(run: Run, *, metric: str, fraction: float, guard=None) -> Ch
     min-max solve's, and the budget section names every candidate's figures.  Candidates are built
     one-shot; a refitted build of one the default search judged already competes too, and the plan
     picked is refitted (:func:`refit`) where it was not."""
-    tried, options, baselines = [], [], None  # options: (quality, order, label, choice, build, refitted)
+    tried, options, baselines = [], [], None  # options: (label, choice, build, refitted)
     for i, (method, objective) in enumerate(MEASURED_CANDIDATES):
         try:
             got = choose(run, metric=metric, fraction=fraction, guard=guard, method=method, objective=objective,
@@ -109,11 +110,11 @@ def choose_measured(run: Run, *, metric: str, fraction: float, guard=None) -> Ch
         with run.stage("candidates"):
             score(run, got, sequential=False)
         tried.append({"method": method, "objective": objective, **_figures(got.built)})
-        options.append((_quality(got.built), len(options), label, got, got.built, False))
+        options.append((label, got, got.built, False))
         searched = _searched(run, got)
         if searched is not None:
-            options.append((_quality(searched), len(options), label, got, searched, True))
-    _, _, picked, kept, built, refitted_ = min(options, key=lambda o: o[:2])
+            options.append((label, got, searched, True))
+    picked, kept, built, refitted_ = options[_best([o[2] for o in options])]
     options = got = searched = None  # the other candidates' models go before the refit's sweep (memory)
     _keep(kept, built, refitted_)
     if refitted_:
@@ -136,7 +137,7 @@ def refit(run: Run, kept: Choice, one_shot: Built) -> None:
     both errors and which was kept."""
     seq = refitted(run, kept)
     _judged(run, seq)
-    keep = run.opts.calibration.sequential is True or _quality(seq) <= _quality(one_shot)
+    keep = run.opts.calibration.sequential is True or _best([seq, one_shot]) == 0
     _keep(kept, seq if keep else one_shot, keep)
     kept.budget["sequential_refit"] = {**{f"one_shot_{k}": v for k, v in _figures(one_shot).items()},
                                        **{f"sequential_{k}": v for k, v in _figures(seq).items()},

@@ -30,7 +30,7 @@ from ..metric import TaskMetric
 from ..options import DEFAULT_FRACTION, DEFAULT_RELAXED
 from ..pipeline.candidates import judge, refitted
 from ..pipeline.stages import Run, build, choose, no_layer_reason, speed_guard, use_sequential
-from ..validate import noise_response
+from ..validate import best_judged, noise_response
 from .guarded import run_guarded
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class BoundState:
 
     def better(self, v, score, than_v, than_score) -> bool:
         """Whether validation ``v`` with task metric ``score`` is at least as good as the other pair."""
-        return v.quality(score) <= than_v.quality(than_score)
+        return best_judged([(v, score), (than_v, than_score)]) == 0
 
 
 def _judge(run: Run, built):
