@@ -172,6 +172,33 @@ def test_speed_model_counts_thin_products_and_round_trips(tmp_path):
     assert SpeedModel.for_provider("cpu", 2, cache_dir=tmp_path).thin_in
 
 
+def test_a_speed_model_measured_under_load_is_measured_again_on_a_quieter_machine(tmp_path):
+    """Each cached speed model records the load average it was measured at; one measured at a load
+    well above today's is measured again and replaced (a busy machine times every node too slow, and
+    the cache would keep that for good); one measured no busier than now is used as it is."""
+    import json
+
+    from onnx_alds.measure.speed import LOAD_SLACK, SpeedModel
+
+    m = SpeedModel.for_provider("cpu", 2, cache_dir=tmp_path)
+    if m.load is None:
+        pytest.skip("this platform has no load average")
+    entry = next(tmp_path.iterdir())
+    d = json.loads(entry.read_text())
+    assert d["load"] == m.load
+    d.update(load=m.load + 100 * LOAD_SLACK, node_overhead=1e12)  # as if measured next to heavy work
+    entry.write_text(json.dumps(d))
+    again = SpeedModel.for_provider("cpu", 2, cache_dir=tmp_path)
+    assert again.node_overhead < 1e12 and again.load < m.load + 100 * LOAD_SLACK
+    assert json.loads(entry.read_text())["node_overhead"] == again.node_overhead  # the cache holds the new one
+    d.update(load=0.0)  # measured on a machine no busier than this one: kept
+    entry.write_text(json.dumps(d))
+    assert SpeedModel.for_provider("cpu", 2, cache_dir=tmp_path).node_overhead == 1e12
+    d["load"] = -1.0  # a load no machine reports: the entry is a miss
+    entry.write_text(json.dumps(d))
+    assert SpeedModel.for_provider("cpu", 2, cache_dir=tmp_path).node_overhead < 1e12
+
+
 def test_default_budget_is_never_slower_explicit_budget_says_why(tmp_path):
     """A speed model under which no factorization is faster than its layer (every extra node costs
     more than any layer): the default budget writes the model with no layer decomposed and says so;
@@ -190,6 +217,7 @@ def test_default_budget_is_never_slower_explicit_budget_says_why(tmp_path):
     entry = next((root / "speed").iterdir())
     d = json.loads(entry.read_text())
     d["node_overhead"] = 1e15
+    d.pop("load", None)  # never measured again, however quiet the machine gets during the test
     entry.write_text(json.dumps(d))
     path, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
     onnx.save(cnn_model(), str(path))
