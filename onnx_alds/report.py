@@ -106,13 +106,13 @@ class Report:
                          f"{self.budget['rss_error']:.4f}")
         if self.budget.get("objective") == "best" and self.budget.get("candidates"):
             tried = ", ".join(f"{'uniform' if t['method'] == 'uniform' else 'min-' + t['objective']} "
-                              f"{_judged(t)}" for t in self.budget["candidates"])
+                              f"{judged_figures(t)}" for t in self.budget["candidates"])
             method, objective = self.budget["picked"].split("/")
             kept = "uniform" if method == "uniform" else f"min-{objective}"
             on = self.budget.get("validation_inputs", "the calibration data")
             refit = self.budget.get("sequential_refit")
             if refit and refit["kept"] == "sequential":
-                kept += f", refitted sequentially: {_judged(refit, 'sequential_')}"
+                kept += f", refitted sequentially: {judged_figures(refit, 'sequential_')}"
             lines.append(f"candidate plans one-shot, output rel L2 on {on}: {tried}; kept {kept}")
         for name, err in self.baselines.items():
             what = f"{measure} {err:.4f}" if err is not None else "cannot meet the budget"
@@ -149,7 +149,7 @@ class Report:
         return "\n".join(lines)
 
 
-def _judged(figures: dict, prefix: str = "") -> str:
+def judged_figures(figures: dict, prefix: str = "") -> str:
     """A judged build's figures (a candidate's, the refit's): rel L2, and what else it was judged by."""
     out = f"{figures[prefix + 'rel_l2']:.4f}"
     extra = [f"top-1 {100 * figures[prefix + 'top1_agreement']:.1f} %"] if prefix + "top1_agreement" in figures else []

@@ -23,6 +23,7 @@ import logging
 
 from ..errors import InfeasibleBudget
 from ..io import Source
+from ..report import judged_figures
 from ..validate import Validation, best_judged, validate
 from .attempt import Built, Choice, build_key
 from .stages import Run, build, choose, use_sequential
@@ -64,12 +65,6 @@ def _figures(built: Built) -> dict:
     v = built.judged
     return {"rel_l2": v.rel_l2, **({} if v.top1_agreement is None else {"top1_agreement": v.top1_agreement}),
             **({} if built.score is None else {"metric": built.score})}
-
-
-def _describe(figures: dict) -> str:
-    return (f"{figures['rel_l2']:.4g}"
-            + (f" (top-1 {100 * figures['top1_agreement']:.1f} %)" if "top1_agreement" in figures else "")
-            + (f" (metric {figures['metric']:.4g})" if "metric" in figures else ""))
 
 
 def refitted(run: Run, choice: Choice) -> Built:
@@ -127,7 +122,7 @@ def choose_measured(run: Run, *, metric: str, fraction: float, guard=None) -> Ch
     kept.budget.update(objective="best", picked=picked, candidates=tried)
     kept.plan.budget.update(objective="best", picked=picked)
     log.info("candidate plans on the calibration data: %s; kept %s",
-             ", ".join(f"{t['method']}/{t['objective']} {_describe(t)}" for t in tried), picked)
+             ", ".join(f"{t['method']}/{t['objective']} {judged_figures(t)}" for t in tried), picked)
     return kept
 
 
@@ -143,5 +138,5 @@ def refit(run: Run, kept: Choice, one_shot: Built) -> None:
                                        **{f"sequential_{k}": v for k, v in _figures(seq).items()},
                                        "kept": "sequential" if keep else "one-shot"}
     log.info("sequential refit of the plan picked: relative L2 %s against %s one-shot; kept %s",
-             _describe(_figures(seq)), _describe(_figures(one_shot)),
+             judged_figures(_figures(seq)), judged_figures(_figures(one_shot)),
              "the refit" if keep else "the one-shot factors")
