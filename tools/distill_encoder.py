@@ -115,6 +115,8 @@ def main(argv=None) -> int:
                     help="onnx_alds.torch.reconstruct the twin block by block on the calibration sentences first")
     ap.add_argument("--reconstruct-epochs", type=int, default=10)
     ap.add_argument("--reconstruct-lr", type=float, default=1e-3)
+    ap.add_argument("--reuse-rewrite", action="store_true",
+                    help="keep a budget's rewrite (model, plan, report) from an earlier run of the same --work")
     a = ap.parse_args(argv)
 
     import torch
@@ -140,14 +142,15 @@ def main(argv=None) -> int:
         tag = f"keep{keep:g}"
         out, plan, rep = work / f"{tag}.onnx", work / f"{tag}.plan.json", work / f"{tag}.json"
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "onnx_alds", "rewrite", str(named), str(out), "-q", "--keep-params", str(keep),
-               "--calibration", str(a.art / "cal.npz"), "--plan", str(plan), "--report", str(rep),
-               *a.rewrite_args.split()]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        if not (a.reuse_rewrite and out.is_file() and plan.is_file() and rep.is_file()):
+            cmd = [sys.executable, "-m", "onnx_alds", "rewrite", str(named), str(out), "-q", "--keep-params",
+                   str(keep), "--calibration", str(a.art / "cal.npz"), "--plan", str(plan), "--report", str(rep),
+                   *a.rewrite_args.split()]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                print(f"{tag}: rewrite exit {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
+                continue
         rewrite_s = time.perf_counter() - t0
-        if p.returncode != 0:
-            print(f"{tag}: rewrite exit {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
-            continue
         report = json.loads(rep.read_text())
         one_shot = cosine(onnx_hidden(out, ev), ev["attention_mask"], ref)
         student = apply_plan(teacher, str(plan))

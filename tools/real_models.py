@@ -992,6 +992,8 @@ def table(out: Path, models: list[str], rows: list[str]) -> str:
                     tried = ", ".join(f"{t[0]:.3g}→{t[3]:.1f}" for t in d.get("tried", []))
                     note = (f"default: keep-params bisected for a metric drop ≤ {d['max_metric_drop']:.3g} on the "
                             f"metric's validation split (tried keep→metric: {tried}); kept {d.get('kept')}. ") + note
+                elif d.get("tolerance") is None:  # no calibration data: nothing to judge a plan by
+                    note = f"default, {d.get('judged_on')}: written unchanged (kept {d.get('kept')}). " + note
                 else:
                     tried = ", ".join(f"{t[0]:.3g}→{t[1]:.2f}" for t in d.get("tried", []))
                     n = d.get("noise_reference")
