@@ -94,7 +94,10 @@ class PatchViT(nn.Module):
 
 
 EXTRA = {"plain_cnn": PlainCNN, "mlp": MLP, "patch_vit": PatchViT}
-EXTRA_RECIPE = dict(epochs=15, lr=2e-3, optimizer="adamw", weight_decay=0.01, warmup=0.1)
+# every setting that moves the weights pinned: the originals are cached per machine, and a default of
+# finetune that changes later (gradient clipping, threads) must not change the next machine's originals
+EXTRA_RECIPE = dict(epochs=15, lr=2e-3, optimizer="adamw", weight_decay=0.01, warmup=0.1, max_grad_norm=5.0,
+                    threads=1, label_smoothing=0.0)
 NETS = list(models.MODELS) + list(EXTRA)
 
 
