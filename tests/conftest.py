@@ -19,7 +19,6 @@ for p in (ROOT, ROOT / "tests"):
 # The tests run with this fixed model instead, in a cache of their own (never the user's); the
 # tests of the measurement itself pass their own cache directory and measure.
 TEST_SPEED_MODEL = dict(
-    version=None,  # filled in: the library's SPEED_VERSION
     conv_penalty={"1": 1.0, "2": 1.0, "4": 1.1, "8": 1.2, "16": 1.6, "32": 2.2, "64": 3.5},
     linear_penalty={"1": 1.0, "2": 1.0, "4": 1.3, "8": 1.7, "16": 2.8, "32": 5.0, "64": 10.0},
     node_overhead=20000.0,
@@ -31,14 +30,13 @@ TEST_SPEED_MODEL = dict(
 def pytest_configure(config):
     """Every test process (each xdist worker too) gets a fresh ``$ONNX_ALDS_CACHE`` holding
     :data:`TEST_SPEED_MODEL` for the CPU provider at every thread count."""
-    from onnx_alds.measure.speed import SPEED_VERSION
-    from onnx_alds.runtime import ort
+    from onnx_alds.measure.speed import SpeedModel
 
     root = Path(tempfile.mkdtemp(prefix="onnx-alds-test-cache-"))
     (root / "speed").mkdir()
     for threads in range(1, 65):
-        entry = dict(TEST_SPEED_MODEL, version=SPEED_VERSION, provider="CPUExecutionProvider", threads=threads)
-        (root / "speed" / f"CPUExecutionProvider-ort{ort().__version__}-t{threads}.json").write_text(json.dumps(entry))
+        model = SpeedModel("CPUExecutionProvider", threads, **TEST_SPEED_MODEL)
+        SpeedModel.entry_path(root / "speed", "cpu", threads).write_text(json.dumps(model.to_dict()))
     os.environ["ONNX_ALDS_CACHE"] = str(root)
     config._onnx_alds_cache = root
 

@@ -34,6 +34,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from math import prod
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -291,12 +292,16 @@ class SpeedModel:
         overhead = max(best[("node", 9)] - best[("node", 1)], 0.0) / 8 * dense_macs / dense_ms
         return cls(prov, threads, conv, lin, float(overhead), thin("in"), thin("out"), load_average())
 
+    @staticmethod
+    def entry_path(folder: Path, provider: str = "cpu", threads: int = 2) -> Path:
+        """Where the speed model of ``provider`` at ``threads`` threads is cached in ``folder``."""
+        return Path(folder) / f"{providers_for(provider)[0]}-ort{ort().__version__}-t{threads}.json"
+
     @classmethod
     def for_provider(cls, provider: str = "cpu", threads: int = 2, cache_dir=None) -> "SpeedModel":
         """Measured once and cached (keyed by provider, onnxruntime version and threads)."""
-        prov = providers_for(provider)[0]
         folder = default_dir("speed", cache_dir, "the speed-model cache directory")
-        path = folder / f"{prov}-ort{ort().__version__}-t{threads}.json" if folder is not None else None
+        path = cls.entry_path(folder, provider, threads) if folder is not None else None
         data = read_entry(path) if path is not None else None  # untrusted: regular files only, bounded
         if data is not None:
             try:
