@@ -64,6 +64,20 @@ def torch_hidden(model, feeds: dict, batch: int = 32) -> np.ndarray:
     return np.concatenate(out)
 
 
+def teacher_embeddings(teacher, feeds: dict) -> np.ndarray:
+    return pooled(torch_hidden(teacher, feeds), feeds["attention_mask"])
+
+
+def trainable(student, what: str) -> None:
+    """Freeze all of ``student`` but ``what`` (``--reconstruct-train``)."""
+    from onnx_alds.torch.modules import is_factorized
+
+    factor = {id(p): n for m in student.modules() if is_factorized(m) for n, p in m.named_parameters()}
+    for p in student.parameters():
+        p.requires_grad_({"all": True, "factors": id(p) in factor, "vectors": p.dim() == 1,
+                          "decoders": factor.get(id(p), "").startswith("decoder")}[what])
+
+
 def linear_fraction(report: dict) -> float:
     """Parameters of the Linear (MatMul/Gemm) layers after / before."""
     lin = [l for l in report["layers"] if l["op"] in ("MatMul", "Gemm")]
@@ -115,6 +129,9 @@ def main(argv=None) -> int:
                     help="onnx_alds.torch.reconstruct the twin block by block on the calibration sentences first")
     ap.add_argument("--reconstruct-epochs", type=int, default=10)
     ap.add_argument("--reconstruct-lr", type=float, default=1e-3)
+    ap.add_argument("--reconstruct-train", default="all", choices=("all", "factors", "decoders", "vectors"),
+                    help="what reconstruction trains: every parameter, the factorized layers' only, their "
+                         "decoders (second factors) only, or the biases and LayerNorms only")
     ap.add_argument("--reuse-rewrite", action="store_true",
                     help="keep a budget's rewrite (model, plan, report) from an earlier run of the same --work")
     a = ap.parse_args(argv)
@@ -158,12 +175,18 @@ def main(argv=None) -> int:
         recon, recon_s = None, 0.0
         if a.reconstruct:
             t0 = time.perf_counter()
+            trainable(student, a.reconstruct_train)
             calb = [{"input": tuple(torch.from_numpy(cal[n][i:i + 16]) for n in NAMES)}
                     for i in range(0, len(cal[NAMES[0]]), 16)]
             rec = reconstruct(student, teacher, calb, epochs=a.reconstruct_epochs, lr=a.reconstruct_lr,
                               progress=False)
             recon_s = time.perf_counter() - t0
             recon = cosine(torch_hidden(student, ev), ev["attention_mask"], ref)
+            student.requires_grad_(True)
+            fitted = {k: v[:len(v) * 3 // 4] for k, v in cal.items()}  # what reconstruct fitted on (hold_out 0.25)
+            print(f"{tag}: cosine on the {len(fitted[NAMES[0]])} fitted calibration sentences "
+                  f"{cosine(torch_hidden(student, fitted), fitted['attention_mask'], teacher_embeddings(teacher, fitted)):.4f}, "
+                  f"on the {len(ev[NAMES[0]])} evaluation sentences {recon:.4f}", flush=True)
             print(f"{tag}: reconstructed in {recon_s:.0f} s: cosine {twin:.4f} -> {recon:.4f} (held-out calibration "
                   f"rel L2 {rec.held_out_before:.4f} -> {rec.held_out_after:.4f}, kept {rec.kept})", flush=True)
         loader = DataLoader(TensorDataset(*(torch.from_numpy(cal[n]) for n in NAMES)), batch_size=a.batch,
