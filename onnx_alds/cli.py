@@ -147,9 +147,15 @@ def _bench_parser(sub) -> None:
     be.add_argument("--int8", action="store_true",
                     help="also bench an int8 (static QDQ) copy of each model, quantized into a temp dir")
     bcal = be.add_mutually_exclusive_group()
-    bcal.add_argument("--calibration", metavar="CAL.npz", help="calibration samples for --int8 (default: random)")
+    bcal.add_argument("--calibration", metavar="CAL.npz",
+                      help="your samples (one array per input name): the models are timed on the first BATCH of "
+                           "them and compared on up to 256, each output judged by its kind (top-1 agreement, "
+                           "cosine); --int8 calibrates on them (default: seeded random inputs)")
     bcal.add_argument("--data-loader-script", metavar="FILE.py[:FUNC]",
-                      help="calibration samples for --int8 from your own function (see rewrite --help)")
+                      help="the same samples from your own function (see rewrite --help)")
+    be.add_argument("--output-kind", action="extend", nargs="+", metavar="NAME:KIND",
+                    help="how an output is compared: scores (top-1 agreement), embedding (cosine) or map "
+                         "(relative L2 only); default: scores for a 2-D float output, else map")
     be.add_argument("--per-tensor", action="store_true", help="--int8 with per-tensor weight scales")
 
 
@@ -394,6 +400,21 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def _bench_data(a, shapes):
+    """bench's ``--calibration`` / ``--data-loader-script`` samples, checked against the first model's
+    inputs and ``--input-shape`` (None: neither given)."""
+    source = _calibration(a)
+    if source is None:
+        return None
+    from .bench import COMPARE_SAMPLES
+    from .calibration import check_input_shapes, first_samples, load_calibration, model_inputs
+    from .io import load_model
+
+    data = first_samples(load_calibration(source, model_inputs(load_model(a.models[0]))), COMPARE_SAMPLES)
+    check_input_shapes(shapes, data, "the given data")
+    return data
+
+
 def cmd_bench(a) -> int:
     from .bench import bench, format_table
 
@@ -403,14 +424,15 @@ def cmd_bench(a) -> int:
         raise UsageError(f"--batch {a.batch!r} is not a comma-separated list of integers") from None
     if not batches or min(batches) < 1 or a.repeats < 1 or a.warmup < 0 or a.threads < 1:
         raise UsageError("--batch, --repeats and --threads must be positive, --warmup not negative")
-    if (a.calibration or a.data_loader_script or a.per_tensor) and not a.int8:
-        raise UsageError("--calibration and --per-tensor apply to --int8 only")
+    if a.per_tensor and not a.int8:
+        raise UsageError("--per-tensor applies to --int8 only")
     if a.json:
         from .io import check_outputs
 
         check_outputs(list(a.models), [("--json", a.json)], other_inputs=[("--calibration", a.calibration),
                                                                           ("--data-loader-script", _script_path(a))])
     shapes = _shapes(a.input_shape, batch=max(batches))
+    data = _bench_data(a, shapes)
     from .io import temp_dir
 
     with temp_dir("onnx-alds-bench-") as tmp:
@@ -423,7 +445,8 @@ def cmd_bench(a) -> int:
             for m, r in zip(a.models, done):
                 print(f"{m}: {r.summary()}")
         rows = bench(paths, provider=a.provider, batches=batches, repeats=a.repeats, warmup=a.warmup,
-                     threads=a.threads, input_shapes=shapes, labels=labels, spinning=a.spinning)
+                     threads=a.threads, input_shapes=shapes, labels=labels, spinning=a.spinning, data=data,
+                     kinds=_output_kinds(a.output_kind))
     print(format_table(rows))
     if a.json:
         from .io import atomic_write_bytes

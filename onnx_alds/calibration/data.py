@@ -278,6 +278,16 @@ def load_calibration(source, inputs: InputSpec) -> dict[str, np.ndarray] | Calib
     return _check_feed(arrays, inputs, what)
 
 
+def check_input_shapes(input_shapes: dict | None, feeds: dict | None, what: str = "the calibration data") -> None:
+    """``--input-shape`` and the given data must agree (beyond the batch axis): the shapes fix FLOPs,
+    validation and latency, the data what is fitted and compared; silently ignoring one would be wrong."""
+    for name, dims in (input_shapes or {}).items():
+        got = feeds.get(name) if feeds else None
+        if got is not None and (len(got.shape) != len(dims) or list(got.shape[1:]) != list(dims[1:])):
+            raise UsageError(f"--input-shape {name}:{','.join(map(str, dims))} disagrees with {what}'s "
+                             f"{name}, whose samples are {list(got.shape[1:])}")
+
+
 def _samples(feed: Mapping[str, np.ndarray]) -> int:
     return len(next(iter(feed.values()))) if feed else 0
 

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..calibration import collect_moments, first_samples, load_calibration, model_inputs, taps_for
+from ..calibration import check_input_shapes, collect_moments, first_samples, load_calibration, model_inputs, \
+    taps_for
+from ..compare import check_output_kinds
 from ..cost import cost_model, full_rank
 from ..emit import dropped, emit
 from ..error_model import error_model
@@ -153,12 +155,13 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
     with timed(timings, "load"):
         source = Source.load(model_or_path)
     original = source.model
+    check_output_kinds(opts.validation.output_kinds, (o.name for o in original.graph.output))
     c, plan = opts.calibration, opts.budget.plan
     data, shapes = None, opts.input_shapes
     if c.data is not None:
         with timed(timings, "calibrate"):
             data = load_calibration(c.data, model_inputs(source.model))
-            _check_shapes(opts.input_shapes, data if isinstance(data, dict) else data.first())
+            check_input_shapes(opts.input_shapes, data if isinstance(data, dict) else data.first())
             shapes = shapes_from_data(source.model, opts.input_shapes, data)
     with timed(timings, "extract"):
         info = extract(source.model, source.graph, shapes)
@@ -201,16 +204,6 @@ def shapes_from_data(model: onnx.ModelProto, given: dict | None, data) -> dict |
         if any(not (isinstance(d, int) and d > 0) for d in dims[1:]):
             shapes[name] = [1] + [int(n) for n in got.shape[1:]]
     return shapes or None
-
-
-def _check_shapes(input_shapes: dict | None, feeds: dict | None) -> None:
-    """``--input-shape`` and the calibration data must agree (beyond the batch axis): the shapes fix
-    FLOPs, validation and latency, the data what is fitted; silently ignoring one would be wrong."""
-    for name, dims in (input_shapes or {}).items():
-        got = feeds.get(name) if feeds else None
-        if got is not None and (len(got.shape) != len(dims) or list(got.shape[1:]) != list(dims[1:])):
-            raise UsageError(f"--input-shape {name}:{','.join(map(str, dims))} disagrees with the calibration data's "
-                             f"{name}, whose samples are {list(got.shape[1:])}")
 
 
 def _needs_moments(error: str | None, plan: Plan | None) -> bool:
