@@ -33,11 +33,11 @@ from pathlib import Path
 
 import onnx
 
-from .calibration import first_samples, load_calibration, model_inputs
+from .calibration import check_input_shapes, first_samples, load_calibration, model_inputs
 from .calibration.data import MAX_CALIBRATION_SAMPLES  # the one calibration loader
 from .compare import compare_outputs
 from .errors import ModelError, UsageError, ValidationFailed, first_line
-from .measure.inputs import fixed_batch, random_inputs
+from .measure.inputs import check_input_names, fixed_batch, random_inputs
 from .runtime import CPU, session, used_provider
 from .io import EXTERNAL_DATA_THRESHOLD, check_output_path, load_model, proto_size, save_model
 
@@ -116,6 +116,7 @@ def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, sam
     ``(batches, samples used, batch size)``.  Without calibration data,
     ``samples`` seeded random samples (``validate.random_inputs``)."""
     inputs = _graph_inputs(model)
+    check_input_names(input_shapes, (i.name for i in inputs))
     # a fixed first axis is the batch the model takes (measure.inputs.fixed_batch); otherwise ours
     fixed = fixed_batch(dims[0] for dims in map(_input_dims, inputs) if dims)
     bs = fixed or batch
@@ -129,6 +130,7 @@ def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, sam
         return feeds, n * bs, bs
     # a stream of feeds is held whole: int8 calibration takes a few hundred samples
     arrays = first_samples(load_calibration(calibration, model_inputs(model)), MAX_CALIBRATION_SAMPLES)
+    check_input_shapes(input_shapes, arrays)
     counts = {len(a) for a in arrays.values()}
     if len(counts) > 1:
         raise UsageError(f"the calibration arrays hold different numbers of samples ({sorted(counts)}); "

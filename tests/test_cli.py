@@ -270,3 +270,16 @@ def test_objective_option(cnn_path, tmp_path):
     code, _, err = cli("rewrite", cnn_path, tmp_path / "o3.onnx", "--apply-plan", plan, "--objective", "sum")
     assert code == 2 and "--objective" in err
     assert_one_sentence(err)
+
+
+@pytest.mark.parametrize("command", ["rewrite", "inspect", "bench", "quantize"])
+def test_every_subcommand_refuses_an_input_shape_naming_no_input(command, cnn_path, tmp_path):
+    """A misspelt --input-shape name was silently ignored by bench and quantize (the input kept its
+    default size); every subcommand that takes the flag now says so, exit 2, and writes nothing."""
+    out = tmp_path / "out.onnx"
+    args = {"rewrite": [cnn_path, out, "--keep-params", "0.5"], "inspect": [cnn_path],
+            "bench": [cnn_path, "--repeats", "1", "--warmup", "0"], "quantize": [cnn_path, out]}[command]
+    code, _, err = cli(command, *args, "--input-shape", "nosuch:1,3,8,8")
+    assert code == 2 and "--input-shape names 'nosuch', which is not an input of the model" in err
+    assert_one_sentence(err)
+    assert not out.exists()

@@ -290,3 +290,14 @@ def test_bench_of_a_model_that_cannot_run_on_random_inputs(tmp_path):
         bench([src])
     assert main(["bench", str(src)]) == 3
     assert main(["bench", str(src), "--input-shape", "x:1,128"]) == 0
+
+
+def test_quantize_refuses_an_input_shape_that_disagrees_with_its_data(tmp_path, capsys):
+    """--input-shape beside --calibration was ignored by quantize; as in rewrite and bench, shapes that
+    disagree with the samples are one sentence, exit 2, and nothing is written."""
+    out = tmp_path / "q.onnx"
+    cal = ROOT / "models" / "digits_calibration.npz"
+    assert main(["quantize", str(RESNET20), str(out), "--calibration", str(cal), "--input-shape", "input:1,1,8,8"]) == 2
+    assert "disagrees with the calibration data's input, whose samples are [1, 16, 16]" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["quantize", str(RESNET20), str(out), "--calibration", str(cal), "--input-shape", "input:4,1,16,16"]) == 0
