@@ -163,6 +163,23 @@ class RewriteOptions:
         bad = sorted(set((v.output_kinds or {}).values()) - set(OUTPUT_KINDS))
         if bad:
             raise UsageError(f"unknown output kind {bad[0]!r} (use {', '.join(OUTPUT_KINDS)})")
+        if v.output_kinds and not v.validate and self.calibration.data is None:
+            raise UsageError("--output-kind says how outputs are judged, and with --no-validate and no --calibration "
+                             "nothing judges them; drop --no-validate or --output-kind")
+        self._check_calibration()
+
+    def _check_calibration(self) -> None:
+        """The settings of what is fitted on calibration data need the data: without it they would be
+        ignored without a word."""
+        c = self.calibration
+        if c.data is not None:
+            return
+        needs = [flag for flag, given in (("--sequential" if c.sequential else "--no-sequential", c.sequential is not None),
+                                          ("--no-hold-out", not c.hold_out),
+                                          ("--no-bias-correction", not c.bias_correction)) if given]
+        if needs:
+            raise UsageError(f"{needs[0]} sets how calibration data is used (what is fitted and judged on it), and "
+                             f"there is none: give --calibration or --data-loader-script, or leave {needs[0]} out")
 
     def with_budget(self, **changes) -> "RewriteOptions":
         """The same options with other budget settings (a policy trying another fraction)."""

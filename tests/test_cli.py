@@ -283,3 +283,15 @@ def test_every_subcommand_refuses_an_input_shape_naming_no_input(command, cnn_pa
     assert code == 2 and "--input-shape names 'nosuch', which is not an input of the model" in err
     assert_one_sentence(err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--sequential"], ["--no-sequential"], ["--no-hold-out"], ["--no-bias-correction"],
+                                   ["--output-kind", "y:scores", "--no-validate"]])
+def test_a_setting_of_calibration_data_without_data_is_refused(flags, cnn_path, tmp_path):
+    """Settings of how calibration data is used were ignored without a word when there was none;
+    like --sensitivity and --error data, they are now one sentence, exit 2, and nothing is written."""
+    out = tmp_path / "out.onnx"
+    code, _, err = cli("rewrite", cnn_path, out, "--keep-params", "0.5", *flags)
+    assert code == 2 and flags[0] in err and ("there is none" in err or "nothing judges them" in err)
+    assert_one_sentence(err)
+    assert not out.exists()

@@ -180,9 +180,10 @@ def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
 
 def rewrite(model, g: Graph, error: str, **kw):
     cal = g.calibration() if error == "data" else None
+    fit = dict(sequential=False, hold_out=False) if cal is not None else {}  # settings of the data's use
     return onnx_alds.rewrite(model, error=error, calibration=cal, input_shapes={"x": list(g.input_shape)},
-                             validate=False, compare=False, allow_slower=True, sequential=False, objective="max",
-                             provider="cpu", hold_out=False, **kw)
+                             validate=False, compare=False, allow_slower=True, objective="max", provider="cpu",
+                             **fit, **kw)
 
 
 def without_bias(model, layer, y: np.ndarray) -> np.ndarray:
