@@ -170,8 +170,9 @@ def _quantize_parser(sub) -> None:
     qcal.add_argument("--data-loader-script", metavar="FILE.py[:FUNC]",
                       help="calibration samples from your own function (see rewrite --help)")
     q.add_argument("--per-tensor", action="store_true", help="one scale per weight instead of per output channel")
-    q.add_argument("--samples", type=bounded_int(1), default=32,
-                   help="random calibration samples without --calibration (at most 4096 are used)")
+    q.add_argument("--samples", type=bounded_int(1), default=None,
+                   help="calibrate on the first N of the given samples (default: all), or on N seeded random "
+                        "samples without data (default 32); at most 4096 are used")
     q.add_argument("--input-shape", action="extend", nargs="+", metavar="NAME:D1,D2,...")
     q.add_argument("--json", metavar="OUT.json", help="also write what was done as JSON")
 

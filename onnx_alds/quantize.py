@@ -110,17 +110,22 @@ def float64_reason(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, samples: int = 32, batch: int = 8,
-                        seed: int = 0, input_shapes: dict | None = None) -> tuple[list[dict], int, int]:
+RANDOM_SAMPLES = 32  # seeded random calibration samples when none are given
+
+
+def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, samples: int | None = None,
+                        batch: int = 8, seed: int = 0, input_shapes: dict | None = None) -> tuple[list[dict], int, int]:
     """Split calibration feeds into batches the model accepts; returns
-    ``(batches, samples used, batch size)``.  Without calibration data,
-    ``samples`` seeded random samples (``validate.random_inputs``)."""
+    ``(batches, samples used, batch size)``.  ``samples``: with calibration data, the first that many of
+    its samples (None: all, up to the limit); without, that many seeded random samples
+    (``validate.random_inputs``; None: :data:`RANDOM_SAMPLES`)."""
     inputs = _graph_inputs(model)
     check_input_names(input_shapes, (i.name for i in inputs))
     # a fixed first axis is the batch the model takes (measure.inputs.fixed_batch); otherwise ours
     fixed = fixed_batch(dims[0] for dims in map(_input_dims, inputs) if dims)
     bs = fixed or batch
     if calibration is None:
+        samples = RANDOM_SAMPLES if samples is None else samples
         if samples > MAX_CALIBRATION_SAMPLES:  # each random sample is held until quantization ends
             log.warning("int8 calibration uses at most %d samples, not %d", MAX_CALIBRATION_SAMPLES, samples)
             samples = MAX_CALIBRATION_SAMPLES
@@ -129,7 +134,10 @@ def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, sam
         feeds = [random_inputs(sess, input_shapes, batch=bs, seed=seed + i) for i in range(n)]
         return feeds, n * bs, bs
     # a stream of feeds is held whole: int8 calibration takes a few hundred samples
-    arrays = first_samples(load_calibration(calibration, model_inputs(model)), MAX_CALIBRATION_SAMPLES)
+    if samples is not None and samples > MAX_CALIBRATION_SAMPLES:
+        log.warning("int8 calibration uses at most %d samples, not %d", MAX_CALIBRATION_SAMPLES, samples)
+    arrays = first_samples(load_calibration(calibration, model_inputs(model)),
+                           min(samples or MAX_CALIBRATION_SAMPLES, MAX_CALIBRATION_SAMPLES))
     check_input_shapes(input_shapes, arrays)
     counts = {len(a) for a in arrays.values()}
     if len(counts) > 1:
@@ -207,15 +215,16 @@ def _quant_type(name: str, what: str):
 
 
 def quantize(model_path, out_path, calibration=None, *, per_channel: bool = True, activation_type: str = "uint8",
-             weight_type: str = "int8", reduce_range: bool = False, method: str = "minmax", samples: int = 32,
+             weight_type: str = "int8", reduce_range: bool = False, method: str = "minmax", samples: int | None = None,
              batch: int = 8, seed: int = 0, input_shapes: dict | None = None, op_types=None,
              exclude_nodes=None, preprocess: bool = True) -> QuantizeResult:
     """Quantize ``model_path`` (a path or ModelProto) statically to int8 QDQ
     and write ``out_path`` atomically.
 
     ``calibration``: a dict input name → array (samples on the first axis),
-    a ``.npz`` path holding such arrays, or None for ``samples`` seeded random
-    samples.  The result is checked in onnxruntime on the first calibration
+    a ``.npz`` path holding such arrays, an iterable of feed dicts, or None
+    for seeded random samples; ``samples`` caps the given samples (None: all
+    of them, up to the limit) or counts the random ones (None: 32).  The result is checked in onnxruntime on the first calibration
     batch against the fp32 model (NaN/Inf it does not produce, a changed
     shape or a load failure is a :class:`ValidationFailed`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
@@ -223,7 +232,7 @@ def quantize(model_path, out_path, calibration=None, *, per_channel: bool = True
     act_t, w_t = _quant_type(activation_type, "activation_type"), _quant_type(weight_type, "weight_type")
     if method not in CALIBRATION_METHODS:
         raise UsageError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
-    if samples < 1 or batch < 1:
+    if (samples is not None and samples < 1) or batch < 1:
         raise UsageError("samples and batch must be at least 1")
     in_path = None if isinstance(model_path, onnx.ModelProto) else str(model_path)
     out = check_output_path(in_path, out_path)

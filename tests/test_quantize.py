@@ -301,3 +301,15 @@ def test_quantize_refuses_an_input_shape_that_disagrees_with_its_data(tmp_path, 
     assert "disagrees with the calibration data's input, whose samples are [1, 16, 16]" in capsys.readouterr().err
     assert not out.exists()
     assert main(["quantize", str(RESNET20), str(out), "--calibration", str(cal), "--input-shape", "input:4,1,16,16"]) == 0
+
+
+def test_samples_caps_the_given_calibration_samples(tmp_path, capsys):
+    """--samples counted only random samples and was ignored beside --calibration; it now takes the
+    first N of the given samples (all of them by default)."""
+    cal = ROOT / "models" / "digits_calibration.npz"
+    n = len(np.load(cal)["input"])
+    assert quantize(RESNET20, tmp_path / "a.onnx", str(cal)).samples == n
+    assert quantize(RESNET20, tmp_path / "b.onnx", str(cal), samples=10).samples == 10
+    assert quantize(RESNET20, tmp_path / "c.onnx").samples == 32  # random: the default count
+    assert main(["quantize", str(RESNET20), str(tmp_path / "d.onnx"), "--calibration", str(cal), "--samples", "12"]) == 0
+    assert "calibrated on 12 given samples" in capsys.readouterr().out

@@ -38,7 +38,7 @@ class Int8Copies:
                 self._copies.move_to_end(key)
                 out.write_bytes(self._copies[key])
                 return out
-        quantize(model, out, calibration, samples=8, batch=8, preprocess=preprocess)
+        quantize(model, out, calibration, samples=8 if calibration is None else None, batch=8, preprocess=preprocess)
         if key is not None:
             self._copies[key] = out.read_bytes()
             while len(self._copies) > self.kept:
