@@ -128,6 +128,10 @@ def _inspect_parser(sub) -> None:
     i.add_argument("input")
     i.add_argument("--input-shape", action="extend", nargs="+", metavar="NAME:D1,D2,...")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--plot", metavar="PLOT.png",
+                   help="plot each compressible layer's error against the fraction of its parameters kept, from "
+                        "its singular values, and what each layer costs at errors 0.1 and 0.3")
+    i.add_argument("--cache-dir", metavar="DIR", help="keep the layers' singular values here, as rewrite does")
 
 
 def _bench_parser(sub) -> None:
@@ -232,6 +236,13 @@ def _check_input_bytes(total: int) -> None:
                          f"{MAX_INPUT_BYTES >> 30} GiB limit; give smaller shapes")
 
 
+def _need_matplotlib(flag: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{flag} needs matplotlib: pip install 'onnx-alds[plot]'") from None
+
+
 def _calibration(a):
     """``--calibration CAL.npz`` as given, or the function of ``--data-loader-script`` (None: neither)."""
     if getattr(a, "data_loader_script", None):
@@ -334,10 +345,7 @@ def cmd_rewrite(a) -> int:
     if a.int8:
         _check_int8(a.input)
     if a.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--plot needs matplotlib: pip install 'onnx-alds[plot]'") from None
+        _need_matplotlib("--plot")
     if a.cache_dir is not None:
         usable_dir(a.cache_dir)
     input_shapes = _shapes(a.input_shape)
@@ -374,31 +382,49 @@ def cmd_rewrite(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from .api import inspect
+    from .api import analyze
+
+    if a.plot:
+        from .io import check_outputs
+
+        check_outputs(a.input, [("--plot", a.plot)], out_dirs=[("--cache-dir", a.cache_dir)])
+        _need_matplotlib("--plot")
+    _, source, info = analyze(a.input, _shapes(a.input_shape))
+    print(_inspect_json(info) if a.json else _inspect_table(info))
+    if a.plot:
+        from .spectra_plot import layer_curves, plot_spectra
+
+        curves = layer_curves(source, info, cache_dir=a.cache_dir, progress=not a.json)
+        plot_spectra(curves, a.plot, title=f"{Path(a.input).name}: {len(curves)} compressible layers, spectral error")
+        print(f"wrote {a.plot}", file=sys.stderr if a.json else sys.stdout)  # stdout stays JSON with --json
+    return 0
+
+
+def _inspect_json(info) -> str:
+    rows = [{"name": l.name, "op": l.op, "weight": l.weight_name, "weight_shape": list(l.weight_shape),
+             "status": "compressible" if l.status == "candidate" else "skipped", "reason": l.reason,
+             "params": l.params + l.bias_params, "flops": l.flops,
+             "schemes": list(l.schemes)} for l in info.layers]
+    return json.dumps({"params": info.params_total, "flops": info.flops_total,  # escapes every control character
+                       "input_shapes": info.input_shapes, "layers": rows}, indent=2)
+
+
+def _inspect_table(info) -> str:
     from .io import printable
 
-    info = inspect(a.input, _shapes(a.input_shape))
-    if a.json:  # json.dumps escapes every control character
-        rows = [{"name": l.name, "op": l.op, "weight": l.weight_name, "weight_shape": list(l.weight_shape),
-                 "status": "compressible" if l.status == "candidate" else "skipped", "reason": l.reason,
-                 "params": l.params + l.bias_params, "flops": l.flops,
-                 "schemes": list(l.schemes)} for l in info.layers]
-        print(json.dumps({"params": info.params_total, "flops": info.flops_total,
-                          "input_shapes": info.input_shapes, "layers": rows}, indent=2))
-        return 0
     names = [printable(l.name) for l in info.layers]
     w = max([len(n) for n in names] + [5])
-    print(f"{'layer':<{w}}  {'op':<6} {'weight':<18} {'params':>10} {'MACs':>13}  status")
+    lines = [f"{'layer':<{w}}  {'op':<6} {'weight':<18} {'params':>10} {'MACs':>13}  status"]
     for name, l in zip(names, info.layers):
         fl = f"{l.flops:,}" if l.flops is not None else "?"
         status = "compressible" if l.status == "candidate" else f"skipped: {printable(l.reason)}"
         shape = "x".join(str(d) for d in l.weight_shape) or "-"
-        print(f"{name:<{w}}  {printable(l.op):<6} {shape:<18} {l.params + l.bias_params:>10,} {fl:>13}  {status}")
-    n = len(info.candidates)
+        lines.append(f"{name:<{w}}  {printable(l.op):<6} {shape:<18} {l.params + l.bias_params:>10,} {fl:>13}  "
+                     f"{status}")
     fl = f"{info.flops_total:,}" if info.flops_total is not None else "unknown (give --input-shape)"
-    print(f"\n{n} of {len(info.layers)} layers compressible; model params {info.params_total:,}; "
-          f"MACs {fl} at input shapes {printable(info.input_shapes)}")
-    return 0
+    lines.append(f"\n{len(info.candidates)} of {len(info.layers)} layers compressible; model params "
+                 f"{info.params_total:,}; MACs {fl} at input shapes {printable(info.input_shapes)}")
+    return "\n".join(lines)
 
 
 def _bench_data(a, shapes):
