@@ -208,11 +208,16 @@ def plot_report(report: Report, path) -> None:
     """Per-layer relative error and kept fraction of parameters, so a user sees
     where the budget went; a box beside the bars gives the totals, the
     baselines at the same budget and the validation error."""
+    save_figure(report_figure(report), path)
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure to ``path`` atomically (the format from its suffix, default png), and
+    close it."""
     import io as _io
 
     import matplotlib.pyplot as plt
 
-    fig = report_figure(report)
     buf = _io.BytesIO()
     fig.savefig(buf, format=str(path).rsplit(".", 1)[-1] if "." in str(path) else "png", dpi=120)
     plt.close(fig)

@@ -11,14 +11,13 @@ other under one budget (it also tries k > 1 channel groups, more choices that ca
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 
 from .cost import factorized_params
 from .error_model import WeightError
-from .io import atomic_write_bytes
+from .report import save_figure
 
 __all__ = ["LayerCurve", "layer_curves", "plot_spectra", "spectra_figure"]
 
@@ -109,10 +108,4 @@ def _short(name: str, width: int = 30) -> str:
 
 def plot_spectra(curves: list[LayerCurve], path, title: str = "") -> None:
     """Write :func:`spectra_figure` to ``path`` atomically (the format from its suffix, default png)."""
-    import matplotlib.pyplot as plt
-
-    fig = spectra_figure(curves, title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format=str(path).rsplit(".", 1)[-1] if "." in str(path) else "png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(spectra_figure(curves, title), path)
