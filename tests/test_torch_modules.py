@@ -159,3 +159,17 @@ def test_torch_apply_plan_checks_the_factors_file(exported, tmp_path):
         tampered = dataclasses.replace(rep.plan, factors={**rep.plan.factors, layer: bad})
         with pytest.raises(UsageError, match="factors file"):
             apply_plan(net, tampered, example_inputs=(x,))
+
+
+def test_a_plan_naming_a_module_no_spec_takes_lists_the_ones_they_take():
+    """The sentence lists the torch modules every operator spec takes (it named three of four, leaving
+    out ConvTranspose2d); a spec added later is listed too."""
+    from onnx_alds.errors import UsageError
+    from onnx_alds.ops import SPECS
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    with pytest.raises(UsageError, match=r"module '1' is a ReLU, not one of the modules a plan factorizes") as e:
+        apply_plan(net, Plan([LayerPlan(name="1", weight="1.weight", k=1, scheme="s0", rank=1)]))
+    for spec in SPECS.values():
+        for t in spec.torch_types():
+            assert t.__name__ in str(e.value)

@@ -115,7 +115,9 @@ def _spec_for_module(mod: nn.Module, path: str):
     for spec in SPECS.values():
         if isinstance(mod, spec.torch_types()):
             return spec
-    raise UsageError(f"module {path!r} is a {type(mod).__name__}, not a Conv1d/Conv2d/Linear")
+    kinds = sorted({t.__name__ for spec in SPECS.values() for t in spec.torch_types()})
+    raise UsageError(f"module {path!r} is a {type(mod).__name__}, not one of the modules a plan factorizes "
+                     f"({', '.join(kinds)})")
 
 
 def apply_plan(model: nn.Module, plan: Plan | dict | str, example_inputs: Any = None) -> nn.Module:
