@@ -132,6 +132,13 @@ def _inspect_parser(sub) -> None:
                    help="plot each compressible layer's error against the fraction of its parameters kept, from "
                         "its singular values, and what each layer costs at errors 0.1 and 0.3")
     i.add_argument("--cache-dir", metavar="DIR", help="keep the layers' singular values here, as rewrite does")
+    ical = i.add_mutually_exclusive_group()
+    ical.add_argument("--calibration", metavar="CAL.npz",
+                      help="with --plot: the data-aware error on these samples (what rewrite --calibration selects "
+                           "with) instead of the weights' spectrum")
+    ical.add_argument("--data-loader-script", metavar="FILE.py[:FUNC]", help="the same samples from your own function")
+    i.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="onnxruntime provider for the calibration pass (auto: CUDA when present)")
 
 
 def _bench_parser(sub) -> None:
@@ -384,18 +391,40 @@ def cmd_rewrite(a) -> int:
 def cmd_inspect(a) -> int:
     from .api import analyze
 
+    data_source = _calibration(a)
+    if data_source is not None and not a.plot:
+        raise UsageError("--calibration and --data-loader-script set the error --plot draws; give --plot too")
     if a.plot:
         from .io import check_outputs
 
-        check_outputs(a.input, [("--plot", a.plot)], out_dirs=[("--cache-dir", a.cache_dir)])
+        check_outputs(a.input, [("--plot", a.plot)], other_inputs=[("--calibration", a.calibration),
+                                                                   ("--data-loader-script", _script_path(a))],
+                      out_dirs=[("--cache-dir", a.cache_dir)])
         _need_matplotlib("--plot")
-    _, source, info = analyze(a.input, _shapes(a.input_shape))
+    shapes = _shapes(a.input_shape)
+    data = None
+    if data_source is not None:
+        from .calibration import check_input_shapes, load_calibration, model_inputs
+        from .io import load_model
+        from .pipeline.stages import shapes_from_data
+
+        model = load_model(a.input)
+        data = load_calibration(data_source, model_inputs(model))
+        check_input_shapes(shapes, data if isinstance(data, dict) else data.first())
+        shapes = shapes_from_data(model, shapes, data)
+    _, source, info = analyze(a.input, shapes)
     print(_inspect_json(info) if a.json else _inspect_table(info))
     if a.plot:
-        from .spectra_plot import layer_curves, plot_spectra
+        from .spectra_plot import data_curves, layer_curves, plot_spectra
 
-        curves = layer_curves(source, info, cache_dir=a.cache_dir, progress=not a.json)
-        plot_spectra(curves, a.plot, title=f"{Path(a.input).name}: {len(curves)} compressible layers, spectral error")
+        if data is None:
+            curves = layer_curves(source, info, cache_dir=a.cache_dir, progress=not a.json)
+            what, error = "ε = σ_{j+1} / σ_1", "spectral error"
+        else:
+            curves = data_curves(source, info, data, provider=a.provider, progress=not a.json)
+            what, error = "ε = ‖(W − Ŵ) X‖ / ‖W X‖", "data-aware error on the calibration samples"
+        plot_spectra(curves, a.plot, title=f"{Path(a.input).name}: {len(curves)} compressible layers, {error}",
+                     what=what)
         print(f"wrote {a.plot}", file=sys.stderr if a.json else sys.stdout)  # stdout stays JSON with --json
     return 0
 

@@ -7,6 +7,11 @@ error any of them gives at that size.  The right panel gives each layer's error 
 half of its parameters.  A layer whose curve falls steeply compresses cheaply; one that stays high (a
 flat spectrum) is where a global budget costs the most.  These are the curves ALDS trades against each
 other under one budget (it also tries k > 1 channel groups, more choices that can only lower them).
+
+With calibration data (:func:`data_curves`) the error is the data-aware one instead: the relative
+error of the layer's output on the calibration inputs, ``‖(W − Ŵ) X‖ / ‖W X‖``, of the best rank-j
+factors for that data (whitened SVD, bias correction), which is what ``rewrite --calibration``
+selects with.  On trained models it falls much faster than the weights' spectrum says.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from .cost import factorized_params
 from .error_model import WeightError
 from .report import save_figure
 
-__all__ = ["LayerCurve", "layer_curves", "plot_spectra", "spectra_figure"]
+__all__ = ["LayerCurve", "data_curves", "layer_curves", "plot_spectra", "spectra_figure"]
 
 SIZES = (0.25, 0.5)  # the kept fractions at which the right panel gives each layer's error
 
@@ -39,17 +44,22 @@ class LayerCurve:
         return float(self.error[ok[-1]]) if len(ok) else None
 
 
-def layer_curves(source, info, *, cache_dir=None, progress: bool = False) -> list[LayerCurve]:
-    """:class:`LayerCurve` of every compressible layer of an analysed model (``api.analyze``)."""
-    layers = list(info.candidates)
-    configs = {l.name: [(1, s) for s in l.schemes] for l in layers}
-    curves = WeightError("spectral", cache_dir=cache_dir).curves(source, layers, configs, progress=progress)
+def layer_curves(source, info, *, cache_dir=None, progress: bool = False, emodel=None) -> list[LayerCurve]:
+    """:class:`LayerCurve` of every compressible layer of an analysed model (``api.analyze``), with the
+    weights' spectral error, or ``emodel``'s (an error model of :mod:`onnx_alds.error_model`) where
+    given: the layers and schemes it can measure."""
+    emodel = emodel if emodel is not None else WeightError("spectral", cache_dir=cache_dir)
+    schemes = {l.name: list(emodel.schemes(l, l.schemes)) for l in info.candidates}
+    layers = [l for l in info.candidates if schemes[l.name]]
+    configs = {l.name: [(1, s) for s in schemes[l.name]] for l in layers}
+    curves = emodel.curves(source, layers, configs, progress=progress)
     out = []
     for l in layers:
         points = []  # (kept, error) of every scheme and rank smaller than the layer
-        for s in l.schemes:
+        extra = emodel.extra_params(l)  # the bias a data-aware fit adds
+        for s in schemes[l.name]:
             for j, e in enumerate(np.asarray(curves[l.name][(1, s)], dtype=np.float64)):
-                kept = factorized_params(l.geometry, 1, s, j) / l.params
+                kept = (factorized_params(l.geometry, 1, s, j) + extra) / l.params
                 if kept < 1.0:
                     points.append((kept, e))
         points.sort()
@@ -59,7 +69,18 @@ def layer_curves(source, info, *, cache_dir=None, progress: bool = False) -> lis
     return out
 
 
-def spectra_figure(curves: list[LayerCurve], title: str = ""):
+def data_curves(source, info, data, *, provider: str = "auto", progress: bool = False) -> list[LayerCurve]:
+    """:func:`layer_curves` with the data-aware error on ``data`` (checked calibration data: a dict of
+    arrays or a stream, :func:`~onnx_alds.calibration.load_calibration`); one pass of the model over
+    it collects every layer's input moments."""
+    from .error_model import error_model
+    from .pipeline.stages import calibrate
+
+    _, moments, _, _ = calibrate(source, info, data, provider=provider, progress=progress)
+    return layer_curves(source, info, progress=progress, emodel=error_model("data", moments=moments))
+
+
+def spectra_figure(curves: list[LayerCurve], title: str = "", what: str = "ε = σ_{j+1} / σ_1"):
     """The figure of :func:`plot_spectra` (matplotlib, Agg backend)."""
     import matplotlib
 
@@ -78,7 +99,7 @@ def spectra_figure(curves: list[LayerCurve], title: str = ""):
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("fraction of the layer's parameters kept (rank-j factors, k = 1)")
-    ax.set_ylabel("relative error ε = σ_{j+1} / σ_1")
+    ax.set_ylabel(f"relative error {what}")
     ax.set_title("error against size, one line per layer (input → output: dark → light)", fontsize=9)
     if n <= 12:
         ax.legend(fontsize=7, loc="upper right")
@@ -106,6 +127,6 @@ def _short(name: str, width: int = 30) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
-def plot_spectra(curves: list[LayerCurve], path, title: str = "") -> None:
+def plot_spectra(curves: list[LayerCurve], path, title: str = "", what: str = "ε = σ_{j+1} / σ_1") -> None:
     """Write :func:`spectra_figure` to ``path`` atomically (the format from its suffix, default png)."""
-    save_figure(spectra_figure(curves, title), path)
+    save_figure(spectra_figure(curves, title, what), path)

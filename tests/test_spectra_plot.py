@@ -42,3 +42,31 @@ def test_inspect_plot_writes_a_png_and_keeps_the_table(tmp_path, capsys):
         assert np.all(np.diff(c.kept) >= 0) and np.all(np.diff(c.error) <= 0) and c.kept.max() < 1.0
     assert main(["inspect", str(src), "--plot", str(src)]) == 2  # never over the input
     assert "is the file given as the input model" in capsys.readouterr().err and src.read_bytes() == before
+
+
+def test_with_data_the_curve_is_the_output_error_on_it():
+    """Inputs that span 3 directions: rank-3 factors fitted to them reproduce the layer's output on them
+    (data-aware error ~0), while the weights' spectrum at rank 3 is far from it."""
+    from onnx_alds.calibration import load_calibration, model_inputs
+    from onnx_alds.spectra_plot import data_curves
+
+    m = gemm_model(f=24, c=40, seed=3)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((200, 3)) @ rng.standard_normal((3, 40))).astype(np.float32)
+    _, source, info = analyze(m)
+    (data,) = data_curves(source, info, load_calibration({"x": x}, model_inputs(m)), provider="cpu")
+    (weights,) = layer_curves(source, info)
+    assert np.all(np.diff(data.error) <= 1e-12) and data.error[0] <= 1.0
+    at3 = np.searchsorted(data.kept, 3 * (24 + 40) / (24 * 40) - 1e-9)  # the first size at least rank 3's
+    assert data.error[at3] < 1e-3 < 0.3 < weights.error[3]
+
+
+def test_inspect_plot_with_calibration(tmp_path, capsys):
+    src = tmp_path / "g.onnx"
+    onnx.save(gemm_model(f=24, c=40), str(src))
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32))
+    assert main(["inspect", str(src), "--plot", str(tmp_path / "d.png"), "--calibration", str(tmp_path / "cal.npz")]) == 0
+    assert (tmp_path / "d.png").read_bytes()[:8] == PNG
+    assert main(["inspect", str(src), "--calibration", str(tmp_path / "cal.npz")]) == 2  # nothing to draw it in
+    assert "give --plot too" in capsys.readouterr().err
+    assert main(["inspect", str(src), "--plot", str(tmp_path / "cal.npz"), "--calibration", str(tmp_path / "cal.npz")]) == 2
