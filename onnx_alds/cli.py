@@ -194,8 +194,10 @@ def _export_parser(sub) -> None:
     e.add_argument("factory", help="module.path:callable or path/to/file.py:callable")
     e.add_argument("output")
     e.add_argument("--checkpoint", help="state_dict (or a dict with 'model') to load")
-    e.add_argument("--input-shape", action="append", required=True, metavar="D1,D2,...",
-                   help="example input shape, batch included; repeat for several inputs")
+    e.add_argument("--input-shape", action="append", required=True, metavar="D1,D2,...[:DTYPE]",
+                   help="example input shape, batch included, and its dtype (float32 unless given: float16, "
+                        "int64, int32, bool; token ids are int64); repeat for several inputs, in the order the "
+                        "model's forward takes them")
     e.add_argument("--opset", type=bounded_int(1), default=None)
 
 def _parser() -> argparse.ArgumentParser:
@@ -536,12 +538,19 @@ def cmd_export(a) -> int:
         from .torch.export import export_from_factory
     except ImportError:
         raise UsageError("export needs torch: pip install 'onnx-alds[torch]'") from None
-    shapes = []
+    from .torch.export import EXAMPLE_DTYPES
+
+    shapes, dtypes = [], []
     for s in a.input_shape:
+        dims, _, dtype = s.partition(":")
+        if dtype and dtype not in EXAMPLE_DTYPES:
+            raise UsageError(f"--input-shape {s!r}: the dtype must be one of {', '.join(EXAMPLE_DTYPES)}")
         try:
-            shapes.append(tuple(int(d) for d in s.replace("x", ",").split(",") if d))
+            shapes.append(tuple(int(d) for d in dims.replace("x", ",").split(",") if d))
         except ValueError:
-            raise UsageError(f"--input-shape {s!r} is not a comma-separated list of integers") from None
+            raise UsageError(f"--input-shape {s!r} is not a comma-separated list of integers, with an optional "
+                             f":DTYPE") from None
+        dtypes.append(dtype or "float32")
     _check_input_bytes(sum(4 * math.prod(s) for s in shapes if min(s, default=1) > 0))  # (others: refused below)
     out = Path(a.output)
     from .io import check_outputs
@@ -551,7 +560,8 @@ def cmd_export(a) -> int:
     check_outputs(None, [("the output", out)], other_inputs=[("--checkpoint", a.checkpoint),
                                                              ("the factory's source file", factory_file(a.factory))])
     try:
-        export_from_factory(a.factory, out, checkpoint=a.checkpoint, input_shapes=shapes, opset=a.opset)
+        export_from_factory(a.factory, out, checkpoint=a.checkpoint, input_shapes=shapes, input_dtypes=dtypes,
+                            opset=a.opset)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(f"wrote {out}")

@@ -534,15 +534,19 @@ def export_from_factory(
     *,
     checkpoint: str | os.PathLike | None = None,
     input_shapes: Sequence[Sequence[int]],
+    input_dtypes: Sequence[str] | None = None,
     opset: int | None = None,
     fold_bn: bool = True,
 ) -> onnx.ModelProto:
     """Build a model from ``factory`` (called with no arguments), load ``checkpoint``, export it.
 
     ``factory`` is ``"package.module:callable"`` or ``"path/to/file.py:callable"``;
-    ``input_shapes`` gives one shape per model input, batch first (seeded
-    random float32 tensors of those shapes are the example inputs; batch stays
-    dynamic). A checkpoint is
+    ``input_shapes`` gives one shape per model input, batch first, and
+    ``input_dtypes`` their dtypes (:data:`EXAMPLE_DTYPES`; default float32):
+    the example inputs are seeded random tensors of those shapes (normal for
+    floats, 0 or 1 for integers and booleans: a valid token id and mask
+    value for any vocabulary); batch stays dynamic. A model that fails on
+    them is one sentence naming the shapes and dtypes. A checkpoint is
     a state dict or a :func:`onnx_alds.torch.finetune` checkpoint. Raises
     ``ValueError`` with one sentence for a bad factory string, a missing or
     unfitting checkpoint, or bad shapes.
@@ -571,7 +575,31 @@ def export_from_factory(
         raise UsageError(f"Factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module.")
     if checkpoint is not None:
         _load_checkpoint(model, checkpoint)
-    # a fixed random batch (zeros would make BN folding's output check meaningless)
-    gen = torch.Generator().manual_seed(0)
-    example = tuple(torch.randn(s, generator=gen) for s in shapes)
+    dtypes = list(input_dtypes) if input_dtypes is not None else ["float32"] * len(shapes)
+    if len(dtypes) != len(shapes) or any(d not in EXAMPLE_DTYPES for d in dtypes):
+        raise UsageError(f"input_dtypes must give one of {', '.join(EXAMPLE_DTYPES)} for each input shape")
+    example = example_inputs(shapes, dtypes)
+    try:
+        with torch.no_grad():
+            model.eval()(*example)
+    except Exception as e:  # the user's forward on inputs it does not take: say what was fed
+        fed = ", ".join(f"{','.join(map(str, s))}:{d}" for s, d in zip(shapes, dtypes))
+        raise UsageError(f"the model fails on example inputs {fed} ({first_line(e)}); give each input's shape and "
+                         f"dtype with --input-shape D1,D2,...:DTYPE (token ids are int64)") from None
     return export(model, example, out_path, opset=opset, fold_bn=fold_bn)
+
+
+EXAMPLE_DTYPES = ("float32", "float16", "int64", "int32", "bool")
+
+
+def example_inputs(shapes: Sequence[tuple], dtypes: Sequence[str]) -> tuple:
+    """Seeded example tensors (a fixed random batch: zeros would make BN folding's output check
+    meaningless): normal for floats, 0 or 1 for integers and booleans."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for s, d in zip(shapes, dtypes):
+        if d.startswith("float"):
+            out.append(torch.randn(s, generator=gen).to(getattr(torch, d)))
+        else:
+            out.append(torch.randint(0, 2, s, generator=gen).to(getattr(torch, d)))
+    return tuple(out)
