@@ -415,6 +415,8 @@ def _exported(model: nn.Module, trace_inputs: tuple, input_names: list, opset, o
     with warnings.catch_warnings(), private_inductor_cache():  # no $TMPDIR/torchinductor_<user> left behind
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        # every input's axis 0 is the one batch: torch says it keeps one name for them, which is what we asked
+        warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used", category=UserWarning)
         try:
             return torch.onnx.export(model, trace_inputs, dynamo=True, input_names=input_names,
                                      dynamic_shapes=tuple({0: batch} for _ in trace_inputs), external_data=False,
@@ -586,7 +588,27 @@ def export_from_factory(
         fed = ", ".join(f"{','.join(map(str, s))}:{d}" for s, d in zip(shapes, dtypes))
         raise UsageError(f"the model fails on example inputs {fed} ({first_line(e)}); give each input's shape and "
                          f"dtype with --input-shape D1,D2,...:DTYPE (token ids are int64)") from None
-    return export(model, example, out_path, opset=opset, fold_bn=fold_bn)
+    return export(model, example, out_path, opset=opset, fold_bn=fold_bn,
+                  input_names=input_names_for(model, len(example)))
+
+
+def input_names_for(model: nn.Module, n: int) -> list[str] | None:
+    """The graph input names of a model of ``n`` inputs: its forward's parameter names where it has
+    several (None: ``export``'s default, ``input`` for one)."""
+    names = forward_params(model)
+    return names[:n] if len(names) >= n > 1 else None
+
+
+def forward_params(model: nn.Module) -> list[str]:
+    """The names of ``model.forward``'s positional parameters (none for ``*args``): what a model of
+    several inputs calls them (``input_ids``, ``attention_mask``)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 EXAMPLE_DTYPES = ("float32", "float16", "int64", "int32", "bool")

@@ -38,7 +38,9 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("factory", help="module.path:callable or path/to/file.py:callable building the original model")
     f.add_argument("--checkpoint", help="the original's trained state dict (or a finetune checkpoint)")
     f.add_argument("--plan", required=True, metavar="PLAN.json", help="written by onnx-alds rewrite --plan")
-    f.add_argument("--data", required=True, metavar="TRAIN.npz", help="arrays x (inputs) and optionally y")
+    f.add_argument("--data", required=True, metavar="TRAIN.npz",
+                   help="the inputs: an array x, or for a model whose forward takes several, one array per "
+                        "parameter of its forward, by name (input_ids, attention_mask); optionally labels y")
     f.add_argument("--val", metavar="VAL.npz", help="validation arrays: keep the best epoch, stop early")
     f.add_argument("--out", required=True, metavar="OUT.onnx")
     f.add_argument("--epochs", type=int, default=5)
@@ -111,9 +113,8 @@ def _load_npz(path: str, what: str, model=None):
         raise
     except Exception as e:  # noqa: BLE001 - zip and format errors come in many types
         raise UsageError(f"{what} file {path!r} is not a readable .npz ({type(e).__name__})") from None
-    if "x" not in arrays:
-        raise UsageError(f"{what} file {path!r} has no array named x (it has {', '.join(arrays) or 'none'})")
-    for name in ("x", "y"):
+    names = _input_names(arrays, model, path, what)
+    for name in (*names, "y"):
         a = arrays.get(name)
         if a is not None and (a.dtype.kind not in "biuf" or a.ndim == 0):
             raise UsageError(f"{what} file {path!r}: {name} must be a numeric array with a sample axis, not "
@@ -121,16 +122,43 @@ def _load_npz(path: str, what: str, model=None):
         if a is not None and a.dtype.kind == "f" and not np.isfinite(a).all():
             raise UsageError(f"{what} file {path!r}: {name} holds NaN or inf values; training on them would "
                              f"turn the model's weights into NaN")
-    x = _tensor(arrays["x"])
+    xs = tuple(_tensor(arrays[n]) for n in names)
+    counts = {n: len(t) for n, t in zip(names, xs)}
+    if len(set(counts.values())) > 1:
+        raise UsageError(f"{what} file {path!r}: the inputs hold different numbers of samples "
+                         f"({', '.join(f'{n} {c}' for n, c in counts.items())})")
+    x = xs[0] if len(xs) == 1 else xs
     y = arrays.get("y")
     if y is not None:
         y = torch.from_numpy(np.ascontiguousarray(y))
         y = y.long() if not y.is_floating_point() else y.float()
-        if len(y) != len(x):
-            raise UsageError(f"{what} file {path!r}: x has {len(x)} samples, y {len(y)}")
-    if len(x) == 0:
+        if len(y) != len(xs[0]):
+            raise UsageError(f"{what} file {path!r}: {names[0]} has {len(xs[0])} samples, y {len(y)}")
+    if len(xs[0]) == 0:
         raise UsageError(f"{what} file {path!r} holds no samples")
     return x, y
+
+
+def _input_names(arrays: dict, model, path: str, what: str) -> list[str]:
+    """The arrays that are the model's inputs, in its forward's order: ``x`` for a model of one input;
+    else one array per parameter of ``model.forward``, named as the parameter (the arrays a tokenizer
+    gives: ``input_ids``, ``attention_mask``), the first ones required and the rest where given."""
+    if "x" in arrays:
+        return ["x"]
+    from .export import forward_params
+
+    params = forward_params(model) if model is not None else []
+    given = [p for p in params if p in arrays]
+    unknown = sorted(set(arrays) - set(given) - {"y"})
+    if not given or unknown:
+        takes = f"its forward takes {', '.join(params)}" if params else "its forward's parameters are not named"
+        raise UsageError(f"{what} file {path!r} has no array named x, nor one per input of the model ({takes}; the "
+                         f"file has {', '.join(sorted(arrays)) or 'nothing'})")
+    missing = [p for p in params[:params.index(given[-1])] if p not in arrays]
+    if missing:
+        raise UsageError(f"{what} file {path!r} has {given[-1]} but not {missing[0]}, which the model's forward "
+                         f"takes before it")
+    return given
 
 
 def _check_fit(model, x, y, what: str, shape=None) -> None:
@@ -138,10 +166,14 @@ def _check_fit(model, x, y, what: str, shape=None) -> None:
     (``shape``: the one to name, where ``x`` stands for an array not read yet)."""
     import torch
 
+    xs = x if isinstance(x, tuple) else (x,)
     try:
         with torch.no_grad():
-            out = model(x[:2])
+            out = model(*(t[:2] for t in xs))
     except Exception as e:  # noqa: BLE001 - a shape or dtype mismatch is raised by whichever layer meets it
+        if len(xs) > 1:
+            fed = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in xs)
+            raise UsageError(f"{what}'s inputs ({fed}) do not fit the model ({first_line(e)})") from None
         hint = "; it holds integers, and most models take float inputs" if not x.is_floating_point() else ""
         raise UsageError(f"{what}'s x (shape {tuple(shape or x.shape)}, {str(x.dtype).replace('torch.', '')}) does "
                          f"not fit the model ({first_line(e)}){hint}") from None
@@ -166,9 +198,29 @@ def _loader(x, y, batch_size: int, shuffle: bool, seed: int):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    ds = TensorDataset(x, y) if y is not None else TensorDataset(x)
     g = torch.Generator().manual_seed(seed)
+    if isinstance(x, tuple):  # several inputs: batches {"input": [x0, x1, ...], "target": y}
+        ds = _Inputs(x, y)
+    else:
+        ds = TensorDataset(x, y) if y is not None else TensorDataset(x)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None)
+
+
+class _Inputs:
+    """A dataset of several input tensors (and labels): each item ``{"input": (x0[i], x1[i], ...),
+    "target": y[i]}``, as :func:`~onnx_alds.torch.finetune_data.batch_xy` reads a batch."""
+
+    def __init__(self, xs: tuple, y):
+        self.xs, self.y = xs, y
+
+    def __len__(self) -> int:
+        return len(self.xs[0])
+
+    def __getitem__(self, i):
+        item = {"input": tuple(t[i] for t in self.xs)}
+        if self.y is not None:
+            item["target"] = self.y[i]
+        return item
 
 
 def compress_and_finetune(original, plan, train_loader, *, example_inputs, out=None, teacher: Any = "original",
@@ -183,7 +235,7 @@ def compress_and_finetune(original, plan, train_loader, *, example_inputs, out=N
     written, or None (no ``out``, or a rank other than 0); ``history["reconstruct"]``
     what the reconstruction did (or None).
     """
-    from .export import export
+    from .export import export, input_names_for
     from .finetune import finetune
     from .modules import apply_plan
 
@@ -206,7 +258,9 @@ def compress_and_finetune(original, plan, train_loader, *, example_inputs, out=N
     hist["exported"] = None
     if out is not None and hist["rank"] == 0:
         try:
-            export(student, example_inputs, out, output_names=output_names, opset=opset)
+            n = len(example_inputs) if isinstance(example_inputs, tuple) else 1
+            export(student, example_inputs, out, output_names=output_names, opset=opset,
+                   input_names=input_names_for(original, n))
         except OSError as e:
             raise UsageError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
         hist["exported"] = str(out)
@@ -286,7 +340,8 @@ def cmd_finetune(a) -> int:
     train_loader = _loader(x, y, a.batch_size, True, a.seed)
     val_loader = _loader(*val, 256, False, 0) if val else None
     teacher = None if a.no_teacher else (a.teacher_onnx or "original")
-    _, hist = compress_and_finetune(model, plan, train_loader, example_inputs=x[:8], out=out, teacher=teacher,
+    example = tuple(t[:8] for t in x) if isinstance(x, tuple) else x[:8]
+    _, hist = compress_and_finetune(model, plan, train_loader, example_inputs=example, out=out, teacher=teacher,
                                     opset=a.opset, val_loader=val_loader, config=config,
                                     reconstruct=_reconstruct_samples(a.reconstruct, plan))
     if hist["rank"] == 0:
