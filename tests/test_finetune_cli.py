@@ -287,36 +287,15 @@ def test_finetune_command_reconstructs_first_when_asked(setup, capsys):
     assert e.value.code == 2 and "argument --reconstruct" in capsys.readouterr().err
 
 
-ENCODER = '''
-import torch
-from torch import nn
-
-class Encoder(nn.Module):
-    """Token ids and a mask: mean of the embedded real tokens, two Linear layers."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(50, 32)
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 4)
-
-    def forward(self, input_ids, attention_mask):
-        m = attention_mask.unsqueeze(-1)
-        h = (self.emb(input_ids) * m).sum(1) / m.sum(1).clamp_min(1)
-        return self.fc2(self.fc1(h).relu())
-
-def make():
-    return Encoder()
-'''
-
-
 @pytest.mark.slow
 def test_a_model_of_several_inputs_is_exported_and_fine_tuned_from_the_command_line(tmp_path):
+    from torch_nets import TOKEN_ENCODER_SOURCE
+
     """A token model (input_ids, attention_mask) through export, rewrite and finetune: the CLI took one
     input x only, and export fed float32 only. --data holds one array per forward parameter, by name;
     the ONNX inputs carry those names; the fine-tuned model agrees with the original better than the
     one-shot rewrite does, on tokens it was not trained on."""
-    (tmp_path / "enc.py").write_text(ENCODER)
+    (tmp_path / "enc.py").write_text(TOKEN_ENCODER_SOURCE)
     sys.path.insert(0, str(tmp_path))
     try:
         import enc

@@ -15,3 +15,27 @@ class UpDown(nn.Module):
 
     def forward(self, x):
         return self.head(torch.relu(self.up(torch.relu(self.conv(x)))).flatten(1))
+
+
+# A token model for the command-line tests, as the source of a factory file (the CLI imports it from a path).
+TOKEN_ENCODER_SOURCE = '''
+import torch
+from torch import nn
+
+class Encoder(nn.Module):
+    """Token ids and a mask: mean of the embedded real tokens, two Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 4)
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1)
+        h = (self.emb(input_ids) * m).sum(1) / m.sum(1).clamp_min(1)
+        return self.fc2(self.fc1(h).relu())
+
+def make():
+    return Encoder()
+'''
