@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from .compare import rel_l2 as output_rel_l2
-from .compare import check_output_kinds, compare_output
+from .compare import check_output_kinds, compare_outputs, lowest
 from .errors import ModelError, UsageError, ValidationFailed, first_line
 from .io import load_model
 from .measure.inputs import check_input_names, random_inputs, session_fixed_batch
 from .measure.timing import interleaved_latency
 from .quantize import quantize
 from .runtime import providers_for, session, used_provider
+from .validate import run_batched
 
 
 def rel_l2(reference: list, outputs: list) -> float | None:
@@ -50,21 +51,23 @@ def _inputs_of(label: str, sess, data: dict) -> dict:
     return {i.name: data[i.name] for i in sess.get_inputs()}
 
 
+def _repeat(a, n: int):
+    """The first ``n`` samples of ``a``, repeated where it holds fewer (a scalar as it is)."""
+    return a if np.ndim(a) == 0 else a[np.arange(n) % len(a)]
+
+
 def _data_feeds(label: str, sess, data: dict, batch: int) -> dict:
-    """The first ``batch`` samples of ``data`` (repeated where it holds fewer; the model's fixed batch
-    where it has one) for the inputs ``sess`` takes."""
+    """The first ``batch`` samples of ``data`` (the model's fixed batch where it has one) for the inputs
+    ``sess`` takes."""
     b = session_fixed_batch(sess) or batch
-    return {k: a if np.ndim(a) == 0 else a[np.arange(b) % len(a)] for k, a in _inputs_of(label, sess, data).items()}
+    return {k: _repeat(a, b) for k, a in _inputs_of(label, sess, data).items()}
 
 
 def _run_all(sess, feeds: dict, n: int) -> list:
-    """The outputs over the first ``n`` samples of ``feeds`` (repeated where it holds fewer), in runs of
-    the model's fixed batch or of :data:`COMPARE_CHUNK`."""
-    step = session_fixed_batch(sess) or COMPARE_CHUNK
-    feeds = {k: v if np.ndim(v) == 0 else v[np.arange(n) % len(v)] for k, v in feeds.items()}
-    parts = [sess.run(None, {k: v if np.ndim(v) == 0 else v[i:i + step] for k, v in feeds.items()})
-             for i in range(0, n, step)]
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+    """The outputs over the first ``n`` samples of ``feeds``, in runs of the model's fixed batch or of
+    :data:`COMPARE_CHUNK`."""
+    return run_batched(sess, {k: _repeat(v, n) for k, v in feeds.items()},
+                       session_fixed_batch(sess) or COMPARE_CHUNK)
 
 
 def _agreement(names: list, reference: list, outputs: list, kinds: dict | None) -> dict:
@@ -76,13 +79,11 @@ def _agreement(names: list, reference: list, outputs: list, kinds: dict | None) 
                                              for a, b in zip(reference, outputs)):
         return none
     try:
-        per = [compare_output(n, a, b, (kinds or {}).get(n)) for n, a, b in zip(names, reference, outputs)]
+        per, _, worst = compare_outputs(names, reference, outputs, kinds)
     except ValidationFailed:  # NaN or Inf where the first model has finite outputs
         return dict(none, rel_l2_vs_first=float("nan"))
-    top1 = [o["top1_agreement"] for o in per if "top1_agreement" in o]
-    cos = [o["cosine"] for o in per if "cosine" in o]
-    return {"rel_l2_vs_first": max((o["rel_l2"] for o in per), default=0.0),
-            "top1_vs_first": min(top1) if top1 else None, "cosine_vs_first": min(cos) if cos else None}
+    return {"rel_l2_vs_first": worst, "top1_vs_first": lowest(per, "top1_agreement"),
+            "cosine_vs_first": lowest(per, "cosine")}
 
 
 def _compared_samples(sessions: list, data: dict) -> int:

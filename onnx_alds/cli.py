@@ -403,18 +403,16 @@ def cmd_inspect(a) -> int:
                                                                    ("--data-loader-script", _script_path(a))],
                       out_dirs=[("--cache-dir", a.cache_dir)])
         _need_matplotlib("--plot")
-    shapes = _shapes(a.input_shape)
-    data = None
+    from .io import Source
+
+    source, shapes, data = Source.load(a.input), _shapes(a.input_shape), None  # the model is read once
     if data_source is not None:
-        from .calibration import check_input_shapes, load_calibration, model_inputs
-        from .io import load_model
+        from .calibration import load_checked
         from .pipeline.stages import shapes_from_data
 
-        model = load_model(a.input)
-        data = load_calibration(data_source, model_inputs(model))
-        check_input_shapes(shapes, data if isinstance(data, dict) else data.first())
-        shapes = shapes_from_data(model, shapes, data)
-    _, source, info = analyze(a.input, shapes)
+        data = load_checked(data_source, source.model, shapes)
+        shapes = shapes_from_data(source.model, shapes, data)
+    _, source, info = analyze(source, shapes)
     print(_inspect_json(info) if a.json else _inspect_table(info))
     if a.plot:
         from .spectra_plot import data_curves, layer_curves, plot_spectra
@@ -465,12 +463,10 @@ def _bench_data(a, shapes):
     if source is None:
         return None
     from .bench import COMPARE_SAMPLES
-    from .calibration import check_input_shapes, first_samples, load_calibration, model_inputs
+    from .calibration import first_samples, load_checked
     from .io import load_model
 
-    data = first_samples(load_calibration(source, model_inputs(load_model(a.models[0]))), COMPARE_SAMPLES)
-    check_input_shapes(shapes, data, "the given data")
-    return data
+    return first_samples(load_checked(source, load_model(a.models[0]), shapes, "the given data"), COMPARE_SAMPLES)
 
 
 def cmd_bench(a) -> int:

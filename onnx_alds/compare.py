@@ -96,6 +96,12 @@ def compare_output(name: str, a, b, kind: str | None = None) -> dict:
     return out
 
 
+def lowest(per: dict, figure: str) -> float | None:
+    """The lowest of one figure (``top1_agreement``, ``cosine``) over the outputs that have it (None: none)."""
+    values = [o[figure] for o in per.values() if figure in o]
+    return min(values) if values else None
+
+
 def compare_outputs(names, before, after, kinds: dict | None = None) -> tuple[dict, float, float]:
     """Every output compared (:func:`compare_output`); returns the per-output figures and the worst
     max absolute difference and relative L2.  ``kinds``: output name → kind, where the user said."""

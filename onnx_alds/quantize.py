@@ -33,7 +33,7 @@ from pathlib import Path
 
 import onnx
 
-from .calibration import check_input_shapes, first_samples, load_calibration, model_inputs
+from .calibration import first_samples, load_checked
 from .calibration.data import MAX_CALIBRATION_SAMPLES  # the one calibration loader
 from .compare import compare_outputs
 from .errors import ModelError, UsageError, ValidationFailed, first_line
@@ -124,21 +124,16 @@ def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, sam
     # a fixed first axis is the batch the model takes (measure.inputs.fixed_batch); otherwise ours
     fixed = fixed_batch(dims[0] for dims in map(_input_dims, inputs) if dims)
     bs = fixed or batch
+    if samples is not None and samples > MAX_CALIBRATION_SAMPLES:  # each sample is held until quantization ends
+        log.warning("int8 calibration uses at most %d samples, not %d", MAX_CALIBRATION_SAMPLES, samples)
+        samples = MAX_CALIBRATION_SAMPLES
     if calibration is None:
-        samples = RANDOM_SAMPLES if samples is None else samples
-        if samples > MAX_CALIBRATION_SAMPLES:  # each random sample is held until quantization ends
-            log.warning("int8 calibration uses at most %d samples, not %d", MAX_CALIBRATION_SAMPLES, samples)
-            samples = MAX_CALIBRATION_SAMPLES
         sess = session(model, [CPU], threads=2)
-        n = max(1, -(-samples // bs))
+        n = max(1, -(-(samples or RANDOM_SAMPLES) // bs))
         feeds = [random_inputs(sess, input_shapes, batch=bs, seed=seed + i) for i in range(n)]
         return feeds, n * bs, bs
     # a stream of feeds is held whole: int8 calibration takes a few hundred samples
-    if samples is not None and samples > MAX_CALIBRATION_SAMPLES:
-        log.warning("int8 calibration uses at most %d samples, not %d", MAX_CALIBRATION_SAMPLES, samples)
-    arrays = first_samples(load_calibration(calibration, model_inputs(model)),
-                           min(samples or MAX_CALIBRATION_SAMPLES, MAX_CALIBRATION_SAMPLES))
-    check_input_shapes(input_shapes, arrays)
+    arrays = first_samples(load_checked(calibration, model, input_shapes), samples or MAX_CALIBRATION_SAMPLES)
     counts = {len(a) for a in arrays.values()}
     if len(counts) > 1:
         raise UsageError(f"the calibration arrays hold different numbers of samples ({sorted(counts)}); "

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .compare import WARN_OUTPUT_ERROR, compare_outputs, output_kind, rel_l2
+from .compare import WARN_OUTPUT_ERROR, compare_outputs, lowest, output_kind, rel_l2
 from .errors import ModelError, UsageError, ValidationFailed, first_line
 from .measure.inputs import random_inputs, session_fixed_batch
 from .measure.int8 import Int8Copies, timed_pair
@@ -79,11 +79,13 @@ def _timing_feeds(sess, feeds: dict, data: str, fixed: int | None, input_shapes,
 
 
 def run_batched(sess, feeds: dict, batch: int | None) -> list:
-    """``sess.run`` on ``feeds``, in slices of the model's fixed ``batch`` (outputs joined on the first axis)."""
-    n = len(next(iter(feeds.values()))) if feeds else 0
-    if batch is None or n == batch:
+    """``sess.run`` on ``feeds``, in slices of ``batch`` samples (a model's fixed batch; outputs joined on
+    the first axis); a scalar input is passed whole to every slice."""
+    n = next((len(v) for v in feeds.values() if np.ndim(v)), 0)
+    if batch is None or n <= batch:
         return sess.run(None, feeds)
-    parts = [sess.run(None, {k: v[i:i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
+    parts = [sess.run(None, {k: v[i:i + batch] if np.ndim(v) else v for k, v in feeds.items()})
+             for i in range(0, n, batch)]
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
@@ -190,14 +192,13 @@ def validate(original, rewritten, *, provider: str = "auto", input_shapes=None, 
     else:
         lat = interleaved_latency([s0, s1], [timing_feeds, timing_feeds], repeats=repeats,
                                   min_seconds=TIMING_SECONDS, blocks=TIMING_BLOCKS)
-    top1 = [o["top1_agreement"] for o in per.values() if "top1_agreement" in o]
     return Validation(
         provider=used_provider(s1), max_abs_diff=worst_abs, rel_l2=worst_rel, outputs=per,
         inputs={k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
         latency_ms_before=float(np.median(lat[0])) if lat else None,
         latency_ms_after=float(np.median(lat[1])) if lat else None,
         batch=batch, seed=seed, interleaved=not low_memory, data=data,
-        top1_agreement=min(top1) if top1 else None, int8=bool(int8 and lat),
+        top1_agreement=lowest(per, "top1_agreement"), int8=bool(int8 and lat),
         same_graph=same_graph(original, rewritten),
     )
 

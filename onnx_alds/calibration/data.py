@@ -288,6 +288,15 @@ def check_input_shapes(input_shapes: dict | None, feeds: dict | None, what: str 
                              f"{name}, whose samples are {list(got.shape[1:])}")
 
 
+def load_checked(source, model: onnx.ModelProto, input_shapes: dict | None = None,
+                 what: str = "the calibration data") -> dict[str, np.ndarray] | CalibrationStream:
+    """:func:`load_calibration` for ``model``'s inputs, checked against ``--input-shape``
+    (:func:`check_input_shapes`; a stream by its first feed)."""
+    data = load_calibration(source, model_inputs(model))
+    check_input_shapes(input_shapes, data if isinstance(data, dict) else data.first(), what)
+    return data
+
+
 def _samples(feed: Mapping[str, np.ndarray]) -> int:
     return len(next(iter(feed.values()))) if feed else 0
 

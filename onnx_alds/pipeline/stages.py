@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..calibration import check_input_shapes, collect_moments, first_samples, load_calibration, model_inputs, \
-    taps_for
+from ..calibration import collect_moments, first_samples, load_checked, model_inputs, taps_for
 from ..compare import check_output_kinds
 from ..cost import cost_model, full_rank
 from ..emit import dropped, emit
@@ -118,7 +117,8 @@ class Run:
 
 
 def analyze(model_or_path, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, Source, ModelInfo]:
-    source = Source.load(model_or_path)
+    """The model (a path, a ``ModelProto`` or a loaded :class:`Source`), its source and its layers."""
+    source = model_or_path if isinstance(model_or_path, Source) else Source.load(model_or_path)
     return source.model, source, extract(source.model, source.graph, input_shapes)
 
 
@@ -160,8 +160,7 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
     data, shapes = None, opts.input_shapes
     if c.data is not None:
         with timed(timings, "calibrate"):
-            data = load_calibration(c.data, model_inputs(source.model))
-            check_input_shapes(opts.input_shapes, data if isinstance(data, dict) else data.first())
+            data = load_checked(c.data, source.model, opts.input_shapes)
             shapes = shapes_from_data(source.model, opts.input_shapes, data)
     with timed(timings, "extract"):
         info = extract(source.model, source.graph, shapes)
