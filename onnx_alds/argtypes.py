@@ -59,3 +59,15 @@ def bounded_int(lo: int | None = None, hi: int | None = None):
 fraction = finite_float(0.0, 1.0, lo_open=True)  # a kept fraction, in (0, 1]
 positive = finite_float(0.0, lo_open=True)
 non_negative = finite_float(0.0)
+
+
+def check_names(flag: str, given, names, kind: str, what: str = "the model") -> None:
+    """One sentence (a usage error) where ``flag`` names an ``kind`` (input, output) that ``names`` lacks:
+    a misspelt name would otherwise be ignored without a word (``--input-shape``, ``--output-kind``)."""
+    from .errors import UsageError
+
+    names = list(dict.fromkeys(names))
+    for name in given or {}:
+        if name not in names:
+            raise UsageError(f"{flag} names {name!r}, which is not an {kind} of {what} (its {kind}s: "
+                             f"{', '.join(names) or 'none'})")

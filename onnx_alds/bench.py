@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from .compare import rel_l2 as output_rel_l2
-from .compare import check_output_kinds, compare_outputs, lowest
+from .argtypes import check_names
+from .compare import compare_outputs, lowest
 from .errors import ModelError, UsageError, ValidationFailed, first_line
 from .io import load_model
-from .measure.inputs import check_input_names, random_inputs, session_fixed_batch
+from .measure.inputs import random_inputs, session_fixed_batch
 from .measure.timing import interleaved_latency
 from .quantize import quantize
 from .runtime import providers_for, session, used_provider
@@ -150,9 +151,9 @@ def bench(paths, *, provider: str = "cpu", batches=(1,), repeats: int = 30, warm
     for p in paths:
         load_model(p)  # a clear error for a bad file before onnxruntime's own
         sessions.append(session(str(p), providers, threads, spinning=spinning))
-    check_output_kinds(kinds, (o.name for o in sessions[0].get_outputs()))
-    check_input_names(input_shapes, (i.name for s in sessions for i in s.get_inputs()),
-                      "the model" if len(sessions) == 1 else "any of the models")
+    check_names("--output-kind", kinds, (o.name for o in sessions[0].get_outputs()), "output")
+    check_names("--input-shape", input_shapes, (i.name for s in sessions for i in s.get_inputs()), "input",
+                "the model" if len(sessions) == 1 else "any of the models")
     rows = []
     compared = None
     if data is not None:

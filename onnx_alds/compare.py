@@ -15,20 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UsageError, ValidationFailed
+from .errors import ValidationFailed
 
 WARN_OUTPUT_ERROR = 0.1  # a relative L2 error of an output above this is a warning without a gate
 OUTPUT_KINDS = ("scores", "embedding", "map")
-
-
-def check_output_kinds(kinds: dict | None, outputs) -> None:
-    """One sentence (a usage error) where ``--output-kind`` names an output the model does not have: a
-    misspelt name would otherwise leave that output judged by the default rule without a word."""
-    names = list(outputs)
-    for name in kinds or {}:
-        if name not in names:
-            raise UsageError(f"--output-kind names {name!r}, which is not an output of the model (its outputs: "
-                             f"{', '.join(names)})")
 
 
 def looks_like_scores(a: np.ndarray) -> bool:

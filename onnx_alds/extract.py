@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .argtypes import check_names
 from .cost import Geometry, factorized_params
 from .errors import UsageError
 from .io import copy_model_fields, values_not_kept
@@ -130,8 +131,7 @@ def fixed_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | Non
                     f"--input-shape gives {len(g)} dims for input {inp.name!r}, which has {len(dims)}")
             dims = list(g)
         out[inp.name] = dims
-    if given:
-        raise UsageError(f"--input-shape names {sorted(given)[0]!r}, which is not an input of the model")
+    check_names("--input-shape", sorted(given), out, "input")  # the ones left named no input
     return out
 
 

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import onnx
 
+from .argtypes import check_names
 from .calibration import first_samples, load_checked
 from .calibration.data import MAX_CALIBRATION_SAMPLES  # the one calibration loader
 from .compare import compare_outputs
 from .errors import ModelError, UsageError, ValidationFailed, first_line
-from .measure.inputs import check_input_names, fixed_batch, random_inputs
+from .measure.inputs import fixed_batch, random_inputs
 from .runtime import CPU, session, used_provider
 from .io import EXTERNAL_DATA_THRESHOLD, check_output_path, load_model, proto_size, save_model
 
@@ -120,7 +121,7 @@ def calibration_batches(model: onnx.ModelProto, calibration: dict | None, *, sam
     its samples (None: all, up to the limit); without, that many seeded random samples
     (``validate.random_inputs``; None: :data:`RANDOM_SAMPLES`)."""
     inputs = _graph_inputs(model)
-    check_input_names(input_shapes, (i.name for i in inputs))
+    check_names("--input-shape", input_shapes, (i.name for i in inputs), "input")
     # a fixed first axis is the batch the model takes (measure.inputs.fixed_batch); otherwise ours
     fixed = fixed_batch(dims[0] for dims in map(_input_dims, inputs) if dims)
     bs = fixed or batch

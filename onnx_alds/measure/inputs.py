@@ -38,15 +38,6 @@ def session_fixed_batch(sess) -> int | None:
     return fixed_batch(i.shape[0] for i in sess.get_inputs() if i.shape)
 
 
-def check_input_names(input_shapes: dict | None, names, what: str = "the model") -> None:
-    """One sentence (a usage error) where ``--input-shape`` names an input that ``names`` lacks: a
-    misspelt name would otherwise leave that input at its default size without a word."""
-    names = set(names)
-    for name in input_shapes or {}:
-        if name not in names:
-            raise UsageError(f"--input-shape names {name!r}, which is not an input of {what}")
-
-
 def random_inputs(sess, input_shapes: dict[str, list] | None = None, *, batch: int = 2, seed: int = 0,
                   default_dim: int = 32) -> dict[str, np.ndarray]:
     """Seeded inputs for every model input: dynamic batch → ``batch``, other

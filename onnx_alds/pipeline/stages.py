@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..argtypes import check_names
 from ..calibration import collect_moments, first_samples, load_checked, model_inputs, taps_for
-from ..compare import check_output_kinds
 from ..cost import cost_model, full_rank
 from ..emit import dropped, emit
 from ..error_model import error_model
@@ -155,7 +155,7 @@ def prepare(model_or_path, opts: RewriteOptions) -> Run:
     with timed(timings, "load"):
         source = Source.load(model_or_path)
     original = source.model
-    check_output_kinds(opts.validation.output_kinds, (o.name for o in original.graph.output))
+    check_names("--output-kind", opts.validation.output_kinds, (o.name for o in original.graph.output), "output")
     c, plan = opts.calibration, opts.budget.plan
     data, shapes = None, opts.input_shapes
     if c.data is not None:

@@ -166,7 +166,9 @@ def _check_fit(model, x, y, what: str, shape=None) -> None:
     (``shape``: the one to name, where ``x`` stands for an array not read yet)."""
     import torch
 
-    xs = x if isinstance(x, tuple) else (x,)
+    from .finetune_data import inputs_of
+
+    xs = inputs_of(x)
     try:
         with torch.no_grad():
             out = model(*(t[:2] for t in xs))
@@ -237,6 +239,7 @@ def compress_and_finetune(original, plan, train_loader, *, example_inputs, out=N
     """
     from .export import export, input_names_for
     from .finetune import finetune
+    from .finetune_data import inputs_of
     from .modules import apply_plan
 
     try:
@@ -258,9 +261,8 @@ def compress_and_finetune(original, plan, train_loader, *, example_inputs, out=N
     hist["exported"] = None
     if out is not None and hist["rank"] == 0:
         try:
-            n = len(example_inputs) if isinstance(example_inputs, tuple) else 1
             export(student, example_inputs, out, output_names=output_names, opset=opset,
-                   input_names=input_names_for(original, n))
+                   input_names=input_names_for(original, len(inputs_of(example_inputs))))
         except OSError as e:
             raise UsageError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
         hist["exported"] = str(out)
