@@ -122,6 +122,14 @@ GRAPHS: dict[str, list[Graph]] = {
                  }""",
               {"l1.weight": (12, 6, 3), "l1.bias": (12,), "l2.weight": (12, 12, 3)}, (1, 6, 20),
               lambda: (nn.Conv1d(6, 12, 3, padding=2, dilation=2), nn.Conv1d(12, 12, 3, stride=2, bias=False))),
+        Graph("""g (float[N, 4, 5, 6, 6] x) => (float[N, 12, 4, 3, 3] y) {
+                   h = Conv <pads = [1, 1, 2, 1, 1, 2], dilations = [1, 1, 2]> (x, l1_weight, l1_bias)
+                   r = Relu (h)
+                   y = Conv <strides = [1, 2, 2], pads = [0, 1, 1, 0, 1, 1]> (r, l2_weight)
+                 }""",
+              {"l1.weight": (12, 4, 3, 3, 3), "l1.bias": (12,), "l2.weight": (12, 12, 2, 3, 3)}, (1, 4, 5, 6, 6),
+              lambda: (nn.Conv3d(4, 12, 3, padding=(1, 1, 2), dilation=(1, 1, 2)),
+                       nn.Conv3d(12, 12, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False))),
     ],
     "Gemm": [
         Graph("""g (float[N, 24] x) => (float[N, 16] y) {

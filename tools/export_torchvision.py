@@ -17,7 +17,7 @@ N(0, 0.02²) so that the output is not constant): timing and scale, not
 accuracy.  The export is the project's own
 (``onnx_alds.torch.export.export``: torch.export-based exporter, BatchNorm
 folded into the convs in torch, weights named after modules, dynamic batch),
-at 1×3×224×224 and opset 18.  Each file is checked with onnx.checker and
+at 1×3×224×224 (video classifiers: a 16-frame clip, ``VIDEO``) and opset 18.  Each file is checked with onnx.checker and
 with onnxruntime (when installed) against torch on one input.
 """
 
@@ -35,6 +35,12 @@ MODELS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b
 
 
 SEGMENTATION = ("fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
+# video classifiers (3-D convolutions) and the clip (frames, height, width) torchvision feeds them
+VIDEO = {"r3d_18": (16, 112, 112), "mc3_18": (16, 112, 112), "r2plus1d_18": (16, 112, 112), "s3d": (16, 224, 224)}
+
+
+def input_shape(name: str, batch: int = 1) -> tuple[int, ...]:
+    return (batch, 3, *VIDEO[name]) if name in VIDEO else (batch, 3, 224, 224)
 
 
 def out_map(model):
@@ -72,7 +78,7 @@ def export_one(name: str, out_dir: Path, *, opset: int = 18, seed: int = 0) -> d
             if p.dim() >= 2 and not p.any():
                 torch.nn.init.trunc_normal_(p, std=0.02)
                 print(f"{name}: {pname} was all zeros; drawn from N(0, 0.02²)", file=sys.stderr)
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(*input_shape(name), generator=torch.Generator().manual_seed(seed))
     path = out_dir / f"{name}.onnx"
     t0 = time.perf_counter()
     proto = export(model, (x,), path, opset=opset)
@@ -90,7 +96,7 @@ def export_one(name: str, out_dir: Path, *, opset: int = 18, seed: int = 0) -> d
     except ImportError:
         return row
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    xb = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(seed + 1))
+    xb = torch.randn(*input_shape(name, 2), generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         ref = model(xb).numpy()
     got = sess.run(None, {sess.get_inputs()[0].name: xb.numpy()})[0]
@@ -101,7 +107,8 @@ def export_one(name: str, out_dir: Path, *, opset: int = 18, seed: int = 0) -> d
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="*", default=list(MODELS),
-                    help=f"torchvision names, classifiers or {', '.join(SEGMENTATION)} (default: {' '.join(MODELS)})")
+                    help=f"torchvision names: classifiers, {', '.join(SEGMENTATION)}, or the video classifiers "
+                         f"{', '.join(VIDEO)} (default: {' '.join(MODELS)})")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "onnx"), help="output folder")
     ap.add_argument("--opset", type=int, default=18)
     ap.add_argument("--force", action="store_true", help="export again when the file exists")

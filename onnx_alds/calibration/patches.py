@@ -3,7 +3,8 @@
 For a Conv with weight ``W`` (``f × c × κ1 × κ2``) folded as ``Wm = W.reshape(f, d)``
 (scheme s0, ``d = c·κ1·κ2``), a patch ``x`` is the zero-padded input window of
 one output position, taken with the Conv's strides and dilations and
-flattened in the order (channel, kernel row, kernel col), so that the conv
+flattened in the order (channel, kernel row, kernel col) — for a 3-D conv
+(channel, κt, κh, κw), which is the order of its folded weight too — so that the conv
 output there is ``Wm @ x`` and channel group i of k owns the columns
 ``[i·d/k, (i+1)·d/k)``.  A Gemm/MatMul patch is one row of its input reshaped
 to ``(-1, c)``.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from math import prod
 
 import numpy as np
 
@@ -35,14 +37,15 @@ from ..ops.base import Tap
 CHUNK_BYTES = 128 << 20
 
 
-def conv_pads(tap: Tap, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(begin1, begin2, end1, end2) for an input of spatial ``size`` (auto_pad as in ONNX Conv)."""
+def conv_pads(tap: Tap, size: tuple[int, ...]) -> tuple[int, ...]:
+    """(begin of each axis, end of each axis) for an input of spatial ``size`` (auto_pad as in ONNX Conv)."""
+    m = len(size)
     if tap.auto_pad == "VALID":
-        return (0, 0, 0, 0)
+        return (0,) * 2 * m
     if tap.auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
         return tuple(tap.pads)
     begin, end = [], []
-    for a in range(2):
+    for a in range(m):
         k, s, dil = tap.kernel[a], tap.strides[a], tap.dilations[a]
         out = -(-size[a] // s)
         total = max((out - 1) * s + (k - 1) * dil + 1 - size[a], 0)
@@ -50,14 +53,14 @@ def conv_pads(tap: Tap, size: tuple[int, int]) -> tuple[int, int, int, int]:
         b, e = (small, big) if tap.auto_pad == "SAME_UPPER" else (big, small)
         begin.append(b)
         end.append(e)
-    return (begin[0], begin[1], end[0], end[1])
+    return tuple(begin) + tuple(end)
 
 
 def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES,
                  dtype=np.float64) -> Iterator[np.ndarray]:
     """The patches of activation ``x`` as row blocks (rows × d) of ``dtype``, each at
     most ``chunk_bytes`` (or one output line); rows in the order of the output
-    positions (sample, then output row, then output col).  Every block is a new array,
+    positions (sample, then each output axis in turn).  Every block is a new array,
     never a view of ``x``: callers may change it in place."""
     size = np.dtype(dtype).itemsize
     if tap.kind == "linear":
@@ -77,31 +80,37 @@ def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES,
     if x.ndim != 2 + tap.spatial_rank:
         raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has rank {x.ndim}, "
                          f"not {2 + tap.spatial_rank} for a {tap.spatial_rank}-D conv")
-    if tap.spatial_rank == 1:
+    if tap.spatial_rank == 1:  # the 2-D form, axis 2 of size 1 (the tap's kernel, strides and pads have it too)
         x = x[..., None]
-    n, c, h, w = x.shape
+    n, c, sp = x.shape[0], x.shape[1], x.shape[2:]
+    m = len(sp)
     if tap.channels and c != tap.channels:
         raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has {c} channels, not {tap.channels}")
-    (k1, k2), (s1, s2), (d1, d2) = tap.kernel, tap.strides, tap.dilations
-    b1, b2, e1, e2 = conv_pads(tap, (h, w))
-    span1, span2 = (k1 - 1) * d1 + 1, (k2 - 1) * d2 + 1
-    ho, wo = (h + b1 + e1 - span1) // s1 + 1, (w + b2 + e2 - span2) // s2 + 1
-    if ho < 1 or wo < 1:
-        raise ValueError(f"tap {tap.name!r}: input {h}×{w} is smaller than the padded kernel")
-    d = c * k1 * k2
+    kernel, strides, dil = tap.kernel[:m], tap.strides[:m], tap.dilations[:m]
+    pads = conv_pads(tap, sp)
+    begin, end = pads[:m], pads[m:]
+    span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dil))
+    out = tuple((sp[a] + begin[a] + end[a] - span[a]) // strides[a] + 1 for a in range(m))
+    if min(out) < 1:
+        raise ValueError(f"tap {tap.name!r}: input {'×'.join(map(str, sp))} is smaller than the padded kernel")
+    d = c * prod(kernel)
     max_rows = max(1, chunk_bytes // (size * d))
-    if ho * wo <= max_rows:  # several samples per chunk
-        samples, lines = max_rows // (ho * wo), ho
-    else:  # one sample, a few output lines per chunk
-        samples, lines = 1, max(1, max_rows // wo)
+    if prod(out) <= max_rows:  # several samples per chunk
+        samples, lines = max_rows // prod(out), out[0]
+    else:  # one sample, a few slices of the first output axis per chunk
+        samples, lines = 1, max(1, max_rows // prod(out[1:]))
+    axes = tuple(range(2, 2 + m))
     for i in range(0, n, samples):
         xp = x[i : i + samples]
-        if b1 or b2 or e1 or e2:
-            xp = np.pad(xp, ((0, 0), (0, 0), (b1, e1), (b2, e2)))
-        # (n', c, ho, wo, κ1, κ2), a view: window (p, q) of output (i, j) starts at (i·s1, j·s2)
-        win = np.lib.stride_tricks.sliding_window_view(xp, (span1, span2), axis=(2, 3))
-        win = win[:, :, ::s1, ::s2, ::d1, ::d2][:, :, :ho, :wo].transpose(0, 2, 3, 1, 4, 5)
-        for r in range(0, ho, lines):
+        if any(pads):
+            xp = np.pad(xp, ((0, 0), (0, 0)) + tuple(zip(begin, end)))
+        # (n', c, *out, *kernel), a view: the window of output position o starts at o·stride on each axis
+        win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=axes)
+        win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+                  + tuple(slice(None, None, g) for g in dil)]
+        win = win[(slice(None), slice(None)) + tuple(slice(0, o) for o in out)]
+        win = win.transpose((0,) + axes + (1,) + tuple(range(2 + m, 2 + 2 * m)))
+        for r in range(0, out[0], lines):
             yield np.array(win[:, r : r + lines], dtype=dtype, order="C").reshape(-1, d)  # a copy, always
 
 

@@ -48,10 +48,10 @@ FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 class LayerAttrs:
     """How a layer is computed, beyond its weight: what emission needs."""
 
-    spatial_rank: int = 0  # 1 or 2 for Conv, 0 for linear layers
-    strides: tuple[int, int] = (1, 1)
-    dilations: tuple[int, int] = (1, 1)
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # (begin1, begin2, end1, end2)
+    spatial_rank: int = 0  # 1, 2 or 3 for Conv, 0 for linear layers
+    strides: tuple[int, ...] = (1, 1)  # one per spatial axis (a 1-D conv keeps the 2-D form, axis 2 of size 1)
+    dilations: tuple[int, ...] = (1, 1)
+    pads: tuple[int, ...] = (0, 0, 0, 0)  # (begin of each axis, then end of each axis)
     auto_pad: str = "NOTSET"  # SAME_UPPER / SAME_LOWER are kept as such by the emitter
     activation_rank: int | None = None  # rank of a linear layer's input, when known
     alpha: float = 1.0
@@ -78,19 +78,21 @@ class Tap:
     name: str  # layer name (key of the result)
     input: str  # name of the tensor that is the layer's activation input in the graph
     kind: str  # "conv", "convtranspose" or "linear"
-    kernel: tuple[int, int] = (1, 1)  # κ1, κ2 (a 1-D conv has κ2 = 1)
-    strides: tuple[int, int] = (1, 1)
-    dilations: tuple[int, int] = (1, 1)
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # (begin1, begin2, end1, end2)
+    kernel: tuple[int, ...] = (1, 1)  # the real kernel: κ1, κ2 (a 1-D conv has κ2 = 1), or κt, κh, κw
+    strides: tuple[int, ...] = (1, 1)  # one per kernel axis
+    dilations: tuple[int, ...] = (1, 1)
+    pads: tuple[int, ...] = (0, 0, 0, 0)  # (begin of each axis, then end of each axis)
     auto_pad: str = "NOTSET"  # SAME_UPPER / SAME_LOWER: pads are computed from the actual input size
-    spatial_rank: int = 2  # 1 or 2 for conv (input N×C×L or N×C×H×W), 0 for linear
+    spatial_rank: int = 2  # 1, 2 or 3 for conv (input N×C×L, N×C×H×W or N×C×T×H×W), 0 for linear
     channels: int = 0  # c (input channels / in_features)
     output_padding: tuple[int, int] = (0, 0)  # convtranspose: extra output rows/cols at the end
 
     @property
     def d(self) -> int:
         """Length of one patch (0 while ``channels`` is unknown)."""
-        return self.channels * self.kernel[0] * self.kernel[1] if self.kind != "linear" else self.channels
+        from math import prod
+
+        return self.channels * prod(self.kernel) if self.kind != "linear" else self.channels
 
 
 def constant_value(t: gs.Tensor):
@@ -162,7 +164,7 @@ class OpSpec:
 
         The contract every spec keeps: with ``Wm = weight4(w).reshape(f, d)``
         (fold s0, ``d = c·κ1·κ2``, column order channel, kernel row, kernel
-        col) and X the patches of the captured tensor (one column per output
+        col; a 3-D conv's ``κ2`` is ``κh·κw``, so the order is channel, κt, κh, κw) and X the patches of the captured tensor (one column per output
         position), the layer's output without bias is ``Wm X``.  Then the
         data-aware error ``‖(W − Ŵ) X‖_F / ‖W X‖_F`` is the relative output
         error of the emitted layer, exactly, and it needs only ``G = X Xᵀ``.

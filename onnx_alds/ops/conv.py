@@ -1,4 +1,4 @@
-"""Conv (``group=1``, 1-D or 2-D): ``W (f×c×κ1×κ2)`` with configuration
+"""Conv (``group=1``, 1-D, 2-D or 3-D): ``W (f×c×κ1×κ2)`` with configuration
 ``(k, scheme, j)`` becomes
 
     x ─ Conv(encoder, group=k, k·j outputs) ─ Conv(decoder, f outputs, + bias) ─ y
@@ -11,11 +11,20 @@ it does not hold, so zero padding commutes with it and the result equals the
 original convolution exactly at full rank.  ``auto_pad=SAME_UPPER/LOWER`` is
 kept on both convs (an axis a conv does not hold has kernel 1 and stride 1
 there, so it gets no padding), which stays exact at every input size.
+
+A 3-D conv (``f×c×κt×κh×κw``, video and volumes) is folded as the 2-D one
+with kernel axis 1 the time (or depth) axis and kernel axis 2 the plane
+(``κh·κw``, kept together): ``weight4`` is ``W.reshape(f, c, κt, κh·κw)``.
+So s1 is the (2+1)-D factorization of R(2+1)D (a ``1×κh×κw`` encoder, then
+a ``κt×1×1`` decoder), s2 the other order, s0 a full-kernel encoder and a
+``1×1×1`` decoder, s3 the reverse; the geometry counts positions as
+``(T, H·W)``, which is what every MAC count needs.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -29,15 +38,36 @@ AXIS_OWNER = {"s0": ("enc", "enc"), "s1": ("dec", "enc"), "s2": ("enc", "dec"), 
 
 
 def _spatial(dims, n: int):
+    """The geometry's two position axes: (L, 1) for 1-D, (H, W) for 2-D, (T, H·W) for 3-D."""
     if not known(dims) or len(dims) < 2 + n:
         return None
     sp = tuple(dims[2:2 + n])
+    if n == 3:
+        return (sp[0], sp[1] * sp[2])
     return sp if n == 2 else (sp[0], 1)
+
+
+def kernel_axes(owner: tuple[str, str], nsp: int) -> tuple[str, ...]:
+    """The scheme's owner of each real kernel axis: a 1-D conv has axis 1 only, a 3-D conv's plane axes
+    (h, w) both go where folded axis 2 goes."""
+    return owner[:1] if nsp == 1 else owner if nsp == 2 else (owner[0], owner[1], owner[1])
+
+
+def real_kernel(w: np.ndarray, kernel: tuple[int, ...], nsp: int) -> np.ndarray:
+    """An encoder or decoder weight in folded form (``… × a × b``, ``b`` the folded axis 2) with the conv's
+    real kernel axes: ``b`` is ``κh·κw`` or 1 for a 3-D conv, absent for a 1-D one."""
+    if nsp == 1:
+        return w[..., 0]
+    if nsp == 3:
+        kh, kw = kernel[1], kernel[2]
+        return w.reshape(w.shape[:3] + ((kh, kw) if w.shape[3] == kh * kw else (1, 1)))
+    return w
 
 
 def conv_attrs(attrs: LayerAttrs, kernel, owner, me: str, group: int) -> dict:
     """ONNX attributes of the encoder (``me="enc"``) or decoder conv."""
     nsp = attrs.spatial_rank
+    half = len(attrs.pads) // 2  # pads are (begin of each axis, end of each axis)
     strides, dil, pads_b, pads_e, ks = [], [], [], [], []
     for a in range(nsp):
         mine = owner[a] == me
@@ -45,7 +75,7 @@ def conv_attrs(attrs: LayerAttrs, kernel, owner, me: str, group: int) -> dict:
         strides.append(attrs.strides[a] if mine else 1)
         dil.append(attrs.dilations[a] if mine else 1)
         pads_b.append(attrs.pads[a] if mine else 0)
-        pads_e.append(attrs.pads[2 + a] if mine else 0)
+        pads_e.append(attrs.pads[half + a] if mine else 0)
     if attrs.auto_pad in ("SAME_UPPER", "SAME_LOWER"):  # stays exact when the input size changes
         return {"kernel_shape": ks, "strides": strides, "dilations": dil, "auto_pad": attrs.auto_pad, "group": group}
     return {"kernel_shape": ks, "strides": strides, "dilations": dil, "pads": pads_b + pads_e, "group": group}
@@ -66,15 +96,19 @@ class ConvSpec(OpSpec):
     def torch_types():
         from torch import nn
 
-        return (nn.Conv1d, nn.Conv2d)
+        return (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def torch_weight4(self, module) -> np.ndarray:
+        w = module.weight.detach().cpu().numpy()
+        return w.reshape(w.shape[0], w.shape[1], w.shape[2], -1) if w.ndim == 5 else super().torch_weight4(module)
 
     def classify(self, node, w, in_dims, out_dims) -> Classified:
         group = int(node.attrs.get("group", 1))
         if group != 1:
             kind = "depthwise" if w.shape[1] == 1 else "grouped"
             return Classified(f"{kind} conv (group={group})")
-        if w.ndim not in (3, 4):
-            return Classified(f"{w.ndim - 2}-D conv is not supported (1-D and 2-D are)")
+        if w.ndim not in (3, 4, 5):
+            return Classified(f"{w.ndim - 2}-D conv is not supported (1-D, 2-D and 3-D are)")
         nsp = w.ndim - 2
         strides = list(node.attrs.get("strides", [1] * nsp))
         dil = list(node.attrs.get("dilations", [1] * nsp))
@@ -103,27 +137,34 @@ class ConvSpec(OpSpec):
             ksz = ksz + [1]
         attrs = LayerAttrs(spatial_rank=nsp, strides=tuple(strides), dilations=tuple(dil), pads=tuple(pads),
                            auto_pad=auto_pad)
-        geo = Geometry(int(w.shape[0]), int(w.shape[1]), (ksz[0], ksz[1]), _spatial(in_dims, nsp),
-                       _spatial(out_dims, nsp))
+        folded = (ksz[0], ksz[1]) if nsp < 3 else (ksz[0], ksz[1] * ksz[2])
+        geo = Geometry(int(w.shape[0]), int(w.shape[1]), folded, _spatial(in_dims, nsp), _spatial(out_dims, nsp))
         return Classified(None, geo, attrs)
 
     def weight4(self, w, attrs):
+        if w.ndim == 5:
+            return w.reshape(w.shape[0], w.shape[1], w.shape[2], -1)
         return w if w.ndim == 4 else w[..., None]
 
+    def calibration_tap(self, layer):
+        tap = super().calibration_tap(layer)
+        if layer.attrs.spatial_rank == 3:  # patches are taken over the real kernel axes (module docstring)
+            return replace(tap, kernel=tuple(int(k) for k in layer.weight_shape[2:]))
+        return tap
+
     def emit(self, layer, node, cfg, factors: Factors, names) -> list[gs.Node]:
-        enc_w, dec_w = factors.encoder, factors.decoder
-        owner = AXIS_OWNER[cfg.scheme]
-        if layer.attrs.spatial_rank == 1:
-            enc_w, dec_w, owner = enc_w[..., 0], dec_w[..., 0], owner[:1]
+        nsp, kernel = layer.attrs.spatial_rank, tuple(layer.weight_shape[2:])
+        enc_w, dec_w = (real_kernel(w, kernel, nsp) for w in (factors.encoder, factors.decoder))
+        owner = kernel_axes(AXIS_OWNER[cfg.scheme], nsp)
         return encoder_decoder(layer, node, factors, names, enc_w, conv_attrs(layer.attrs, enc_w.shape[2:], owner,
                                                                               "enc", cfg.k),
                                "Conv", dec_w, conv_attrs(layer.attrs, dec_w.shape[2:], owner, "dec", 1))
 
     def standalone(self, layer, in_dims, opset):
         a = layer.attrs
-        n = a.spatial_rank
+        n, half = a.spatial_rank, len(a.pads) // 2
         attrs = dict(strides=list(a.strides[:n]), dilations=list(a.dilations[:n]),
-                     pads=list(a.pads[:n]) + list(a.pads[2:2 + n]))
+                     pads=list(a.pads[:n]) + list(a.pads[half:half + n]))
         return standalone_model(layer, in_dims, opset, attrs)
 
     def torch_factorized_type(self) -> type:
@@ -157,10 +198,9 @@ def torch_class():
             if nsp == 1 and scheme in ("s1", "s2"):
                 raise UsageError(f"scheme {scheme} needs a 2-D kernel")
             self.k, self.scheme, self.rank = k, scheme, rank
-            enc_w, dec_w = factors.encoder, factors.decoder
-            if nsp == 1:
-                enc_w, dec_w = enc_w[..., 0], dec_w[..., 0]
-            owner = AXIS_OWNER[scheme][:nsp]
+            kernel = tuple(conv.weight.shape[2:])
+            enc_w, dec_w = (real_kernel(w, kernel, nsp) for w in (factors.encoder, factors.decoder))
+            owner = kernel_axes(AXIS_OWNER[scheme], nsp)
             stride, dil, pad = (per_axis(v, nsp) for v in (conv.stride, conv.dilation, conv.padding))
 
             def attrs(me):
@@ -168,7 +208,7 @@ def torch_class():
                             dilation=tuple(d if o == me else 1 for d, o in zip(dil, owner)),
                             padding=tuple(p if o == me else 0 for p, o in zip(pad, owner)))
 
-            cls = nn.Conv1d if nsp == 1 else nn.Conv2d
+            cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nsp]
             f, c = conv.weight.shape[0], conv.weight.shape[1]
             with_bias = conv.bias is not None or factors.bias_delta is not None
             self.encoder = cls(c, k * rank, tuple(enc_w.shape[2:]), groups=k, bias=False, **attrs("enc"))

@@ -17,7 +17,7 @@ _NAMES = {
     "fold_batchnorm": "export",
     "weight_to_module": "export",
     "apply_plan": "modules",
-    "with_batchnorm": "modules",
+    "with_batchnorm": "batchnorm",
     "finetune": "finetune",
     "reconstruct": "reconstruct",
     "FinetuneConfig": "finetune_config",

@@ -23,6 +23,7 @@ remembers the start, and the folded model is off by that much.
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 
 from .modules import FactorizedConv
 
-__all__ = ["FactorizedConvBN", "ConvBN", "insert", "recalibrate", "fold", "needs_batchnorm"]
+__all__ = ["FactorizedConvBN", "ConvBN", "insert", "with_batchnorm", "recalibrate", "fold", "needs_batchnorm"]
 
 
 class FactorizedConvBN(nn.Sequential):
@@ -48,7 +49,7 @@ class ConvBN(nn.Sequential):
 def _identity_bn(conv: nn.Module, mean, var) -> nn.Module:
     """A BatchNorm for ``conv``'s outputs that is the identity in eval mode on outputs of that mean and variance."""
     f = conv.out_channels
-    bn = nn.BatchNorm2d(f) if isinstance(conv, nn.Conv2d) else nn.BatchNorm1d(f)
+    bn = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[conv.weight.dim()](f)
     bn.running_mean.copy_(mean.float())
     bn.running_var.copy_(var.float())
     bn.weight.copy_(torch.sqrt(var.float() + bn.eps))
@@ -65,7 +66,7 @@ def plain_convs(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Convolutions outside the factorized layers that have a bias (where a folded BatchNorm went)."""
     inside = {n for n, m in model.named_modules() if isinstance(m, FactorizedConv)}
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.bias is not None
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.bias is not None
             and not any(n.startswith(p + ".") for p in inside)]
 
 
@@ -77,15 +78,17 @@ def needs_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def insert(model: nn.Module, calibration: Iterable, forward) -> int:
+def insert(model: nn.Module, calibration: Iterable, forward, plain: bool = True) -> int:
     """Insert identity BatchNorms in place (see the module docstring); returns how many.
 
-    ``calibration`` yields model inputs; ``forward(model, x)`` runs the model on one.
+    ``calibration`` yields model inputs; ``forward(model, x)`` runs the model on one.  With ``plain``
+    the convolutions the plan left dense get one too (:class:`ConvBN`).
     """
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, FactorizedConv)]
     if not targets:
         return 0
-    targets += plain_convs(model)
+    if plain:
+        targets += plain_convs(model)
     sums = {n: [0.0, 0.0, 0] for n, _ in targets}
 
     def hook(name):
@@ -117,6 +120,22 @@ def insert(model: nn.Module, calibration: Iterable, forward) -> int:
         wrap = FactorizedConvBN if isinstance(mod, FactorizedConv) else ConvBN
         model.set_submodule(name, wrap(mod, _identity_bn(_last_conv(mod), mean, var)))
     return len(targets)
+
+
+def with_batchnorm(model: nn.Module, calibration_x) -> nn.Module:
+    """A copy of ``model`` with a BatchNorm after every factorized convolution, identity in eval mode.
+
+    Running mean/variance come from the factorized layer's outputs on
+    ``calibration_x`` (in eval mode, 256 samples a pass), and ``weight = sqrt(var + eps)``,
+    ``bias = mean``, so the eval-mode function is unchanged; in train mode the
+    layer normalizes with batch statistics as the original network did.
+    :func:`onnx_alds.torch.export` folds each one into its decoder conv.
+    (``finetune`` calls :func:`insert`, which puts one after the dense convolutions too.)
+    """
+    model = copy.deepcopy(model).eval()
+    insert(model, (calibration_x[i : i + 256] for i in range(0, len(calibration_x), 256)),
+           lambda m, x: m(x), plain=False)
+    return model.eval()
 
 
 @torch.no_grad()

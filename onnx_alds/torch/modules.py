@@ -42,63 +42,6 @@ def data_fitted(module: nn.Module) -> bool:
     return bool(getattr(module, "data_fitted", False))
 
 
-def with_batchnorm(model: nn.Module, calibration_x) -> nn.Module:
-    """A copy of ``model`` with a BatchNorm after every factorized convolution, identity in eval mode.
-
-    Running mean/variance come from the factorized layer's outputs on
-    ``calibration_x`` (in eval mode), and ``weight = sqrt(var + eps)``,
-    ``bias = mean``, so the eval-mode function is unchanged; in train mode the
-    layer normalizes with batch statistics as the original network did.
-    :func:`onnx_alds.torch.export` folds each one into its decoder conv.
-
-    Why: a plan refers to BatchNorm-folded weights, so a compressed network
-    has no BatchNorm left, and deep BN-free ResNets fine-tune badly (on digits
-    ResNet20 diverged at lr 0.01-0.02 without it, for every method).
-    """
-    model = copy.deepcopy(model).eval()
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, FactorizedConv)]
-    if not targets:
-        return model
-    stats: dict[str, tuple] = {}
-    sums: dict[str, list] = {n: [0.0, 0.0, 0] for n, _ in targets}
-
-    def hook(name):
-        def fn(_mod, _inp, out):
-            dims = [d for d in range(out.dim()) if d != 1]
-            n = out.numel() // out.shape[1]
-            acc = sums[name]
-            acc[0] = acc[0] + out.sum(dims).double()
-            acc[1] = acc[1] + (out.double() ** 2).sum(dims)
-            acc[2] += n
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in targets]
-    try:
-        with torch.no_grad():
-            for i in range(0, len(calibration_x), 256):
-                model(calibration_x[i : i + 256])
-    finally:
-        for h in handles:
-            h.remove()
-    for name, (s, sq, n) in sums.items():
-        mean = s / n
-        var = (sq / n - mean**2).clamp_min(0.0)
-        stats[name] = (mean.float(), var.float())
-    with torch.no_grad():
-        for name, mod in targets:
-            mean, var = stats[name]
-            f = mod.decoder.out_channels
-            bn = nn.BatchNorm2d(f) if isinstance(mod.decoder, nn.Conv2d) else nn.BatchNorm1d(f)
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-            bn.weight.copy_(torch.sqrt(var + bn.eps))
-            bn.bias.copy_(mean)
-            bn.to(mod.decoder.weight.device)
-            model.set_submodule(name, nn.Sequential(mod, bn))
-    return model.eval()
-
-
 def _module_path(model: nn.Module, entry: LayerPlan) -> str:
     names = {id(m): n for n, m in model.named_modules()}
     for key in (entry.weight, entry.name):
