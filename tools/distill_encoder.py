@@ -78,6 +78,38 @@ def trainable(student, what: str) -> None:
                           "decoders": factor.get(id(p), "").startswith("decoder")}[what])
 
 
+MASK_ID, CLS_ID, SEP_ID = 103, 101, 102  # the checkpoint's tokenizer (BERT uncased vocabulary)
+
+
+def augmented(cal: dict, copies: int, seed: int = 0) -> dict:
+    """The fitted three quarters of ``cal`` followed by ``copies`` altered copies of each of them, then the
+    held-out quarter unchanged.  Copy j masks 15 % of a sentence's words (j odd) or keeps a random span of
+    at least half of them (j even); [CLS] and [SEP] stay."""
+    rng = np.random.default_rng(seed)
+    n = len(cal[NAMES[0]])
+    fit = n * 3 // 4
+    ids, mask = cal["input_ids"][:fit], cal["attention_mask"][:fit]
+    out_ids, out_mask = [ids], [mask]
+    for j in range(1, copies + 1):
+        new_ids, new_mask = np.zeros_like(ids), np.zeros_like(mask)
+        for i in range(fit):
+            words = ids[i, 1:int(mask[i].sum()) - 1]  # between [CLS] and [SEP]
+            if j % 2:
+                words = np.where(rng.random(len(words)) < 0.15, MASK_ID, words)
+            elif len(words) > 2:
+                length = int(rng.integers((len(words) + 1) // 2, len(words) + 1))
+                start = int(rng.integers(0, len(words) - length + 1))
+                words = words[start:start + length]
+            row = np.concatenate([[CLS_ID], words, [SEP_ID]])
+            new_ids[i, :len(row)], new_mask[i, :len(row)] = row, 1
+        out_ids.append(new_ids)
+        out_mask.append(new_mask)
+    out = {"input_ids": np.concatenate(out_ids + [cal["input_ids"][fit:]]),
+           "attention_mask": np.concatenate(out_mask + [cal["attention_mask"][fit:]])}
+    out["token_type_ids"] = np.zeros_like(out["input_ids"])
+    return out
+
+
 def linear_fraction(report: dict) -> float:
     """Parameters of the Linear (MatMul/Gemm) layers after / before."""
     lin = [l for l in report["layers"] if l["op"] in ("MatMul", "Gemm")]
@@ -132,6 +164,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reconstruct-train", default="all", choices=("all", "factors", "decoders", "vectors"),
                     help="what reconstruction trains: every parameter, the factorized layers' only, their "
                          "decoders (second factors) only, or the biases and LayerNorms only")
+    ap.add_argument("--augment", type=int, default=0, metavar="N",
+                    help="reconstruct on N more copies of each fitted calibration sentence, altered as token "
+                         "augmentation does (15 %% of the words masked, or a random span of at least half of "
+                         "them kept); the held-out quarter stays as it is")
     ap.add_argument("--reuse-rewrite", action="store_true",
                     help="keep a budget's rewrite (model, plan, report) from an earlier run of the same --work")
     a = ap.parse_args(argv)
@@ -176,9 +212,12 @@ def main(argv=None) -> int:
         if a.reconstruct:
             t0 = time.perf_counter()
             trainable(student, a.reconstruct_train)
-            calb = [{"input": tuple(torch.from_numpy(cal[n][i:i + 16]) for n in NAMES)}
-                    for i in range(0, len(cal[NAMES[0]]), 16)]
+            rows_in = augmented(cal, a.augment) if a.augment else cal
+            calb = [{"input": tuple(torch.from_numpy(rows_in[n][i:i + 16]) for n in NAMES)}
+                    for i in range(0, len(rows_in[NAMES[0]]), 16)]
+            held = len(cal[NAMES[0]]) - len(cal[NAMES[0]]) * 3 // 4
             rec = reconstruct(student, teacher, calb, epochs=a.reconstruct_epochs, lr=a.reconstruct_lr,
+                              hold_out=held / len(rows_in[NAMES[0]]), max_samples=len(rows_in[NAMES[0]]),
                               progress=False)
             recon_s = time.perf_counter() - t0
             recon = cosine(torch_hidden(student, ev), ev["attention_mask"], ref)

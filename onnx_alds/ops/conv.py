@@ -99,8 +99,7 @@ class ConvSpec(OpSpec):
         return (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
     def torch_weight4(self, module) -> np.ndarray:
-        w = module.weight.detach().cpu().numpy()
-        return w.reshape(w.shape[0], w.shape[1], w.shape[2], -1) if w.ndim == 5 else super().torch_weight4(module)
+        return self.weight4(module.weight.detach().cpu().numpy(), None)
 
     def classify(self, node, w, in_dims, out_dims) -> Classified:
         group = int(node.attrs.get("group", 1))
