@@ -160,6 +160,16 @@ GRAPHS: dict[str, list[Graph]] = {
               {"l1.weight": (8, 12, 3, 3), "l1.bias": (12,), "l2.weight": (12, 8, 3, 2)}, (1, 8, 5, 7),
               lambda: (nn.ConvTranspose2d(8, 12, 3, stride=2, padding=1, output_padding=1),
                        nn.ConvTranspose2d(12, 8, (3, 2), padding=(1, 0), dilation=(1, 2), bias=False))),
+        Graph("""g (float[N, 6, 3, 4, 4] x) => (float[N, 6, 4, 8, 10] y) {
+                   h = ConvTranspose <strides = [1, 2, 2], pads = [0, 1, 1, 0, 1, 1], output_padding = [0, 1, 1]>
+                       (x, l1_weight, l1_bias)
+                   r = Relu (h)
+                   y = ConvTranspose <pads = [1, 0, 1, 1, 0, 1], dilations = [1, 1, 2]> (r, l2_weight)
+                 }""",
+              {"l1.weight": (6, 8, 2, 3, 3), "l1.bias": (8,), "l2.weight": (8, 6, 3, 1, 3)}, (1, 6, 3, 4, 4),
+              lambda: (nn.ConvTranspose3d(6, 8, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1),
+                                          output_padding=(0, 1, 1)),
+                       nn.ConvTranspose3d(8, 6, (3, 1, 3), padding=(1, 0, 1), dilation=(1, 1, 2), bias=False))),
     ],
 }
 

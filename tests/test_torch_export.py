@@ -146,6 +146,26 @@ def test_fold_batchnorm_linear_bn1d():
         assert rel(folded(x), m(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_fold_batchnorm_after_a_transposed_conv(dims, tmp_path):
+    """A decoder's ConvTranspose + BatchNorm (U-Nets, detector heads) folds and exports; a transposed conv
+    stores its output channels second, which the fold must know (it was an internal error)."""
+    up = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims](4, 6, 3, stride=2, padding=1)
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](6)
+    torch.manual_seed(0)
+    m = randomize_bn(nn.Sequential(up, bn, nn.ReLU()))
+    x = torch.randn(2, 4, *(5,) * dims)
+    folded = fold_batchnorm(m, x)
+    assert isinstance(folded[1], nn.Identity)
+    with torch.no_grad():
+        assert rel(folded(x), m(x)) <= 1e-5
+    path = tmp_path / "up.onnx"
+    export(m, (x,), path)
+    with torch.no_grad():
+        assert rel(torch.from_numpy(ort_run(path, x.numpy())), m(x)) <= 1e-5
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
 # --- export -------------------------------------------------------------------------------------
 
 

@@ -177,8 +177,8 @@ def _check_taps(model: onnx.ModelProto, taps: list[Tap]) -> None:
     for t in taps:
         if t.kind not in ("conv", "convtranspose", "linear"):
             raise ValueError(f"tap {t.name!r} has kind {t.kind!r} (conv, convtranspose or linear)")
-        if t.kind == "convtranspose" and t.spatial_rank != 2:
-            raise ValueError(f"tap {t.name!r} is a ConvTranspose of spatial rank {t.spatial_rank} (2)")
+        if t.kind == "convtranspose" and t.spatial_rank not in (2, 3):
+            raise ValueError(f"tap {t.name!r} is a ConvTranspose of spatial rank {t.spatial_rank} (2 or 3)")
         if t.kind == "conv" and t.spatial_rank not in (1, 2, 3):
             raise ValueError(f"tap {t.name!r} is a conv of spatial rank {t.spatial_rank} (1, 2 or 3)")
         if t.input in inits or t.input not in produced:

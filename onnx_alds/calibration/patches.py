@@ -116,38 +116,39 @@ def iter_patches(x: np.ndarray, tap: Tap, chunk_bytes: int = CHUNK_BYTES,
 
 def upsampled(x: np.ndarray, tap: Tap) -> np.ndarray:
     """The input ``u`` of the stride-1 conv that a ConvTranspose is (module
-    docstring): zeros inserted at the strides, then padded or cropped."""
-    (k1, k2), (s1, s2), (d1, d2) = tap.kernel, tap.strides, tap.dilations
-    b1, b2, e1, e2 = tap.pads
-    o1, o2 = tap.output_padding
-    n, c, h, w = x.shape
-    before = ((k1 - 1) * d1 - b1, (k2 - 1) * d2 - b2)
-    after = ((k1 - 1) * d1 - e1 + o1, (k2 - 1) * d2 - e2 + o2)
-    size = [(h - 1) * s1 + 1, (w - 1) * s2 + 1]
-    full = [max(before[a], 0) + size[a] + max(after[a], 0) for a in range(2)]
-    u = np.zeros((n, c, full[0], full[1]), dtype=x.dtype)
-    u[:, :, max(before[0], 0) : max(before[0], 0) + size[0] : s1,
-      max(before[1], 0) : max(before[1], 0) + size[1] : s2] = x
-    return u[:, :, max(-before[0], 0) : full[0] - max(-after[0], 0),
-             max(-before[1], 0) : full[1] - max(-after[1], 0)]
+    docstring): zeros inserted at the strides, then padded or cropped, on each spatial axis."""
+    m = x.ndim - 2
+    kernel, strides, dil, out_pad = tap.kernel, tap.strides, tap.dilations, tap.output_padding
+    begin_pad, end_pad = tap.pads[:m], tap.pads[m:]
+    before = [(kernel[a] - 1) * dil[a] - begin_pad[a] for a in range(m)]
+    after = [(kernel[a] - 1) * dil[a] - end_pad[a] + out_pad[a] for a in range(m)]
+    size = [(x.shape[2 + a] - 1) * strides[a] + 1 for a in range(m)]
+    full = [max(before[a], 0) + size[a] + max(after[a], 0) for a in range(m)]
+    u = np.zeros(x.shape[:2] + tuple(full), dtype=x.dtype)
+    u[(slice(None), slice(None)) + tuple(slice(max(before[a], 0), max(before[a], 0) + size[a], strides[a])
+                                         for a in range(m))] = x
+    return u[(slice(None), slice(None)) + tuple(slice(max(-before[a], 0), full[a] - max(-after[a], 0))
+                                                for a in range(m))]
 
 
 def _transposed_patches(x: np.ndarray, tap: Tap, chunk_bytes: int, dtype=np.float64) -> Iterator[np.ndarray]:
     """ConvTranspose patches: windows of ``upsampled(x)`` (stride 1, no pads),
     kernel axes reversed (module docstring)."""
+    m = tap.spatial_rank
     if tap.auto_pad != "NOTSET":
         raise ValueError(f"tap {tap.name!r}: a ConvTranspose tap takes explicit pads, not auto_pad={tap.auto_pad}")
-    if x.ndim != 4:
-        raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has rank {x.ndim}, not 4 for a 2-D ConvTranspose")
+    if x.ndim != 2 + m:
+        raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has rank {x.ndim}, not {2 + m} for a "
+                         f"{m}-D ConvTranspose")
     if tap.channels and x.shape[1] != tap.channels:
         raise ValueError(f"tap {tap.name!r}: activation {tap.input!r} has {x.shape[1]} channels, not {tap.channels}")
-    k1, k2 = tap.kernel
-    conv = replace(tap, kind="conv", strides=(1, 1), pads=(0, 0, 0, 0), output_padding=(0, 0), spatial_rank=2)
-    per_sample = max(1, x[:1].nbytes * tap.strides[0] * tap.strides[1])
+    conv = replace(tap, kind="conv", strides=(1,) * m, pads=(0,) * 2 * m, output_padding=(0,) * m, spatial_rank=m)
+    per_sample = max(1, x[:1].nbytes * prod(tap.strides[:m]))
     step = max(1, chunk_bytes // (np.dtype(dtype).itemsize * per_sample))  # bounds the upsampled copy as well
+    flip = (slice(None), slice(None)) + (slice(None, None, -1),) * m
     for i in range(0, len(x), step):
         for block in iter_patches(upsampled(x[i : i + step], tap), conv, chunk_bytes, dtype):
-            yield np.ascontiguousarray(block.reshape(-1, x.shape[1], k1, k2)[:, :, ::-1, ::-1]).reshape(len(block), -1)
+            yield np.ascontiguousarray(block.reshape(-1, x.shape[1], *tap.kernel)[flip]).reshape(len(block), -1)
 
 
 def patches(x: np.ndarray, tap: Tap) -> np.ndarray:

@@ -56,7 +56,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _LAYER_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 # torch.export-based exporter: opset 18+ (its version converter cannot go lower for ReduceMean & co.)
 MIN_OPSET = 18
@@ -156,7 +156,8 @@ def _fuse_pairs(model: nn.Module, pairs: Sequence[tuple[str, str]]) -> nn.Module
         if isinstance(layer, nn.Linear):
             new = fuse_linear_bn_eval(layer, bn)
         else:
-            new = fuse_conv_bn_eval(layer, bn)
+            # a transposed conv stores its output channels second: torch's fusion must be told
+            new = fuse_conv_bn_eval(layer, bn, transpose=isinstance(layer, nn.modules.conv._ConvTransposeNd))
         fused.set_submodule(layer_name, new)
         fused.set_submodule(bn_name, nn.Identity())
     return fused
