@@ -26,6 +26,7 @@ carry the scale of their input unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -181,6 +182,26 @@ def batched_matmul_weights(model: onnx.ModelProto) -> list[str]:
                    if n.op_type == "MatMul" and len(n.input) > 1 and dims.get(n.input[1], 0) > 2})
 
 
+class _PreprocessingAdvice(logging.Filter):
+    """Drops onnxruntime's "Please consider (to run) pre-processing before quantization", which it logs on the
+    root logger for every model it quantizes without its pre-processing mark: the latency table's int8 probes
+    skip pre-processing on purpose (hundreds of lines in a ``rewrite --int8`` log), and where pre-processing
+    failed :func:`_preprocess` has said so in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice():
+    root, advice = logging.getLogger(), _PreprocessingAdvice()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+
+
 def _preprocess(src: Path, dst: Path, large: bool) -> str:
     """onnxruntime's quant_pre_process (symbolic shape inference, basic graph
     optimizations, ONNX shape inference), falling back step by step where one
@@ -271,11 +292,12 @@ def quantize(model_path, out_path, calibration=None, *, per_channel: bool = True
         cal = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}[method]
         try:
-            quantize_static(str(src), str(q_path), _reader(batches), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, reduce_range=reduce_range, activation_type=act_t,
-                            weight_type=w_t, op_types_to_quantize=op_types, nodes_to_exclude=exclude_nodes,
-                            use_external_data_format=large, calibrate_method=cal,
-                            calibration_providers=[CPU], extra_options=extra)
+            with _without_preprocessing_advice():
+                quantize_static(str(src), str(q_path), _reader(batches), quant_format=QuantFormat.QDQ,
+                                per_channel=per_channel, reduce_range=reduce_range, activation_type=act_t,
+                                weight_type=w_t, op_types_to_quantize=op_types, nodes_to_exclude=exclude_nodes,
+                                use_external_data_format=large, calibrate_method=cal,
+                                calibration_providers=[CPU], extra_options=extra)
         except (UsageError, ModelError):
             raise
         except Exception as e:

@@ -172,6 +172,18 @@ def test_random_calibration_and_per_tensor(tmp_path):
     assert res.rel_l2 < 0.1
 
 
+def test_unpreprocessed_quantization_logs_no_advice(tmp_path, caplog):
+    """The latency table's int8 probes skip onnxruntime's pre-processing; its advice to run it came once per
+    probe on the root logger (184 lines in one ``rewrite --int8``)."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    res = quantize(RESNET20, tmp_path / "q.onnx", None, samples=8, batch=8, preprocess=False)
+    assert res.preprocess == "none" and res.quantized_weights > 0
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
+    assert not logging.getLogger().filters  # the filter is gone after the call
+
+
 def test_bad_calibration_and_models_are_one_sentence(tmp_path, digits):
     x_tr = digits[0][:8]
     out = tmp_path / "o.onnx"
