@@ -164,7 +164,8 @@ class OpSpec:
 
         The contract every spec keeps: with ``Wm = weight4(w).reshape(f, d)``
         (fold s0, ``d = c·κ1·κ2``, column order channel, kernel row, kernel
-        col; a 3-D conv's ``κ2`` is ``κh·κw``, so the order is channel, κt, κh, κw) and X the patches of the captured tensor (one column per output
+        col; a 3-D conv's ``κ2`` is ``κh·κw``, so the order is channel, κt,
+        κh, κw) and X the patches of the captured tensor (one column per output
         position), the layer's output without bias is ``Wm X``.  Then the
         data-aware error ``‖(W − Ŵ) X‖_F / ‖W X‖_F`` is the relative output
         error of the emitted layer, exactly, and it needs only ``G = X Xᵀ``.

@@ -37,7 +37,7 @@ from .base import Classified, Factors, LayerAttrs, OpSpec, constant_bias, consta
 AXIS_OWNER = {"s0": ("enc", "enc"), "s1": ("dec", "enc"), "s2": ("enc", "dec"), "s3": ("dec", "dec")}
 
 
-def _spatial(dims, n: int):
+def spatial_axes(dims, n: int):
     """The geometry's two position axes: (L, 1) for 1-D, (H, W) for 2-D, (T, H·W) for 3-D."""
     if not known(dims) or len(dims) < 2 + n:
         return None
@@ -137,7 +137,8 @@ class ConvSpec(OpSpec):
         attrs = LayerAttrs(spatial_rank=nsp, strides=tuple(strides), dilations=tuple(dil), pads=tuple(pads),
                            auto_pad=auto_pad)
         folded = (ksz[0], ksz[1]) if nsp < 3 else (ksz[0], ksz[1] * ksz[2])
-        geo = Geometry(int(w.shape[0]), int(w.shape[1]), folded, _spatial(in_dims, nsp), _spatial(out_dims, nsp))
+        geo = Geometry(int(w.shape[0]), int(w.shape[1]), folded, spatial_axes(in_dims, nsp),
+                       spatial_axes(out_dims, nsp))
         return Classified(None, geo, attrs)
 
     def weight4(self, w, attrs):

@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 
 from ..cost import Geometry
 from .base import Classified, Factors, LayerAttrs, OpSpec, Tap, known, load_factors
-from .conv import _spatial, encoder_decoder, real_kernel, standalone_model
+from .conv import encoder_decoder, real_kernel, spatial_axes, standalone_model
 
 _KEEP = ("strides", "pads", "dilations", "output_padding", "output_shape", "auto_pad", "kernel_shape")
 
@@ -67,8 +67,7 @@ class ConvTransposeSpec(OpSpec):
         if w.ndim not in (4, 5):
             return Classified(f"{w.ndim - 2}-D ConvTranspose is not supported (2-D and 3-D are)")
         nsp = w.ndim - 2
-        sp = _spatial(in_dims, nsp) if known(in_dims) and len(in_dims) == 2 + nsp else None
-        up = _spatial(out_dims, nsp) if known(out_dims) and len(out_dims) == 2 + nsp else None
+        sp, up = spatial_axes(in_dims, nsp), spatial_axes(out_dims, nsp)
         shape = node.attrs.get("output_shape")
         auto_pad = node.attrs.get("auto_pad", "NOTSET")
         attrs = LayerAttrs(spatial_rank=nsp, strides=tuple(node.attrs.get("strides", [1] * nsp)),
@@ -100,7 +99,7 @@ class ConvTransposeSpec(OpSpec):
 
     def weight4(self, w, attrs):
         wt = np.ascontiguousarray(np.swapaxes(w, 0, 1))  # f × c × κ…
-        return wt.reshape(wt.shape[0], wt.shape[1], wt.shape[2], -1) if wt.ndim == 5 else wt  # a 3-D one: κt × κh·κw
+        return wt.reshape(wt.shape[0], wt.shape[1], wt.shape[2], -1) if wt.ndim == 5 else wt  # 3-D: κt × κh·κw
 
     def emit(self, layer, node, cfg, factors: Factors, names) -> list[gs.Node]:
         attrs = {k: v for k, v in node.attrs.items() if k in _KEEP}
