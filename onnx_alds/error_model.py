@@ -121,8 +121,9 @@ class WeightError:
     def __post_init__(self):
         self.bound = {"paper": "lower", "spectral": "upper", "frobenius": "exact"}[self.name]
 
-    def schemes(self, layer, wanted):
-        return wanted
+    def offers(self, layer, k: int, scheme: str) -> bool:
+        """Whether this model has a curve for ``(k, scheme)`` of ``layer``: every configuration."""
+        return True
 
     def extra_params(self, layer) -> int:
         return 0  # weight-only factors keep the layer's bias as it is
@@ -319,6 +320,56 @@ def data_factors(w4: np.ndarray, rank: int, bases: list[np.ndarray], mean: np.nd
     return Factors(enc.astype(w4.dtype), dec.astype(w4.dtype), delta)
 
 
+# the kernel taps a scheme puts in the rows of its fold, and how the patch covariance (s0 order: channel,
+# κ1, κ2) is laid out for it: (row taps, col taps and channels) twice, as fold() orders rows and columns
+_ROW_TAPS = {"s1": ((1, 2, 0, 4, 5, 3), lambda k1, k2: k1), "s2": ((2, 1, 0, 5, 4, 3), lambda k1, k2: k2),
+             "s3": ((1, 2, 0, 4, 5, 3), lambda k1, k2: k1 * k2)}
+
+
+def scheme_curve(w4: np.ndarray, st: LayerStats, scheme: str) -> np.ndarray:
+    """Exact relative output error ``ε(j)``, j = 0..r, of the rank-j truncated SVD of ``fold_scheme(W)``
+    (k = 1, the weight-only factors) with bias correction, on the calibration data.
+
+    With ``M = U S Vᵀ`` and the rows of the fold indexed by (output, tap κ) (the kernel taps the scheme
+    puts in rows; the columns by the other taps and the channels), the residual at rank j is
+    ``Σ_{a>j} s_a u_a v_aᵀ`` folded back, and ``tr(E C Eᵀ) = Σ_{a,b>j} s_a s_b K_ab`` with
+    ``K = Σ_{κ,κ'} (U_κᵀ U_κ') ∘ (Vᵀ C_κκ' V)``: ``U_κ`` the rows of U at tap κ, ``C_κκ'`` the
+    patch covariance between taps κ and κ' over (other taps, channels).  A 2-D suffix sum gives
+    every j (as :func:`data_curve` does)."""
+    w = np.asarray(w4, np.float64)
+    w = w / st.scale if st.scale != 1.0 else w
+    f, c, k1, k2 = w.shape
+    order, n_taps = _ROW_TAPS[scheme]
+    nr = n_taps(k1, k2)
+    u, sv, vt = np.linalg.svd(fold(w, scheme, 1)[0], full_matrices=False)
+    r = len(sv)
+    u = u.reshape(f, nr, r)
+    v = vt.T  # (other taps, channels) × r
+    c6 = np.asarray(st.cov).reshape(c, k1, k2, c, k1, k2).transpose(order)  # a view
+    lead = 2 if scheme == "s3" else 1
+    K = np.zeros((r, r))
+    for a in range(nr):
+        for b in range(a, nr):
+            cab = np.asarray(_cov_block(c6, lead, a, b), np.float64)
+            m = (u[:, a, :].T @ u[:, b, :]) * (v.T @ (cab @ v))
+            K += m if a == b else m + m.T
+    H = K * np.outer(sv, sv)
+    T = H[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1]
+    tail = np.append(np.diag(T), 0.0)
+    eps = np.sqrt(np.clip(tail, 0.0, None) / st.energy) if st.energy > 0 else np.zeros(r + 1)
+    return np.minimum.accumulate(eps)
+
+
+def _cov_block(c6: np.ndarray, lead: int, a: int, b: int) -> np.ndarray:
+    """Block (row tap a, row tap b) of the transposed 6-D covariance view (``lead`` tap axes in rows),
+    copied as a (dc × dc) matrix: never the whole covariance (1.5 GB for a 3×3×3 conv over 512 channels)."""
+    rest = (slice(None),) * (3 - lead)
+    ia, ib = np.unravel_index(a, c6.shape[:lead]), np.unravel_index(b, c6.shape[3:3 + lead])
+    block = c6[tuple(int(i) for i in ia) + rest + tuple(int(i) for i in ib) + rest]
+    dc = int(np.prod(block.shape[:3 - lead]))
+    return np.ascontiguousarray(block).reshape(dc, dc)
+
+
 @dataclass
 class DataError:
     """``data``: relative output error on calibration inputs (see the module docstring)."""
@@ -331,9 +382,11 @@ class DataError:
     _bases: dict = field(default_factory=dict, repr=False)  # (layer, k) → the groups' bases, once factorized
     _memo: dict = field(default_factory=dict, repr=False)  # see memoized_curves
 
-    def schemes(self, layer, wanted):
-        """s0, for the layers whose spec gives a calibration tap (``OpSpec.calibration_tap``)."""
-        return [s for s in wanted if s == "s0"] if layer.spec.calibration_tap(layer) is not None else []
+    def offers(self, layer, k: int, scheme: str) -> bool:
+        """Layers whose spec gives a calibration tap (``OpSpec.calibration_tap``): s0 at every k
+        (whitened factors, :func:`data_curve`), the other schemes at k = 1 (weight-SVD factors,
+        :func:`scheme_curve`)."""
+        return layer.spec.calibration_tap(layer) is not None and (scheme == "s0" or k == 1)
 
     def extra_params(self, layer) -> int:
         """The bias correction gives a layer without bias one: f parameters more."""
@@ -362,6 +415,7 @@ class DataError:
         if missing:
             raise UsageError(f"the calibration run captured no inputs for layer {missing[0]!r}")
         tasks = [(l, k) for l in layers for k in sorted({k for k, s in configs[l.name] if s == "s0"})]
+        others = [(l, s) for l in layers for s in sorted({s for k, s in configs[l.name] if s != "s0" and k == 1})]
         # in their stored dtype (float64 a task at a time): a BERT-base encoder's weights are 680 MB in float64
         w2s = {l.name: np.asarray(source.weight4(l)).reshape(l.geometry.f, -1) for l in layers}
         # each layer's statistics (a d × d covariance from its moments) in threads, one BLAS thread each
@@ -381,6 +435,17 @@ class DataError:
             for (l, k), eps in progress_iter(pool.map(work, tasks), total=len(tasks), desc="data-aware errors",
                                              unit="svd", enabled=progress):
                 out[l.name][(k, "s0")] = eps[: full_rank(l.geometry, k, "s0") + 1]
+
+        def other(task):
+            l, scheme = task
+            with threadpool_limits(1):
+                return task, scheme_curve(source.weight4(l), stats[l.name], scheme)
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for (l, scheme), eps in progress_iter(pool.map(other, others), total=len(others),
+                                                  desc="data-aware errors, other schemes", unit="svd",
+                                                  enabled=progress and bool(others)):
+                out[l.name][(1, scheme)] = eps
         for st in stats.values():  # past the curves, the covariances are kept in float32 (half the memory:
             st.cov = st.cov.astype(np.float32, copy=False)  # 1 GB of a calibrated ResNet-50's); numpy
         return out  # promotes them where they meet float64 (factors, measured errors, the sequential fit)
@@ -388,6 +453,14 @@ class DataError:
     def factors(self, source, layer, cfg) -> Factors:
         st = self.stats(source, layer)
         w4 = source.weight4(layer)
+        correct = self.bias_correction and layer.bias_constant
+        if cfg.scheme != "s0":  # the weight SVD's factors, whose data-aware error scheme_curve gives
+            fac = weight_factors(w4, cfg.k, cfg.scheme, cfg.rank)
+            if not correct:
+                return fac
+            w = np.asarray(w4, np.float64)
+            delta = (w - reconstruct(fac, w.shape)).reshape(w.shape[0], -1) @ st.mean
+            return Factors(fac.encoder, fac.decoder, delta)
         bases = self._bases.get((layer.name, cfg.k))
         if bases is None:
             w2 = np.asarray(w4, np.float64).reshape(layer.geometry.f, -1) / st.scale  # the basis is scale-free
@@ -395,7 +468,6 @@ class DataError:
             bases = [group_basis(w2[:, i * dg:(i + 1) * dg], st.cov[i * dg:(i + 1) * dg, i * dg:(i + 1) * dg])[0]
                      for i in range(cfg.k)]
             self._bases[(layer.name, cfg.k)] = bases
-        correct = self.bias_correction and layer.bias_constant
         return data_factors(w4, cfg.rank, bases, st.mean if correct else None)
 
     def known_error(self, layer, cfg) -> None:

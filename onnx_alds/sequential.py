@@ -182,12 +182,19 @@ def fit(w4: np.ndarray, k: int, rank: int, C, Gt, mu, mut, correct_bias: bool, w
 
 def _fit_and_measure(base: Source, l, cfg, emodel, C, Gt, mu, mut) -> tuple[Factors, float]:
     """Layer ``l``'s factors from its moments, and its output error against the original layer."""
-    from .factorize import reconstruct
+    from .factorize import reconstruct, weight_factors
 
     w4 = base.weight4(l)
     correct = emodel.bias_correction and l.bias_constant
     wc = np.asarray(w4, np.float64).reshape(w4.shape[0], -1) @ C  # W C, for the fit and the error
-    fac = fit(w4, cfg.k, cfg.rank, C, Gt, mu, mut, correct, wc=wc)
+    if cfg.scheme == "s0":
+        fac = fit(w4, cfg.k, cfg.rank, C, Gt, mu, mut, correct, wc=wc)
+    else:  # the fit is s0's: the other schemes keep the weight SVD's factors, with the bias δ = W μ − Ŵ μ̃
+        fac = weight_factors(w4, cfg.k, cfg.scheme, cfg.rank)
+        if correct:
+            w = np.asarray(w4, np.float64)
+            approx = reconstruct(fac, w.shape).reshape(w.shape[0], -1)
+            fac = Factors(fac.encoder, fac.decoder, w.reshape(w.shape[0], -1) @ mu - approx @ mut)
     st = emodel.stats(base, l)  # the original inputs' covariance and output energy
     # on W/scale, as st.energy is (error_model.LayerStats): weights near 1e200 would overflow to inf here
     w2 = np.asarray(w4, np.float64).reshape(w4.shape[0], -1) / st.scale

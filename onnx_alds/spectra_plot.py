@@ -49,7 +49,7 @@ def layer_curves(source, info, *, cache_dir=None, progress: bool = False, emodel
     weights' spectral error, or ``emodel``'s (an error model of :mod:`onnx_alds.error_model`) where
     given: the layers and schemes it can measure."""
     emodel = emodel if emodel is not None else WeightError("spectral", cache_dir=cache_dir)
-    schemes = {l.name: list(emodel.schemes(l, l.schemes)) for l in info.candidates}
+    schemes = {l.name: [s for s in l.schemes if emodel.offers(l, 1, s)] for l in info.candidates}
     layers = [l for l in info.candidates if schemes[l.name]]
     configs = {l.name: [(1, s) for s in schemes[l.name]] for l in layers}
     curves = emodel.curves(source, layers, configs, progress=progress)

@@ -289,7 +289,7 @@ def test_curves_are_computed_once_per_layer_and_configurations(name):
     cal = {"x": correlated_inputs(16, 6, (9, 11))}
     moments = api.calibrate(source, info, cal)[1] if name == "data" else None
     em = error_model(name, moments=moments)
-    configs = {l.name: [c for c in cs if c[1] in em.schemes(info.layer(l.name), info.layer(l.name).schemes)]
+    configs = {l.name: [c for c in cs if em.offers(l, *c)]
                for l, cs in zip(info.candidates, layer_configs(info.candidates).values())}
     first = em.curves(source, info.candidates, configs)
     again = em.curves(source, info.candidates, configs)

@@ -244,8 +244,9 @@ def test_full_rank_reproduces_the_model(op, error):
         emodel = error_model(error, moments=moments)
         x = g.calibration(seed=2)
         y = run(model, x)[0]
-        configs = {l.name: [(k, s) for s in emodel.schemes(l, l.schemes) for k in (1, 2)
-                            if l.geometry.c % k == 0 and (k == 1 or l.allow_groups)] for l in info.candidates}
+        configs = {l.name: [(k, s) for s in l.schemes for k in (1, 2)
+                            if l.geometry.c % k == 0 and (k == 1 or l.allow_groups) and emodel.offers(l, k, s)]
+                   for l in info.candidates}
         assert all(configs.values()), f"{op} × {error}: a layer gets no configuration"
         for i in range(max(map(len, configs.values()))):
             chosen = [(l, configs[l.name][i % len(configs[l.name])]) for l in info.candidates]
@@ -285,23 +286,26 @@ def test_budget_plan_and_torch_twin(op, error, budget, tmp_path):
 
 @pytest.mark.parametrize("op", sorted(SPECS))
 def test_data_error_is_the_measured_output_error(op):
-    """For each layer alone at half rank: the data-aware error the rewrite predicts is
+    """For each layer alone at half rank, in every scheme: the data-aware error the rewrite predicts
+    (s0: whitened factors; the others: the weight SVD's, ``error_model.scheme_curve``) is
     ‖y' − y‖_F / ‖y − b‖_F of that layer's output on the calibration data."""
     for g in graphs_for(op):
         model = g.model()
         _, _, info = analyze(model, {"x": list(g.input_shape)})
         x = g.calibration()
         for layer in info.candidates:
-            r = max(1, full_rank(layer.geometry, 1, "s0") // 2)
-            new, rep = rewrite(model, g, "data", plan=Plan([LayerPlan(layer.name, layer.weight_name, 1, "s0", r)]))
-            out = "h" if layer.input_name == "x" else "y"
-            y = run(with_outputs(model, [out]), x)[-1].astype(np.float64)
-            y_new = run(with_outputs(new, [out]), x)[-1].astype(np.float64)
-            real = np.linalg.norm(y_new - y) / np.linalg.norm(without_bias(model, layer, y))
-            (entry,) = [l for l in rep.layers if l.name == layer.name]
-            assert 0.01 < real < 1  # a real truncation
-            assert entry.rel_error == pytest.approx(real, rel=1e-3), (op, layer.name)
-            assert entry.measured_error == pytest.approx(real, rel=1e-3), (op, layer.name)
+            for scheme in layer.schemes:
+                r = max(1, full_rank(layer.geometry, 1, scheme) // 2)
+                plan = Plan([LayerPlan(layer.name, layer.weight_name, 1, scheme, r)])
+                new, rep = rewrite(model, g, "data", plan=plan)
+                out = "h" if layer.input_name == "x" else "y"
+                y = run(with_outputs(model, [out]), x)[-1].astype(np.float64)
+                y_new = run(with_outputs(new, [out]), x)[-1].astype(np.float64)
+                real = np.linalg.norm(y_new - y) / np.linalg.norm(without_bias(model, layer, y))
+                (entry,) = [l for l in rep.layers if l.name == layer.name]
+                assert 0.01 < real < 1  # a real truncation
+                assert entry.rel_error == pytest.approx(real, rel=1e-3), (op, layer.name, scheme)
+                assert entry.measured_error == pytest.approx(real, rel=1e-3), (op, layer.name, scheme)
 
 
 @pytest.mark.parametrize("op", sorted(SPECS))

@@ -81,6 +81,45 @@ def build(model, x, monkeypatch, refit):
     return new, rep, sum(r["nodes"] * r["runs"] for r in runs)
 
 
+def test_other_schemes_keep_their_weight_factors_and_get_the_mean_shift_removed(monkeypatch):
+    """The refit is s0's: a layer planned in s1, s2 or s3 keeps the weight SVD's factors, and its bias
+    ``δ = W μ − Ŵ μ̃`` makes its output's mean over the calibration data, on the compressed prefix's inputs,
+    the original layer's; the sweep and the whole-model refit agree on it."""
+    from onnx_alds.factorize import weight_factors
+
+    m = residual_chain()
+    x = np.random.default_rng(1).standard_normal((40, 8, 6, 6)).astype(np.float32)
+    schemes = ["s1", "s0", "s2", "s3", "s1", "s0"]
+    plan = Plan([LayerPlan(f"c{i}", f"w{i}", 1, s, 3) for i, s in enumerate(schemes)]
+                + [LayerPlan("fc", "fw", 1, "s0", 2)])
+    new, rep = onnx_alds.rewrite(m, plan=plan, calibration={"x": x}, error="data", validate=False, hold_out=False,
+                                 sequential=True)
+    monkeypatch.setattr("onnx_alds.pipeline.stages.sequential_factors", sequential.per_layer_factors)
+    _, rep2 = onnx_alds.rewrite(m, plan=plan, calibration={"x": x}, error="data", validate=False, hold_out=False,
+                                sequential=True)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    outs = [f"h{i}" for i in range(DEPTH)]
+    orig, comp = run(_with_outputs(m, outs), {"x": x})[1:], run(_with_outputs(new, outs), {"x": x})[1:]
+    for i, s in enumerate(schemes):
+        fac, fac2 = rep.plan.factors[f"c{i}"], rep2.plan.factors[f"c{i}"]
+        assert np.allclose(fac.bias_delta, fac2.bias_delta, rtol=1e-4, atol=1e-6)
+        if s == "s0":
+            continue
+        ref = weight_factors(inits[f"w{i}"], 1, s, 3)
+        assert np.array_equal(fac.encoder, ref.encoder) and np.array_equal(fac.decoder, ref.decoder)
+        want, got = orig[i].mean(axis=(0, 2, 3)), comp[i].mean(axis=(0, 2, 3))
+        assert np.allclose(got, want, atol=1e-4 * np.abs(orig[i]).max()), (i, s)
+    assert rep.layers[0].measured_error == pytest.approx(rep2.layers[0].measured_error, rel=1e-4)
+
+
+def _with_outputs(model, names):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for n in names:
+        out.graph.output.add().name = n
+    return out
+
+
 def test_sweep_equals_the_per_layer_refit_at_about_one_pass(monkeypatch):
     m = residual_chain()
     x = np.random.default_rng(1).standard_normal((40, 8, 6, 6)).astype(np.float32)

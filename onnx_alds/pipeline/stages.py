@@ -223,7 +223,7 @@ def speed_guard(provider: str = "auto", threads: int = 2):
 def options_for(info: ModelInfo, source: Source, emodel, cmodel, configs, *, progress=False, admissible=None):
     """Error curves (error model) and costs (cost model) → each layer's options."""
     cands = info.candidates
-    configs = {l.name: [(k, s) for k, s in configs[l.name] if s in emodel.schemes(l, l.schemes)] for l in cands}
+    configs = {l.name: [(k, s) for k, s in configs[l.name] if emodel.offers(l, k, s)] for l in cands}
     if admissible is not None:  # no curve for a (k, scheme) the speed guard admits at no rank (CPU convs: k > 1)
         configs = {l.name: [(k, s) for k, s in configs[l.name]
                             if np.asarray(admissible(l, k, s, np.arange(1, full_rank(l.geometry, k, s) + 1))).any()]
