@@ -105,10 +105,14 @@ class Report:
             lines.append(f"objective: least sum of squared layer errors; root-sum-square "
                          f"{self.budget['rss_error']:.4f}")
         if self.budget.get("objective") == "best" and self.budget.get("candidates"):
-            tried = ", ".join(f"{'uniform' if t['method'] == 'uniform' else 'min-' + t['objective']} "
-                              f"{judged_figures(t)}" for t in self.budget["candidates"])
-            method, objective = self.budget["picked"].split("/")
-            kept = "uniform" if method == "uniform" else f"min-{objective}"
+            def name(method, objective, schemes=None):
+                base = "uniform" if method == "uniform" else f"min-{objective}"
+                return f"{base} ({'+'.join(schemes)} only)" if schemes else base
+
+            tried = ", ".join(f"{name(t['method'], t['objective'], t.get('schemes'))} {judged_figures(t)}"
+                              for t in self.budget["candidates"])
+            method, objective, *schemes = self.budget["picked"].split("/")
+            kept = name(method, objective, schemes[0].split("+") if schemes else None)
             on = self.budget.get("validation_inputs", "the calibration data")
             refit = self.budget.get("sequential_refit")
             if refit and refit["kept"] == "sequential":

@@ -15,6 +15,7 @@ import onnx_alds
 from clitools import assert_one_sentence, cli, digest
 from graphs import cnn_model, run
 from onnx_alds.errors import UsageError, ValidationFailed
+from onnx_alds.pipeline.candidates import label as candidate_label
 
 CASES = 96
 
@@ -175,8 +176,8 @@ def test_the_candidate_plans_are_judged_by_the_metric_first():
     _, rep = onnx_alds.rewrite(model, keep_params=0.4, calibration=cal, metric=moved, provider="cpu",
                                allow_slower=True, compare=False, sequential=False)
     tried = rep.budget["candidates"]
-    assert rep.budget["objective"] == "best" and len(tried) == 3 and all("metric" in t for t in tried)
-    label = lambda t: f"{t['method']}/{t['objective']}"  # noqa: E731
+    assert rep.budget["objective"] == "best" and len(tried) == 5 and all("metric" in t for t in tried)
+    label = lambda t: candidate_label(t["method"], t["objective"], t.get("schemes"))  # noqa: E731
     by_metric, by_error = max(tried, key=lambda t: t["metric"]), min(tried, key=lambda t: t["rel_l2"])
     assert label(by_metric) != label(by_error)  # the two rules disagree here: the test tells them apart
     assert rep.budget["picked"] == label(by_metric)

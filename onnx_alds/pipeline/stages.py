@@ -289,9 +289,9 @@ def choices_from_plan(plan: Plan, info: ModelInfo, source: Source, emodel) -> di
 
 
 def choose(run: Run, *, metric: str, fraction: float, guard=None, table=None, method: str | None = None,
-           objective: str | None = None, compare: bool | None = None) -> Choice:
+           objective: str | None = None, compare: bool | None = None, schemes=None) -> Choice:
     """Selection under one budget (or the plan the options apply as given) → a :class:`Choice`.
-    ``method``, ``objective`` and ``compare`` default to the options'."""
+    ``method``, ``objective``, ``compare`` and ``schemes`` default to the options'."""
     opts, sel_opts = run.opts, run.opts.selection
     plan = opts.budget.plan
     if plan is not None:
@@ -302,7 +302,7 @@ def choose(run: Run, *, metric: str, fraction: float, guard=None, table=None, me
     objective = objective or run.objective
     try:
         sel, baselines = select(run.info, run.source, run.emodel, metric=metric, fraction=fraction, method=method,
-                                schemes=sel_opts.schemes, k_max=sel_opts.k_max, latency_table=table,
+                                schemes=schemes or sel_opts.schemes, k_max=sel_opts.k_max, latency_table=table,
                                 compare=sel_opts.compare if compare is None else compare, progress=opts.progress,
                                 timings=run.timings, fill=sel_opts.fill_budget, objective=objective,
                                 admissible=guard.admissible if guard is not None else None)
