@@ -322,10 +322,21 @@ def data_factors(w4: np.ndarray, rank: int, bases: list[np.ndarray], mean: np.nd
     return Factors(enc.astype(w4.dtype), dec.astype(w4.dtype), delta)
 
 
-# the kernel taps a scheme puts in the rows of its fold, and how the patch covariance (s0 order: channel,
-# κ1, κ2) is laid out for it: (row taps, col taps and channels) twice, as fold() orders rows and columns
-_ROW_TAPS = {"s1": ((1, 2, 0, 4, 5, 3), lambda k1, k2: k1), "s2": ((2, 1, 0, 5, 4, 3), lambda k1, k2: k2),
-             "s3": ((1, 2, 0, 4, 5, 3), lambda k1, k2: k1 * k2)}
+# how the patch covariance (s0 order: channel, κ1, κ2) is laid out for a scheme: (row taps, col taps and
+# channels) twice, as fold() orders rows and columns, and how many leading axes are the row taps
+_ROW_TAPS = {"s1": ((1, 2, 0, 4, 5, 3), 1), "s2": ((2, 1, 0, 5, 4, 3), 1), "s3": ((1, 2, 0, 4, 5, 3), 2)}
+
+
+def svd_factors(w4: np.ndarray, cfg, mean: np.ndarray | None = None, prefix_mean: np.ndarray | None = None) -> Factors:
+    """The weight SVD's factors of ``cfg`` (the schemes other than s0, under the data-aware model), with the
+    bias ``δ = W μ − Ŵ μ̃`` where ``mean`` (μ, the original inputs' patch mean) is given: ``μ̃`` is
+    ``prefix_mean`` (the compressed prefix's, in the sequential refit), else μ itself."""
+    fac = weight_factors(w4, cfg.k, cfg.scheme, cfg.rank)
+    if mean is None:
+        return fac
+    w = np.asarray(w4, np.float64).reshape(w4.shape[0], -1)
+    approx = reconstruct(fac, w4.shape).reshape(w4.shape[0], -1)
+    return Factors(fac.encoder, fac.decoder, w @ mean - approx @ (mean if prefix_mean is None else prefix_mean))
 
 
 def scheme_curve(w4: np.ndarray, st: LayerStats, scheme: str) -> np.ndarray:
@@ -341,17 +352,16 @@ def scheme_curve(w4: np.ndarray, st: LayerStats, scheme: str) -> np.ndarray:
     w = np.asarray(w4, np.float64)
     w = w / st.scale if st.scale != 1.0 else w
     f, c, k1, k2 = w.shape
-    order, n_taps = _ROW_TAPS[scheme]
-    nr = n_taps(k1, k2)
+    order, lead = _ROW_TAPS[scheme]
+    c6 = np.asarray(st.cov).reshape(c, k1, k2, c, k1, k2).transpose(order)  # a view
+    nr = int(np.prod(c6.shape[:lead]))
     u, sv, vt = np.linalg.svd(fold(w, scheme, 1)[0], full_matrices=False)
     r = len(sv)
     u = u.reshape(f, nr, r)
     v = vt.T  # (other taps, channels) × r
-    c6 = np.asarray(st.cov).reshape(c, k1, k2, c, k1, k2).transpose(order)  # a view
-    lead = 2 if scheme == "s3" else 1
-    # the d² r products in float32, half the time of float64 (a ResNet-50's 3×3 convs: 36 s of a calibrated
-    # rewrite in float64); each term is summed into K in float64, and K's entries sit far above float32's
-    # rounding next to what the selector compares (errors ≥ 1e-3, test_matrix checks 1e-3 of the measured)
+    # the d² r products in float32 (the fold's SVD above is the larger part of the time); each term is summed
+    # into K in float64, far above float32's rounding next to what the selector compares (errors ≥ 1e-3;
+    # test_matrix checks them against the measured error to 1e-3)
     v32 = np.ascontiguousarray(v, np.float32)
     K = np.zeros((r, r))
     for a in range(nr):
@@ -461,12 +471,7 @@ class DataError:
         w4 = source.weight4(layer)
         correct = self.bias_correction and layer.bias_constant
         if cfg.scheme != "s0":  # the weight SVD's factors, whose data-aware error scheme_curve gives
-            fac = weight_factors(w4, cfg.k, cfg.scheme, cfg.rank)
-            if not correct:
-                return fac
-            w = np.asarray(w4, np.float64)
-            delta = (w - reconstruct(fac, w.shape)).reshape(w.shape[0], -1) @ st.mean
-            return Factors(fac.encoder, fac.decoder, delta)
+            return svd_factors(w4, cfg, st.mean if correct else None)
         bases = self._bases.get((layer.name, cfg.k))
         if bases is None:
             w2 = np.asarray(w4, np.float64).reshape(layer.geometry.f, -1) / st.scale  # the basis is scale-free

@@ -10,6 +10,12 @@ from dataclasses import asdict, dataclass, field
 from .io import atomic_write_bytes
 
 
+def _candidate(method: str, objective: str, schemes=None) -> str:
+    """A candidate plan as the summary names it: ``min-max``, ``uniform``, ``min-sum (s0 only)``."""
+    base = "uniform" if method == "uniform" else f"min-{objective}"
+    return f"{base} ({'+'.join(schemes)} only)" if schemes else base
+
+
 @dataclass
 class LayerReport:
     name: str
@@ -105,14 +111,10 @@ class Report:
             lines.append(f"objective: least sum of squared layer errors; root-sum-square "
                          f"{self.budget['rss_error']:.4f}")
         if self.budget.get("objective") == "best" and self.budget.get("candidates"):
-            def name(method, objective, schemes=None):
-                base = "uniform" if method == "uniform" else f"min-{objective}"
-                return f"{base} ({'+'.join(schemes)} only)" if schemes else base
-
-            tried = ", ".join(f"{name(t['method'], t['objective'], t.get('schemes'))} {judged_figures(t)}"
+            tried = ", ".join(f"{_candidate(t['method'], t['objective'], t.get('schemes'))} {judged_figures(t)}"
                               for t in self.budget["candidates"])
             method, objective, *schemes = self.budget["picked"].split("/")
-            kept = name(method, objective, schemes[0].split("+") if schemes else None)
+            kept = _candidate(method, objective, schemes[0].split("+") if schemes else None)
             on = self.budget.get("validation_inputs", "the calibration data")
             refit = self.budget.get("sequential_refit")
             if refit and refit["kept"] == "sequential":

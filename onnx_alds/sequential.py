@@ -46,7 +46,7 @@ from scipy.linalg import cho_solve, eigh, solve_triangular
 
 from .calibration import CHUNK_BYTES, iter_batches, iter_patches, tap_for_layer
 from .calibration.moments import add_outer, block_shift, single_chunk
-from .error_model import regularised_cholesky, trace_form
+from .error_model import regularised_cholesky, svd_factors, trace_form
 from .factorize import GRAM_FACTORS, blas_threads_for
 from .folding import to_conv_weights
 from .graph import names_read_inside, subgraphs
@@ -182,7 +182,7 @@ def fit(w4: np.ndarray, k: int, rank: int, C, Gt, mu, mut, correct_bias: bool, w
 
 def _fit_and_measure(base: Source, l, cfg, emodel, C, Gt, mu, mut) -> tuple[Factors, float]:
     """Layer ``l``'s factors from its moments, and its output error against the original layer."""
-    from .factorize import reconstruct, weight_factors
+    from .factorize import reconstruct
 
     w4 = base.weight4(l)
     correct = emodel.bias_correction and l.bias_constant
@@ -190,11 +190,7 @@ def _fit_and_measure(base: Source, l, cfg, emodel, C, Gt, mu, mut) -> tuple[Fact
     if cfg.scheme == "s0":
         fac = fit(w4, cfg.k, cfg.rank, C, Gt, mu, mut, correct, wc=wc)
     else:  # the fit is s0's: the other schemes keep the weight SVD's factors, with the bias δ = W μ − Ŵ μ̃
-        fac = weight_factors(w4, cfg.k, cfg.scheme, cfg.rank)
-        if correct:
-            w = np.asarray(w4, np.float64)
-            approx = reconstruct(fac, w.shape).reshape(w.shape[0], -1)
-            fac = Factors(fac.encoder, fac.decoder, w.reshape(w.shape[0], -1) @ mu - approx @ mut)
+        fac = svd_factors(w4, cfg, mu if correct else None, mut)
     st = emodel.stats(base, l)  # the original inputs' covariance and output energy
     # on W/scale, as st.energy is (error_model.LayerStats): weights near 1e200 would overflow to inf here
     w2 = np.asarray(w4, np.float64).reshape(w4.shape[0], -1) / st.scale
